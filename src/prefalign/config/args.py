@@ -1,0 +1,163 @@
+"""Typed argument groups. Field names are the keys a LLaMA-Factory DPO config already uses.
+
+Each field's `help` is its documentation (the README's config reference is generated from it).
+Training keys are transformers' `Seq2SeqTrainingArguments`, used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str, default=None, **kwargs):
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = _help("Path or hub id of the SFT model to align (required).")
+    adapter_name_or_path: str | None = _help(
+        "A LoRA adapter (or several, comma-separated) trained on the base, e.g. by SFT. With "
+        "`finetuning_type: lora` it becomes the starting point and the reference; with full/freeze "
+        "tuning it is merged into the weights first."
+    )
+    trust_remote_code: bool = _help("Allow model code from the model's own repository.", False)
+    cache_dir: str | None = _help("Where downloaded models are cached.")
+    model_revision: str = _help("Model revision (branch, tag or commit) to load.", "main")
+    use_fast_tokenizer: bool = _help("Use the fast (Rust) tokenizer.", True)
+    flash_attn: str = _help(
+        "Attention kernel: `auto` (sdpa where available), `disabled` (eager), `sdpa`, `fa2` "
+        "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
+        "auto",
+    )
+    build_demo_model: bool = _help(
+        "prefalign only: build the tiny demo model at `model_name_or_path` when it is missing "
+        "(used by examples/quickstart.yaml, so it runs offline).",
+        False,
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = _help(
+        "Training data: comma-separated names from `dataset_dir/dataset_info.json`, local files or "
+        "directories, or hub dataset names."
+    )
+    dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
+    eval_dataset: str | None = _help("Held-out data, same forms as `dataset`.")
+    template: str | None = _help(
+        "Chat template: unset uses the tokenizer's own; a name picks a built-in one "
+        "(chatml, llama3, qwen, mistral, gemma, alpaca, vicuna, empty)."
+    )
+    cutoff_len: int = _help(
+        "Maximum tokens of prompt + response. Longer pairs lose the head of the prompt first, "
+        "then the tails of the responses; the prompt/response boundary is always kept.",
+        2048,
+    )
+    max_samples: int | None = _help("Use at most this many records of each dataset (for quick runs).")
+    val_size: float = _help(
+        "Held out from the training data for evaluation: a fraction in (0, 1) or a count >= 1.", 0.0
+    )
+    mix_strategy: str = _help(
+        "How several datasets are mixed: `concat`, `interleave_under` or `interleave_over`.", "concat"
+    )
+    interleave_probs: str | None = _help("Comma-separated sampling probabilities for interleaving.")
+    on_bad_record: str = _help(
+        "`error` stops at the first invalid record, naming file, record and field; `skip` skips it, "
+        "counts it and writes it to `rejected_records.jsonl` in the output dir.",
+        "error",
+    )
+    preprocessing_num_workers: int | None = _help("Processes for tokenization (`datasets.map`).")
+    preprocessing_batch_size: int = _help("Records per tokenization batch.", 1000)
+    overwrite_cache: bool = _help("Re-tokenize even when an encoded cache exists.", False)
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = _help("Training stage; prefalign runs `dpo` (the DPO family of losses).", "dpo")
+    finetuning_type: str = _help("`lora`, `full` or `freeze`.", "lora")
+    # freeze tuning
+    freeze_trainable_layers: int = _help(
+        "Freeze tuning: train the last N layers (negative: the first N).", 2
+    )
+    freeze_trainable_modules: str = _help(
+        "Freeze tuning: comma-separated module names inside the trainable layers, or `all`.", "all"
+    )
+    freeze_extra_modules: str | None = _help(
+        "Freeze tuning: extra modules outside the layers to train, e.g. `embed_tokens,lm_head`."
+    )
+    # LoRA
+    lora_rank: int = _help("LoRA rank.", 8)
+    lora_alpha: int | None = _help("LoRA scaling alpha (default: 2 x lora_rank).")
+    lora_dropout: float = _help("LoRA dropout.", 0.0)
+    lora_target: str = _help(
+        "Comma-separated module names to adapt, or `all` for every linear layer but the output head.",
+        "all",
+    )
+    additional_target: str | None = _help("Modules trained fully beside LoRA, e.g. `embed_tokens`.")
+    use_rslora: bool = _help("Rank-stabilised LoRA scaling.", False)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
+    create_new_adapter: bool = _help(
+        "With an SFT adapter in `adapter_name_or_path`: train a new adapter on top of the merged SFT "
+        "adapter instead of a trainable copy of it.",
+        False,
+    )
+    # preference loss
+    pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
+    pref_loss: str = _help(
+        "Loss name, or a comma-separated list combined with `pref_loss_weights` (see the loss table).",
+        "sigmoid",
+    )
+    pref_loss_weights: str | None = _help("Comma-separated weights, one per `pref_loss` entry.")
+    pref_ftx: float = _help("Weight of an SFT (NLL) term on the chosen responses (RPO).", 0.0)
+    pref_bco_weight: float = _help("Weight of the BCO pair loss mixed into the loss.", 0.0)
+    dpo_label_smoothing: float = _help("ε of conservative / robust DPO, in [0, 0.5).", 0.0)
+    simpo_gamma: float = _help("SimPO target reward margin γ.", 0.5)
+    discopop_tau: float = _help("DiscoPOP temperature τ.", 0.05)
+    ld_alpha: float | None = _help("LD-DPO α: weight of response tokens beyond the shorter response.")
+    use_weighting: bool = _help("WPO: weight each pair by its responses' probability under the policy.", False)
+    f_divergence_type: str = _help(
+        "f-DPO divergence: reverse_kl, forward_kl, js_divergence or alpha_divergence.", "reverse_kl"
+    )
+    f_alpha_divergence_coef: float = _help("α of the alpha divergence.", 1.0)
+    # reference
+    ref_model: str | None = _help("A separate reference model (default: see reference strategies).")
+    ref_model_adapters: str | None = _help("Adapter(s) applied to `ref_model`.")
+    precompute_ref_log_probs: bool = _help(
+        "Compute the reference log-probs once before training, cache them on disk and free the "
+        "reference model.",
+        False,
+    )
+    # speed
+    prefix_sharing: bool = _help(
+        "Run the prompt once per pair: chosen and rejected continue one shared prompt.", False
+    )
+    logits_chunk_size: int = _help(
+        "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
+    )
+    # outputs
+    plot_loss: bool = _help("Save loss and reward plots (PNG) to the output dir.", False)
+    overwrite_output_dir: bool = _help(
+        "Allow writing into a non-empty output dir (otherwise: resume or stop).", False
+    )
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, after parsing and validation."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: "transformers.Seq2SeqTrainingArguments"  # noqa: F821
+    raw: dict  # the resolved key/values, saved as run_config.yaml
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [name.strip() for name in self.finetuning.pref_loss.split(",") if name.strip()]
+
+    @property
+    def loss_weights(self) -> list[float]:
+        if self.finetuning.pref_loss_weights is None:
+            return [1.0] * len(self.loss_names)
+        return [float(w) for w in str(self.finetuning.pref_loss_weights).split(",")]

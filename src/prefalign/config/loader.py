@@ -1,0 +1,324 @@
+"""YAML + `key=value` overrides -> a validated `RunConfig`, with every problem reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments, RunConfig
+from prefalign.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_GROUPS = (ModelArguments, DataArguments, FinetuningArguments)
+
+# Old or LLaMA-Factory spellings of keys that transformers 5 renamed: old key -> (new key, convert).
+_RENAMED: dict[str, tuple[str, Any]] = {
+    "warmup_ratio": ("warmup_steps", float),  # transformers 5 reads a float < 1 as a ratio
+    "evaluation_strategy": ("eval_strategy", str),
+    "group_by_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
+    "disable_shuffling": ("train_sampling_strategy", lambda v: "sequential" if v else "random"),
+    "disable_gradient_checkpointing": ("gradient_checkpointing", lambda v: not v),
+}
+
+# Keys that only choose an implementation detail or a cache: accepted, and said to be ignored.
+_IGNORED = {
+    "enable_liger_kernel": "prefalign computes log-probs in its own chunked kernel",
+    "use_unsloth": "unsloth is not used; prefalign's own response-only log-probs apply",
+    "use_unsloth_gc": "unsloth is not used",
+    "upcast_layernorm": "layer norms run in the model's dtype",
+    "upcast_lmhead_output": "prefalign always accumulates log-probs in fp32",
+    "low_cpu_mem_usage": "transformers 5 always loads lazily",
+    "print_param_status": "trainable parameter counts are always printed",
+    "tokenized_path": "prefalign caches encoded data itself, keyed by data, tokenizer, template and cutoff",
+    "logging_dir": "set TENSORBOARD_LOGGING_DIR instead (transformers 5)",
+    "include_effective_tokens_per_second": "pairs/s and tokens/s are always logged",
+    "infer_backend": "chat uses transformers' generate",
+    "infer_dtype": "the model's own dtype is used",
+    "use_cache": "the KV cache is off during training and on for chat",
+    "ddp_timeout": None,  # a TrainingArguments field in transformers 4, dropped in 5
+    "plot_loss_steps": "plots use every logged step",
+}
+
+# LLaMA-Factory features prefalign does not have yet: an error that says so.
+_UNSUPPORTED = {
+    "quantization_bit": "QLoRA / quantized loading",
+    "quantization_method": "QLoRA / quantized loading",
+    "double_quantization": "QLoRA / quantized loading",
+    "quantization_type": "QLoRA / quantized loading",
+    "ref_model_quantization_bit": "a quantized reference model",
+    "rope_scaling": "RoPE scaling",
+    "shift_attn": "shift short attention (LongLoRA)",
+    "mixture_of_depths": "mixture of depths",
+    "use_galore": "GaLore", "use_apollo": "APOLLO", "use_badam": "BAdam", "use_adam_mini": "Adam-mini",
+    "use_muon": "Muon",
+    "pissa_init": "PiSSA initialisation", "pissa_convert": "PiSSA conversion",
+    "loraplus_lr_ratio": "LoRA+",
+    "use_llama_pro": "LLaMA Pro",
+    "streaming": "streaming datasets",
+    "packing": "packed SFT-style sequences (use prefix_sharing for pairs)",
+    "neat_packing": "neat packing",
+    "mask_history": "history masking",
+    "new_special_tokens": "adding special tokens",
+    "resize_vocab": "resizing the vocabulary",
+    "moe_aux_loss_coef": "the MoE auxiliary loss",
+    "reward_model": "reward models (prefalign needs none)",
+    "freeze_vision_tower": "multimodal models", "train_mm_proj_only": "multimodal models",
+    "image_max_pixels": "multimodal models", "video_max_pixels": "multimodal models",
+    "kto_chosen_weight": "unpaired KTO", "kto_rejected_weight": "unpaired KTO",
+    "use_swanlab": "SwanLab logging", "ray_run_name": "Ray", "ray_num_workers": "Ray",
+}
+
+# Fields whose value may be written as a YAML list; stored as a comma-separated string.
+_COMMA_LISTS = {
+    "dataset", "eval_dataset", "adapter_name_or_path", "lora_target", "additional_target",
+    "pref_loss", "pref_loss_weights", "interleave_probs", "freeze_trainable_modules",
+    "freeze_extra_modules", "ref_model_adapters",
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read `path` (YAML), apply `key=value` overrides, and return a validated `RunConfig`."""
+    values: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    values.update(parse_overrides(overrides))
+    return build_config(values)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["pref_beta=0.05", "dataset=a,b"]` -> {"pref_beta": 0.05, "dataset": "a,b"}; values are YAML scalars."""
+    parsed: dict[str, Any] = {}
+    bad = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"override {item!r}: expected key=value, e.g. pref_beta=0.05")
+            continue
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    if bad:
+        raise ConfigError(bad)
+    return parsed
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _training_fields() -> dict[str, dataclasses.Field]:
+    from transformers import Seq2SeqTrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Map flat key/values to the typed groups; collect unknown keys, bad types and conflicts together."""
+    problems: list[str] = []
+    values = dict(values)
+    training_fields = _training_fields()
+
+    for old, (new, convert) in _RENAMED.items():
+        if old in values:
+            if new in values and new not in _RENAMED:
+                problems.append(f"{old} and {new} both given: {old} is the older name of {new}; keep one")
+            value = values.pop(old)
+            if not (old == "warmup_ratio" and not value):
+                values[new] = convert(value)
+    for key in [k for k in values if k in _IGNORED]:
+        reason = _IGNORED[key]
+        values.pop(key)
+        if reason:
+            logger.info("config: %s is accepted and has no effect here (%s)", key, reason)
+
+    group_fields = {cls: {f.name: f for f in dataclasses.fields(cls)} for cls in _GROUPS}
+    known = set(training_fields).union(*[set(f) for f in group_fields.values()])
+    group_values: dict[type, dict[str, Any]] = {cls: {} for cls in _GROUPS}
+    train_values: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _UNSUPPORTED:
+            problems.append(f"{key}: {_UNSUPPORTED[key]} is a LLaMA-Factory feature prefalign does not support yet; remove the key")
+            continue
+        owner = next((cls for cls in _GROUPS if key in group_fields[cls]), None)
+        if owner is None and key not in training_fields:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+            continue
+        if key in _COMMA_LISTS and isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        hints = typing.get_type_hints(owner) if owner else {key: training_fields[key].type}
+        try:
+            value = coerce(value, hints[key])
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{key}: {exc}")
+            continue
+        (group_values[owner] if owner else train_values)[key] = value
+
+    model = ModelArguments(**group_values[ModelArguments])
+    data = DataArguments(**group_values[DataArguments])
+    finetuning = FinetuningArguments(**group_values[FinetuningArguments])
+    problems += validate(model, data, finetuning, train_values)
+
+    training = None
+    train_values.setdefault("output_dir", "saves/prefalign-run")
+    train_values["remove_unused_columns"] = False  # our collator reads the encoded pair columns
+    train_values.setdefault("report_to", "none")
+    train_values.setdefault("do_train", True)
+    if not problems:
+        from transformers import Seq2SeqTrainingArguments
+
+        try:
+            training = Seq2SeqTrainingArguments(**train_values)
+        except (ValueError, ImportError, TypeError) as exc:
+            problems.append(f"training arguments: {str(exc).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+    raw = {**{k: v for k, v in values.items() if k in known}}
+    return RunConfig(model, data, finetuning, training, raw)
+
+
+def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, train: dict) -> list[str]:
+    """Cross-field checks; each problem names the key(s) and the fix."""
+    problems = []
+    if ft.stage != "dpo":
+        problems.append(f"stage: prefalign runs preference optimization (stage: dpo), not {ft.stage!r}; set stage: dpo")
+    if not model.model_name_or_path:
+        problems.append("model_name_or_path is required: the path or hub id of the SFT model to align")
+    if ft.finetuning_type not in ("lora", "full", "freeze"):
+        problems.append(f"finetuning_type: {ft.finetuning_type!r} is not one of lora, full, freeze")
+    if model.flash_attn not in ("auto", "disabled", "sdpa", "fa2"):
+        problems.append(f"flash_attn: {model.flash_attn!r} is not one of auto, disabled, sdpa, fa2")
+    if data.cutoff_len < 8:
+        problems.append(f"cutoff_len: {data.cutoff_len} leaves no room for a prompt and a response; use at least 8")
+    if data.val_size < 0:
+        problems.append(f"val_size: {data.val_size} is negative; give a fraction in (0, 1) or a count")
+    if data.val_size > 0 and data.eval_dataset:
+        problems.append("val_size and eval_dataset both given: hold out part of dataset OR evaluate on eval_dataset; remove one")
+    if data.max_samples is not None and data.max_samples < 1:
+        problems.append(f"max_samples: {data.max_samples} must be at least 1")
+    if data.on_bad_record not in ("error", "skip"):
+        problems.append(f"on_bad_record: {data.on_bad_record!r} is not one of error, skip")
+    if data.mix_strategy not in ("concat", "interleave_under", "interleave_over"):
+        problems.append(f"mix_strategy: {data.mix_strategy!r} is not one of concat, interleave_under, interleave_over")
+    if data.interleave_probs and data.mix_strategy == "concat":
+        problems.append("interleave_probs is set but mix_strategy is concat; set mix_strategy: interleave_under (or interleave_over)")
+    if ft.lora_rank < 1:
+        problems.append(f"lora_rank: {ft.lora_rank} must be at least 1")
+    if not 0 <= ft.lora_dropout < 1:
+        problems.append(f"lora_dropout: {ft.lora_dropout} must be in [0, 1)")
+    if ft.ref_model_adapters and not ft.ref_model:
+        problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
+    if ft.logits_chunk_size < 1:
+        problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
+    problems += _validate_losses(ft)
+    return problems
+
+
+def _validate_losses(ft: FinetuningArguments) -> list[str]:
+    from prefalign import losses
+
+    names = [n.strip() for n in ft.pref_loss.split(",") if n.strip()]
+    try:
+        weights = [float(w) for w in ft.pref_loss_weights.split(",")] if ft.pref_loss_weights else None
+    except ValueError:
+        return [f"pref_loss_weights: {ft.pref_loss_weights!r} is not a comma-separated list of numbers"]
+    settings = loss_settings(ft)
+    problems = losses.validate_loss_settings(names, weights, settings, has_ref_model=bool(ft.ref_model))
+    if ft.precompute_ref_log_probs and not losses.needs_reference(names, settings):
+        problems.append(f"precompute_ref_log_probs: pref_loss={ft.pref_loss} uses no reference; remove precompute_ref_log_probs")
+    return problems
+
+
+def loss_settings(ft: FinetuningArguments):
+    """The loss hyper-parameters of a config."""
+    from prefalign.losses import LossSettings
+
+    return LossSettings(
+        beta=ft.pref_beta,
+        label_smoothing=ft.dpo_label_smoothing,
+        simpo_gamma=ft.simpo_gamma,
+        ftx=ft.pref_ftx,
+        discopop_tau=ft.discopop_tau,
+        ld_alpha=ft.ld_alpha,
+        bco_weight=ft.pref_bco_weight,
+        use_weighting=ft.use_weighting,
+        f_divergence_type=ft.f_divergence_type,
+        f_alpha_divergence_coef=ft.f_alpha_divergence_coef,
+    )
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Convert a YAML value to a field's annotated type; raise ValueError with a readable message."""
+    if value is None:
+        return None
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        candidates = [a for a in args if a is not type(None)]
+        for candidate in candidates:
+            try:
+                return coerce(value, candidate)
+            except (TypeError, ValueError):
+                continue
+        names = " or ".join(getattr(c, "__name__", str(c)) for c in candidates)
+        raise ValueError(f"expected {names}, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE:
+            return True
+        if str(value).strip().lower() in _FALSE:
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple) and not isinstance(value, (list, tuple)):
+        return [v.strip() for v in str(value).split(",")] if isinstance(value, str) else [value]
+    if origin is dict and not isinstance(value, (dict, str)):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return value  # enums and anything else: the dataclass validates it

@@ -1,0 +1,113 @@
+"""The data that flows between prefalign's modules (see docs/architecture.md).
+
+    records --data/formats--> PreferencePair --data/encode--> EncodedPair --data/collate--> batch
+    batch --modeling/logprobs--> PairLogps (policy, reference) --losses--> LossOutput
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# A chat message: {"role": "system" | "user" | "assistant" | "tool", "content": str}.
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class RecordSource:
+    """Where a record came from, for error messages: `file`, 0-based `index`, and 1-based `line` for JSONL."""
+
+    file: str
+    index: int
+    line: int | None = None
+    dataset: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file} record {self.index}"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        return where
+
+
+@dataclass
+class PreferencePair:
+    """One preference: a prompt conversation and two assistant replies to it.
+
+    `prompt` holds the conversation before the reply: an optional leading system message, then
+    alternating user/assistant turns, ending with a user turn. `chosen` and `rejected` are the
+    preferred and dispreferred assistant replies (plain text).
+    """
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    source: RecordSource
+    tools: str | None = None
+
+
+# An encoded pair is a plain dict (it lives in a `datasets.Dataset`) with these keys:
+#   "prompt_ids":   list[int]  the rendered prompt, including the assistant header
+#   "chosen_ids":   list[int]  the chosen reply, ending with the end-of-turn token
+#   "rejected_ids": list[int]  the rejected reply, ending with the end-of-turn token
+#   "index":        int        position of the pair in the loaded data (for eval output, caches)
+ENCODED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
+
+
+@dataclass
+class PairLogps:
+    """Per-sequence log-probabilities of the responses of a batch of B pairs.
+
+    `chosen` / `rejected`: summed log-probs of the response tokens, shape (B,).
+    `chosen_tokens` / `rejected_tokens`: number of response tokens, shape (B,), float.
+    `chosen_nll`: mean negative log-likelihood per chosen token, shape (B,) (for SFT terms);
+    `chosen_mean_logit` / `rejected_mean_logit`: mean logit over response tokens and vocabulary,
+    shape (B,), detached, for the `logits/*` metrics; None where not computed (a reference).
+    """
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_mean_logit: torch.Tensor | None = None
+    rejected_mean_logit: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        """Length-averaged chosen log-prob, shape (B,)."""
+        return self.chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        """Length-averaged rejected log-prob, shape (B,)."""
+        return self.rejected / self.rejected_tokens.clamp(min=1)
+
+    @property
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean per-token negative log-likelihood of the chosen response, shape (B,)."""
+        return -self.chosen_avg
+
+    def detach(self) -> "PairLogps":
+        return PairLogps(
+            chosen=self.chosen.detach(),
+            rejected=self.rejected.detach(),
+            chosen_tokens=self.chosen_tokens,
+            rejected_tokens=self.rejected_tokens,
+            chosen_mean_logit=self.chosen_mean_logit,
+            rejected_mean_logit=self.rejected_mean_logit,
+            extras={k: v.detach() for k, v in self.extras.items()},
+        )
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns, per pair: `losses`, `chosen_rewards`, `rejected_rewards`, each shape (B,).
+
+    `metrics` holds extra per-pair values (shape (B,)) logged as their batch mean, e.g. `sft_loss`.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Preference data: reading records, chat templates, encoding and batching."""

@@ -1,0 +1,569 @@
+"""Record shapes → `PreferencePair`: one reader per shape (alpaca, sharegpt, openai messages, TRL
+prompt/chosen/rejected, implicit prompt), and the detection of a file's shape from its columns.
+
+Every problem with one record raises `RecordError(field, reason)`; `data/sources.py` adds the file
+and record index and either stops with a `DataError` or skips the record.
+
+Shapes (the column names are the defaults; a `dataset_info.json` entry can rename them):
+
+    alpaca     instruction, input, chosen, rejected [, system, history, tools]
+    sharegpt   conversations (list of {from, value}), chosen, rejected [, system, tools]
+    openai     messages (list of {role, content}), chosen, rejected [, system, tools]
+    prompt     prompt (string or messages), chosen, rejected: TRL's standard and conversational
+               shapes, and UltraFeedback-binarized (chosen/rejected repeat the prompt)
+    implicit   chosen, rejected only: two whole conversations sharing all but the last message,
+               or two Anthropic-HH transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...")
+
+A reply (`chosen`/`rejected`) may be a string, one assistant message, a list holding one assistant
+message, or the whole conversation (the prompt's messages, then one assistant message).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
+
+from prefalign.contracts import Message, PreferencePair, RecordSource
+from prefalign.errors import DataError
+
+MAX_FIELD_CHARS = 1_000_000
+"""The longest text accepted in one field. Far beyond any context window: a longer value is a broken
+record (a whole file pasted into a cell, a runaway generation), refused rather than truncated."""
+
+SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
+# A prompt alternates "user-side" turns (a user message, or a tool's result that the model answers)
+# with assistant turns.
+USER_SIDE = (USER, TOOL)
+
+WHOLE_RECORD = "(whole record)"
+"""The `field` of a problem that is not in one column: a line that does not parse, a non-object."""
+
+
+class RecordError(Exception):
+    """One record that cannot become a `PreferencePair`: `field` names the column (with a path into
+    nested values, e.g. `conversations[2]`), `reason` says what was found and what was expected."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field '{field}': {reason}")
+        self.field = field
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats: which column holds what, and how messages spell their roles
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds each part of a record; None: this shape does not read it.
+
+    The names are LLaMA-Factory's `columns` keys: `prompt` is alpaca's instruction (and TRL's
+    `prompt`), `query` alpaca's input, `messages` the conversation of sharegpt/openai records.
+    """
+
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    history: str | None = None
+    messages: str | None = "conversations"
+    system: str | None = None
+    tools: str | None = None
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+
+
+@dataclass(frozen=True)
+class Tags:
+    """How a message spells its role and content: the keys that may hold them (the first present
+    wins) and a map from role values in the file to prefalign's roles."""
+
+    role_keys: tuple[str, ...]
+    content_keys: tuple[str, ...]
+    roles: Mapping[str, str]
+
+    @classmethod
+    def from_names(cls, role_tag: str, content_tag: str, user_tag: str, assistant_tag: str,
+                   observation_tag: str | None, function_tag: str | None, system_tag: str | None) -> "Tags":
+        """Tags from LLaMA-Factory's `tags` names; a function call is an assistant turn, an observation
+        (a tool's result) a tool turn."""
+        pairs = [(user_tag, USER), (assistant_tag, ASSISTANT), (observation_tag, TOOL),
+                 (function_tag, ASSISTANT), (system_tag, SYSTEM)]
+        return cls((role_tag,), (content_tag,), {tag: role for tag, role in pairs if tag})
+
+
+# LLaMA-Factory's default tags, and prefalign's for `formatting: openai`.
+SHAREGPT_TAG_NAMES = dict(role_tag="from", content_tag="value", user_tag="human", assistant_tag="gpt",
+                          observation_tag="observation", function_tag="function_call", system_tag="system")
+OPENAI_TAG_NAMES = dict(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant",
+                        observation_tag="tool", function_tag=None, system_tag="system")
+SHAREGPT_TAGS = Tags.from_names(**SHAREGPT_TAG_NAMES)
+OPENAI_TAGS = Tags.from_names(**OPENAI_TAG_NAMES)
+# Files read without a registry entry: accept either spelling, message by message.
+AUTO_TAGS = Tags(("role", "from"), ("content", "value"), {**OPENAI_TAGS.roles, **SHAREGPT_TAGS.roles})
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """How to read the records of one dataset: the `shape` (a key of `SHAPES`), columns and tags."""
+
+    shape: str
+    columns: Columns = field(default_factory=Columns)
+    tags: Tags = AUTO_TAGS
+
+
+# ---------------------------------------------------------------------------------------------
+# Converting one record
+
+
+class Turn(NamedTuple):
+    """One message of a prompt, with the field it came from (for error messages)."""
+
+    role: str
+    content: str
+    field: str
+
+
+# What a shape reader returns: prompt turns (no system), system text, chosen text, rejected text.
+Parts = tuple[list[Turn], "str | None", str, str]
+
+
+def to_pair(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferencePair:
+    """Convert one record to a `PreferencePair`; raise `RecordError` if it is not a usable pair."""
+    if not isinstance(record, dict):
+        raise RecordError(WHOLE_RECORD, f"expected an object with named fields, found {_kind(record)}")
+    turns, system, chosen, rejected = SHAPES[fmt.shape].read(record, fmt)
+    _check_prompt(turns, fmt)
+    _check_replies(chosen, rejected, fmt.columns)
+    prompt: list[Message] = [{"role": SYSTEM, "content": system}] if system else []
+    prompt += [{"role": turn.role, "content": turn.content} for turn in turns]
+    return PreferencePair(prompt, chosen, rejected, source, _tools(record, fmt.columns.tools))
+
+
+def _read_alpaca(record: dict, fmt: RecordFormat) -> Parts:
+    cols = fmt.columns
+    turns = _history(record, cols.history)
+    # LLaMA-Factory's rule: the user turn is "instruction\ninput", leaving out an empty part.
+    parts = [_text(_required(record, cols.prompt), cols.prompt), _optional_text(record, cols.query)]
+    turns.append(Turn(USER, "\n".join(part for part in parts if part), cols.prompt))
+    return (turns, _optional_text(record, cols.system), *_replies(record, fmt, turns))
+
+
+def _read_conversation(record: dict, fmt: RecordFormat) -> Parts:
+    column = fmt.columns.messages
+    turns = _messages(_required(record, column), column, fmt.tags)
+    system = _leading_system(turns, record, fmt.columns.system)
+    return (turns, system, *_replies(record, fmt, turns))
+
+
+def _read_prompt(record: dict, fmt: RecordFormat) -> Parts:
+    column = fmt.columns.prompt
+    value = _required(record, column)
+    if isinstance(value, list):
+        turns = _messages(value, column, fmt.tags)
+    else:
+        # A prompt string is one user message (TRL's standard shape).
+        turns = [Turn(USER, _text(value, column, "a string or a list of messages"), column)]
+    system = _leading_system(turns, record, fmt.columns.system)
+    return (turns, system, *_replies(record, fmt, turns))
+
+
+def _read_implicit(record: dict, fmt: RecordFormat) -> Parts:
+    """No prompt column: the prompt is what `chosen` and `rejected` share."""
+    cols = fmt.columns
+    chosen, rejected = _required(record, cols.chosen), _required(record, cols.rejected)
+    expected = "a conversation (list of messages) or a Human/Assistant transcript string"
+    if isinstance(chosen, str):
+        _text(rejected, cols.rejected, f"a string like '{cols.chosen}'")
+        return _split_transcripts(chosen, rejected, cols)
+    if isinstance(chosen, list):
+        if not isinstance(rejected, list):
+            raise RecordError(cols.rejected, f"expected a list of messages like '{cols.chosen}', "
+                                             f"found {_kind(rejected)}")
+        return _split_conversations(chosen, rejected, fmt)
+    raise RecordError(cols.chosen, f"expected {expected}, found {_kind(chosen)}")
+
+
+def _split_conversations(chosen: list, rejected: list, fmt: RecordFormat) -> Parts:
+    cols = fmt.columns
+    chosen_turns = _messages(chosen, cols.chosen, fmt.tags)
+    rejected_turns = _messages(rejected, cols.rejected, fmt.tags)
+    for turns, column in ((chosen_turns, cols.chosen), (rejected_turns, cols.rejected)):
+        if not turns:
+            raise RecordError(column, "is an empty list: expected a conversation ending in the reply")
+    shared = _shared_length(chosen_turns, rejected_turns)
+    if len(chosen_turns) != len(rejected_turns) or shared < len(chosen_turns) - 1:
+        raise RecordError(cols.rejected, f"does not match '{cols.chosen}' before the last message "
+                                         f"({len(rejected_turns)} and {len(chosen_turns)} messages, first "
+                                         f"difference at message {shared}): without a prompt column, both "
+                                         "must be the same conversation with a different last message")
+    turns = chosen_turns[:-1]
+    system = _leading_system(turns, {}, None)
+    replies = [_assistant(t, "the last message") for t in (chosen_turns[-1], rejected_turns[-1])]
+    return (turns, system, *replies)
+
+
+HUMAN_MARK, ASSISTANT_MARK = "\n\nHuman:", "\n\nAssistant:"
+_TRANSCRIPT_SPLIT = re.compile(r"(\n\nHuman:|\n\nAssistant:)")
+
+
+def _split_transcripts(chosen: str, rejected: str, cols: Columns) -> Parts:
+    """Anthropic-HH strings: the prompt ends at the last "\\n\\nAssistant:" both strings share; it is
+    parsed into user/assistant turns (as TRL's hh-rlhf script does), the rest is the reply."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT_MARK)
+    if cut < 0 or HUMAN_MARK not in "\n\n" + chosen[:cut]:
+        raise RecordError(cols.chosen, "is a string and there is no prompt column: expected an "
+                                       "Anthropic-HH transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...') "
+                                       f"sharing everything up to its last Assistant turn with "
+                                       f"'{cols.rejected}'; otherwise add a 'prompt' column")
+    replies = []
+    for text, column in ((chosen, cols.chosen), (rejected, cols.rejected)):
+        reply = text[cut + len(ASSISTANT_MARK):]
+        if HUMAN_MARK in reply or ASSISTANT_MARK in reply:
+            raise RecordError(column, f"differs from '{cols.rejected if column == cols.chosen else cols.chosen}'"
+                                      " before its last Assistant turn: the transcripts must share "
+                                      "every turn but the last")
+        replies.append(reply.strip())
+    prompt = chosen[:cut]
+    if not prompt.startswith("\n\n"):
+        prompt = "\n\n" + prompt  # some transcripts start with "Human:" directly
+    pieces = _TRANSCRIPT_SPLIT.split(prompt)
+    if pieces[0].strip():
+        raise RecordError(cols.chosen, "expected the transcript to start with 'Human:'")
+    turns = [
+        Turn(USER if mark == HUMAN_MARK else ASSISTANT, content.strip(), f"{cols.chosen} (turn {n})")
+        for n, (mark, content) in enumerate(zip(pieces[1::2], pieces[2::2]))
+    ]
+    return turns, None, replies[0], replies[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A record shape: the columns that identify it, its reader, and its default columns."""
+
+    keys: tuple[str, ...]
+    read: Callable[[dict, RecordFormat], Parts]
+    columns: Columns
+
+
+SHAPES: dict[str, Shape] = {
+    "alpaca": Shape(("instruction", "chosen", "rejected"), _read_alpaca,
+                    Columns(system="system", history="history", tools="tools")),
+    "sharegpt": Shape(("conversations", "chosen", "rejected"), _read_conversation,
+                      Columns(system="system", tools="tools")),
+    "openai": Shape(("messages", "chosen", "rejected"), _read_conversation,
+                    Columns(messages="messages", system="system", tools="tools")),
+    "prompt": Shape(("prompt", "chosen", "rejected"), _read_prompt,
+                    Columns(prompt="prompt", query=None, system="system", tools="tools")),
+    "implicit": Shape(("chosen", "rejected"), _read_implicit,
+                      Columns(prompt=None, query=None, messages=None, tools="tools")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts of a record
+
+
+def _required(record: dict, column: str | None) -> Any:
+    if column not in record:
+        raise RecordError(str(column), f"is missing: the record has fields {_names(record)}")
+    return record[column]
+
+
+def _optional(record: dict, column: str | None) -> Any:
+    return record.get(column) if column else None
+
+
+def _text(value: Any, field: str, expected: str = "a string") -> str:
+    """`value` as text: a string of at most MAX_FIELD_CHARS characters."""
+    if value is None:
+        raise RecordError(field, f"is null: expected {expected}")
+    if not isinstance(value, str):
+        raise RecordError(field, f"expected {expected}, found {_kind(value)}")
+    if len(value) > MAX_FIELD_CHARS:
+        raise RecordError(field, f"holds {len(value):,} characters, more than the limit of "
+                                 f"{MAX_FIELD_CHARS:,}: a broken record, not a training example")
+    return value
+
+
+def _optional_text(record: dict, column: str | None) -> str | None:
+    value = _optional(record, column)
+    return None if value is None else _text(value, column) or None
+
+
+def _history(record: dict, column: str | None) -> list[Turn]:
+    """Alpaca's `history`: earlier [user, assistant] exchanges, oldest first."""
+    value = _optional(record, column)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecordError(column, f"expected a list of [user, assistant] pairs, found {_kind(value)}")
+    turns = []
+    for n, pair in enumerate(value):
+        where = f"{column}[{n}]"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RecordError(where, f"expected a [user, assistant] pair of strings, found {_kind(pair)}")
+        turns.append(Turn(USER, _text(pair[0], f"{where}[0]"), f"{where}[0]"))
+        turns.append(Turn(ASSISTANT, _text(pair[1], f"{where}[1]"), f"{where}[1]"))
+    return turns
+
+
+def _messages(value: Any, field: str, tags: Tags) -> list[Turn]:
+    if value is None:
+        raise RecordError(field, "is null: expected a list of messages")
+    if not isinstance(value, list):
+        raise RecordError(field, f"expected a list of messages, found {_kind(value)}")
+    return [_message(item, f"{field}[{n}]", tags) for n, item in enumerate(value)]
+
+
+def _message(value: Any, field: str, tags: Tags) -> Turn:
+    """One message object → Turn; an assistant's `tool_calls` become its content as JSON (as
+    LLaMA-Factory does); a list of text parts is joined."""
+    if not isinstance(value, dict):
+        raise RecordError(field, f"expected a message object with '{tags.role_keys[0]}' and "
+                                 f"'{tags.content_keys[0]}', found {_kind(value)}")
+    role_key = next((key for key in tags.role_keys if key in value), tags.role_keys[0])
+    tag = value.get(role_key)
+    if role_key not in value:
+        raise RecordError(f"{field}.{role_key}", f"is missing: the message has fields {_names(value)}")
+    if tag not in tags.roles:
+        raise RecordError(f"{field}.{role_key}", f"is {_kind(tag)}: expected one of the roles "
+                                                 f"{sorted(tags.roles)}")
+    role = tags.roles[tag]
+    content_key = next((key for key in tags.content_keys if key in value), tags.content_keys[0])
+    content = value.get(content_key)
+    if role == ASSISTANT and not content and value.get("tool_calls"):
+        content = json.dumps([call.get("function", call) if isinstance(call, dict) else call
+                              for call in value["tool_calls"]], ensure_ascii=False)
+    elif isinstance(content, list):
+        content = _join_text_parts(content, f"{field}.{content_key}")
+    return Turn(role, _text(content, f"{field}.{content_key}"), field)
+
+
+def _join_text_parts(parts: list, field: str) -> str:
+    texts = []
+    for n, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text"):
+            raise RecordError(f"{field}[{n}]", f"expected a text part {{'type': 'text', 'text': ...}}, "
+                                               f"found {_kind(part)}: prefalign trains on text only")
+        texts.append(_text(part.get("text"), f"{field}[{n}].text"))
+    return "\n".join(texts)
+
+
+def _leading_system(turns: list[Turn], record: dict, column: str | None) -> str | None:
+    """Pop a leading system message from `turns`; else read the system column. The message wins, as
+    in LLaMA-Factory."""
+    if turns and turns[0].role == SYSTEM:
+        return turns.pop(0).content or None
+    return _optional_text(record, column)
+
+
+def _replies(record: dict, fmt: RecordFormat, turns: list[Turn]) -> tuple[str, str]:
+    cols = fmt.columns
+    return (_reply(_required(record, cols.chosen), cols.chosen, turns, fmt.tags),
+            _reply(_required(record, cols.rejected), cols.rejected, turns, fmt.tags))
+
+
+def _reply(value: Any, field: str, prompt: list[Turn], tags: Tags) -> str:
+    """A reply: a string, an assistant message, or a message list (one assistant message, or the
+    prompt's messages followed by one assistant message, as in UltraFeedback-binarized)."""
+    if isinstance(value, dict):
+        return _assistant(_message(value, field, tags), "the reply")
+    if not isinstance(value, list):
+        return _text(value, field, "a string, an assistant message or a list of messages")
+    turns = _messages(value, field, tags)
+    if turns and turns[0].role == SYSTEM:
+        turns = turns[1:]
+    if not turns:
+        raise RecordError(field, "is an empty list: expected the assistant's reply")
+    if len(turns) > 1:
+        head = turns[:-1]
+        if _shared_length(head, prompt) != len(head) or len(head) != len(prompt):
+            raise RecordError(field, f"holds {len(turns)} messages: expected one assistant message, or "
+                                     "the prompt's messages followed by one assistant message, but its "
+                                     "first messages are not the prompt")
+    return _assistant(turns[-1], "the reply")
+
+
+def _assistant(turn: Turn, what: str) -> str:
+    if turn.role != ASSISTANT:
+        raise RecordError(turn.field, f"{what} has role '{turn.role}': expected an assistant message")
+    return turn.content
+
+
+def _shared_length(a: list[Turn], b: list[Turn]) -> int:
+    """How many leading messages `a` and `b` share (same role, same text up to surrounding space)."""
+    n = 0
+    while n < min(len(a), len(b)) and (a[n].role, a[n].content.strip()) == (b[n].role, b[n].content.strip()):
+        n += 1
+    return n
+
+
+def _tools(record: dict, column: str | None) -> str | None:
+    """Tool definitions as a string (JSON when the file holds a list or object); None when absent."""
+    value = _optional(record, column)
+    if value is None:
+        return None
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value, ensure_ascii=False) if value else ""
+    return _text(value, column, "a string, a list or an object of tool definitions") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on the converted pair
+
+
+def _check_prompt(turns: list[Turn], fmt: RecordFormat) -> None:
+    """Alternating user-side/assistant turns, ending with a user-side turn that is not empty."""
+    where = fmt.columns.messages if fmt.shape in ("sharegpt", "openai") else (
+        fmt.columns.prompt or fmt.columns.chosen)
+    if not turns:
+        raise RecordError(where, "the prompt is empty: expected at least one user message")
+    for n, turn in enumerate(turns):
+        expected = USER_SIDE if n % 2 == 0 else (ASSISTANT,)
+        if turn.role not in expected:
+            wanted = "a user (or tool) message" if n % 2 == 0 else "an assistant message"
+            after = "first" if n == 0 else f"after a {turns[n - 1].role} message"
+            raise RecordError(turn.field, f"has role '{turn.role}' {after}: expected {wanted}; a prompt "
+                                          "is an optional system message, then user and assistant "
+                                          "messages taking turns")
+    if len(turns) % 2 == 0:
+        raise RecordError(where, f"the prompt has {len(turns)} messages and ends with an assistant "
+                                 "message: expected an odd number ending with a user message (the "
+                                 "replies belong in the chosen and rejected columns)")
+    if not turns[-1].content.strip():
+        raise RecordError(turns[-1].field, "the last user message is empty")
+
+
+def _check_replies(chosen: str, rejected: str, cols: Columns) -> None:
+    for text, column in ((chosen, cols.chosen), (rejected, cols.rejected)):
+        if not text.strip():
+            raise RecordError(column, "is empty or whitespace only: expected the assistant's reply")
+    if chosen.strip() == rejected.strip():
+        raise RecordError(cols.rejected, f"is identical to '{cols.chosen}': such a pair carries no "
+                                         "preference (its DPO loss cannot change)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which shape: detected from the columns, or given by a dataset_info.json entry
+
+
+def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
+    """The shape whose columns the records have (the union of the first 100 records' keys).
+
+    Raises `DataError` listing the columns found when no shape or more than one fits.
+    """
+    keys: set[str] = set()
+    for n, record in enumerate(records):
+        if n == 100:
+            break
+        if isinstance(record, dict):
+            keys.update(record)
+    fits = [name for name, shape in SHAPES.items() if set(shape.keys) <= keys]
+    if len(fits) > 1:
+        fits.remove("implicit")  # any prompt column means the prompt is explicit
+    if fits == ["openai", "prompt"]:
+        # UltraFeedback-binarized keeps the chosen conversation in `messages` beside `prompt`.
+        fits = ["prompt"]
+    if len(fits) == 1:
+        return RecordFormat(fits[0], SHAPES[fits[0]].columns, AUTO_TAGS)
+    considered = "; ".join(f"{name} ({', '.join(shape.keys)})" for name, shape in SHAPES.items())
+    problem = (f"fits several shapes ({', '.join(fits)})" if fits
+               else "fits no preference record shape")
+    hint = (" (a preference dataset needs 'chosen' and 'rejected' columns)"
+            if not {"chosen", "rejected"} <= keys else "")
+    raise DataError(f"{where}: cannot tell the record format: its columns {sorted(keys)} {problem}"
+                    f"{hint}. Shapes considered: {considered}. Rename the columns, or register the "
+                    "file in dataset_info.json with \"formatting\" and \"columns\"")
+
+
+REGISTRY_FORMATTINGS = ("alpaca", "sharegpt", "openai")
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen",
+               "rejected")
+UNSUPPORTED_COLUMNS = {
+    "images": "prefalign trains text-only models",
+    "videos": "prefalign trains text-only models",
+    "audios": "prefalign trains text-only models",
+    "kto_tag": "it marks a KTO dataset (single labelled replies), not preference pairs",
+}
+TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
+            "function_tag", "system_tag")
+
+
+def format_from_registry(formatting: Any, columns: Any, tags: Any, where: str) -> RecordFormat:
+    """The format a LLaMA-Factory `dataset_info.json` entry describes (`where` names the entry).
+
+    The entry's `columns` and `tags` override the defaults of its formatting one by one (LLaMA-Factory
+    instead drops the defaults it does not repeat); `system`, `history` and `tools` are read only
+    when `columns` names them, as in LLaMA-Factory.
+    """
+    if formatting not in REGISTRY_FORMATTINGS:
+        raise DataError(f"{where}: \"formatting\" is {formatting!r}; expected one of "
+                        f"{', '.join(REGISTRY_FORMATTINGS)}")
+    defaults = Columns(messages="messages") if formatting == "openai" else Columns()
+    renamed = _names_map(columns, "columns", COLUMN_KEYS, where, UNSUPPORTED_COLUMNS)
+    renamed.pop("response", None)  # the SFT answer; a preference dataset's replies are chosen/rejected
+    tag_names = {**(OPENAI_TAG_NAMES if formatting == "openai" else SHAREGPT_TAG_NAMES),
+                 **_names_map(tags, "tags", TAG_KEYS, where, {})}
+    for key in ("chosen", "rejected", "prompt" if formatting == "alpaca" else "messages"):
+        if key in renamed and renamed[key] is None:
+            raise DataError(f'{where}: "columns"."{key}" is null: expected a column name')
+    for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
+        if tag_names[key] is None:
+            raise DataError(f'{where}: "tags"."{key}" is null: expected a name')
+    return RecordFormat(formatting, Columns(**{**defaults.__dict__, **renamed}),
+                        Tags.from_names(**tag_names))
+
+
+def _names_map(value: Any, key: str, allowed: tuple[str, ...], where: str,
+               unsupported: Mapping[str, str]) -> dict[str, str | None]:
+    """A registry entry's `columns`/`tags` object, checked: known keys, string (or null) values."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: \"{key}\" is {_kind(value)}; expected an object")
+    for name, column in value.items():
+        if name in unsupported:
+            raise DataError(f"{where}: \"{key}\".\"{name}\" is not supported: {unsupported[name]}")
+        if name not in allowed:
+            raise DataError(f"{where}: unknown key \"{key}\".\"{name}\"{did_you_mean(name, allowed)}; "
+                            f"known keys: {', '.join(allowed)}")
+        if column is not None and not isinstance(column, str):
+            raise DataError(f"{where}: \"{key}\".\"{name}\" is {_kind(column)}; expected a name (string)")
+    return dict(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wording
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest choice, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    """A short description of a JSON value for error messages: 'a number (42)', 'a list'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"an object with fields {_names(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _names(record: dict) -> str:
+    names = [str(key) for key in record]
+    return "[" + ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") + "]"

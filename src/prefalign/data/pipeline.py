@@ -1,0 +1,109 @@
+"""Step 3 of the workflow: records -> pairs -> held-out split -> encoded datasets, with a summary.
+
+Nothing is dropped silently: every record is kept, skipped (and written with its reason to
+`rejected_records.jsonl`), or truncated, and the counts are printed and saved as
+`data_summary.json` in the output dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefalign.config.args import DataArguments
+from prefalign.data.chat import ChatRenderer
+from prefalign.data.encode import encode_pairs
+from prefalign.data.sources import load_preference_pairs
+from prefalign.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    train: object | None  # datasets.Dataset with ENCODED_COLUMNS
+    eval: object | None
+    summary: dict = field(default_factory=dict)
+    rejects: list[dict] = field(default_factory=list)
+
+    def write(self, output_dir: str | Path) -> None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "data_summary.json").write_text(json.dumps(self.summary, indent=2))
+        if self.rejects:
+            with open(output_dir / "rejected_records.jsonl", "w", encoding="utf-8") as fh:
+                for reject in self.rejects:
+                    fh.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
+
+
+def _split_names(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def split_held_out(pairs: list, val_size: float, seed: int) -> tuple[list, list]:
+    """Seeded split: `val_size` in (0, 1) is a fraction, >= 1 a count of held-out pairs."""
+    if val_size <= 0:
+        return pairs, []
+    count = int(val_size) if val_size >= 1 else max(1, round(val_size * len(pairs)))
+    if count >= len(pairs):
+        raise ConfigError(f"val_size: {val_size} holds out {count} of {len(pairs)} pairs, leaving none to train on")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: bool = True,
+                 cache_dir: str | None = None) -> PreparedData:
+    """Load, split and encode the training and evaluation data of a config."""
+    renderer = ChatRenderer(tokenizer, data_args.template)
+    common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
+                  mix_strategy=data_args.mix_strategy, seed=seed,
+                  interleave_probs=[float(p) for p in _split_names(data_args.interleave_probs)] or None)
+    summary: dict = {"datasets": {}, "skipped": {}, "template": renderer.name, "cutoff_len": data_args.cutoff_len}
+    rejects: list[dict] = []
+    splits: dict[str, list] = {}
+    if need_train or not data_args.eval_dataset:
+        if not data_args.dataset:
+            raise ConfigError("dataset is required: name the preference data to train on")
+        pairs, report = load_preference_pairs(_split_names(data_args.dataset), data_args.dataset_dir, **common)
+        summary["datasets"].update(report.loaded)
+        summary["skipped"].update(report.skipped)
+        rejects += report.rejects
+        splits["train"], splits["eval"] = split_held_out(pairs, data_args.val_size, seed)
+    if data_args.eval_dataset:
+        pairs, report = load_preference_pairs(_split_names(data_args.eval_dataset), data_args.dataset_dir, **common)
+        summary["datasets"].update({f"{k} (eval)": v for k, v in report.loaded.items()})
+        summary["skipped"].update({f"{k} (eval)": v for k, v in report.skipped.items()})
+        rejects += report.rejects
+        splits["eval"] = pairs
+    encoded = {}
+    for name, pairs in splits.items():
+        if not pairs:
+            encoded[name] = None
+            continue
+        dataset, stats = encode_pairs(pairs, renderer, data_args.cutoff_len,
+                                      num_proc=data_args.preprocessing_num_workers, cache_dir=cache_dir,
+                                      overwrite_cache=data_args.overwrite_cache)
+        encoded[name] = dataset
+        summary[name] = stats
+    if need_train and not encoded.get("train"):
+        raise ConfigError("dataset: no training pairs are left after loading and splitting")
+    return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects)
+
+
+def describe(summary: dict) -> str:
+    """The data summary as the lines printed before training."""
+    lines = [f"{name}: {count} pairs" for name, count in summary["datasets"].items()]
+    for name, count in summary.get("skipped", {}).items():
+        if count:
+            lines.append(f"{name}: {count} records skipped (see rejected_records.jsonl)")
+    for split in ("train", "eval"):
+        stats = summary.get(split)
+        if stats:
+            lines.append(f"{split}: {stats['pairs']} pairs, {stats['truncated_prompts']} prompts and "
+                         f"{stats['truncated_responses']} responses truncated to cutoff_len={summary['cutoff_len']}")
+    return "\n".join(lines)

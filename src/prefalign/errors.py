@@ -1,0 +1,29 @@
+"""The errors a user sees: one line each, saying what happened and how to fix it.
+
+Anything raised as a `PrefalignError` is printed by the CLI without a traceback; every other
+exception is a bug in prefalign and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PrefalignError(Exception):
+    """A problem with the user's input or environment, reported as a clean message."""
+
+
+class ConfigError(PrefalignError):
+    """One or more bad settings. `problems` holds one line per problem, all reported together."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} configuration problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(message)
+
+
+class DataError(PrefalignError):
+    """A preference record or data file that cannot be used; the message names file, record and field."""

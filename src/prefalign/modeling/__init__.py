@@ -1,0 +1,1 @@
+"""Loading models and computing per-sequence log-probabilities."""

@@ -1,0 +1,150 @@
+"""Load the tokenizer, the policy (LoRA, full or freeze tuning) and any separate reference model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from prefalign.config.args import FinetuningArguments, ModelArguments
+from prefalign.errors import ConfigError, PrefalignError
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_ADAPTER = "reference"  # name of the frozen copy of an SFT adapter (see reference.py)
+
+
+def load_tokenizer(model_args: ModelArguments, path: str | None = None):
+    """The model's tokenizer, with a pad token (the EOS token when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    path = path or model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=model_args.trust_remote_code, use_fast=model_args.use_fast_tokenizer,
+            revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+        )
+    except OSError as exc:
+        raise PrefalignError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _attn_implementation(flash_attn: str) -> str | None:
+    if flash_attn == "fa2":
+        if not torch.cuda.is_available():
+            raise ConfigError("flash_attn: fa2 needs a CUDA GPU; use flash_attn: auto on this machine")
+        return "flash_attention_2"
+    return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
+
+
+def compute_dtype(training_args) -> torch.dtype:
+    if getattr(training_args, "bf16", False):
+        return torch.bfloat16
+    if getattr(training_args, "fp16", False):
+        return torch.float16
+    return torch.float32
+
+
+def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local directory or the hub, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
+              "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    attn = _attn_implementation(model_args.flash_attn)
+    if attn:
+        kwargs["attn_implementation"] = attn
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PrefalignError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from None
+    model.config.use_cache = False
+    return model
+
+
+def _split_paths(value: str | None) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else []
+
+
+def merge_adapters(model, adapters: list[str]):
+    """Merge each LoRA adapter into the weights, in order."""
+    from peft import PeftModel
+
+    for path in adapters:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torch.dtype = torch.float32):
+    """The model to train, with exactly the parameters `finetuning_type` trains requiring grad.
+
+    LoRA with an existing adapter (e.g. from SFT): every adapter but the last is merged; the last
+    becomes the trainable adapter, and a frozen copy of it is loaded as the adapter named
+    `reference`, so the reference is base + SFT adapter, never the bare base. With
+    `create_new_adapter` all adapters are merged and a fresh one is trained on top.
+    """
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype)
+    adapters = _split_paths(model_args.adapter_name_or_path)
+    if ft.finetuning_type == "lora":
+        model = _attach_lora(model, adapters, ft)
+    else:
+        model = merge_adapters(model, adapters)
+        if ft.finetuning_type == "freeze":
+            _freeze(model, ft)
+    # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("trainable params: %d / %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
+    return model
+
+
+def _attach_lora(model, adapters: list[str], ft: FinetuningArguments):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapters and not ft.create_new_adapter:
+        model = merge_adapters(model, adapters[:-1])
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+        model.load_adapter(adapters[-1], adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter("default")
+        return model
+    model = merge_adapters(model, adapters)
+    targets = "all-linear" if ft.lora_target.strip() == "all" else _split_paths(ft.lora_target)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
+        lora_dropout=ft.lora_dropout, target_modules=targets, use_rslora=ft.use_rslora, use_dora=ft.use_dora,
+        modules_to_save=_split_paths(ft.additional_target) or None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"lora_target: {str(exc).splitlines()[0]}") from None
+
+
+def _freeze(model, ft: FinetuningArguments) -> None:
+    """Freeze tuning: train the last (or, negative, first) N decoder layers and the extra modules."""
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    if not num_layers:
+        raise ConfigError("finetuning_type: freeze needs a model config with num_hidden_layers")
+    n = ft.freeze_trainable_layers
+    if n == 0 or abs(n) > num_layers:
+        raise ConfigError(f"freeze_trainable_layers: {n} must be between -{num_layers} and {num_layers}, not 0")
+    layer_ids = range(num_layers - n, num_layers) if n > 0 else range(-n)
+    modules = _split_paths(ft.freeze_trainable_modules)
+    extra = _split_paths(ft.freeze_extra_modules)
+    prefixes = [f".layers.{i}." for i in layer_ids]
+    matched = False
+    for name, param in model.named_parameters():
+        in_layer = any(p in f".{name}" for p in prefixes)
+        module_ok = modules == ["all"] or any(f".{m}." in name for m in modules)
+        param.requires_grad = (in_layer and module_ok) or any(f"{m}." in name for m in extra)
+        matched |= param.requires_grad
+    if not matched:
+        raise ConfigError(
+            f"freeze_trainable_modules: {ft.freeze_trainable_modules!r} matches no parameter in the trainable layers"
+        )

@@ -1,0 +1,1 @@
+"""Training: the Trainer subclass and the end-to-end workflow."""

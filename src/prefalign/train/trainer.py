@@ -1,0 +1,93 @@
+"""`PreferenceTrainer`: transformers' Trainer with a preference loss and the metrics people read.
+
+The Trainer does the optimisation, mixed precision, gradient accumulation, logging,
+checkpoints and resume; this class only says how a batch becomes a loss:
+
+    batch (2B rows: chosen then rejected) --pair_logps--> policy PairLogps
+                                        --reference-->  reference PairLogps or None
+    --compute_preference_loss--> LossOutput --mean--> loss; per-pair metrics are stored as sums
+    and counts, and averaged at logging time over all micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from prefalign.contracts import LossOutput, PairLogps
+from prefalign.losses import LossSettings, compute_preference_loss
+from prefalign.modeling.logprobs import pair_logps
+from prefalign.reference import Reference
+
+
+class PreferenceTrainer(Trainer):
+    def __init__(self, *args, reference: Reference, loss_names: list[str], loss_weights: list[float],
+                 loss_settings: LossSettings, chunk_size: int = 1024, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference = reference.to(self.args.device)
+        self.loss_names = loss_names
+        self.loss_weights = loss_weights
+        self.loss_settings = loss_settings
+        self.chunk_size = chunk_size
+        # Our loss is a mean over pairs: the Trainer must divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        self._metric_sums: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # -- the loss -------------------------------------------------------------------------
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+        settings = self.loss_settings
+        policy = pair_logps(model, inputs, chunk_size=self.chunk_size,
+                            token_level=settings.ld_alpha is not None, want_sqnorm=settings.use_weighting)
+        reference = self.reference_logps(inputs)
+        out = compute_preference_loss(policy, reference, self.loss_names, self.loss_weights, settings)
+        return out.losses.mean(), out, policy
+
+    def reference_logps(self, inputs) -> PairLogps | None:
+        return self.reference.logps(inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, out, policy = self.batch_loss(model, inputs)
+        self._store_metrics(out, policy, "train")
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out, policy = self.batch_loss(model, inputs)
+        self._store_metrics(out, policy, "eval")
+        return loss.detach(), None, None
+
+    # -- metrics --------------------------------------------------------------------------
+    def _store_metrics(self, out: LossOutput, policy: PairLogps, split: str) -> None:
+        values = {
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "logps/chosen": policy.chosen,
+            "logps/rejected": policy.rejected,
+        }
+        if policy.chosen_mean_logit is not None:
+            values["logits/chosen"] = policy.chosen_mean_logit
+            values["logits/rejected"] = policy.rejected_mean_logit
+        values.update(out.metrics)
+        store = self._metric_sums[split]
+        for key, value in values.items():
+            value = value.detach().float()
+            store[key].append(torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)]))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        split = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if split == "eval" else ""
+        store = self._metric_sums[split]
+        if store:
+            keys = sorted(store)
+            totals = torch.stack([torch.stack(store[k]).sum(0) for k in keys])  # (K, 2): sum, count
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+            for key, (total, count) in zip(keys, totals.tolist()):
+                logs[prefix + key] = total / max(count, 1.0)
+            store.clear()
+        super().log(logs, start_time)

@@ -1,0 +1,83 @@
+"""Configuration: YAML + overrides, typed groups, and every problem reported at once."""
+
+from pathlib import Path
+
+import pytest
+
+from prefalign.config import build_config, load_config, parse_overrides
+from prefalign.errors import ConfigError
+
+EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+BASE = {"model_name_or_path": "m", "dataset": "d", "output_dir": "out"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    config = load_config(path)
+    assert config.finetuning.stage == "dpo"
+    assert config.model.model_name_or_path
+
+
+def test_overrides_are_typed_and_win_over_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\npref_beta: 0.1\nlearning_rate: 1.0e-5\n")
+    config = load_config(path, ["pref_beta=0.05", "learning_rate=5e-6", "lora_rank=16", "bf16=false"])
+    assert config.finetuning.pref_beta == 0.05
+    assert config.training.learning_rate == 5e-6  # "5e-6" is a string to YAML 1.1; coerced to float
+    assert config.finetuning.lora_rank == 16 and isinstance(config.finetuning.lora_rank, int)
+    assert config.training.bf16 is False
+
+
+def test_llamafactory_spellings_are_mapped():
+    config = build_config({**BASE, "warmup_ratio": 0.1, "ddp_timeout": 180000000, "flash_attn": "auto",
+                           "preprocessing_num_workers": 4, "overwrite_cache": True, "dataset": ["a", "b"]})
+    assert config.training.warmup_steps == 0.1
+    assert config.data.dataset == "a,b"
+    assert config.data.preprocessing_num_workers == 4
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'pref_betta'; did you mean 'pref_beta'\?"):
+        build_config({**BASE, "pref_betta": 0.1})
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        build_config({"stage": "sft", "finetuning_type": "qlora", "pref_beta": "high", "lora_rnak": 8,
+                      "quantization_bit": 4, "val_size": 0.1, "eval_dataset": "e", "dataset": "d"})
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "stage" in text and "model_name_or_path is required" in text
+    assert "finetuning_type: 'qlora'" in text
+    assert "pref_beta: expected a number, got 'high'" in text
+    assert "did you mean 'lora_rank'" in text
+    assert "quantization_bit" in text and "does not support yet" in text
+    assert "val_size and eval_dataset" in text
+    assert len(problems) >= 6
+
+
+def test_conflicting_renamed_keys_name_both():
+    with pytest.raises(ConfigError, match="warmup_ratio and warmup_steps both given"):
+        build_config({**BASE, "warmup_ratio": 0.1, "warmup_steps": 10})
+
+
+def test_training_argument_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="training arguments"):
+        build_config({**BASE, "lr_scheduler_type": "not_a_scheduler"})
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["pref_beta"])
+
+
+def test_yaml_error_names_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name_or_path: m\ndataset: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML at line \d+"):
+        load_config(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")

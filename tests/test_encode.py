@@ -1,0 +1,101 @@
+"""Rendering, tokenization, truncation and batching of preference pairs."""
+
+import pytest
+import torch
+
+from prefalign.contracts import PreferencePair, RecordSource
+from prefalign.data.chat import ChatRenderer
+from prefalign.data.collate import IGNORE_INDEX, PairCollator
+from prefalign.data.encode import encode_pair, encode_pairs, truncate_pair
+from prefalign.errors import ConfigError
+
+SOURCE = RecordSource("mem.json", 0)
+
+
+def make_pair(**kw):
+    prompt = kw.pop("prompt", [{"role": "system", "content": "Be kind."},
+                               {"role": "user", "content": "What is the capital of France?"}])
+    return PreferencePair(prompt, kw.pop("chosen", "Sure! It is Paris."), kw.pop("rejected", "No idea."), SOURCE)
+
+
+def _chat_ids(tokenizer, messages, **kw):
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_encoding_equals_the_tokenizers_own_chat_template(tiny_tokenizer, template):
+    pair = make_pair()
+    renderer = ChatRenderer(tiny_tokenizer, template)
+    enc = encode_pair(pair, renderer, cutoff_len=1024)
+    jinja = renderer.jinja
+    prompt_ids = _chat_ids(tiny_tokenizer, pair.prompt, add_generation_prompt=True, chat_template=jinja)
+    assert enc["prompt_ids"] == prompt_ids
+    for side in ("chosen", "rejected"):
+        full = _chat_ids(tiny_tokenizer, pair.prompt + [{"role": "assistant", "content": getattr(pair, side)}],
+                         chat_template=jinja)
+        response = enc[f"{side}_ids"]
+        assert full[: len(prompt_ids) + len(response)] == prompt_ids + response
+        # the response ends with the end-of-turn token, and only what follows it is left out
+        eot = tiny_tokenizer.convert_tokens_to_ids(renderer.end_of_turn)
+        assert response[-1] == eot
+        assert eot not in full[len(prompt_ids) + len(response):]
+
+
+def test_multi_turn_history_is_in_the_prompt(tiny_tokenizer):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "What color is grass?"}]
+    enc = encode_pair(make_pair(prompt=prompt), ChatRenderer(tiny_tokenizer, None), 1024)
+    text = tiny_tokenizer.decode(enc["prompt_ids"])
+    assert "Hello!" in text and text.rstrip().endswith("assistant")
+
+
+def test_no_template_is_a_config_error(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        ChatRenderer(tok, None)
+
+
+def test_truncation_keeps_responses_and_the_prompt_tail():
+    """C=10, P=8, R=4: responses fit beside max(10-4, min(8, 5)) = 6 prompt tokens, the last 6."""
+    prompt, chosen, rejected = list(range(100, 108)), [1, 2, 3, 4], [5, 6]
+    p, c, r = truncate_pair(prompt, chosen, rejected, 10)
+    assert p == prompt[-6:] and c == chosen and r == rejected
+
+
+def test_truncation_of_long_responses_keeps_half_the_budget_for_the_prompt():
+    """C=10, P=8, R=20: the prompt keeps min(8, 10//2) = 5 tail tokens, responses 5 head tokens."""
+    prompt, chosen, rejected = list(range(100, 108)), list(range(20)), [7, 8]
+    p, c, r = truncate_pair(prompt, chosen, rejected, 10)
+    assert p == prompt[-5:] and c == chosen[:5] and r == [7, 8]
+
+
+def test_truncation_keeps_bos():
+    p, _, _ = truncate_pair([0, 11, 12, 13, 14, 15], [1, 2, 3], [4], 6, bos_token_id=0)
+    assert p == [0, 14, 15]
+
+
+def test_encoded_cache_is_reused(tiny_tokenizer, tmp_path):
+    renderer = ChatRenderer(tiny_tokenizer, None)
+    pairs = [make_pair(chosen=f"Sure! Answer {i}.") for i in range(5)]
+    first, stats = encode_pairs(pairs, renderer, 64, cache_dir=tmp_path)
+    cached = list((tmp_path / "encoded").iterdir())
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    second, stats2 = encode_pairs(pairs, renderer, 64, cache_dir=tmp_path)
+    assert cached[0].stat().st_mtime_ns == mtime and stats == stats2
+    assert first["chosen_ids"] == second["chosen_ids"]
+    encode_pairs(pairs, renderer, 32, cache_dir=tmp_path)  # another cutoff: another cache entry
+    assert len(list((tmp_path / "encoded").iterdir())) == 2
+
+
+def test_collator_puts_chosen_then_rejected_and_masks_the_prompt():
+    features = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9], "index": 3},
+                {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [9, 9, 9], "index": 4}]
+    batch = PairCollator(pad_token_id=0)(features)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [5, 7, 0, 0], [5, 6, 9, 0], [5, 9, 9, 9]]
+    x = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[x, x, 7, 8], [x, 7, x, x], [x, x, 9, x], [x, 9, 9, 9]]
+    assert batch["attention_mask"].sum(1).tolist() == [4, 2, 3, 4]
+    assert torch.equal(batch["index"], torch.tensor([3, 4]))

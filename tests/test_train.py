@@ -1,0 +1,132 @@
+"""End-to-end training on a tiny model: the loss at step 0, what changes and what must not, outputs."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefalign.config import build_config
+from prefalign.train.workflow import build_trainer, run_train
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def config_for(model_dir, out, **overrides):
+    values = {
+        "model_name_or_path": str(model_dir), "stage": "dpo", "finetuning_type": "lora",
+        "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16,
+        "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 3,
+        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True,
+    }
+    values.update(overrides)
+    return build_config(values)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_step0_loss_is_ln2_when_policy_equals_reference(tiny_model_dir, tmp_path, finetuning_type):
+    """At step 0 the policy is the reference, so Δ = 0 and −log σ(0) = ln 2 = 0.693147 for every pair."""
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, finetuning_type=finetuning_type))
+    loss, out, _ = trainer.batch_loss(trainer.model, first_batch(trainer))
+    assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def _snapshot(params):
+    return {n: p.detach().clone() for n, p in params}
+
+
+def test_lora_changes_the_adapter_and_never_the_reference(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path))
+    model = trainer.model
+    batch = first_batch(trainer)
+    ref_before = trainer.reference.logps(batch)
+    base_before = _snapshot((n, p) for n, p in model.named_parameters() if "lora_" not in n)
+    lora_before = _snapshot((n, p) for n, p in model.named_parameters() if "lora_" in n)
+    trainer.train()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            continue
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, base_before[name]), f"reference weight {name} changed"
+    assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    ref_after = trainer.reference.logps(batch)
+    assert torch.equal(ref_before.chosen, ref_after.chosen) and torch.equal(ref_before.rejected, ref_after.rejected)
+    policy_after = trainer.batch_loss(model, batch)[2]
+    assert not torch.allclose(policy_after.chosen, ref_after.chosen)
+
+
+def test_full_changes_the_policy_and_never_the_frozen_copy(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, finetuning_type="full"))
+    ref_model = trainer.reference.model
+    assert ref_model is not trainer.model
+    before = _snapshot(trainer.model.named_parameters())
+    ref_before = _snapshot(ref_model.named_parameters())
+    trainer.train()
+    for name, param in ref_model.named_parameters():
+        assert not param.requires_grad and param.grad is None
+        assert torch.equal(param, ref_before[name])
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) > len(before) // 2
+
+
+def test_freeze_trains_only_the_last_layers(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, finetuning_type="freeze", freeze_trainable_layers=1))
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    num_layers = trainer.model.config.num_hidden_layers
+    assert trainable and all(f"layers.{num_layers - 1}." in n for n in trainable)
+
+
+def test_lora_output_loads_back_with_peft(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    config = config_for(tiny_model_dir, tmp_path / "out", plot_loss=True, val_size=4)
+    metrics = run_train(config)
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer_config.json").is_file() and (out / "run_config.yaml").is_file()
+    results = json.loads((out / "all_results.json").read_text())
+    assert "eval_rewards/accuracies" in results and "train_loss" in results
+    assert "eval_rewards/accuracies" in metrics
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert logged and all(k in logged[0] for k in ("rewards/chosen", "rewards/margins", "logps/rejected"))
+    assert (out / "training_loss.png").is_file()
+    assert json.loads((out / "data_summary.json").read_text())["datasets"]["demo_train"] == 16
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, out)
+    from safetensors.torch import load_file
+    saved = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # trained: lora_B starts at zero
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with loaded.disable_adapter():
+        base_logits = loaded(input_ids=ids).logits
+    assert not torch.allclose(loaded(input_ids=ids).logits, base_logits)
+
+
+def test_full_output_loads_back_with_transformers(tiny_model_dir, tmp_path):
+    out = tmp_path / "full"
+    run_train(config_for(tiny_model_dir, out, finetuning_type="full"))
+    assert (out / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    diff = [n for n, p in loaded.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
+    assert diff
+
+
+def test_output_dir_with_a_finished_run_is_refused(tiny_model_dir, tmp_path):
+    from prefalign.errors import ConfigError
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "all_results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        run_train(config_for(tiny_model_dir, tmp_path / "old", overwrite_output_dir=False))
