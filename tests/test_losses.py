@@ -171,8 +171,10 @@ def test_ipo_swap():
 def test_kto_pair_value():
     """Batch: s+ = (2, -3), s- = (-1, 2); z+ = max(0, mean s+) = max(0, -0.5) = 0, z- = max(0, 0.5) = 0.5.
 
-    pair 0: [1 - σ(0.1·(2 - 0.5))] + [1 - σ(0.1·(0 + 1))] = 2 - σ(0.15) - σ(0.1) = 2 - 0.537430 - 0.524979 = 0.937591
-    pair 1: [1 - σ(0.1·(-3 - 0.5))] + [1 - σ(0.1·(0 - 2))] = 2 - σ(-0.35) - σ(-0.2) = 2 - 0.413382 - 0.450166 = 1.136452
+    pair 0: [1 - σ(0.1·(2 - 0.5))] + [1 - σ(0.1·(0 + 1))] = 2 - σ(0.15) - σ(0.1)
+            = 2 - 0.537430 - 0.524979 = 0.937591
+    pair 1: [1 - σ(0.1·(-3 - 0.5))] + [1 - σ(0.1·(0 - 2))] = 2 - σ(-0.35) - σ(-0.2)
+            = 2 - 0.413382 - 0.450166 = 1.136452
     """
     expected = [2 - sigma(0.15) - sigma(0.1), 2 - sigma(-0.35) - sigma(-0.2)]
     assert values("kto_pair") == pytest.approx(expected)
@@ -364,7 +366,8 @@ def test_discopop_swap():
 
 
 def test_discopop_is_not_monotone_at_zero():
-    """d/dx at x = βΔ = 0: -(σ'(0)/τ)·log 2 - ½·½ + σ'(0)/τ - ½ = (1 - ln 2)/(4τ) - 3/4 = 0.784264 for τ = 0.05.
+    """d/dx at x = βΔ = 0: -(σ'(0)/τ)·log 2 - ½·½ + σ'(0)/τ - ½ = (1 - ln 2)/(4τ) - 3/4,
+    which is 0.784264 for τ = 0.05.
 
     Positive: at the first step (policy = reference) DiscoPOP lowers the margin. Documented in its docstring;
     the gradient-direction test starts it at βΔ = 0.5.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -16,8 +17,16 @@ def _train(ns) -> None:
     run_train(load_config(ns.config, ns.overrides))
 
 
+def _data(ns) -> None:
+    from prefalign.config import load_config
+    from prefalign.data.inspect import run_data
+
+    run_data(load_config(ns.config, ns.overrides))
+
+
 COMMANDS = {
     "train": (_train, "Align a model with preference data (DPO and its variants)."),
+    "data": (_data, "Load and encode the data as training would; print counts, lengths and examples."),
 }
 
 
@@ -40,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[ns.command][0](ns)
     except PrefalignError as exc:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"prefalign {ns.command}: error: cannot write {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)

@@ -32,7 +32,8 @@ SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)  # ids 0, 1, 2
 DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_MAX_POSITIONS = 512
 
-# The demo data lives in the source tree (examples/data), next to the package's src/ folder.
+# The demo data lives in the source tree (examples/data), next to the package's src/ folder; an
+# installed (non-editable) package finds it from the current directory, where the quickstart runs.
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
 # A tokenizer's vocabulary is language, not preferences: like a pretrained one, the demo tokenizer
 # has seen the held-out prompts' words, so they do not fall apart into single letters.
@@ -85,7 +86,9 @@ def train_tokenizer(
 
 def demo_texts(data_dir: str | os.PathLike | None = None) -> list[str]:
     """Every text field (system, instruction, input, chosen, rejected) of the demo data files."""
-    data_dir = Path(data_dir or DEMO_DATA_DIR)
+    if data_dir is None:
+        data_dir = DEMO_DATA_DIR if DEMO_DATA_DIR.is_dir() else Path.cwd() / "examples" / "data"
+    data_dir = Path(data_dir)
     texts = []
     for name in DEMO_FILES:
         path = data_dir / name

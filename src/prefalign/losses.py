@@ -392,35 +392,39 @@ def sft_loss(policy: PairLogps, reference: PairLogps | None, s: LossSettings) ->
 # Registry
 
 _EPS = frozenset({"label_smoothing"})
+_REF, _FREE = True, False  # needs_reference
+_SUM, _AVG = False, True  # averaged
 
 LOSSES: dict[str, LossSpec] = {
     "sigmoid": LossSpec(
-        sigmoid_loss, True, False, "Rafailov et al. 2023 (DPO), arXiv:2305.18290",
+        sigmoid_loss, _REF, _SUM, "Rafailov et al. 2023 (DPO), arXiv:2305.18290",
         reads=frozenset({"label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"}),
     ),
-    "robust": LossSpec(robust_loss, True, False, "Chowdhury et al. 2024 (rDPO), arXiv:2403.00409", reads=_EPS),
-    "hinge": LossSpec(hinge_loss, True, False, "Zhao et al. 2023 (SLiC-HF), arXiv:2305.10425"),
-    "ipo": LossSpec(ipo_loss, True, True, "Azar et al. 2023 (IPO), arXiv:2310.12036"),
-    "kto_pair": LossSpec(kto_pair_loss, True, False, "Ethayarajh et al. 2024 (KTO), arXiv:2402.01306"),
-    "orpo": LossSpec(orpo_loss, False, True, "Hong et al. 2024 (ORPO), arXiv:2403.07691"),
+    "robust": LossSpec(robust_loss, _REF, _SUM, "Chowdhury et al. 2024 (rDPO), arXiv:2403.00409", reads=_EPS),
+    "hinge": LossSpec(hinge_loss, _REF, _SUM, "Zhao et al. 2023 (SLiC-HF), arXiv:2305.10425"),
+    "ipo": LossSpec(ipo_loss, _REF, _AVG, "Azar et al. 2023 (IPO), arXiv:2310.12036"),
+    "kto_pair": LossSpec(kto_pair_loss, _REF, _SUM, "Ethayarajh et al. 2024 (KTO), arXiv:2402.01306"),
+    "orpo": LossSpec(orpo_loss, _FREE, _AVG, "Hong et al. 2024 (ORPO), arXiv:2403.07691"),
     "simpo": LossSpec(
-        simpo_loss, False, True, "Meng et al. 2024 (SimPO), arXiv:2405.14734", reads=frozenset({"simpo_gamma"})
+        simpo_loss, _FREE, _AVG, "Meng et al. 2024 (SimPO), arXiv:2405.14734", reads=frozenset({"simpo_gamma"})
     ),
-    "bco_pair": LossSpec(bco_pair_loss, True, False, "Jung et al. 2024 (BCO), arXiv:2404.04656"),
-    "sppo_hard": LossSpec(sppo_hard_loss, True, False, "Wu et al. 2024 (SPPO), arXiv:2405.00675"),
-    "nca_pair": LossSpec(nca_pair_loss, True, False, "Chen et al. 2024 (NCA), arXiv:2402.05369"),
-    "exo_pair": LossSpec(exo_pair_loss, True, False, "Ji et al. 2024 (EXO), arXiv:2402.00856", reads=_EPS),
-    "aot": LossSpec(aot_loss, True, False, "Melnyk et al. 2024 (AOT), arXiv:2406.05882", reads=_EPS, per_pair=False),
+    "bco_pair": LossSpec(bco_pair_loss, _REF, _SUM, "Jung et al. 2024 (BCO), arXiv:2404.04656"),
+    "sppo_hard": LossSpec(sppo_hard_loss, _REF, _SUM, "Wu et al. 2024 (SPPO), arXiv:2405.00675"),
+    "nca_pair": LossSpec(nca_pair_loss, _REF, _SUM, "Chen et al. 2024 (NCA), arXiv:2402.05369"),
+    "exo_pair": LossSpec(exo_pair_loss, _REF, _SUM, "Ji et al. 2024 (EXO), arXiv:2402.00856", reads=_EPS),
+    "aot": LossSpec(
+        aot_loss, _REF, _SUM, "Melnyk et al. 2024 (AOT), arXiv:2406.05882", reads=_EPS, per_pair=False
+    ),
     "aot_unpaired": LossSpec(
-        aot_unpaired_loss, True, False, "Melnyk et al. 2024 (AOT), arXiv:2406.05882", reads=_EPS, per_pair=False
+        aot_unpaired_loss, _REF, _SUM, "Melnyk et al. 2024 (AOT), arXiv:2406.05882", reads=_EPS, per_pair=False
     ),
-    "apo_zero": LossSpec(apo_zero_loss, True, False, "D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266"),
-    "apo_down": LossSpec(apo_down_loss, True, False, "D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266"),
+    "apo_zero": LossSpec(apo_zero_loss, _REF, _SUM, "D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266"),
+    "apo_down": LossSpec(apo_down_loss, _REF, _SUM, "D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266"),
     "discopop": LossSpec(
-        discopop_loss, True, False, "Lu et al. 2024 (DiscoPOP), arXiv:2406.08414", reads=frozenset({"discopop_tau"})
+        discopop_loss, _REF, _SUM, "Lu et al. 2024 (DiscoPOP), arXiv:2406.08414", reads=frozenset({"discopop_tau"})
     ),
-    "sigmoid_norm": LossSpec(sigmoid_norm_loss, True, True, "Lambert et al. 2024 (Tülu 3), arXiv:2411.15124"),
-    "sft": LossSpec(sft_loss, False, True, "negative log-likelihood of the chosen reply"),
+    "sigmoid_norm": LossSpec(sigmoid_norm_loss, _REF, _AVG, "Lambert et al. 2024 (Tülu 3), arXiv:2411.15124"),
+    "sft": LossSpec(sft_loss, _FREE, _AVG, "negative log-likelihood of the chosen reply"),
 }
 
 
@@ -430,10 +434,14 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
+def _did_you_mean(value: object, options: dict[str, object]) -> str:
+    """'did you mean 'x'? ' for the closest option (by spelling, else by prefix), or ''."""
+    close = difflib.get_close_matches(str(value), options, n=1) or [o for o in options if o.startswith(str(value))]
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def _unknown_loss(name: str) -> str:
-    close = difflib.get_close_matches(str(name), LOSSES, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"pref_loss: unknown loss {name!r}; {hint}known losses: {', '.join(sorted(LOSSES))}"
+    return f"pref_loss: unknown loss {name!r}; {_did_you_mean(name, LOSSES)}known losses: {', '.join(sorted(LOSSES))}"
 
 
 def needs_reference(names: list[str], settings: LossSettings | None = None) -> bool:
@@ -648,10 +656,9 @@ def validate_loss_settings(
 
     # f-DPO
     if s.f_divergence_type not in F_DIVERGENCES:
-        close = difflib.get_close_matches(str(s.f_divergence_type), F_DIVERGENCES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
         problems.append(
-            f"f_divergence_type: unknown divergence {s.f_divergence_type!r}; {hint}known: {', '.join(F_DIVERGENCES)}"
+            f"f_divergence_type: unknown divergence {s.f_divergence_type!r}; "
+            f"{_did_you_mean(s.f_divergence_type, F_DIVERGENCES)}known: {', '.join(F_DIVERGENCES)}"
         )
     elif s.f_divergence_type != defaults.f_divergence_type and known and not read_by("f_divergence_type"):
         problems.append(
