@@ -130,3 +130,49 @@ def test_output_dir_with_a_finished_run_is_refused(tiny_model_dir, tmp_path):
     (tmp_path / "old" / "all_results.json").write_text("{}")
     with pytest.raises(ConfigError, match="overwrite_output_dir"):
         run_train(config_for(tiny_model_dir, tmp_path / "old", overwrite_output_dir=False))
+
+
+def _losses(out_dir):
+    state = json.loads((Path(out_dir) / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def test_batch8_equals_batch1_times_accumulation8(tiny_model_dir, tmp_path):
+    """One SGD step on 8 pairs gives the same weights whether they come as 1 batch or 8 accumulated."""
+    common = dict(finetuning_type="full", max_steps=1, optim="sgd", learning_rate=0.5, warmup_steps=0,
+                  lr_scheduler_type="constant", max_samples=8, train_sampling_strategy="sequential")
+    a = build_trainer(config_for(tiny_model_dir, tmp_path / "a", per_device_train_batch_size=8,
+                                 gradient_accumulation_steps=1, **common))
+    a.train()
+    b = build_trainer(config_for(tiny_model_dir, tmp_path / "b", per_device_train_batch_size=1,
+                                 gradient_accumulation_steps=8, **common))
+    b.train()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for (name, pa), pb, p0 in zip(a.model.named_parameters(), b.model.parameters(), start.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    assert any(not torch.allclose(pa, p0) for pa, p0 in zip(a.model.parameters(), start.parameters()))
+    loss = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert loss(a) == pytest.approx(loss(b), abs=1e-6)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_path):
+    """Stopped after step 2 and resumed from its checkpoint, a run logs the same losses as one that never stopped."""
+    from transformers import TrainerCallback
+
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, max_samples=16, overwrite_output_dir=False)
+    run_train(config_for(tiny_model_dir, tmp_path / "whole", **common))
+
+    class StopAt2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
+    interrupted = tmp_path / "resumed"
+    trainer = build_trainer(config_for(tiny_model_dir, interrupted, **common))
+    trainer.add_callback(StopAt2())
+    trainer.train()
+    assert (interrupted / "checkpoint-2").is_dir() and not (interrupted / "checkpoint-4").exists()
+    run_train(config_for(tiny_model_dir, interrupted, **common))  # finds checkpoint-2 and resumes
+    whole, resumed = _losses(tmp_path / "whole"), _losses(interrupted)
+    assert sorted(resumed) == [1, 2, 3, 4] or sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(whole[step], abs=1e-6)

@@ -24,7 +24,7 @@ import difflib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from prefalign.contracts import Message, PreferencePair, RecordSource
@@ -514,8 +514,7 @@ def format_from_registry(formatting: Any, columns: Any, tags: Any, where: str) -
     for key in ("role_tag", "content_tag", "user_tag", "assistant_tag"):
         if tag_names[key] is None:
             raise DataError(f'{where}: "tags"."{key}" is null: expected a name')
-    return RecordFormat(formatting, Columns(**{**defaults.__dict__, **renamed}),
-                        Tags.from_names(**tag_names))
+    return RecordFormat(formatting, replace(defaults, **renamed), Tags.from_names(**tag_names))
 
 
 def _names_map(value: Any, key: str, allowed: tuple[str, ...], where: str,

@@ -129,7 +129,8 @@ def _check_options(names: list[str], max_samples: int | None, on_bad_record: str
         elif len(interleave_probs) != len(names):
             problems.append(f"interleave_probs has {len(interleave_probs)} values for {len(names)} "
                             "datasets: give one probability per dataset")
-        elif any(p < 0 for p in interleave_probs) or abs(sum(interleave_probs) - 1) > 1e-6:
+        elif (not all(isinstance(p, (int, float)) and p >= 0 for p in interleave_probs)
+              or abs(sum(interleave_probs) - 1) > 1e-6):
             problems.append(f"interleave_probs {interleave_probs} must be non-negative and sum to 1")
     if problems:
         raise ConfigError(problems)
@@ -229,7 +230,8 @@ def resolve_dataset(name: str, dataset_dir: str, registry: Registry | None) -> D
     """A registry entry, else a local path, else (with no registry) a hub dataset name."""
     if registry is not None and name in registry.entries:
         return registry.spec(name, dataset_dir)
-    candidates = [name] if os.path.isabs(name) else [name, os.path.join(dataset_dir, name)]
+    path = os.path.expanduser(name)
+    candidates = [path] if os.path.isabs(path) else [path, os.path.join(dataset_dir, path)]
     for candidate in candidates:
         if os.path.exists(candidate):
             return DatasetSpec(name, candidate, False, candidate)
@@ -380,10 +382,10 @@ def _read_jsonl(path: str, dataset: str) -> list[RawRecord]:
         try:
             records.append(RawRecord(source, json.loads(text)))
         except json.JSONDecodeError as err:
-            cut_off = number >= len(lines) - 1 and not text[err.pos:].strip()
-            reason = f"not valid JSON at column {err.colno}: {err.msg}"
-            if cut_off:
-                reason += "; the file ends in the middle of this record (was it cut off?)"
+            reason = f"not valid JSON at column {err.colno}: {_json_reason(err)}"
+            if _ends_early(err):
+                reason += ("; the file ends in the middle of this record (was it cut off?)"
+                           if number >= len(lines) - 1 else "; the line ends in the middle of the record")
             records.append(RawRecord(source, error=RecordError(WHOLE_RECORD, reason), text=text[:2000]))
     return records
 
@@ -468,10 +470,19 @@ def _decode(data: bytes, path: str) -> str:
 
 
 def _json_error(path: str, err: json.JSONDecodeError) -> DataError:
-    message = f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-    if not err.doc[err.pos:].strip():
+    message = f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {_json_reason(err)}"
+    if _ends_early(err):
         message += "; the file ends in the middle of a record (was it cut off while being written?)"
     return DataError(message)
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    return err.msg.replace(" starting at", " starting there")
+
+
+def _ends_early(err: json.JSONDecodeError) -> bool:
+    """Whether the text ended before the JSON value did (an unterminated string runs to the end)."""
+    return err.msg.startswith("Unterminated string") or not err.doc[err.pos:].strip()
 
 
 # ---------------------------------------------------------------------------------------------

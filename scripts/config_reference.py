@@ -1,0 +1,24 @@
+"""Print the README's config reference (Markdown) from the documented fields of the argument groups."""
+
+import dataclasses
+import typing
+
+from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments
+
+TITLES = {ModelArguments: "Model", DataArguments: "Data", FinetuningArguments: "Fine-tuning and preference"}
+
+
+def reference() -> str:
+    out = []
+    for cls, title in TITLES.items():
+        hints = typing.get_type_hints(cls)
+        out += [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
+            out.append(f"| `{f.name}` | {kind} | `{f.default}` | {f.metadata['help']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference())
