@@ -243,19 +243,19 @@ def _margins(policy, reference, pairs, beta):
     return beta * (logratio[: len(pairs)] - logratio[len(pairs) :])
 
 
-@pytest.mark.slow
-def test_dpo_learns_the_demo_preference_and_generalises(tiny_model_dir, demo_data_dir):
-    """A plain DPO loop (sigmoid loss, beta 0.1, batch 8, 40 steps) on the hidden-32 model reaches >= 0.8
-    reward accuracy on the held-out prompts, the bar the quickstart is held to with its own trainer."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+def _held_out_accuracy_after_dpo(model_dir, demo_data_dir, *, swap_labels=False, steps=40):
+    """Train the model with a plain DPO loop (sigmoid loss, beta 0.1, batch 8, AdamW 5e-4), return held-out reward accuracy."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     train = [_encode(tokenizer, r) for r in _load(demo_data_dir, "train")]
+    if swap_labels:
+        train = [(rejected, chosen) for chosen, rejected in train]
     held_out = [_encode(tokenizer, r) for r in _load(demo_data_dir, "eval")]
     logps = lambda model: lambda seqs: _reply_logps(model, seqs)  # noqa: E731
     beta, rng = 0.1, random.Random(0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4)
-    for _ in range(40):
+    for _ in range(steps):
         margins = _margins(logps(policy), logps(reference), rng.sample(train, 8), beta)
         loss = -F.logsigmoid(margins).mean()
         optimizer.zero_grad()
@@ -264,4 +264,13 @@ def test_dpo_learns_the_demo_preference_and_generalises(tiny_model_dir, demo_dat
     policy.eval()
     with torch.no_grad():
         margins = _margins(logps(policy), logps(reference), held_out, beta)
-    assert (margins > 0).float().mean() >= 0.8
+    return (margins > 0).float().mean().item()
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_demo_preference_and_generalises(tiny_model_dir, demo_data_dir):
+    """40 DPO steps on the hidden-32 model reach >= 0.8 reward accuracy on the held-out prompts (the
+    bar the quickstart is held to); trained on swapped labels, the same loop learns the opposite, so
+    the accuracy comes from the labels and not from e.g. reply length."""
+    assert _held_out_accuracy_after_dpo(tiny_model_dir, demo_data_dir) >= 0.8
+    assert _held_out_accuracy_after_dpo(tiny_model_dir, demo_data_dir, swap_labels=True) <= 0.2

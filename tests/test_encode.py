@@ -1,5 +1,7 @@
 """Rendering, tokenization, truncation and batching of preference pairs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,3 +101,37 @@ def test_collator_puts_chosen_then_rejected_and_masks_the_prompt():
     assert batch["labels"].tolist() == [[x, x, 7, 8], [x, 7, x, x], [x, x, 9, x], [x, 9, 9, 9]]
     assert batch["attention_mask"].sum(1).tolist() == [4, 2, 3, 4]
     assert torch.equal(batch["index"], torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("template", ["llama3", "mistral"])
+def test_no_double_bos(tiny_tokenizer, template):
+    """Templates that write BOS themselves get exactly one: the text is tokenized without special tokens."""
+    tiny_tokenizer.add_special_tokens({"bos_token": "<s>"})
+    enc = encode_pair(make_pair(), ChatRenderer(tiny_tokenizer, template), 1024)
+    bos = tiny_tokenizer.bos_token_id
+    assert enc["prompt_ids"][0] == bos and enc["prompt_ids"].count(bos) == 1
+    assert bos not in enc["chosen_ids"] + enc["rejected_ids"]
+
+
+def test_a_role_the_template_cannot_render_is_a_data_error(tiny_tokenizer):
+    from prefalign.errors import DataError
+
+    pair = make_pair(prompt=[{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}])
+    with pytest.raises(DataError, match=r"mem.json record 0, field prompt: gemma cannot render"):
+        encode_pair(pair, ChatRenderer(tiny_tokenizer, "gemma"), 1024)
+
+
+EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
+def test_prefalign_data_runs_on_every_example_config(path, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from prefalign.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    code = main(["data", str(path), f"model_name_or_path={tiny_model_dir}", "build_demo_model=false",
+                 f"output_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "demo_train: " in out and "[prompt: masked, not trained]" in out and "[chosen: trained]" in out
+    assert "chosen tokens: min" in out

@@ -198,9 +198,9 @@ def test_detect_format_uses_the_columns_of_several_records():
 
 
 @pytest.mark.parametrize("columns, says", [
-    (["instruction", "prompt", "chosen", "rejected"], "fits several shapes (alpaca, prompt)"),
+    (["instruction", "prompt", "chosen", "rejected"], "fit several shapes (alpaca, prompt)"),
     (["instruction", "output"], "needs 'chosen' and 'rejected'"),
-    (["question", "better", "worse"], "fits no preference record shape"),
+    (["question", "better", "worse"], "fit no preference record shape"),
 ])
 def test_detect_format_refuses_ambiguous_or_unknown_columns(columns, says):
     with pytest.raises(DataError) as caught:

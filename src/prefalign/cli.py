@@ -24,24 +24,87 @@ def _data(ns) -> None:
     run_data(load_config(ns.config, ns.overrides))
 
 
+def _eval(ns) -> None:
+    from prefalign.config import load_config
+    from prefalign.evaluate import run_eval
+
+    run_eval(load_config(ns.config, ns.overrides))
+
+
+def _export(ns) -> None:
+    from prefalign.config import load_config
+    from prefalign.export import run_export
+
+    run_export(load_config(ns.config, ns.overrides))
+
+
+def _chat(ns) -> None:
+    from prefalign.chat import run_chat
+    from prefalign.config import load_config
+
+    run_chat(load_config(ns.config, ns.overrides), prompt=ns.prompt, compare_reference=ns.compare_reference,
+             seed=ns.seed)
+
+
+def _plot(ns) -> None:
+    from prefalign.report import plot_metrics
+
+    for path in plot_metrics(ns.output_dir):
+        print(path)
+
+
+def _report(ns) -> None:
+    from prefalign.report import write_report
+
+    print(write_report(ns.output_dir))
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
+    p.add_argument("--compare-reference", action="store_true",
+                   help="also print the reference's answer (adapter disabled, or ref_model), same seed")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+
+
+def _output_dir_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output_dir", help="a training run's output_dir")
+
+
+# name -> (function, help, how its arguments are declared; default: CONFIG.yaml [key=value ...])
 COMMANDS = {
     "train": (_train, "Align a model with preference data (DPO and its variants)."),
     "data": (_data, "Load and encode the data as training would; print counts, lengths and examples."),
+    "eval": (_eval, "Score a policy against its reference on preference pairs, without training."),
+    "export": (_export, "Merge the LoRA adapter into its base and save a standalone model."),
+    "chat": (_chat, "Chat with the model (one-shot with --prompt, else from stdin).", _chat_arguments),
+    "plot": (_plot, "Plot the logged metrics of a run as PNGs in its output dir.", _output_dir_arguments),
+    "report": (_report, "Write report.html and the README.md model card of a finished run.", _output_dir_arguments),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text, *arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+        (arguments[0] if arguments else _config_arguments)(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # argparse leaves key=value after an option (`chat cfg.yaml --seed 1 a=b`) unparsed: they are overrides.
+    if extra and hasattr(ns, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        ns.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

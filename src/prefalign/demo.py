@@ -15,13 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefalign.data.templates import CHATML
 from prefalign.errors import PrefalignError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -29,6 +33,8 @@ IM_END = "<|im_end|>"
 EOS_TOKEN = IM_END
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)  # ids 0, 1, 2
 
+# A cap: BPE stops merging when no pair occurs twice, which the demo corpus reaches at ~1,630
+# tokens; the model's vocabulary is the tokenizer's actual size.
 DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_MAX_POSITIONS = 512
 
@@ -48,7 +54,7 @@ def train_tokenizer(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     chat_template: str = CHATML.jinja,
     model_max_length: int = DEFAULT_MAX_POSITIONS,
-):
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it as a `PreTrainedTokenizerFast`.
 
     The ids of `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` are 0, 1, 2; the 256 byte symbols
@@ -177,14 +183,18 @@ def ensure_demo_model(path: str | os.PathLike, **build_kwargs) -> str:
                     "built there. Delete it or point `model_name_or_path` elsewhere."
                 )
             path.rmdir()
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+        staging = path.parent / f".{path.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
         try:
             build_tiny_model(staging, **build_kwargs)
             os.replace(staging, path)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if (path / "config.json").is_file():  # another builder without the lock won the rename
+                return str(path)
+            raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-            if (path / "config.json").is_file():  # lost a race to a process that takes no lock
-                return str(path)
             raise
     return str(path)
 

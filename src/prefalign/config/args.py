@@ -143,6 +143,53 @@ class FinetuningArguments:
 
 
 @dataclass
+class ExportArguments:
+    """`prefalign export`: merge the LoRA adapter(s) into the base and write a standalone model."""
+
+    export_dir: str | None = _help("Where `prefalign export` writes the merged model (required by export).")
+    export_size: float = _help("Largest safetensors shard of the exported model, in GB (10^9 bytes).", 5.0)
+    export_overwrite: bool = _help("Allow `prefalign export` to write into a non-empty export_dir.", False)
+    export_legacy_format: bool = _help(
+        "LLaMA-Factory key; only `false` is accepted: transformers 5 writes safetensors, not .bin files.", False
+    )
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.export_size <= 0:
+            problems.append(f"export_size: {self.export_size} must be a positive number of GB, e.g. 5")
+        if self.export_legacy_format:
+            problems.append("export_legacy_format: transformers 5 saves safetensors only; set export_legacy_format: false")
+        return problems
+
+
+@dataclass
+class GenerationArguments:
+    """`prefalign chat`: how replies are generated (transformers' `generate`)."""
+
+    max_new_tokens: int = _help("Most tokens generated per reply.", 1024)
+    do_sample: bool = _help("Sample (true) or decode greedily (false).", True)
+    temperature: float = _help("Sampling temperature (with do_sample).", 0.95)
+    top_p: float = _help("Nucleus sampling: keep the smallest token set with this probability mass.", 0.7)
+    top_k: int = _help("Sample among the k most likely tokens (0: no limit).", 50)
+    repetition_penalty: float = _help("Penalty > 1 for repeating tokens (1.0: none).", 1.0)
+    default_system: str | None = _help("A system message put before every chat conversation.")
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            problems.append(f"temperature: {self.temperature} must be > 0 with do_sample: true (or set do_sample: false)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k: {self.top_k} must be >= 0")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty: {self.repetition_penalty} must be > 0")
+        return problems
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs, after parsing and validation."""
 
@@ -151,6 +198,8 @@ class RunConfig:
     finetuning: FinetuningArguments
     training: "transformers.Seq2SeqTrainingArguments"  # noqa: F821
     raw: dict  # the resolved key/values, saved as run_config.yaml
+    export: ExportArguments = field(default_factory=ExportArguments)
+    generation: GenerationArguments = field(default_factory=GenerationArguments)
 
     @property
     def loss_names(self) -> list[str]:

@@ -12,12 +12,14 @@ from typing import Any
 
 import yaml
 
-from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments, RunConfig
+from prefalign.config.args import (
+    DataArguments, ExportArguments, FinetuningArguments, GenerationArguments, ModelArguments, RunConfig,
+)
 from prefalign.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_GROUPS = (ModelArguments, DataArguments, FinetuningArguments)
+_GROUPS = (ModelArguments, DataArguments, FinetuningArguments, ExportArguments, GenerationArguments)
 
 # Old or LLaMA-Factory spellings of keys that transformers 5 renamed: old key -> (new key, convert).
 _RENAMED: dict[str, tuple[str, Any]] = {
@@ -180,7 +182,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     model = ModelArguments(**group_values[ModelArguments])
     data = DataArguments(**group_values[DataArguments])
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
-    problems += validate(model, data, finetuning, train_values)
+    export = ExportArguments(**group_values[ExportArguments])
+    generation = GenerationArguments(**group_values[GenerationArguments])
+    problems += validate(model, data, finetuning, train_values) + export.problems() + generation.problems()
 
     training = None
     train_values.setdefault("output_dir", "saves/prefalign-run")
@@ -197,7 +201,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     raw = {**{k: v for k, v in values.items() if k in known}}
-    return RunConfig(model, data, finetuning, training, raw)
+    return RunConfig(model, data, finetuning, training, raw, export, generation)
 
 
 def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, train: dict) -> list[str]:

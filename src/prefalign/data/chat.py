@@ -51,18 +51,26 @@ class ChatRenderer:
             **kwargs,
         )
 
+    def _render_pair(self, pair: PreferencePair, messages: list[Message], field: str, **kwargs) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.render(messages, tools=pair.tools, **kwargs)
+        except TemplateError as exc:  # e.g. a role the template does not support
+            raise DataError(f"{pair.source}, field {field}: {self.name} cannot render this conversation: {exc}") from None
+
     def split(self, pair: PreferencePair) -> tuple[str, str, str]:
         """Return (prompt_text, chosen_text, rejected_text).
 
         prompt_text ends with the assistant header; each response text runs up to and including
         the end-of-turn token (what a template writes after it, e.g. a newline, is not trained).
         """
-        prompt_text = self.render(pair.prompt, add_generation_prompt=True, tools=pair.tools)
+        prompt_text = self._render_pair(pair, pair.prompt, "prompt", add_generation_prompt=True)
         replies = []
         for field in ("chosen", "rejected"):
             reply = getattr(pair, field)
-            full = self.render(pair.prompt + [{"role": "assistant", "content": reply}],
-                               add_generation_prompt=False, tools=pair.tools)
+            full = self._render_pair(pair, pair.prompt + [{"role": "assistant", "content": reply}], field,
+                                     add_generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise DataError(
                     f"{pair.source}, field {field}: with {self.name}, the rendered prompt is not a prefix of "

@@ -471,8 +471,8 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
     if len(fits) == 1:
         return RecordFormat(fits[0], SHAPES[fits[0]].columns, AUTO_TAGS)
     considered = "; ".join(f"{name} ({', '.join(shape.keys)})" for name, shape in SHAPES.items())
-    problem = (f"fits several shapes ({', '.join(fits)})" if fits
-               else "fits no preference record shape")
+    problem = (f"fit several shapes ({', '.join(fits)})" if fits
+               else "fit no preference record shape")
     hint = (" (a preference dataset needs 'chosen' and 'rejected' columns)"
             if not {"chosen", "rejected"} <= keys else "")
     raise DataError(f"{where}: cannot tell the record format: its columns {sorted(keys)} {problem}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefalign.config import RunConfig
-from prefalign.data.pipeline import PreparedData, prepare_data
+from prefalign.data.pipeline import PreparedData, describe, prepare_data
 
 
 def _percentiles(lengths: list[int]) -> str:
@@ -17,7 +17,7 @@ def _percentiles(lengths: list[int]) -> str:
 def format_report(data: PreparedData, tokenizer, examples: int = 2) -> str:
     """The data report: pairs per dataset, skips, truncations, token lengths and rendered examples."""
     summary = data.summary
-    lines = [f"{name}: {count} pairs" for name, count in summary["datasets"].items()]
+    lines = describe(summary).splitlines()[: len(summary["datasets"]) + bool(summary.get("held_out"))]
     for name, count in summary.get("skipped", {}).items():
         lines.append(f"{name}: {count} records skipped")
     lines.append(f"template: {summary['template']}, cutoff_len: {summary['cutoff_len']}")

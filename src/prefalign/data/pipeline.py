@@ -70,13 +70,18 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         if not data_args.dataset:
             raise ConfigError("dataset is required: name the preference data to train on")
         pairs, report = load_preference_pairs(_split_names(data_args.dataset), data_args.dataset_dir, **common)
-        summary["datasets"].update(report.loaded)
+        summary["datasets"].update(report.used)
         summary["skipped"].update(report.skipped)
         rejects += report.rejects
         splits["train"], splits["eval"] = split_held_out(pairs, data_args.val_size, seed)
+        if splits["eval"]:
+            summary["held_out"] = len(splits["eval"])
     if data_args.eval_dataset:
-        pairs, report = load_preference_pairs(_split_names(data_args.eval_dataset), data_args.dataset_dir, **common)
-        summary["datasets"].update({f"{k} (eval)": v for k, v in report.loaded.items()})
+        # Evaluation data is used whole: concatenated, never sampled by the training mix.
+        eval_common = {**common, "mix_strategy": "concat", "interleave_probs": None}
+        pairs, report = load_preference_pairs(_split_names(data_args.eval_dataset), data_args.dataset_dir,
+                                              **eval_common)
+        summary["datasets"].update({f"{k} (eval)": v for k, v in report.used.items()})
         summary["skipped"].update({f"{k} (eval)": v for k, v in report.skipped.items()})
         rejects += report.rejects
         splits["eval"] = pairs
@@ -98,6 +103,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
 def describe(summary: dict) -> str:
     """The data summary as the lines printed before training."""
     lines = [f"{name}: {count} pairs" for name, count in summary["datasets"].items()]
+    if summary.get("held_out"):
+        lines.append(f"val_size: {summary['held_out']} of those pairs held out for evaluation")
     for name, count in summary.get("skipped", {}).items():
         if count:
             lines.append(f"{name}: {count} records skipped (see rejected_records.jsonl)")

@@ -1,0 +1,151 @@
+"""`prefalign chat`: talk to the aligned model, one-shot (`--prompt`) or line by line from stdin.
+
+Replies are rendered with the chat template training used (the tokenizer's own, or `template:`),
+streamed token by token, and stop at the template's end-of-turn token. With `--compare-reference`
+the reference (the policy with its adapter disabled, or `ref_model`: the rules of `prefalign eval`)
+answers the same conversation with the same seed, after the policy; each keeps its own history.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import torch
+
+from prefalign.config import RunConfig
+from prefalign.data.chat import ChatRenderer
+from prefalign.modeling.load import compute_dtype, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+EXIT_WORDS = ("exit", "quit")
+CLEAR_WORD = "clear"
+
+
+@dataclass
+class Speaker:
+    """One model that answers: a label, how to enter its mode (e.g. adapter off), and its conversation."""
+
+    label: str
+    model: object
+    context: object  # a callable returning a context manager
+    history: list[dict] = field(default_factory=list)
+
+
+class ChatSession:
+    """Generates replies for one or two speakers with one tokenizer, template and generation setup."""
+
+    def __init__(self, config: RunConfig, tokenizer, speakers: list[Speaker], *, seed: int, device):
+        self.tokenizer = tokenizer
+        self.renderer = ChatRenderer(tokenizer, config.data.template)
+        self.speakers = speakers
+        self.seed = seed
+        self.device = device
+        self.system = config.generation.default_system
+        self.generate_kwargs = _generate_kwargs(config, tokenizer, self.renderer)
+
+    def reply(self, speaker: Speaker, user_text: str, *, stream: bool = True) -> str:
+        """Append the user turn to `speaker`'s history, generate (streamed to stdout), append and return the reply."""
+        from transformers import TextStreamer, set_seed
+
+        speaker.history.append({"role": "user", "content": user_text})
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + speaker.history
+        text = self.renderer.render(messages, add_generation_prompt=True)
+        # The template writes every special token itself, as in training's encoding.
+        input_ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        set_seed(self.seed)  # the same seed for every speaker: differences come from the weights alone
+        with torch.no_grad(), speaker.context():
+            output = speaker.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                            streamer=streamer, **self.generate_kwargs)
+        answer = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        speaker.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def turn(self, user_text: str, out: TextIO) -> dict:
+        """Every speaker answers `user_text`; returns {"prompt": ..., label: answer, ...}."""
+        result = {"prompt": user_text}
+        for speaker in self.speakers:
+            print(f"{speaker.label}: ", end="", file=out, flush=True)
+            result[speaker.label.lower()] = self.reply(speaker, user_text, stream=out is sys.stdout)
+            if out is not sys.stdout:
+                print(result[speaker.label.lower()], file=out, flush=True)
+        return result
+
+    def clear(self) -> None:
+        for speaker in self.speakers:
+            speaker.history.clear()
+
+
+def _generate_kwargs(config: RunConfig, tokenizer, renderer: ChatRenderer) -> dict:
+    from prefalign.export import _stop_token_ids
+
+    gen = config.generation
+    kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
+              "repetition_penalty": gen.repetition_penalty, "use_cache": True,
+              "eos_token_id": _stop_token_ids(tokenizer, renderer.end_of_turn),
+              "pad_token_id": tokenizer.pad_token_id}
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    else:  # greedy: clear the sampling defaults a model's generation_config may carry, so none warns
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def build_session(config: RunConfig, *, compare_reference: bool = False, seed: int | None = None) -> ChatSession:
+    """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`."""
+    import contextlib
+
+    from prefalign.evaluate import build_inference_reference, load_inference_policy
+    from prefalign.train.workflow import ensure_model
+
+    ensure_model(config)
+    args = config.training
+    tokenizer = load_tokenizer(config.model)
+    dtype = compute_dtype(args)
+    device = args.device
+    policy = load_inference_policy(config, dtype).to(device)
+    speakers = [Speaker("Policy" if compare_reference else "Assistant", policy, contextlib.nullcontext)]
+    if compare_reference:
+        reference = build_inference_reference(config, policy, needs_reference=True, dtype=dtype,
+                                              command="chat --compare-reference").to(device)
+        # A Reference scores with `_model()` inside `_model_context()`; generation uses the same pair.
+        speakers.append(Speaker("Reference", reference._model(), reference._model_context))
+    return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device)
+
+
+def run_chat(config: RunConfig, *, prompt: str | None = None, compare_reference: bool = False,
+             seed: int | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> list[dict]:
+    """One-shot with `prompt`, else read user turns from `stdin` (default sys.stdin) until EOF or `exit`."""
+    session = build_session(config, compare_reference=compare_reference, seed=seed)
+    out = out or sys.stdout
+    if prompt is not None:
+        return [session.turn(prompt, out)]
+    stdin = stdin or sys.stdin
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"Chat with {config.model.model_name_or_path}. '{CLEAR_WORD}' forgets the conversation, "
+              f"'{EXIT_WORDS[0]}' or Ctrl-D ends it.", file=out)
+    turns = []
+    while True:
+        if interactive:
+            print("User: ", end="", file=out, flush=True)
+        line = stdin.readline()
+        if not line:  # EOF
+            break
+        text = line.rstrip("\n")
+        if text.strip().lower() in EXIT_WORDS:
+            break
+        if not text.strip():
+            continue
+        if text.strip().lower() == CLEAR_WORD:
+            session.clear()
+            print("(conversation cleared)", file=out, flush=True)
+            continue
+        if not interactive:
+            print(f"User: {text}", file=out, flush=True)
+        turns.append(session.turn(text, out))
+    return turns

@@ -1,0 +1,106 @@
+"""`prefalign export`: merge the LoRA adapter(s) into the base and write a standalone model.
+
+The result is what `AutoModelForCausalLM.from_pretrained(export_dir)` loads with no peft: sharded
+safetensors (at most `export_size` GB each), config, generation config and tokenizer. Where the
+config names a built-in `template:`, it becomes the exported tokenizer's chat template and its
+end-of-turn token joins the generation config's stop tokens, so the model chats as it was trained.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefalign.config import RunConfig
+from prefalign.errors import ConfigError, PrefalignError
+from prefalign.modeling.load import _split_paths, load_causal_lm, merge_adapters
+
+logger = logging.getLogger(__name__)
+
+
+def check_export(config: RunConfig) -> Path:
+    """Refuse, with one line saying how to fix it, an export that cannot or should not run; return export_dir."""
+    exp = config.export
+    if not exp.export_dir:
+        raise ConfigError("export_dir is required: the folder prefalign export writes the merged model to")
+    out = Path(exp.export_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export_dir: {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not exp.export_overwrite:
+        raise ConfigError(f"export_dir: {out} is not empty; set export_overwrite: true or choose another export_dir")
+    quantization = _quantization_config(config)
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "unknown")
+        raise ConfigError(
+            f"model_name_or_path: {config.model.model_name_or_path} is quantized ({method}), and a LoRA adapter "
+            "cannot be merged into quantized weights exactly; export from the unquantized (fp16/bf16/fp32) base model"
+        )
+    return out
+
+
+def _quantization_config(config: RunConfig):
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(
+            config.model.model_name_or_path, trust_remote_code=config.model.trust_remote_code,
+            revision=config.model.model_revision, cache_dir=config.model.cache_dir)
+    except (OSError, ValueError) as exc:
+        raise PrefalignError(f"model_name_or_path: cannot read the config of "
+                             f"{config.model.model_name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    return getattr(model_config, "quantization_config", None)
+
+
+def _tokenizer_source(config: RunConfig) -> str:
+    """The last adapter's folder when it holds a tokenizer (the one training used and saved), else the base."""
+    adapters = _split_paths(config.model.adapter_name_or_path)
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        return adapters[-1]
+    return config.model.model_name_or_path
+
+
+def run_export(config: RunConfig) -> Path:
+    """Merge `adapter_name_or_path` into `model_name_or_path` and save a standalone model to `export_dir`."""
+    from transformers import AutoTokenizer
+
+    from prefalign.data.templates import end_of_turn_token, get_template
+
+    out = check_export(config)
+    adapters = _split_paths(config.model.adapter_name_or_path)
+    # "auto": the dtype the base was saved in; the adapter's fp32 delta is added in that dtype.
+    model = load_causal_lm(config.model.model_name_or_path, config.model, "auto")
+    model = merge_adapters(model, adapters)
+    if not adapters:
+        logger.info("export: no adapter_name_or_path; the model is re-saved as it is (resharded, with its tokenizer)")
+    model.config.use_cache = True  # load_causal_lm turns it off for training; generation wants it
+
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config), trust_remote_code=config.model.trust_remote_code)
+    template = config.data.template
+    if template:
+        tokenizer.chat_template = get_template(template).jinja
+    stop_ids = _stop_token_ids(tokenizer, end_of_turn_token(tokenizer, template) if (template or tokenizer.chat_template) else None)
+    generation = model.generation_config
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    generation.eos_token_id = eos + [i for i in stop_ids if i not in eos] or None
+    if generation.pad_token_id is None and tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+        stale.unlink()  # export_overwrite: old shards would otherwise linger beside the new ones
+    model.save_pretrained(out, max_shard_size=int(config.export.export_size * 10**9))
+    tokenizer.save_pretrained(out)
+    print(f"Exported {config.model.model_name_or_path}"
+          f"{' + ' + ', '.join(adapters) if adapters else ''} to {out.resolve()}", flush=True)
+    return out
+
+
+def _stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if end_of_turn:
+        encoded = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id and encoded not in ids:
+            ids.append(encoded)
+    return ids
