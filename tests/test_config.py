@@ -81,3 +81,23 @@ def test_yaml_error_names_line(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
+
+
+def test_readme_config_reference_is_current():
+    """The README's table is generated from the fields' help texts: regenerate it when a field changes."""
+    import sys
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from config_reference import reference
+
+    readme = (root / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert section.strip() == reference().strip(), "run: python scripts/config_reference.py and paste into README.md"
+
+
+def test_ci_runs_the_readme_test_command():
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
+    assert command in readme and command in (root / ".ci" / "run").read_text()

@@ -54,9 +54,10 @@ def _plot(ns) -> None:
 
 
 def _report(ns) -> None:
-    from prefalign.report import write_report
+    from prefalign.report import rebuild_report
 
-    print(write_report(ns.output_dir))
+    for path in rebuild_report(ns.output_dir):
+        print(path)
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,13 +1,32 @@
-"""Plots of the logged training and evaluation metrics."""
+"""What a person reads after a run: metric plots (PNG) and `report.html`, one self-contained page.
+
+The page holds the resolved config, the data summary, the curves (PNG data URIs), the final
+metrics and a few held-out pairs with their policy and reference margins; it loads nothing from the
+network. `write_run_report` builds it (and the README.md model card) at the end of training;
+`prefalign report OUTPUT_DIR` rebuilds it from the files a run left.
+"""
 
 from __future__ import annotations
 
+import base64
+import datetime
+import html
+import io
 import json
+import logging
 from pathlib import Path
 
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger(__name__)
+
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+SAMPLES_FILE = "report_samples.json"
+REPORT_FILE = "report.html"
+NUM_SAMPLES = 5
 
 
+# -- plots ------------------------------------------------------------------------------------------
 def _smooth(values: list[float], weight: float = 0.6) -> list[float]:
     """Exponential moving average, as TensorBoard draws it."""
     out, last = [], None
@@ -17,16 +36,21 @@ def _smooth(values: list[float], weight: float = 0.6) -> list[float]:
     return out
 
 
-def plot_metrics(output_dir: str | Path, keys: tuple[str, ...] = PLOTTED) -> list[Path]:
-    """Write one PNG per metric (train and eval curves, raw and smoothed) from trainer_state.json."""
+def load_history(output_dir: str | Path) -> list[dict]:
+    """The Trainer's log history (one dict per logging step) from `trainer_state.json`."""
+    path = Path(output_dir) / "trainer_state.json"
+    if not path.is_file():
+        raise PrefalignError(f"{path} does not exist; give the output_dir of a finished training run")
+    return json.loads(path.read_text())["log_history"]
+
+
+def metric_figures(history: list[dict], keys: tuple[str, ...] = PLOTTED):
+    """Yield (key, matplotlib figure) per metric with any logged value: train and `eval_` curves, raw and smoothed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    output_dir = Path(output_dir)
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    written = []
     for key in keys:
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
@@ -35,17 +59,258 @@ def plot_metrics(output_dir: str | Path, keys: tuple[str, ...] = PLOTTED) -> lis
             if not points:
                 continue
             steps, values = zip(*points)
-            ax.plot(steps, values, alpha=0.35, label=f"{label} (raw)")
-            ax.plot(steps, _smooth(list(values)), label=f"{label} (smoothed)")
+            few = len(points) < 3  # a line needs points to be seen: mark them, and smoothing means nothing
+            raw = ax.plot(steps, values, alpha=1.0 if few else 0.35, marker="o" if few else None,
+                          label=label if few else f"{label} (raw)")
+            if not few:
+                ax.plot(steps, _smooth(list(values)), color=raw[0].get_color(), label=f"{label} (smoothed)")
             drawn = True
         if not drawn:
             plt.close(fig)
             continue
         ax.set_xlabel("step")
         ax.set_title(key)
+        ax.grid(alpha=0.3)
         ax.legend()
+        yield key, fig
+        plt.close(fig)
+
+
+def plot_metrics(output_dir: str | Path, keys: tuple[str, ...] = PLOTTED) -> list[Path]:
+    """Write one PNG per metric (train and eval curves, raw and smoothed) from trainer_state.json."""
+    output_dir = Path(output_dir)
+    written = []
+    for key, fig in metric_figures(load_history(output_dir), keys):
         path = output_dir / f"training_{key.replace('/', '_')}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
         written.append(path)
+    return written
+
+
+# -- what the report shows that no file holds yet ---------------------------------------------------
+def token_length_stats(dataset) -> dict:
+    """Percentiles (p50, p90, p99, max) of prompt, chosen and rejected token counts of an encoded dataset."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    stats = {}
+    for column, name in (("prompt_ids", "prompt"), ("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
+        lengths = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+        if len(lengths):
+            p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+            stats[name] = {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": int(lengths.max())}
+    return stats
+
+
+def score_samples(scorer, dataset, tokenizer, *, device, count: int = NUM_SAMPLES) -> list[dict]:
+    """The first `count` pairs of `dataset`, decoded, with their eval rows and policy/reference margins."""
+    subset = dataset.select(range(min(count, len(dataset))))
+    rows, _ = scorer.score(subset, batch_size=len(subset), pad_token_id=tokenizer.pad_token_id, device=device)
+    samples = []
+    for row, pair in zip(rows, subset):
+        ref_c, ref_r = row["reference_chosen_logps"], row["reference_rejected_logps"]
+        samples.append({
+            **row,
+            "prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=False),
+            "chosen": tokenizer.decode(pair["chosen_ids"], skip_special_tokens=True),
+            "rejected": tokenizer.decode(pair["rejected_ids"], skip_special_tokens=True),
+            "policy_margin": row["policy_chosen_logps"] - row["policy_rejected_logps"],
+            "reference_margin": None if ref_c is None else ref_c - ref_r,
+        })
+    return samples
+
+
+def write_run_report(config, trainer) -> Path:
+    """At the end of training: held-out samples, token-length percentiles, report.html and README.md.
+
+    Every process scores the samples (a sharded model needs all of them in its forward pass); the
+    main process writes the files.
+    """
+    from prefalign.evaluate import Scorer
+    from prefalign.model_card import write_model_card
+
+    out = Path(config.training.output_dir)
+    held_out = trainer.eval_dataset is not None
+    dataset = trainer.eval_dataset if held_out else trainer.train_dataset
+    samples = []
+    if dataset is not None and len(dataset):
+        scorer = Scorer.from_config(config, trainer.model, trainer.reference)
+        samples = score_samples(scorer, dataset, trainer.processing_class, device=trainer.args.device)
+    if not trainer.is_world_process_zero():
+        return out / REPORT_FILE
+    (out / SAMPLES_FILE).write_text(json.dumps({"held_out": held_out, "pairs": samples}, indent=1))
+    summary_path = out / "data_summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        summary["token_lengths"] = {split: token_length_stats(ds) for split, ds in
+                                    (("train", trainer.train_dataset), ("eval", trainer.eval_dataset))
+                                    if ds is not None and len(ds)}
+        summary_path.write_text(json.dumps(summary, indent=2))
+    path = write_report(out)
+    write_model_card(config, out)
+    return path
+
+
+# -- the page ---------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:72rem;padding:0 1rem;
+color:#1d2329;line-height:1.45}
+h1{margin-bottom:.2rem}h2{border-bottom:1px solid #d0d7de;padding-bottom:.3rem;margin-top:2.2rem}
+.muted{color:#57606a}nav a{margin-right:1rem}
+table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;
+vertical-align:top}th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.curves{display:flex;flex-wrap:wrap;gap:1rem}.curves figure{margin:0}.curves img{max-width:100%;width:30rem}
+figcaption{text-align:center;color:#57606a}
+pre{background:#f6f8fa;padding:.7rem;overflow:auto;font-size:.85rem}
+td pre{margin:0;padding:.3rem;max-height:12rem;white-space:pre-wrap;word-break:break-word;max-width:22rem}
+.good{color:#1a7f37}.bad{color:#cf222e}
+"""
+
+
+def _esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value) -> str:
+    if value is None:
+        return '<td class="num muted">n/a</td>'
+    if isinstance(value, float):
+        return f'<td class="num" title="{value!r}">{value:.4g}</td>'
+    return f'<td class="num">{_esc(value)}</td>'
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _final_metrics(out: Path) -> dict:
+    results = _read_json(out / "all_results.json")
+    if results:
+        return results
+    return {**(_read_json(out / "train_results.json") or {}), **(_read_json(out / "eval_results.json") or {})}
+
+
+def _metrics_section(metrics: dict) -> str:
+    if not metrics:
+        return '<p class="muted">No all_results.json in this folder.</p>'
+    rows = "".join(f"<tr><th>{_esc(k)}</th>{_num(v)}</tr>" for k, v in sorted(metrics.items()))
+    return f'<table id="metrics"><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _curves_section(out: Path) -> str:
+    try:
+        history = load_history(out)
+    except PrefalignError:
+        return '<p class="muted">No trainer_state.json, so no curves.</p>'
+    figures = []
+    for key, fig in metric_figures(history):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        figures.append(f'<figure><img class="curve" alt="{_esc(key)} curve" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{_esc(key)}</figcaption></figure>")
+    if not figures:
+        return '<p class="muted">No metric was logged (set logging_steps lower than the number of steps).</p>'
+    return ('<p class="muted">Faint: the logged values; solid: smoothed (exponential moving average, weight 0.6). '
+            'Eval points come from eval_strategy and the final evaluation.</p>'
+            f'<div class="curves">{"".join(figures)}</div>')
+
+
+def _data_section(summary: dict | None) -> str:
+    if not summary:
+        return '<p class="muted">No data_summary.json in this folder.</p>'
+    skipped = summary.get("skipped", {})
+    rows = "".join(f"<tr><th>{_esc(name)}</th>{_num(count)}{_num(skipped.get(name, 0))}</tr>"
+                   for name, count in summary.get("datasets", {}).items())
+    parts = [f'<table id="data-summary"><thead><tr><th>dataset</th><th>pairs loaded</th><th>records skipped</th>'
+             f"</tr></thead><tbody>{rows}</tbody></table>"]
+    splits = [s for s in ("train", "eval") if isinstance(summary.get(s), dict)]
+    if splits:
+        rows = "".join(f"<tr><th>{s}</th>{_num(summary[s].get('pairs'))}{_num(summary[s].get('truncated_prompts'))}"
+                       f"{_num(summary[s].get('truncated_responses'))}</tr>" for s in splits)
+        parts.append(f"<table><thead><tr><th>split</th><th>pairs</th><th>prompts truncated</th>"
+                     f"<th>responses truncated</th></tr></thead><tbody>{rows}</tbody></table>")
+    lengths = summary.get("token_lengths") or {}
+    if lengths:
+        rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>" + "".join(_num(v) for v in stats.values()) + "</tr>"
+                       for split, parts_ in lengths.items() for part, stats in parts_.items())
+        parts.append(f'<table id="token-lengths"><thead><tr><th>tokens</th><th>p50</th><th>p90</th><th>p99</th>'
+                     f"<th>max</th></tr></thead><tbody>{rows}</tbody></table>")
+    parts.append(f'<p class="muted">Chat template: {_esc(summary.get("template", "?"))}; cutoff_len: '
+                 f'{_esc(summary.get("cutoff_len", "?"))}. Skipped records are listed in rejected_records.jsonl.</p>')
+    return "".join(parts)
+
+
+def _samples_section(samples: dict | None) -> str:
+    if not samples or not samples.get("pairs"):
+        return '<p class="muted">No pairs were scored for this report.</p>'
+    which = "held-out" if samples.get("held_out") else "training (the run had no held-out data)"
+    rows = []
+    for s in samples["pairs"]:
+        margin = s.get("margin")
+        cls = "" if margin is None else (' class="num good"' if margin > 0 else ' class="num bad"')
+        rows.append(
+            f"<tr><td>{_esc(s['index'])}</td><td><pre>{_esc(s['prompt'])}</pre></td><td><pre>{_esc(s['chosen'])}</pre>"
+            f"</td><td><pre>{_esc(s['rejected'])}</pre></td>{_num(s.get('policy_margin'))}"
+            f"{_num(s.get('reference_margin'))}"
+            + (f"<td{cls} title=\"{margin!r}\">{margin:.4g}</td>" if margin is not None else _num(None))
+            + f"{_num(s.get('loss'))}</tr>")
+    return (f"<p>The first {len(samples['pairs'])} {which} pairs. Policy margin = log π(chosen) − log π(rejected) "
+            "summed over response tokens; reference margin likewise under the reference; reward margin = chosen "
+            "reward − rejected reward as the loss defines them (for DPO β × the difference of the two margins). "
+            "A positive reward margin means the training moved the policy towards the chosen reply.</p>"
+            '<table id="pairs"><thead><tr><th>#</th><th>prompt (as the model reads it)</th><th>chosen</th>'
+            "<th>rejected</th><th>policy margin</th><th>reference margin</th><th>reward margin</th><th>loss</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def write_report(output_dir: str | Path, samples: dict | None = None) -> Path:
+    """Write `report.html` into a run's output dir from the files the run left there; return its path."""
+    from prefalign import __version__
+
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise PrefalignError(f"{out} is not a folder; give the output_dir of a training run")
+    samples = samples if samples is not None else _read_json(out / SAMPLES_FILE)
+    config_text = (out / "run_config.yaml").read_text() if (out / "run_config.yaml").is_file() else ""
+    model = ""
+    for line in config_text.splitlines():
+        if line.startswith("model_name_or_path:"):
+            model = line.split(":", 1)[1].strip()
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    sections = [
+        ("metrics", "Final metrics", _metrics_section(_final_metrics(out))),
+        ("curves", "Curves", _curves_section(out)),
+        ("pairs", "Pairs, policy against reference", _samples_section(samples)),
+        ("data", "Data", _data_section(_read_json(out / "data_summary.json"))),
+        ("config", "Configuration (run_config.yaml)",
+         f"<pre>{_esc(config_text)}</pre>" if config_text else '<p class="muted">No run_config.yaml.</p>'),
+    ]
+    nav = "".join(f'<a href="#sec-{sid}">{_esc(title)}</a>' for sid, title, _ in sections)
+    body = "".join(f'<section id="sec-{sid}"><h2>{_esc(title)}</h2>{content}</section>'
+                   for sid, title, content in sections)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>prefalign report: {_esc(out.resolve().name)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>prefalign run report</h1><p class=\"muted\">{_esc(out.resolve())}"
+            f"{' · model ' + _esc(model) if model else ''} · written {_esc(now)} by prefalign {_esc(__version__)}</p>"
+            f"<nav>{nav}</nav>{body}</body></html>\n")
+    path = out / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def rebuild_report(output_dir: str | Path) -> list[Path]:
+    """`prefalign report`: write report.html, and the README.md model card from run_config.yaml, again."""
+    import yaml
+
+    from prefalign.config import build_config
+    from prefalign.model_card import write_model_card
+
+    out = Path(output_dir)
+    written = [write_report(out)]
+    if (out / "run_config.yaml").is_file():
+        config = build_config(yaml.safe_load((out / "run_config.yaml").read_text()) or {})
+        written.append(write_model_card(config, out))
     return written

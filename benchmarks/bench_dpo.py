@@ -1,0 +1,362 @@
+"""prefalign vs TRL's DPOTrainer, side by side, on one synthetic DPO workload.
+
+One invocation builds the workload once (a random Llama saved to disk, a word-level tokenizer so
+token counts are exact, random preference pairs as JSON), then trains every selected run in a
+fresh subprocess, so that each run's peak RSS is its own and no run warms another's caches. Every
+run uses the same model file, data, batch size, accumulation, steps, learning rate, loss and
+precision; the runs differ only in the trainer and prefalign's own speed options.
+
+    python benchmarks/bench_dpo.py                       # the default workload, all runs
+    python benchmarks/bench_dpo.py --proportioned        # 12 layers, hidden 512, intermediate 1408
+    python benchmarks/bench_dpo.py --prefix-workload     # prompt 384 / responses 64, prefix sharing on vs off
+    python benchmarks/bench_dpo.py --runs trl-lora,pa-lora-fast --steps 2   # a quick look
+
+Printed per run: loop pairs/s (from the Trainer's `on_train_begin` to `on_train_end`), end-to-end
+pairs/s (from before the trainer is built, so data encoding, model loading and any reference
+precompute count, to the end of training), peak RSS (`resource.getrusage` in the child), and the
+logged losses (the same model, data order and loss, so the implementations must agree at step 0
+and stay close after). Then the ratios prefalign / TRL.
+
+TRL is a benchmark-only dependency (`pip install -e .[bench]`); prefalign never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2; word i is the token "w{i}"
+
+# name -> what differs between runs (everything else is the shared workload and settings)
+RUNS = {
+    "trl-lora": {"impl": "trl", "mode": "lora"},
+    "trl-full": {"impl": "trl", "mode": "full"},
+    "pa-lora-plain": {"impl": "prefalign", "mode": "lora"},
+    "pa-lora-precompute": {"impl": "prefalign", "mode": "lora", "precompute": True},
+    "pa-lora-prefix": {"impl": "prefalign", "mode": "lora", "prefix_sharing": True},
+    "pa-lora-fast": {"impl": "prefalign", "mode": "lora", "precompute": True, "prefix_sharing": True},
+    "pa-full-plain": {"impl": "prefalign", "mode": "full"},
+    "pa-full-precompute": {"impl": "prefalign", "mode": "full", "precompute": True},
+    "pa-full-prefix": {"impl": "prefalign", "mode": "full", "prefix_sharing": True},
+    "pa-full-fast": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True},
+}
+DEFAULT_RUNS = list(RUNS)
+PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-fast", "pa-full-fast"]
+PREFIX_RUNS = ["pa-lora-plain", "pa-lora-prefix", "pa-full-plain", "pa-full-prefix"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # workload
+    p.add_argument("--pairs", type=int, default=256, help="preference pairs in the data set")
+    p.add_argument("--prompt-len", type=int, default=192, help="prompt tokens per pair")
+    p.add_argument("--response-len", type=int, default=64, help="tokens per response (eos included)")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 2.75 x hidden)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 64)")
+    # presets
+    p.add_argument("--proportioned", action="store_true", help="12 layers, hidden 512, intermediate 1408")
+    p.add_argument("--prefix-workload", action="store_true",
+                   help="prompt 384 / responses 64; prefalign with prefix sharing on vs off")
+    # training (identical for every run)
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="run TRL with its own default (gradient_checkpointing=True); default: off, like prefalign")
+    # harness
+    p.add_argument("--runs", default=None, help=f"comma-separated subset of {', '.join(RUNS)}")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
+    p.add_argument("--workdir", default=None, help="where the workload is built (default: a temp dir)")
+    p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.proportioned:
+        args.layers, args.hidden, args.intermediate = 12, 512, 1408
+    if args.prefix_workload:
+        args.prompt_len, args.response_len = 384, 64
+    args.intermediate = args.intermediate or int(2.75 * args.hidden)
+    args.heads = args.heads or max(1, args.hidden // 64)
+    if args.runs is None:
+        args.runs = ",".join(PROPORTIONED_RUNS if args.proportioned else PREFIX_RUNS if args.prefix_workload
+                             else DEFAULT_RUNS)
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown {unknown}; known: {', '.join(RUNS)}")
+    return args
+
+
+# -- the workload --------------------------------------------------------------------------------
+def build_workload(args, workdir: Path) -> dict:
+    """A random Llama + word-level tokenizer in workdir/model, random pairs in workdir/pairs.json."""
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), args.vocab)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Words are split at whitespace and then into "w<digits>" tokens, so text joined without a
+    # space (e.g. a reply glued to its prompt by a template) still encodes to the same tokens.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"w\d+"), behavior="isolated")]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>", padding_side="right",
+                                        model_max_length=args.prompt_len + 2 * args.response_len + 64)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.prompt_len + 2 * args.response_len + 64, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=1, pad_token_id=0, dtype="float32",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model_dir = workdir / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(len(SPECIALS), args.vocab)}" for _ in range(n))
+
+    # Responses end with the eos token (both trainers then count exactly response_len tokens:
+    # prefalign's `empty` template appends eos, TRL appends it only where it is missing).
+    pairs = [{"prompt": words(args.prompt_len),
+              "chosen": " " + words(args.response_len - 1),
+              "rejected": " " + words(args.response_len - 1)} for _ in range(args.pairs)]
+    data_path = workdir / "pairs.json"
+    data_path.write_text(json.dumps(pairs))
+    ids = tokenizer(pairs[0]["prompt"] + pairs[0]["chosen"] + "</s>")["input_ids"]
+    assert len(ids) == args.prompt_len + args.response_len and 2 not in ids, "the tokenizer must not split words"
+    return {"model": str(model_dir), "data": str(data_path)}
+
+
+# -- one run, in a child process -----------------------------------------------------------------
+def _clock_callback():
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.begin = self.end = None
+            self.step_ends: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+    return Clock()
+
+
+def _train_settings(spec: dict) -> dict:
+    return dict(
+        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
+        logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def run_prefalign(spec: dict, out_dir: str, clock) -> None:
+    from prefalign.config import build_config
+    from prefalign.train.workflow import build_trainer
+
+    values = {
+        "model_name_or_path": spec["model"], "stage": "dpo", "finetuning_type": spec["mode"],
+        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "q_proj,k_proj,v_proj,o_proj",
+        "dataset": spec["data"], "template": "empty", "cutoff_len": spec["cutoff_len"],
+        "pref_beta": spec["beta"], "pref_loss": "sigmoid", "output_dir": out_dir, "overwrite_output_dir": True,
+        "precompute_ref_log_probs": bool(spec.get("precompute")), "prefix_sharing": bool(spec.get("prefix_sharing")),
+        **_train_settings(spec),
+    }
+    trainer = build_trainer(build_config(values))
+    trainer.add_callback(clock)
+    trainer.train()
+
+
+def run_trl(spec: dict, out_dir: str, clock) -> None:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    pairs = json.loads(Path(spec["data"]).read_text())
+    train = datasets.Dataset.from_list(pairs)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    config = DPOConfig(
+        output_dir=out_dir, beta=spec["beta"], loss_type=["sigmoid"], max_length=None, bf16=False, fp16=False,
+        gradient_checkpointing=bool(spec.get("trl_gradient_checkpointing")), precompute_ref_log_probs=False,
+        **_train_settings(spec),
+    )
+    peft_config = None
+    if spec["mode"] == "lora":
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    trainer = DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[clock])
+    trainer.train()
+
+
+def child_main(spec: dict) -> None:
+    import resource
+
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    os.environ["PREFALIGN_CACHE"] = spec["cache_dir"]  # fresh caches: end-to-end includes all preparation
+    clock = _clock_callback()
+    with tempfile.TemporaryDirectory() as out_dir:
+        start = time.perf_counter()
+        (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
+        end = time.perf_counter()
+    pairs = spec["steps"] * spec["batch_size"] * spec["grad_accum"]
+    per_step = spec["batch_size"] * spec["grad_accum"]
+    steady = None
+    if len(clock.step_ends) > 2:  # steps 2.. (the first step pays one-time warm-up)
+        steady = per_step * (len(clock.step_ends) - 1) / (clock.step_ends[-1] - clock.step_ends[0])
+    result = {
+        "loop_pairs_per_s": pairs / (clock.end - clock.begin),
+        "steady_pairs_per_s": steady,
+        "e2e_pairs_per_s": pairs / (end - start),
+        "loop_s": clock.end - clock.begin,
+        "setup_s": clock.begin - start,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": clock.losses,
+        "threads": torch.get_num_threads(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- the parent: build, run each in a subprocess, report -------------------------------------------
+def run_child(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+    raise RuntimeError(f"run {spec['name']} failed (exit {proc.returncode}):\n{tail}")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def report(args, results: dict[str, dict]) -> str:
+    import transformers
+
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = "not installed"
+    lines = [
+        f"workload: {args.pairs} pairs, prompt {args.prompt_len}, responses {args.response_len}, vocab {args.vocab}, "
+        f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}; "
+        f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
+        f"({args.steps * args.batch_size * args.grad_accum} pairs), lr {args.lr}, sigmoid loss, beta {args.beta}, fp32",
+        f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}",
+        "",
+        "| run | loop pairs/s | steady pairs/s | end-to-end pairs/s | setup s | peak RSS MiB | loss step 1 / last |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in results.items():
+        losses = r["losses"]
+        loss = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"
+        steady = f"{r['steady_pairs_per_s']:.2f}" if r["steady_pairs_per_s"] else "-"
+        lines.append(f"| {name} | {r['loop_pairs_per_s']:.2f} | {steady} | {r['e2e_pairs_per_s']:.2f} | "
+                     f"{r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} | {loss} |")
+    ratios = []
+    for mode in ("lora", "full"):
+        base = results.get(f"trl-{mode}")
+        if not base:
+            continue
+        for name, r in results.items():
+            if name.startswith(f"pa-{mode}"):
+                ratios.append(f"| {name} / trl-{mode} | {r['loop_pairs_per_s'] / base['loop_pairs_per_s']:.2f}x | "
+                              f"{r['e2e_pairs_per_s'] / base['e2e_pairs_per_s']:.2f}x |")
+    for mode in ("lora", "full"):
+        on, off = results.get(f"pa-{mode}-prefix"), results.get(f"pa-{mode}-plain")
+        if on and off:
+            ratios.append(f"| pa-{mode}-prefix / pa-{mode}-plain | "
+                          f"{on['loop_pairs_per_s'] / off['loop_pairs_per_s']:.2f}x | "
+                          f"{on['e2e_pairs_per_s'] / off['e2e_pairs_per_s']:.2f}x |")
+    if ratios:
+        lines += ["", "| ratio | loop | end-to-end |", "|---|---:|---:|", *ratios]
+    for mode in ("lora", "full"):  # same model, data order and loss: the first logged losses must agree
+        firsts = {n: r["losses"][0] for n, r in results.items() if r["losses"] and f"-{mode}" in n}
+        if len(firsts) > 1:
+            spread = max(firsts.values()) - min(firsts.values())
+            lines.append(f"\nstep-1 loss spread across {mode} runs: {spread:.2e} (ln 2 = {math.log(2):.6f})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        print(f"building the workload in {workdir} ...", flush=True)
+        paths = build_workload(args, workdir)
+        common = {
+            **paths, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
+            "lr": args.lr, "beta": args.beta, "threads": args.threads,
+            "cutoff_len": args.prompt_len + args.response_len + 8,
+            "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+        }
+        results = {}
+        for name in args.runs.split(","):
+            spec = {**common, **RUNS[name], "name": name, "cache_dir": str(workdir / f"cache-{name}")}
+            t0 = time.perf_counter()
+            results[name] = run_child(spec)
+            r = results[name]
+            print(f"{name}: loop {r['loop_pairs_per_s']:.2f} pairs/s, end-to-end {r['e2e_pairs_per_s']:.2f} pairs/s, "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+        text = report(args, results)
+        print("\n" + text)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
