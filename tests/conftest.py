@@ -33,3 +33,13 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment(tmp_path_factory):
+    """Tests write their encoded-data caches under tmp, and never reach for a model hub."""
+    import os
+
+    os.environ["PREFALIGN_CACHE"] = str(tmp_path_factory.mktemp("prefalign-cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

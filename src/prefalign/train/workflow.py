@@ -123,6 +123,9 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         from prefalign.report import plot_metrics
 
         plot_metrics(out)
+    from prefalign.report import write_run_report
+
+    write_run_report(config, trainer)  # report.html and the README.md model card
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
 

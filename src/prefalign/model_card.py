@@ -1,0 +1,212 @@
+"""The README.md model card of a run's output dir, in the Hugging Face Hub's convention.
+
+YAML front matter (base_model, library_name, tags, datasets) for the Hub's metadata, then what a
+reader needs: the base model, the data, the loss and hyper-parameters, the final metrics and a
+snippet that loads the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from prefalign.modeling.load import _split_paths
+
+_HYPER_PARAMETERS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "bf16", "fp16", "seed",
+)
+
+
+def _front_matter(config, is_adapter: bool) -> dict:
+    datasets = _split_paths(config.data.dataset) + _split_paths(config.data.eval_dataset)
+    meta = {
+        "base_model": config.model.model_name_or_path,
+        "library_name": "peft" if is_adapter else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["dpo", "prefalign"] + (["lora"] if is_adapter else []),
+    }
+    if datasets:
+        meta["datasets"] = list(dict.fromkeys(datasets))
+    return meta
+
+
+def _method(config, is_adapter: bool) -> list[str]:
+    ft, model = config.finetuning, config.model
+    lines = []
+    adapters = _split_paths(model.adapter_name_or_path)
+    if adapters:
+        lines.append(f"- Starting adapter(s): {', '.join(f'`{a}`' for a in adapters)}"
+                     + (" (merged; a new adapter was trained on top)" if ft.create_new_adapter or
+                        ft.finetuning_type != "lora" else ""))
+    if ft.finetuning_type == "lora":
+        lines.append(f"- Method: LoRA, rank {ft.lora_rank}, alpha {ft.lora_alpha or 2 * ft.lora_rank}, "
+                     f"dropout {ft.lora_dropout}, target `{ft.lora_target}`"
+                     + (", rsLoRA" if ft.use_rslora else "") + (", DoRA" if ft.use_dora else ""))
+    elif ft.finetuning_type == "freeze":
+        lines.append(f"- Method: freeze tuning, trainable layers {ft.freeze_trainable_layers}, "
+                     f"modules `{ft.freeze_trainable_modules}`")
+    else:
+        lines.append("- Method: full fine-tuning")
+    weights = f" (weights {ft.pref_loss_weights})" if ft.pref_loss_weights else ""
+    lines.append(f"- Loss: `{ft.pref_loss}`{weights}, β = {ft.pref_beta}"
+                 + "".join(f", {k} = {v}" for k, v in _changed_loss_settings(config).items())
+                 + " (see prefalign's docs/losses.md)")
+    lines.append(f"- Reference: {_reference(config)}")
+    return lines
+
+
+def _changed_loss_settings(config) -> dict:
+    from prefalign.config.args import FinetuningArguments
+
+    defaults = FinetuningArguments()
+    keys = ("pref_ftx", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
+            "use_weighting", "f_divergence_type", "f_alpha_divergence_coef")
+    return {k: getattr(config.finetuning, k) for k in keys if getattr(config.finetuning, k) != getattr(defaults, k)}
+
+
+def _reference(config) -> str:
+    from prefalign import losses
+    from prefalign.config import loss_settings
+
+    ft = config.finetuning
+    if not losses.needs_reference(config.loss_names, loss_settings(ft)):
+        return "none (a reference-free loss)"
+    if ft.ref_model:
+        return f"`{ft.ref_model}`" + (f" with `{ft.ref_model_adapters}`" if ft.ref_model_adapters else "")
+    if ft.finetuning_type == "lora":
+        if config.model.adapter_name_or_path and not ft.create_new_adapter:
+            return "the base with the starting adapter, frozen"
+        return "the base model (the policy with its adapter disabled)"
+    return "a frozen copy of the starting model"
+
+
+def _data(config, summary: dict | None) -> list[str]:
+    lines = []
+    if summary:
+        for name, count in summary.get("datasets", {}).items():
+            skipped = summary.get("skipped", {}).get(name, 0)
+            lines.append(f"- `{name}`: {count} pairs" + (f" ({skipped} records skipped)" if skipped else ""))
+        for split in ("train", "eval"):
+            stats = summary.get(split)
+            if isinstance(stats, dict):
+                lines.append(f"- {split}: {stats.get('pairs')} pairs, {stats.get('truncated_prompts', 0)} prompts and "
+                             f"{stats.get('truncated_responses', 0)} responses truncated")
+    else:
+        lines.append(f"- dataset: `{config.data.dataset}`" + (f", eval: `{config.data.eval_dataset}`"
+                                                            if config.data.eval_dataset else ""))
+    template = config.data.template or "the tokenizer's own"
+    lines.append(f"- Chat template: {template}; cutoff_len {config.data.cutoff_len} tokens")
+    return lines
+
+
+def _usage(config, out: Path, is_adapter: bool) -> str:
+    path = str(out)
+    load = (f'from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{path}")  # loads the base named in adapter_config.json\n'
+            if is_adapter else
+            f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{path}")\n')
+    code = (load + f'tokenizer = AutoTokenizer.from_pretrained("{path}")\n\n'
+            'messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
+            "text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)\n"
+            'inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)\n'
+            "output = model.generate(**inputs, max_new_tokens=64)\n"
+            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
+    notes = []
+    if config.data.template:
+        notes.append(f"The model was trained with prefalign's built-in `{config.data.template}` chat template, which "
+                     "may differ from the tokenizer's own: `prefalign export` writes it into the exported tokenizer.")
+    if is_adapter and len(_split_paths(config.model.adapter_name_or_path)) > 1:
+        notes.append("This adapter was trained on the base with the earlier starting adapters merged; merge them "
+                     "first (or use `prefalign export` with all of them in adapter_name_or_path).")
+    standalone = ("A standalone model with the adapter merged: `prefalign export CONFIG.yaml "
+                  f"adapter_name_or_path={path} export_dir=merged`." if is_adapter else "")
+    return "\n\n".join([f"```python\n{code}```"] + notes + ([standalone] if standalone else [])
+                       + [f"Or chat in the terminal: `prefalign chat CONFIG.yaml "
+                          f"{'adapter_name_or_path' if is_adapter else 'model_name_or_path'}={path}`."])
+
+
+def _metrics_table(metrics: dict) -> str:
+    if not metrics:
+        return "No final metrics were saved."
+    keep = {k: v for k, v in sorted(metrics.items()) if not k.endswith(("_runtime", "_per_second", "total_flos"))}
+    rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in keep.items())
+    return f"| metric | value |\n|---|---|\n{rows}"
+
+
+def model_card(config, out: str | Path) -> str:
+    """The README.md text for the run whose config is `config` and whose files are in `out`."""
+    from prefalign import __version__
+
+    out = Path(out)
+    is_adapter = (out / "adapter_config.json").is_file()
+    summary = json.loads((out / "data_summary.json").read_text()) if (out / "data_summary.json").is_file() else None
+    metrics = json.loads((out / "all_results.json").read_text()) if (out / "all_results.json").is_file() else {}
+    args = config.training
+    values = {k: getattr(args, k, None) for k in _HYPER_PARAMETERS}
+    if values["max_steps"] is not None and values["max_steps"] <= 0:  # -1: num_train_epochs decides
+        values["max_steps"] = None
+    hyper = "\n".join(f"| {k} | {v} |" for k, v in values.items() if v is not None)
+    versions = _versions(__version__)
+    front = yaml.safe_dump(_front_matter(config, is_adapter), sort_keys=False, allow_unicode=True)
+    what = "a LoRA adapter for" if is_adapter else "a fine-tune of"
+    return "\n".join([
+        f"---\n{front}---",
+        f"# {out.resolve().name}",
+        "",
+        f"This is {what} `{config.model.model_name_or_path}`, aligned to human preferences with "
+        f"`{config.finetuning.pref_loss}` (preference optimisation in the DPO family) by "
+        "prefalign.",
+        "",
+        "## Training",
+        "",
+        f"- Base model: `{config.model.model_name_or_path}`",
+        *_method(config, is_adapter),
+        "",
+        "### Data",
+        "",
+        *_data(config, summary),
+        "",
+        "### Hyper-parameters",
+        "",
+        "| key | value |\n|---|---|\n" + hyper,
+        "",
+        "The full resolved configuration is in `run_config.yaml`; curves and example pairs in `report.html`.",
+        "",
+        "## Results",
+        "",
+        _metrics_table(metrics),
+        "",
+        "Rewards are β × log(π / π_ref) of the chosen and rejected replies; `rewards/accuracies` is the share of "
+        "pairs whose chosen reward exceeds the rejected one.",
+        "",
+        "## How to use",
+        "",
+        _usage(config, out, is_adapter),
+        "",
+        "## Framework versions",
+        "",
+        versions,
+        "",
+    ])
+
+
+def _versions(prefalign_version: str) -> str:
+    import importlib.metadata as md
+
+    lines = [f"- prefalign {prefalign_version}"]
+    for package in ("transformers", "peft", "torch", "datasets"):
+        try:
+            lines.append(f"- {package} {md.version(package)}")
+        except md.PackageNotFoundError:
+            pass
+    return "\n".join(lines)
+
+
+def write_model_card(config, out: str | Path) -> Path:
+    path = Path(out) / "README.md"
+    path.write_text(model_card(config, out), encoding="utf-8")
+    return path
