@@ -60,9 +60,9 @@ class PairLogps:
 
     `chosen` / `rejected`: summed log-probs of the response tokens, shape (B,).
     `chosen_tokens` / `rejected_tokens`: number of response tokens, shape (B,), float.
-    `chosen_nll`: mean negative log-likelihood per chosen token, shape (B,) (for SFT terms);
     `chosen_mean_logit` / `rejected_mean_logit`: mean logit over response tokens and vocabulary,
-    shape (B,), detached, for the `logits/*` metrics; None where not computed (a reference).
+    shape (B,), detached, for the `logits/*` metrics; None where not computed.
+    `extras`: per-token values some modifiers need (see modeling/logprobs.pair_logps).
     """
 
     chosen: torch.Tensor

@@ -147,9 +147,11 @@ def model_card(config, out: str | Path) -> str:
     metrics = json.loads((out / "all_results.json").read_text()) if (out / "all_results.json").is_file() else {}
     args = config.training
     values = {k: getattr(args, k, None) for k in _HYPER_PARAMETERS}
-    if values["max_steps"] is not None and values["max_steps"] <= 0:  # -1: num_train_epochs decides
+    if values["max_steps"] is not None and values["max_steps"] > 0:  # max_steps overrides num_train_epochs
+        values["num_train_epochs"] = None
+    else:
         values["max_steps"] = None
-    hyper = "\n".join(f"| {k} | {v} |" for k, v in values.items() if v is not None)
+    hyper = "\n".join(f"| {k} | {getattr(v, 'value', v)} |" for k, v in values.items() if v is not None)
     versions = _versions(__version__)
     front = yaml.safe_dump(_front_matter(config, is_adapter), sort_keys=False, allow_unicode=True)
     what = "a LoRA adapter for" if is_adapter else "a fine-tune of"

@@ -111,13 +111,13 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    trainer.save_state()  # after the final evaluation, so its log entry is in trainer_state.json (and the plots)
     (out / "run_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
     if config.finetuning.plot_loss:
         from prefalign.report import plot_metrics
