@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child (default: torch's)")
     p.add_argument("--workdir", default=None, help="where the workload is built (default: a temp dir)")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    p.add_argument("--profile", action="store_true",
+                   help="run each child under torch.profiler and print its top operators (slower; for diagnosis)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.proportioned:
@@ -234,7 +236,15 @@ def child_main(spec: dict) -> None:
     clock = _clock_callback()
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
-        (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
+        if spec.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+            print("PROFILE " + json.dumps(table), flush=True)
+        else:
+            (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
         end = time.perf_counter()
     pairs = spec["steps"] * spec["batch_size"] * spec["grad_accum"]
     per_step = spec["batch_size"] * spec["grad_accum"]
@@ -258,6 +268,8 @@ def child_main(spec: dict) -> None:
 def run_child(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
+        if line.startswith("PROFILE "):
+            print(f"--- profile of {spec['name']} ---\n" + json.loads(line[len("PROFILE "):]), flush=True)
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
@@ -340,7 +352,7 @@ def main(argv=None) -> None:
         paths = build_workload(args, workdir)
         common = {
             **paths, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
-            "lr": args.lr, "beta": args.beta, "threads": args.threads,
+            "lr": args.lr, "beta": args.beta, "threads": args.threads, "profile": args.profile,
             "cutoff_len": args.prompt_len + args.response_len + 8,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         }

@@ -101,3 +101,10 @@ def test_ci_runs_the_readme_test_command():
     readme = (root / "README.md").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert command in readme and command in (root / ".ci" / "run").read_text()
+
+
+def test_unknown_template_is_reported_with_the_other_problems():
+    with pytest.raises(ConfigError) as info:
+        build_config({**BASE, "template": "deepseek3", "lora_rank": 0})
+    text = "\n".join(info.value.problems)
+    assert "template: " in text and "chatml" in text and "lora_rank" in text

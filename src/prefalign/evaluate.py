@@ -60,17 +60,22 @@ def load_inference_policy(config: RunConfig, dtype: torch.dtype = torch.float32)
     return model.eval().requires_grad_(False)
 
 
-def build_inference_reference(config: RunConfig, policy, *, needs_reference: bool, dtype=torch.float32,
-                              command: str = "eval") -> Reference:
-    """The reference after training (see the module docstring), through `build_reference`."""
-    ft = config.finetuning
-    has_adapter = bool(_split_paths(config.model.adapter_name_or_path))
-    if needs_reference and not ft.ref_model and not has_adapter:
+def check_reference_source(config: RunConfig, *, needs_reference: bool, command: str = "eval") -> None:
+    """Refuse a config whose policy has no reference to be compared with (see the module docstring)."""
+    if needs_reference and not config.finetuning.ref_model and not _split_paths(config.model.adapter_name_or_path):
         raise ConfigError(
             f"{command}: the policy is model_name_or_path with no adapter, so there is no reference to compare "
             "it with; set ref_model: to the model training started from (run_config.yaml's "
             "model_name_or_path), or adapter_name_or_path: to the trained LoRA adapter"
         )
+
+
+def build_inference_reference(config: RunConfig, policy, *, needs_reference: bool, dtype=torch.float32,
+                              command: str = "eval") -> Reference:
+    """The reference after training (see the module docstring), through `build_reference`."""
+    ft = config.finetuning
+    has_adapter = bool(_split_paths(config.model.adapter_name_or_path))
+    check_reference_source(config, needs_reference=needs_reference, command=command)
     # With an adapter, the "lora" rule of build_reference gives the policy with that adapter disabled.
     finetuning = dataclasses.replace(ft, finetuning_type="lora") if has_adapter else ft
     return build_reference(dataclasses.replace(config, finetuning=finetuning), policy,
@@ -204,6 +209,8 @@ def run_eval(config: RunConfig) -> dict:
     from prefalign.train.workflow import ensure_model
 
     args = config.training
+    needs_ref = losses.needs_reference(config.loss_names, loss_settings(config.finetuning))
+    check_reference_source(config, needs_reference=needs_ref)
     ensure_model(config)
     tokenizer = load_tokenizer(config.model)
     dataset, data = load_eval_data(config, tokenizer)
@@ -211,7 +218,6 @@ def run_eval(config: RunConfig) -> dict:
     dtype = compute_dtype(args)
     device = args.device
     policy = load_inference_policy(config, dtype).to(device)
-    needs_ref = losses.needs_reference(config.loss_names, loss_settings(config.finetuning))
     reference = build_inference_reference(config, policy, needs_reference=needs_ref, dtype=dtype).to(device)
     logger.info("eval: policy %s%s, reference: %s", config.model.model_name_or_path,
                 f" + {config.model.adapter_name_or_path}" if config.model.adapter_name_or_path else "",

@@ -235,6 +235,16 @@ def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments
         problems.append(f"lora_dropout: {ft.lora_dropout} must be in [0, 1)")
     if ft.ref_model_adapters and not ft.ref_model:
         problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
+    if data.template:
+        from prefalign.data.templates import get_template
+
+        try:
+            get_template(data.template)
+        except ConfigError as exc:
+            problems.append(f"template: {exc}")
+    if train.get("do_train") is False:
+        problems.append("do_train: false: prefalign train always trains; to score a model without training "
+                        "run `prefalign eval CONFIG`")
     if ft.logits_chunk_size < 1:
         problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
     problems += _validate_losses(ft)
