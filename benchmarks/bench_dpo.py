@@ -239,9 +239,10 @@ def child_main(spec: dict) -> None:
         if spec.get("profile"):
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(spec.get("profile_shapes"))) as prof:
                 (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
-            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+            table = prof.key_averages(group_by_input_shape=bool(spec.get("profile_shapes"))).table(
+                sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60, max_shapes_column_width=80)
             print("PROFILE " + json.dumps(table), flush=True)
         else:
             (run_trl if spec["impl"] == "trl" else run_prefalign)(spec, out_dir, clock)
@@ -259,6 +260,7 @@ def child_main(spec: dict) -> None:
         "setup_s": clock.begin - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "losses": clock.losses,
+        "step_s": [round(b - a, 3) for a, b in zip([clock.begin] + clock.step_ends, clock.step_ends)],
         "threads": torch.get_num_threads(),
     }
     print("RESULT " + json.dumps(result), flush=True)
@@ -353,6 +355,7 @@ def main(argv=None) -> None:
         common = {
             **paths, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
             "lr": args.lr, "beta": args.beta, "threads": args.threads, "profile": args.profile,
+            "profile_shapes": bool(os.environ.get("BENCH_PROFILE_SHAPES")),
             "cutoff_len": args.prompt_len + args.response_len + 8,
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         }
@@ -363,7 +366,8 @@ def main(argv=None) -> None:
             results[name] = run_child(spec)
             r = results[name]
             print(f"{name}: loop {r['loop_pairs_per_s']:.2f} pairs/s, end-to-end {r['e2e_pairs_per_s']:.2f} pairs/s, "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s); "
+                  f"seconds per step: {r['step_s']}", flush=True)
         text = report(args, results)
         print("\n" + text)
         if args.json_out:

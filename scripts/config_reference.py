@@ -3,9 +3,17 @@
 import dataclasses
 import typing
 
-from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments
+from prefalign.config.args import (
+    DataArguments, ExportArguments, FinetuningArguments, GenerationArguments, ModelArguments,
+)
 
-TITLES = {ModelArguments: "Model", DataArguments: "Data", FinetuningArguments: "Fine-tuning and preference"}
+TITLES = {
+    ModelArguments: "Model",
+    DataArguments: "Data",
+    FinetuningArguments: "Fine-tuning and preference",
+    ExportArguments: "Export",
+    GenerationArguments: "Chat generation",
+}
 
 
 def reference() -> str:

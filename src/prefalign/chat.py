@@ -8,7 +8,6 @@ answers the same conversation with the same seed, after the policy; each keeps i
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -19,7 +18,6 @@ from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
 from prefalign.modeling.load import compute_dtype, load_tokenizer
 
-logger = logging.getLogger(__name__)
 
 EXIT_WORDS = ("exit", "quit")
 CLEAR_WORD = "clear"
@@ -112,8 +110,8 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
     if compare_reference:
         reference = build_inference_reference(config, policy, needs_reference=True, dtype=dtype,
                                               command="chat --compare-reference").to(device)
-        # A Reference scores with `_model()` inside `_model_context()`; generation uses the same pair.
-        speakers.append(Speaker("Reference", reference._model(), reference._model_context))
+        # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.
+        speakers.append(Speaker("Reference", reference.model, reference._model_context))
     return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device)
 
 

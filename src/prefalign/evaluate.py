@@ -104,16 +104,20 @@ class Scorer:
         return all(losses.get_loss(name).per_pair for name in self.loss_names)
 
     @torch.no_grad()
-    def score_batch(self, batch: dict) -> tuple[LossOutput, PairLogps, PairLogps | None]:
-        """The same three calls as `PreferenceTrainer.batch_loss`, for a (2B, T) batch from PairCollator."""
+    def score_batch(self, batch: dict, split: str = "eval") -> tuple[LossOutput, PairLogps, PairLogps | None]:
+        """The same three calls as `PreferenceTrainer.batch_loss`, for a (2B, T) batch from PairCollator.
+
+        `split` ("train" or "eval") tells a precomputed reference which table the pair indices refer to.
+        """
         s = self.settings
         policy = pair_logps(self.policy, batch, chunk_size=self.chunk_size,
                             token_level=s.ld_alpha is not None, want_sqnorm=s.use_weighting)
-        reference = self.reference.logps(batch)
+        reference = self.reference.logps(batch, split=split)
         out = losses.compute_preference_loss(policy, reference, self.loss_names, self.loss_weights, s)
         return out, policy, reference
 
-    def score(self, dataset, *, batch_size: int, pad_token_id: int, device) -> tuple[list[dict], dict]:
+    def score(self, dataset, *, batch_size: int, pad_token_id: int, device,
+              split: str = "eval") -> tuple[list[dict], dict]:
         """Score every pair of `dataset` in order; return the per-pair rows and the mean metrics.
 
         Rows follow `eval_pairs.jsonl` (see `pair_rows`); metrics are named as the trainer logs them,
@@ -130,7 +134,7 @@ class Scorer:
         try:
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out, policy, reference = self.score_batch(batch)
+                out, policy, reference = self.score_batch(batch, split)
                 rows += pair_rows(batch["index"], out, policy, reference, per_pair_loss=self.per_pair_loss)
                 for key, value in metric_values(out, policy).items():
                     sums[key] += value.double().sum().item()
@@ -191,6 +195,8 @@ def load_eval_data(config: RunConfig, tokenizer):
     from prefalign.data.pipeline import describe, prepare_data
 
     data_args = config.data
+    if not data_args.eval_dataset and not data_args.dataset:
+        raise ConfigError("eval: no data to score; set eval_dataset (or dataset) to the preference pairs to score")
     if not data_args.eval_dataset:
         if data_args.val_size:
             logger.info("eval: val_size is not applied; scoring all of dataset. To score only held-out pairs, "

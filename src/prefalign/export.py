@@ -75,11 +75,13 @@ def run_export(config: RunConfig) -> Path:
         logger.info("export: no adapter_name_or_path; the model is re-saved as it is (resharded, with its tokenizer)")
     model.config.use_cache = True  # load_causal_lm turns it off for training; generation wants it
 
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config), trust_remote_code=config.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config),
+                                              trust_remote_code=config.model.trust_remote_code)
     template = config.data.template
     if template:
         tokenizer.chat_template = get_template(template).jinja
-    stop_ids = _stop_token_ids(tokenizer, end_of_turn_token(tokenizer, template) if (template or tokenizer.chat_template) else None)
+    end_of_turn = end_of_turn_token(tokenizer, template) if template or tokenizer.chat_template else None
+    stop_ids = _stop_token_ids(tokenizer, end_of_turn)
     generation = model.generation_config
     eos = generation.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

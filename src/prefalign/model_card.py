@@ -105,7 +105,8 @@ def _data(config, summary: dict | None) -> list[str]:
 def _usage(config, out: Path, is_adapter: bool) -> str:
     path = str(out)
     load = (f'from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
-            f'model = AutoPeftModelForCausalLM.from_pretrained("{path}")  # loads the base named in adapter_config.json\n'
+            "# the base model is the one named in adapter_config.json\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{path}")\n'
             if is_adapter else
             f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
             f'model = AutoModelForCausalLM.from_pretrained("{path}")\n')

@@ -6,14 +6,18 @@ Strategies (chosen by `build_reference` from the config):
   sft-adapter       LoRA on top of an SFT adapter: the frozen copy of that adapter (base + SFT)
   frozen-copy       full / freeze tuning: a frozen copy of the initial policy
   separate-model    `ref_model` (+ `ref_model_adapters`)
-The reference never receives gradients: every strategy runs under `torch.no_grad()` and owns no
-trainable parameter.
+  precomputed       `precompute_ref_log_probs`: any of the above, run once over the data before
+                    training and cached on disk (reference_cache.py); training looks the values up
+                    by pair `index`, and the reference model is freed.
+The reference never receives gradients: every strategy runs under `torch.no_grad()`, in eval mode
+(no dropout), and owns no trainable parameter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import logging
 
 import torch
@@ -23,6 +27,17 @@ from prefalign.modeling.load import REFERENCE_ADAPTER, _split_paths, load_causal
 from prefalign.modeling.logprobs import pair_logps
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Dropout off for the reference forward; the policy's train/eval mode is restored after."""
+    was_training = model.training
+    model.train(False)
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class Reference:
@@ -40,13 +55,27 @@ class Reference:
     def _model(self):
         return None
 
+    @property
+    def model(self):
+        """The module whose forward gives the reference log-probs (None for reference-free losses)."""
+        return self._model()
+
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor]) -> PairLogps | None:
+    def logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> PairLogps | None:
+        """Reference log-probs of `batch` (from either collator); `split` matters to precomputed ones only."""
         model = self._model()
         if model is None:
             return None
         with self._model_context():
             return pair_logps(model, batch, chunk_size=self.chunk_size, token_level=self.token_level)
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The tensors that make this reference what it is (for the precompute cache key)."""
+        model = self._model()
+        return list(model.named_parameters()) if model is not None else []
+
+    def release(self) -> None:
+        """Free what only the reference needs, once its log-probs are precomputed."""
 
     def to(self, device) -> "Reference":
         return self
@@ -64,8 +93,14 @@ class AdapterDisabledReference(Reference):
     def _model(self):
         return self.policy
 
+    @contextlib.contextmanager
     def _model_context(self):
-        return self.policy.disable_adapter()
+        with self.policy.disable_adapter(), _eval_mode(self.policy):
+            yield
+
+    def named_weights(self):
+        # the frozen weights: the base (the trainable adapter is not part of the reference)
+        return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
 
 
 class AdapterSwitchReference(Reference):
@@ -86,9 +121,14 @@ class AdapterSwitchReference(Reference):
         previous = tuner.active_adapter
         tuner.set_adapter(REFERENCE_ADAPTER)
         try:
-            yield
+            with _eval_mode(self.policy):
+                yield
         finally:
             tuner.set_adapter(previous)  # also makes the trained adapter require grad again, the copy not
+
+    def named_weights(self):
+        # the base and the frozen `reference` adapter; the trained `default` adapter requires grad
+        return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
 
 
 class FrozenModelReference(Reference):
@@ -96,19 +136,59 @@ class FrozenModelReference(Reference):
 
     def __init__(self, model, name: str, **kwargs):
         super().__init__(**kwargs)
-        self.model = model.eval().requires_grad_(False)
+        self._frozen = model.eval().requires_grad_(False)
         self.name = name
 
     def _model(self):
-        return self.model
+        if self._frozen is None:
+            raise RuntimeError(f"the {self.name} reference was released after its log-probs were precomputed")
+        return self._frozen
+
+    def release(self) -> None:
+        self._frozen = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def to(self, device):
-        self.model.to(device)
+        if self._frozen is not None:
+            self._frozen.to(device)
         return self
 
 
-def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype = torch.float32) -> Reference:
-    """Pick the reference strategy for this run (see the module docstring)."""
+class InitialPolicyReference(Reference):
+    """full / freeze with `precompute_ref_log_probs`: the policy itself, before its first update.
+
+    The frozen copy would only be read once, before training, when it still equals the policy;
+    so no copy is made (one model's memory less at the peak). Valid only until training starts:
+    `release` (called right after the precompute) makes any later use an error.
+    """
+
+    name = "frozen-copy"
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(**kwargs)
+        self.policy = policy
+
+    def _model(self):
+        if self.policy is None:
+            raise RuntimeError("the initial-policy reference is only valid before training; it was released")
+        return self.policy
+
+    def _model_context(self):
+        return _eval_mode(self.policy)
+
+    def release(self) -> None:
+        self.policy = None
+
+
+def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype = torch.float32,
+                    for_precompute: bool = False) -> Reference:
+    """Pick the reference strategy for this run (see the module docstring).
+
+    `for_precompute`: the reference is read once, before training (reference_cache.py), so full /
+    freeze tuning reads the initial policy instead of making a frozen copy.
+    """
     ft = config.finetuning
     kwargs = {"chunk_size": ft.logits_chunk_size, "token_level": ft.ld_alpha is not None}
     if not needs_reference:
@@ -121,4 +201,6 @@ def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype
         if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}):
             return AdapterSwitchReference(policy, **kwargs)
         return AdapterDisabledReference(policy, **kwargs)
+    if for_precompute:
+        return InitialPolicyReference(policy, **kwargs)
     return FrozenModelReference(copy.deepcopy(policy), "frozen-copy", **kwargs)

@@ -13,12 +13,10 @@ import datetime
 import html
 import io
 import json
-import logging
 from pathlib import Path
 
 from prefalign.errors import PrefalignError
 
-logger = logging.getLogger(__name__)
 
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 SAMPLES_FILE = "report_samples.json"
@@ -103,10 +101,11 @@ def token_length_stats(dataset) -> dict:
     return stats
 
 
-def score_samples(scorer, dataset, tokenizer, *, device, count: int = NUM_SAMPLES) -> list[dict]:
-    """The first `count` pairs of `dataset`, decoded, with their eval rows and policy/reference margins."""
+def score_samples(scorer, dataset, tokenizer, *, device, split: str = "eval", count: int = NUM_SAMPLES) -> list[dict]:
+    """The first `count` pairs of `dataset` (the `split` split), decoded, with their eval rows and margins."""
     subset = dataset.select(range(min(count, len(dataset))))
-    rows, _ = scorer.score(subset, batch_size=len(subset), pad_token_id=tokenizer.pad_token_id, device=device)
+    rows, _ = scorer.score(subset, batch_size=len(subset), pad_token_id=tokenizer.pad_token_id, device=device,
+                           split=split)
     samples = []
     for row, pair in zip(rows, subset):
         ref_c, ref_r = row["reference_chosen_logps"], row["reference_rejected_logps"]
@@ -136,7 +135,8 @@ def write_run_report(config, trainer) -> Path:
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer.from_config(config, trainer.model, trainer.reference)
-        samples = score_samples(scorer, dataset, trainer.processing_class, device=trainer.args.device)
+        samples = score_samples(scorer, dataset, trainer.processing_class, device=trainer.args.device,
+                                split="eval" if held_out else "train")
     if not trainer.is_world_process_zero():
         return out / REPORT_FILE
     (out / SAMPLES_FILE).write_text(json.dumps({"held_out": held_out, "pairs": samples}, indent=1))

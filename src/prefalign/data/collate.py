@@ -1,4 +1,24 @@
-"""Batch encoded pairs: chosen and rejected go through the model together, in one forward pass."""
+"""Batch encoded pairs: chosen and rejected go through the model together, in one forward pass.
+
+Two layouts:
+  PairCollator          concatenated: rows [0, B) prompt+chosen, rows [B, 2B) prompt+rejected.
+  PrefixSharedCollator  prefix-shared: one packed row per pair, so the prompt is computed once:
+
+      tokens     p_0 … p_{P-2} | p_{P-1} c_0 … c_{C-1} | p_{P-1} r_0 … r_{R-1} | pad …
+      segment    SHARED        | CHOSEN                | REJECTED              | PAD
+      positions  0 … P-2       | P-1 … P+C-1           | P-1 … P+R-1           | 0 …
+
+    A token attends causally to the SHARED segment and to its own segment only (the attention
+    mask is built from `segment_ids` in modeling/prefix.py), so the rejected reply never sees
+    the chosen one. The prompt's last token is repeated at the start of the rejected segment:
+    its hidden state is the one that predicts the first reply token, and with the copy both
+    replies are scored by the usual shifted labels, with the same inputs, positions and
+    context as in the concatenated layout, so the same log-probs and gradients. Cost: one
+    extra token per pair, against P - 1 prompt tokens saved.
+
+`with_lengths` adds the `length` column the Trainer's `group_by_length` sampler reads, so batches
+hold pairs of similar length and carry little padding.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +27,13 @@ from dataclasses import dataclass
 import torch
 
 IGNORE_INDEX = -100
+
+# segment ids of the prefix-shared layout
+SEGMENT_SHARED, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
+
+
+def _round_up(length: int, multiple: int | None) -> int:
+    return -(-length // multiple) * multiple if multiple else length
 
 
 @dataclass
@@ -27,9 +54,7 @@ class PairCollator:
             for f in features:
                 rows.append(list(f["prompt_ids"]) + list(f[side]))
                 labels.append([IGNORE_INDEX] * len(f["prompt_ids"]) + list(f[side]))
-        length = max(len(r) for r in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = _round_up(max(len(r) for r in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         label_ids = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -41,3 +66,73 @@ class PairCollator:
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         return batch
+
+
+def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
+    """One pair in the prefix-shared layout (module docstring): ids, labels, segments, positions."""
+    if not prompt:
+        raise ValueError("prefix sharing needs a prompt of at least one token")
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    return {
+        "input_ids": list(prompt) + list(chosen) + [prompt[-1]] + list(rejected),
+        "labels": [IGNORE_INDEX] * p + list(chosen) + [IGNORE_INDEX] + list(rejected),
+        "segment_ids": [SEGMENT_SHARED] * (p - 1) + [SEGMENT_CHOSEN] * (c + 1) + [SEGMENT_REJECTED] * (r + 1),
+        "position_ids": list(range(p + c)) + list(range(p - 1, p + r)),
+    }
+
+
+@dataclass
+class PrefixSharedCollator:
+    """Prefix-shared batches: one packed row per pair (module docstring).
+
+    Returns `input_ids`, `labels`, `segment_ids`, `position_ids` and `attention_mask` (padding
+    only; the model gets the 4D mask built from `segment_ids`) of shape (B, T), and `index` (B,).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        packed = [pack_pair(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]) for f in features]
+        length = _round_up(max(len(p["input_ids"]) for p in packed), self.pad_to_multiple_of)
+        shape = (len(packed), length)
+        batch = {
+            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            "segment_ids": torch.full(shape, SEGMENT_PAD, dtype=torch.long),
+            "position_ids": torch.zeros(shape, dtype=torch.long),
+            "attention_mask": torch.zeros(shape, dtype=torch.long),
+        }
+        for i, p in enumerate(packed):
+            n = len(p["input_ids"])
+            for key in ("input_ids", "labels", "segment_ids", "position_ids"):
+                batch[key][i, :n] = torch.tensor(p[key])
+            batch["attention_mask"][i, :n] = 1
+        if "index" in features[0]:
+            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        return batch
+
+
+def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, pad_to_multiple_of: int | None = None):
+    """The collator for a run: prefix-shared or concatenated."""
+    cls = PrefixSharedCollator if prefix_sharing else PairCollator
+    return cls(pad_token_id, pad_to_multiple_of)
+
+
+def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, *, prefix_sharing: bool = False) -> int:
+    """The row length a pair occupies in a batch: the padding-relevant length for length grouping."""
+    if prefix_sharing:
+        return prompt_len + chosen_len + 1 + rejected_len
+    return prompt_len + max(chosen_len, rejected_len)
+
+
+def with_lengths(dataset, *, prefix_sharing: bool = False, column: str = "length"):
+    """`dataset` with a `column` of each pair's row length (`pair_length`), for `group_by_length`."""
+    if dataset is None or column in dataset.column_names:
+        return dataset
+
+    def lengths(batch):
+        return {column: [pair_length(len(p), len(c), len(r), prefix_sharing=prefix_sharing)
+                         for p, c, r in zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]}
+
+    return dataset.map(lengths, batched=True, desc="Measuring pair lengths")

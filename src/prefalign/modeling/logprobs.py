@@ -1,18 +1,75 @@
 """Per-sequence log-probabilities of the response tokens, without logits for the prompt.
 
 The decoder runs over the whole batch, but the vocabulary projection and log-softmax run only on
-the positions that predict a response token, in chunks, accumulating in fp32; each chunk is
-recomputed in the backward pass instead of keeping its logits. For a large vocabulary the
-prompt's logits are most of a naive implementation's memory, and DPO never reads them.
+the positions that predict a response token, accumulating in fp32. DPO never reads the prompt's
+logits, and for a large vocabulary they are most of a naive implementation's memory.
+
+Two kernels compute the projection + log-softmax (`response_token_logps` picks one):
+  fused      the output head is a plain `nn.Linear`: a custom autograd function tiles the
+             (positions x vocabulary) logits, keeps an online log-sum-exp per position, and in the
+             backward pass recomputes each tile once and forms its gradient in place
+             (softmax - one-hot), so no logits tile outlives its loop iteration. On a CPU this is
+             ~2x faster than autograd through `logsumexp` (fewer passes over each tile).
+  per-chunk  any other head (a LoRA-wrapped head, a ZeRO-3 / FSDP-sharded one, one with hooks):
+             the head module is called on chunks of positions, each chunk checkpointed.
+
+Batches come in two layouts (data/collate.py): concatenated (rows [0, B) chosen, [B, 2B) rejected)
+and prefix-shared (one packed row per pair, with `segment_ids`; see modeling/prefix.py).
+
+Wrapped models (DDP, DeepSpeed, FSDP, PEFT): the whole computation runs inside the wrapped model's
+own forward call (the causal LM's `forward` is swapped for the duration of the call), so the
+wrapper's hooks run: DDP prepares its gradient all-reduce, FSDP gathers its shards. Calling
+`model.get_decoder()` on an unwrapped inner model would skip them and, under DDP, silently leave
+the gradients unsynchronised across processes.
 """
 
 from __future__ import annotations
+
+import contextlib
+import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from prefalign.contracts import PairLogps
-from prefalign.data.collate import IGNORE_INDEX
+from prefalign.data.collate import IGNORE_INDEX, SEGMENT_REJECTED
+
+VOCAB_BLOCK = 4096  # vocabulary columns per logits tile of the fused kernel (tile: chunk_size x VOCAB_BLOCK)
+
+
+# -- the model: find the causal LM, run inside the outermost forward -----------------------------
+def causal_lm(model):
+    """The `PreTrainedModel` inside `model`: unwraps DDP / DeepSpeed / FSDP (`.module`) and PEFT."""
+    from transformers import PreTrainedModel
+
+    inner = model
+    for _ in range(8):
+        if isinstance(inner, PreTrainedModel):
+            return inner
+        if hasattr(inner, "get_base_model"):  # peft.PeftModel
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), torch.nn.Module):  # DDP, DeepSpeedEngine, FSDP
+            inner = inner.module
+        elif isinstance(getattr(inner, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            inner = inner._orig_mod
+        else:
+            break
+    raise TypeError(f"{type(model).__name__} wraps no transformers PreTrainedModel; prefalign needs a causal LM")
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: torch.nn.Module, forward):
+    """Temporarily make `module(...)` call `forward` (an instance attribute shadows the class method)."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = previous
+        else:
+            del module.forward
 
 
 def _decoder_and_head(model):
@@ -25,21 +82,165 @@ def _decoder_and_head(model):
 
 
 def _logit_transform(config):
-    """Model-specific post-processing of the head's output (soft-capping, scaling), or None."""
+    """(softcap, scale) applied to the head's output by the model (Gemma 2, Cohere), or (None, None)."""
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     if softcap:
-        return lambda logits: torch.tanh(logits / softcap) * softcap
+        return float(softcap), None
     if scale and scale != 1:
-        return lambda logits: logits * scale
-    return None
+        return None, float(scale)
+    return None, None
 
 
-def _chunk_logps(head, transform, hidden: torch.Tensor, targets: torch.Tensor, want_sqnorm: bool):
+def _transform(logits: torch.Tensor, softcap, scale) -> torch.Tensor:
+    if softcap is not None:
+        return torch.tanh(logits / softcap) * softcap
+    if scale is not None:
+        return logits * scale
+    return logits
+
+
+# -- kernel 1: fused, tiled projection + log-softmax ---------------------------------------------
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul dtype autocast would pick here (the weight's dtype without autocast)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class _FusedResponseLogps(torch.autograd.Function):
+    """hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) -> token log-probs (N,) fp32,
+    logit sums over the vocabulary (N,) and, with `want_sqnorm`, log Σ_v π(v)² (N,).
+
+    Only the token log-probs are differentiable: the logit sums feed metrics and the square norm
+    feeds WPO's weights, which are detached (losses.wpo_weights).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, softcap, scale, want_sqnorm):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype = _compute_dtype(hidden, weight)
+        out = hidden.new_empty(n, dtype=torch.float32)
+        lse_all = torch.empty_like(out)
+        sums = torch.zeros_like(out)
+        sqnorm = torch.empty_like(out) if want_sqnorm else out.new_empty(0)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.float() if bias is not None else None
+            for r0 in range(0, n, chunk_size):
+                h = hidden[r0:r0 + chunk_size].to(dtype)
+                t = targets[r0:r0 + chunk_size]
+                rows = h.shape[0]
+                m = out.new_full((rows,), -math.inf)
+                s = out.new_zeros(rows)
+                m2, s2 = (out.new_full((rows,), -math.inf), out.new_zeros(rows)) if want_sqnorm else (None, None)
+                target_logit = out.new_zeros(rows)
+                for v0 in range(0, vocab, VOCAB_BLOCK):
+                    z = (h @ w[v0:v0 + VOCAB_BLOCK].t()).float()
+                    if b is not None:
+                        z += b[v0:v0 + VOCAB_BLOCK]
+                    z = _transform(z, softcap, scale)
+                    sums[r0:r0 + rows] += z.sum(-1)
+                    in_block = (t >= v0) & (t < v0 + z.shape[1])
+                    if in_block.any():
+                        where = in_block.nonzero().squeeze(-1)
+                        target_logit[where] = z[where, t[where] - v0]
+                    if want_sqnorm:  # online log-sum-exp of 2z
+                        new_m2 = torch.maximum(m2, 2 * z.amax(-1))
+                        s2 = s2 * torch.exp(m2 - new_m2) + torch.exp(2 * z - new_m2[:, None]).sum(-1)
+                        m2 = new_m2
+                    new_m = torch.maximum(m, z.amax(-1))  # online log-sum-exp of z
+                    z -= new_m[:, None]
+                    s = s * torch.exp(m - new_m) + z.exp_().sum(-1)
+                    m = new_m
+                lse = m + torch.log(s)
+                lse_all[r0:r0 + rows] = lse
+                out[r0:r0 + rows] = target_logit - lse
+                if want_sqnorm:
+                    sqnorm[r0:r0 + rows] = m2 + torch.log(s2) - 2 * lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+        ctx.config = (chunk_size, softcap, scale, dtype)
+        ctx.mark_non_differentiable(sums, sqnorm)
+        return out, sums, sqnorm
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_sums, _grad_sqnorm):
+        hidden, weight, bias, targets, lse_all = ctx.saved_tensors
+        chunk_size, softcap, scale, dtype = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        vocab = weight.shape[0]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.float() if bias is not None else None
+            for r0 in range(0, hidden.shape[0], chunk_size):
+                h = hidden[r0:r0 + chunk_size].to(dtype)
+                t = targets[r0:r0 + chunk_size]
+                g = grad_out[r0:r0 + chunk_size].float()
+                lse = lse_all[r0:r0 + chunk_size]
+                for v0 in range(0, vocab, VOCAB_BLOCK):
+                    w_block = w[v0:v0 + VOCAB_BLOCK]
+                    z = (h @ w_block.t()).float()
+                    if b is not None:
+                        z += b[v0:v0 + VOCAB_BLOCK]
+                    dz = None  # dz/dy of the transform, where it is not the identity
+                    if softcap is not None:  # z = c tanh(y / c): dz/dy = 1 - (z / c)^2
+                        z = torch.tanh(z / softcap) * softcap
+                        dz = 1 - (z / softcap) ** 2
+                    elif scale is not None:
+                        z *= scale
+                    # d(z_t - lse)/dz = onehot(t) - softmax(z), times the upstream gradient g; in place
+                    grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+                    in_block = (t >= v0) & (t < v0 + grad.shape[1])
+                    if in_block.any():
+                        where = in_block.nonzero().squeeze(-1)
+                        grad[where, t[where] - v0] += g[where]
+                    if dz is not None:
+                        grad *= dz
+                    elif scale is not None:
+                        grad *= scale
+                    if need_b:
+                        grad_b[v0:v0 + VOCAB_BLOCK] += grad.sum(0)
+                    grad = grad.to(dtype)
+                    if need_h:
+                        _accumulate_mm(grad_h[r0:r0 + chunk_size], grad, w_block)
+                    if need_w:
+                        _accumulate_mm(grad_w[v0:v0 + VOCAB_BLOCK], grad.t(), h)
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+            None, None, None, None, None,
+        )
+
+
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b, without a temporary where the dtypes allow."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_((a @ b).float())
+
+
+def _fusable_head(head) -> bool:
+    """Whether the fused kernel may read `head.weight` directly instead of calling the module.
+
+    Only a plain `nn.Linear` without hooks, whose weight is an ordinary dense tensor: a LoRA-wrapped
+    head, a DeepSpeed ZeRO-3 partitioned weight (`ds_id`) or an FSDP2 DTensor needs its module call.
+    """
+    if type(head) is not torch.nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    weight = head.weight
+    return type(weight.data) is torch.Tensor and not hasattr(weight, "ds_id")
+
+
+# -- kernel 2: per-chunk module calls, checkpointed ----------------------------------------------
+def _chunk_logps(head, softcap, scale, hidden: torch.Tensor, targets: torch.Tensor, want_sqnorm: bool):
     """For hidden (N, H) and targets (N,): token log-probs (N,), logit sums (N,), optional sq-norm (N,)."""
-    logits = head(hidden).float()
-    if transform is not None:
-        logits = transform(logits)
+    logits = _transform(head(hidden).float(), softcap, scale)
     logsumexp = torch.logsumexp(logits, dim=-1)
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
     logit_sums = logits.detach().sum(-1)
@@ -49,79 +250,128 @@ def _chunk_logps(head, transform, hidden: torch.Tensor, targets: torch.Tensor, w
     return token_logps, logit_sums
 
 
-def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                         *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None):
-    """Log-probs of the labelled tokens of each row.
-
-    Args: input_ids, attention_mask, labels: (R, T); labels are -100 where not scored.
-    Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
-    t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
-    (mean over the vocabulary, detached) and optionally `sqnorm` (N,).
-    """
-    decoder, head = _decoder_and_head(model)
-    kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    selected = hidden[:, :-1][mask]  # (N, H): only the positions that predict a response token
-    targets = shifted[mask]
-    transform = _logit_transform(model.config)
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else None
+def _head_logps(head, softcap, scale, selected, targets, chunk_size, want_sqnorm):
+    """(token_logps, logit_sums, sqnorm | None) for the N selected positions, by either kernel."""
+    if _fusable_head(head):
+        token_logps, sums, sqnorm = _FusedResponseLogps.apply(
+            selected, head.weight, head.bias, targets, chunk_size, softcap, scale, want_sqnorm)
+        return token_logps, sums, (sqnorm if want_sqnorm else None)
     outputs = []
     for start in range(0, selected.shape[0], chunk_size):
-        args = (head, transform, selected[start:start + chunk_size], targets[start:start + chunk_size], want_sqnorm)
+        args = (head, softcap, scale, selected[start:start + chunk_size], targets[start:start + chunk_size],
+                want_sqnorm)
         if torch.is_grad_enabled() and selected.requires_grad:
             outputs.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
         else:
             outputs.append(_chunk_logps(*args))
-    columns = list(zip(*outputs)) if outputs else [[selected.new_zeros(0, dtype=torch.float)]] * (3 if want_sqnorm else 2)
-    result = {"mask": mask, "token_logps": torch.cat(columns[0])}
-    logit_sums = torch.cat(columns[1])
-    result["logit_means"] = logit_sums / vocab if vocab else logit_sums
+    if not outputs:
+        empty = selected.new_zeros(0, dtype=torch.float)
+        return empty, empty, (empty if want_sqnorm else None)
+    columns = list(zip(*outputs))
+    return torch.cat(columns[0]), torch.cat(columns[1]), (torch.cat(columns[2]) if want_sqnorm else None)
+
+
+def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, **kwargs):
+    """The body of `response_token_logps`, run as the causal LM's forward (see the module docstring).
+
+    `kwargs` are what the wrappers pass on (input_ids, attention_mask, position_ids, and Nones
+    such as labels=None from PEFT); the decoder gets the non-None ones.
+    """
+    skip = ("labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
+    inputs = {k: v for k, v in kwargs.items() if v is not None and k not in skip}
+    decoder, head = _decoder_and_head(lm)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    shifted = scored_labels[:, 1:]
+    mask = shifted != IGNORE_INDEX
+    selected = hidden[:, :-1][mask]  # (N, H): only the positions that predict a response token
+    targets = shifted[mask]
+    softcap, scale = _logit_transform(lm.config)
+    token_logps, logit_sums, sqnorm = _head_logps(head, softcap, scale, selected, targets, chunk_size, want_sqnorm)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else lm.config.get_text_config().vocab_size
+    result = {"mask": mask, "token_logps": token_logps, "logit_means": logit_sums / vocab}
     if want_sqnorm:
-        result["sqnorm"] = torch.cat(columns[2])
+        result["sqnorm"] = sqnorm
     return result
 
 
-def _per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum per row of the flat (N,) `values` scattered by `mask` (R, T)."""
-    rows = mask.nonzero(as_tuple=True)[0]
-    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                         *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None):
+    """Log-probs of the labelled tokens of each row.
+
+    Args: input_ids, labels: (R, T); labels are -100 where not scored. attention_mask: (R, T), or a
+    prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None.
+    Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
+    t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
+    (mean over the vocabulary, detached) and optionally `sqnorm` (N,).
+    `model` may be wrapped (PEFT, DDP, DeepSpeed, FSDP): the computation runs inside its forward.
+    """
+    lm = causal_lm(model)
+
+    def forward(*args, **kwargs):
+        if args:
+            raise TypeError("prefalign calls the model with keyword arguments only")
+        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, **kwargs)
+
+    with _forward_replaced(lm, forward):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
 
-def _left_aligned(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (N,) values -> (R, L) left-aligned per row, zero-padded, with its (R, L) bool mask."""
-    counts = mask.sum(1)
+# -- per-pair sums --------------------------------------------------------------------------------
+def _segments(mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """For each scored token (row-major over `mask`), its sequence in [0, 2B): b chosen, B + b rejected."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    if "segment_ids" not in batch:  # concatenated: rows [0, B) chosen, [B, 2B) rejected
+        return rows, mask.shape[0] // 2
+    b = mask.shape[0]
+    rejected = batch["segment_ids"][:, 1:][rows, cols] == SEGMENT_REJECTED  # the segment of the predicted token
+    return rows + b * rejected.long(), b
+
+
+def _left_aligned(values: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (N,) values of sequences `seq` (N,) (each sequence's tokens in order, sequences in any
+    order) -> (S, L) left-aligned and zero-padded, with its (S, L) bool mask."""
     width = int(counts.max()) if counts.numel() else 0
-    rows, _ = mask.nonzero(as_tuple=True)
-    cols = mask.long().cumsum(1)[mask] - 1
-    out = values.new_zeros(mask.shape[0], width)
-    out = out.index_put((rows, cols), values)
-    valid = torch.arange(width, device=mask.device).unsqueeze(0) < counts.unsqueeze(1)
+    order = torch.argsort(seq, stable=True)
+    seq, values = seq[order], values[order]
+    starts = counts.cumsum(0) - counts
+    cols = torch.arange(values.shape[0], device=values.device) - starts[seq]
+    out = values.new_zeros(counts.shape[0], width).index_put((seq, cols), values)
+    valid = torch.arange(width, device=values.device).unsqueeze(0) < counts.unsqueeze(1)
     return out, valid
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                token_level: bool = False, want_sqnorm: bool = False) -> PairLogps:
-    """Policy (or reference) log-probs of a concatenated batch from `PairCollator`.
+    """Policy (or reference) log-probs of a batch from `PairCollator` or `PrefixSharedCollator`.
 
-    Rows [0, B) are chosen and [B, 2B) rejected. With `token_level`, `extras` holds the per-token
-    `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO), and with
-    `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
+    Concatenated batches: rows [0, B) are chosen and [B, 2B) rejected. Prefix-shared batches
+    (`segment_ids` present): one row per pair, the (R, 1, T, T) attention mask is built here for
+    the model's attention implementation (modeling/prefix.py). With `token_level`, `extras` holds
+    the per-token `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO),
+    and with `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
     """
-    out = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+    attention_mask = batch["attention_mask"]
+    if "segment_ids" in batch:
+        from prefalign.modeling.prefix import shared_prefix_attention_mask
+
+        lm = causal_lm(model)
+        attention_mask = shared_prefix_attention_mask(
+            batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
+    out = response_token_logps(model, batch["input_ids"], attention_mask, batch["labels"],
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
                                position_ids=batch.get("position_ids"))
     mask = out["mask"]
-    sums = _per_row(out["token_logps"], mask)
-    counts = mask.sum(1).float()
-    logit_means = _per_row(out["logit_means"], mask) / counts.clamp(min=1)
-    b = mask.shape[0] // 2
+    seq, b = _segments(mask, batch)
+    counts = torch.bincount(seq, minlength=2 * b)
+    sums = torch.zeros(2 * b, dtype=out["token_logps"].dtype, device=mask.device).index_add(0, seq, out["token_logps"])
+    logit_means = torch.zeros(2 * b, dtype=torch.float32, device=mask.device).index_add(
+        0, seq, out["logit_means"].float()) / counts.clamp(min=1)
+    counts = counts.float()
     extras = {}
     if token_level or want_sqnorm:
         names = [("token_logps", out["token_logps"])] + ([("token_sqnorm", out["sqnorm"])] if want_sqnorm else [])
         for name, values in names:
-            dense, valid = _left_aligned(values, mask)
+            dense, valid = _left_aligned(values, seq, counts.long())
             extras[f"chosen_{name}"], extras[f"rejected_{name}"] = dense[:b], dense[b:]
             extras["chosen_mask"], extras["rejected_mask"] = valid[:b], valid[b:]
     return PairLogps(

@@ -37,16 +37,17 @@ class PreferenceTrainer(Trainer):
         self._metric_sums: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # -- the loss -------------------------------------------------------------------------
-    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, LossOutput, PairLogps]:
+    def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:
         settings = self.loss_settings
         policy = pair_logps(model, inputs, chunk_size=self.chunk_size,
                             token_level=settings.ld_alpha is not None, want_sqnorm=settings.use_weighting)
-        reference = self.reference_logps(inputs)
+        reference = self.reference_logps(inputs, split)
         out = compute_preference_loss(policy, reference, self.loss_names, self.loss_weights, settings)
         return out.losses.mean(), out, policy
 
-    def reference_logps(self, inputs) -> PairLogps | None:
-        return self.reference.logps(inputs)
+    def reference_logps(self, inputs, split: str = "train") -> PairLogps | None:
+        # `split`: a precomputed reference keeps one table per split (pair indices restart at 0 in each)
+        return self.reference.logps(inputs, split=split)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, out, policy = self.batch_loss(model, inputs)
@@ -56,7 +57,7 @@ class PreferenceTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, out, policy = self.batch_loss(model, inputs)
+            loss, out, policy = self.batch_loss(model, inputs, split="eval")
         self._store_metrics(out, policy, "eval")
         return loss.detach(), None, None
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
 
 from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
-from prefalign.data.collate import PairCollator
+from prefalign.data.collate import make_collator, with_lengths
 from prefalign.data.pipeline import describe, prepare_data
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import REFERENCE_ADAPTER, compute_dtype, load_policy, load_tokenizer
@@ -75,14 +76,28 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     policy = load_policy(config.model, ft, dtype)
     settings = loss_settings(ft)
     needs_ref = losses.needs_reference(config.loss_names, settings)
-    reference = build_reference(config, policy, needs_reference=needs_ref, dtype=dtype)
+    collator = make_collator(tokenizer.pad_token_id, prefix_sharing=ft.prefix_sharing)
+    precompute = ft.precompute_ref_log_probs and needs_ref
+    reference = build_reference(config, policy, needs_reference=needs_ref, dtype=dtype, for_precompute=precompute)
+    if precompute:
+        from prefalign.reference_cache import precompute_reference
+
+        reference = precompute_reference(
+            config, reference, {"train": data.train, "eval": data.eval}, collator, device=args.device, dtype=dtype,
+            batch_size=max(args.per_device_train_batch_size, args.per_device_eval_batch_size),
+            process_index=args.process_index, num_processes=args.world_size,
+        )
     logger.info("Reference: %s", reference.name)
     if _checkpointing(args) and hasattr(policy, "enable_input_require_grads"):
         policy.enable_input_require_grads()
 
+    train, eval_ = data.train, data.eval
+    if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # the samplers read `length`
+        train = with_lengths(train, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+        eval_ = with_lengths(eval_, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
     return PreferenceTrainer(
-        model=policy, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=PairCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        model=policy, args=args, train_dataset=train, eval_dataset=eval_,
+        data_collator=collator, processing_class=tokenizer,
         reference=reference, loss_names=config.loss_names, loss_weights=config.loss_weights,
         loss_settings=settings, chunk_size=ft.logits_chunk_size,
     )
@@ -105,10 +120,10 @@ def run_train(config: RunConfig) -> dict:
 def save_outputs(config: RunConfig, trainer, result) -> dict:
     args = config.training
     out = Path(args.output_dir)
-    model = trainer.model
-    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
-        model.delete_adapter(REFERENCE_ADAPTER)  # save the trained adapter only
     trainer.save_model()
+    # peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output.
+    # It stays loaded: the final evaluation and the report still need it.
+    shutil.rmtree(out / REFERENCE_ADAPTER, ignore_errors=True)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
