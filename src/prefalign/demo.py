@@ -38,6 +38,14 @@ SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)  # ids 0, 1, 2
 DEFAULT_VOCAB_SIZE = 2048
 DEFAULT_MAX_POSITIONS = 512
 
+# The supervised warm-up of the demo model (see `sft_warmup`).
+DEFAULT_SFT_EPOCHS = 30
+DEFAULT_SFT_LR = 2e-3
+DEFAULT_SFT_BATCH_SIZE = 16
+DEFAULT_SFT_THREADS = 1
+# The demo model's size (`build_tiny_model` arguments) as `ensure_demo_model` builds it.
+DEMO_MODEL_KWARGS = {"hidden_size": 64, "num_layers": 2, "heads": 4}
+
 # The demo data lives in the source tree (examples/data), next to the package's src/ folder; an
 # installed (non-editable) package finds it from the current directory, where the quickstart runs.
 DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -92,9 +100,7 @@ def train_tokenizer(
 
 def demo_texts(data_dir: str | os.PathLike | None = None) -> list[str]:
     """Every text field (system, instruction, input, chosen, rejected) of the demo data files."""
-    if data_dir is None:
-        data_dir = DEMO_DATA_DIR if DEMO_DATA_DIR.is_dir() else Path.cwd() / "examples" / "data"
-    data_dir = Path(data_dir)
+    data_dir = _resolve_data_dir(data_dir)
     texts = []
     for name in DEMO_FILES:
         path = data_dir / name
@@ -107,6 +113,23 @@ def demo_texts(data_dir: str | os.PathLike | None = None) -> list[str]:
         fields = ("system", "instruction", "input", "chosen", "rejected")
         texts += [record[f] for record in records for f in fields if record.get(f)]
     return texts
+
+
+def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        data_dir = DEMO_DATA_DIR if DEMO_DATA_DIR.is_dir() else Path.cwd() / "examples" / "data"
+    return Path(data_dir)
+
+
+def demo_records(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The records of `demo_<split>.json` (`split` is "train" or "eval"), as loaded from JSON."""
+    path = _resolve_data_dir(data_dir) / f"demo_{split}.json"
+    if not path.is_file():
+        raise PrefalignError(
+            f"The demo data {path} is missing; the demo model is warmed up on it. Run from a prefalign "
+            "source checkout, or regenerate it with `python scripts/make_demo_data.py`."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def build_tiny_model(
@@ -162,8 +185,172 @@ def build_tiny_model(
     return str(path)
 
 
-def ensure_demo_model(path: str | os.PathLike, **build_kwargs) -> str:
+def sft_examples(tokenizer, records: Iterable[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) for both the chosen and the rejected reply of each preference record.
+
+    The prompt is the record rendered with the tokenizer's chat template up to the assistant's turn
+    (system message if present; user = instruction, plus "\n" + input when input is non-empty); the
+    reply is the reply text followed by the end of turn (the eos, `<|im_end|>`).
+    """
+    examples = []
+    for record in records:
+        user = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+        messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+            {"role": "user", "content": user}
+        ]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        for side in ("chosen", "rejected"):
+            reply_ids = tokenizer(record[side] + tokenizer.eos_token, add_special_tokens=False).input_ids
+            examples.append((prompt_ids, reply_ids))
+    return examples
+
+
+def _sft_batch(examples: list[tuple[list[int], list[int]]], pad_token_id: int):
+    """Right-padded input ids, attention mask and labels (-100 except on the reply tokens)."""
+    import torch
+
+    length = max(len(p) + len(r) for p, r in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for i, (prompt, reply) in enumerate(examples):
+        n = len(prompt) + len(reply)
+        input_ids[i, :n] = torch.tensor(prompt + reply)
+        attention_mask[i, :n] = 1
+        labels[i, len(prompt) : n] = torch.tensor(reply)
+    return input_ids, attention_mask, labels
+
+
+def _sft_loss(model, input_ids, attention_mask, labels):
+    """Mean cross-entropy of the reply tokens, the vocabulary projection computed only where it is needed."""
+    import torch
+
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits, targets[keep])
+
+
+def sft_reply_nll(model, tokenizer, records: Iterable[dict], batch_size: int = 64) -> float:
+    """Mean negative log-likelihood per reply token (chosen and rejected, end of turn included)."""
+    import torch
+
+    examples = sft_examples(tokenizer, records)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            input_ids, attention_mask, labels = _sft_batch(examples[start : start + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += nll.item()
+            count += int((targets != -100).sum())
+    model.train(was_training)
+    return total / count
+
+
+def sft_warmup(
+    path_or_model,
+    records: Iterable[dict],
+    epochs: int = DEFAULT_SFT_EPOCHS,
+    lr: float = DEFAULT_SFT_LR,
+    seed: int = 0,
+    *,
+    tokenizer=None,
+    batch_size: int = DEFAULT_SFT_BATCH_SIZE,
+    num_threads: int | None = DEFAULT_SFT_THREADS,
+):
+    """Supervised warm-up: train a causal LM on the replies of preference `records`, in plain PyTorch.
+
+    Both the chosen and the rejected reply of each record are trained on (so the model answers
+    politely or rudely about equally often, and DPO has a preference to shift), with the loss on
+    the reply tokens only, end of turn included: AdamW, linear warm-up then cosine decay, `epochs`
+    passes over the shuffled examples in batches of `batch_size`.
+
+    `path_or_model` is a model folder (its model is trained and saved back in place, its tokenizer
+    is used; returns the path) or a `PreTrainedModel` (trained in place with `tokenizer`; returns
+    it). Deterministic: the seed fixes the order, and the run is pinned to `num_threads` CPU
+    threads (default 1; None keeps the caller's setting) because a matrix product's rounding can
+    depend on how many threads share it. The caller's random stream and thread count are unchanged.
+    """
+    import math
+
+    import torch
+
+    path = None
+    if isinstance(path_or_model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path_or_model)
+        tokenizer = AutoTokenizer.from_pretrained(path) if tokenizer is None else tokenizer
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = path_or_model
+        if tokenizer is None:
+            raise PrefalignError("sft_warmup: pass `tokenizer` along with a model object.")
+
+    examples = sft_examples(tokenizer, records)
+    if not examples:
+        raise PrefalignError("sft_warmup: no records to train on.")
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total_steps = max(1, epochs * steps_per_epoch)
+    warmup_steps = max(1, total_steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        order_rng = torch.Generator().manual_seed(seed)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        try:
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+            for _ in range(epochs):
+                order = torch.randperm(len(examples), generator=order_rng).tolist()
+                for start in range(0, len(order), batch_size):
+                    batch = [examples[i] for i in order[start : start + batch_size]]
+                    loss = _sft_loss(model, *_sft_batch(batch, tokenizer.pad_token_id))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    scheduler.step()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval()
+    if path is None:
+        return model
+    model.save_pretrained(path)
+    return str(path)
+
+
+def ensure_demo_model(
+    path: str | os.PathLike,
+    *,
+    sft_epochs: int = DEFAULT_SFT_EPOCHS,
+    sft_lr: float = DEFAULT_SFT_LR,
+    data_dir: str | os.PathLike | None = None,
+    **build_kwargs,
+) -> str:
     """Return `path`, first building the demo model there if `<path>/config.json` is missing.
+
+    The demo model is a supervised-fine-tuned one, as DPO expects: `build_tiny_model` (with
+    `DEMO_MODEL_KWARGS`, overridden by `build_kwargs`) and then `sft_warmup` for `sft_epochs` epochs
+    (0: none, the model stays random) on the chosen and rejected replies of `demo_train.json` in
+    `data_dir` (default: the shipped demo data); the held-out `demo_eval.json` is never trained on.
 
     The model is built in a temporary sibling folder and renamed into place, so a reader never
     sees a half-written model; a lock file next to `path` makes concurrent callers (e.g. the
@@ -186,7 +373,12 @@ def ensure_demo_model(path: str | os.PathLike, **build_kwargs) -> str:
         staging = path.parent / f".{path.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            build_tiny_model(staging, **build_kwargs)
+            kwargs = {**DEMO_MODEL_KWARGS, **build_kwargs}
+            if kwargs.get("texts") is None:
+                kwargs["texts"] = demo_texts(data_dir)
+            build_tiny_model(staging, **kwargs)
+            if sft_epochs > 0:
+                sft_warmup(staging, demo_records("train", data_dir), sft_epochs, sft_lr, kwargs.get("seed", 0))
             os.replace(staging, path)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
@@ -219,8 +411,13 @@ __all__ = [
     "DEMO_DATA_DIR",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "DEMO_MODEL_KWARGS",
     "build_tiny_model",
+    "demo_records",
     "demo_texts",
     "ensure_demo_model",
+    "sft_examples",
+    "sft_reply_nll",
+    "sft_warmup",
     "train_tokenizer",
 ]

@@ -40,7 +40,14 @@ from prefalign.config import RunConfig, loss_settings
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.data.collate import PairCollator
 from prefalign.errors import ConfigError
-from prefalign.modeling.load import _split_paths, compute_dtype, load_causal_lm, load_tokenizer, merge_adapters
+from prefalign.metrics import pair_metrics
+from prefalign.modeling.load import (
+    _split_paths,
+    compute_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    merge_adapters,
+)
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.reference import Reference, build_reference
 
@@ -146,20 +153,7 @@ class Scorer:
 
 def metric_values(out: LossOutput, policy: PairLogps) -> dict[str, torch.Tensor]:
     """Per-pair values (B,) of the metrics `PreferenceTrainer` logs, under its names, plus `loss`."""
-    values = {
-        "loss": out.losses,
-        "rewards/chosen": out.chosen_rewards,
-        "rewards/rejected": out.rejected_rewards,
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-        "logps/chosen": policy.chosen,
-        "logps/rejected": policy.rejected,
-    }
-    if policy.chosen_mean_logit is not None:
-        values["logits/chosen"] = policy.chosen_mean_logit
-        values["logits/rejected"] = policy.rejected_mean_logit
-    values.update(out.metrics)
-    return {key: value.detach().float() for key, value in values.items()}
+    return {"loss": out.losses.detach().float(), **pair_metrics(out, policy)}
 
 
 def pair_rows(index: torch.Tensor, out: LossOutput, policy: PairLogps, reference: PairLogps | None,

@@ -216,10 +216,11 @@ class ReferenceTable:
         if token_level:
             if "chosen_token_logps" not in self.values:
                 raise PrefalignError("reference log-probs: the cache holds no per-token values (needed by ld_alpha)")
+            # one width for both sides, as pair_logps gives them
+            width = int(max(self.values["chosen_tokens"][rows].max(), self.values["rejected_tokens"][rows].max()))
+            cols = torch.arange(width)
             for side in ("chosen", "rejected"):
                 counts = self.values[f"{side}_tokens"][rows].long()
-                width = int(counts.max()) if counts.numel() else 0
-                cols = torch.arange(width)
                 valid = cols[None, :] < counts[:, None]
                 flat = self.values[f"{side}_token_logps"]
                 at = (self.values[f"{side}_offsets"][rows][:, None] + cols[None, :]).clamp(max=max(len(flat) - 1, 0))

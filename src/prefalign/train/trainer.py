@@ -18,6 +18,7 @@ from transformers import Trainer
 
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.losses import LossSettings, compute_preference_loss
+from prefalign.metrics import pair_metrics
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.reference import Reference
 
@@ -63,21 +64,8 @@ class PreferenceTrainer(Trainer):
 
     # -- metrics --------------------------------------------------------------------------
     def _store_metrics(self, out: LossOutput, policy: PairLogps, split: str) -> None:
-        values = {
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "logps/chosen": policy.chosen,
-            "logps/rejected": policy.rejected,
-        }
-        if policy.chosen_mean_logit is not None:
-            values["logits/chosen"] = policy.chosen_mean_logit
-            values["logits/rejected"] = policy.rejected_mean_logit
-        values.update(out.metrics)
         store = self._metric_sums[split]
-        for key, value in values.items():
-            value = value.detach().float()
+        for key, value in pair_metrics(out, policy).items():
             store[key].append(torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

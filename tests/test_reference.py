@@ -1,0 +1,273 @@
+"""Reference strategies, each against the model it stands for, and the precomputed reference cache."""
+
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefalign import reference_cache
+from prefalign.config import build_config
+from prefalign.data.collate import PairCollator
+from prefalign.modeling.logprobs import pair_logps
+from prefalign.reference_cache import (
+    PrecomputedReference,
+    ReferenceTable,
+    compute_part,
+    precompute_split,
+    weights_fingerprint,
+    write_part,
+)
+from prefalign.train.workflow import build_trainer, run_train
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test gets its own cache (encoded data and reference log-probs)."""
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path / "cache"))
+
+
+def config_for(model_dir, out, **overrides):
+    values = {
+        "model_name_or_path": str(model_dir), "stage": "dpo", "finetuning_type": "lora",
+        "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16,
+        "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 2,
+        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True,
+    }
+    values.update(overrides)
+    return build_config(values)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+@torch.no_grad()
+def logps_of(model, batch):
+    model.eval()
+    return pair_logps(model, batch)
+
+
+def assert_same_logps(a, b, atol=1e-5):
+    assert torch.allclose(a.chosen, b.chosen, atol=atol) and torch.allclose(a.rejected, b.rejected, atol=atol)
+
+
+def make_adapter(model_dir, path, seed=1):
+    """A LoRA adapter with random, non-zero lora_A and lora_B (as if trained by SFT), saved with peft."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def with_adapter(model_dir, adapter):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+
+
+# -- live strategies ----------------------------------------------------------------------------------
+def test_adapter_disabled_reference_is_the_bare_base(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path))
+    assert trainer.reference.name == "adapter-disabled"
+    with torch.no_grad():  # make the policy differ from the base
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = first_batch(trainer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert_same_logps(trainer.reference.logps(batch), logps_of(base, batch))
+    assert not torch.allclose(logps_of(trainer.model, batch).chosen, logps_of(base, batch).chosen)
+
+
+def test_sft_adapter_reference_is_base_plus_sft_adapter(tiny_model_dir, tmp_path):
+    """From an SFT adapter: reference = base + SFT adapter (not the bare base), policy starts there,
+    so the step-0 loss is ln 2; the saved adapter loads with peft on the bare base."""
+    from peft import PeftModel
+
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
+    config = config_for(tiny_model_dir, tmp_path / "out", adapter_name_or_path=sft)
+    trainer = build_trainer(config)
+    assert trainer.reference.name == "sft-adapter"
+    batch = first_batch(trainer)
+    expected = logps_of(with_adapter(tiny_model_dir, sft), batch)
+    bare = logps_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)
+    reference = trainer.reference.logps(batch)
+    assert_same_logps(reference, expected)
+    assert not torch.allclose(reference.chosen, bare.chosen, atol=1e-3)
+    loss, out, _ = trainer.batch_loss(trainer.model, batch)
+    assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)
+
+    run_train(config)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "out")
+    assert list(trained.peft_config) == ["default"]
+    after = logps_of(trained, batch)
+    assert not torch.allclose(after.chosen, expected.chosen, atol=1e-4)  # trained away from the SFT adapter
+    assert not torch.allclose(after.chosen, bare.chosen, atol=1e-3)  # and it is an adapter on the base
+
+
+def test_separate_model_reference_is_that_model(tiny_model_dir, tmp_path):
+    from prefalign.demo import build_tiny_model, demo_texts
+
+    other = build_tiny_model(tmp_path / "other", texts=demo_texts(EXAMPLES / "data"), hidden_size=32, seed=7)
+    adapter = make_adapter(other, tmp_path / "other-adapter")
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out", ref_model=other,
+                                       ref_model_adapters=adapter))
+    assert trainer.reference.name == "separate-model"
+    batch = first_batch(trainer)
+    expected = logps_of(with_adapter(other, adapter).merge_and_unload(), batch)
+    assert_same_logps(trainer.reference.logps(batch), expected)
+    assert not torch.allclose(expected.chosen, logps_of(trainer.model, batch).chosen, atol=1e-3)
+
+
+def test_reference_free_loss_loads_and_runs_no_reference(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, pref_loss="simpo"))
+    assert trainer.reference.model is None and trainer.reference.logps(first_batch(trainer)) is None
+
+
+def _reference_params(trainer):
+    ref = trainer.reference
+    if ref.name in ("frozen-copy", "separate-model"):
+        return list(ref.model.named_parameters())
+    return ref.named_weights()  # LoRA: the base (and the frozen SFT copy)
+
+
+@pytest.mark.parametrize("setup", ["lora", "full", "sft-adapter", "separate-model"])
+def test_reference_params_never_get_gradients(tiny_model_dir, tmp_path, setup):
+    overrides = {"full": {"finetuning_type": "full"},
+                 "separate-model": {"finetuning_type": "full", "ref_model": str(tiny_model_dir)}}.get(setup, {})
+    if setup == "sft-adapter":
+        overrides = {"adapter_name_or_path": make_adapter(tiny_model_dir, tmp_path / "sft")}
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out", **overrides))
+    params = _reference_params(trainer)
+    assert params
+    before = {n: p.detach().clone() for n, p in params}
+    trainer.train()
+    for name, param in params:
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, before[name]), name
+    if setup == "sft-adapter":
+        assert any(".reference." in n for n, _ in params)
+
+
+# -- precomputed reference log-probs ----------------------------------------------------------------------
+def _logged(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_precompute_gives_the_live_losses_and_frees_the_reference(tiny_model_dir, tmp_path, finetuning_type):
+    runs = {}
+    for precompute in (False, True):
+        config = config_for(tiny_model_dir, tmp_path / str(precompute), finetuning_type=finetuning_type,
+                            precompute_ref_log_probs=precompute, val_size=4, max_steps=2)
+        trainer = build_trainer(config)
+        trainer.train()
+        runs[precompute] = (trainer, _logged(trainer), trainer.evaluate())
+    trainer = runs[True][0]
+    assert isinstance(trainer.reference, PrecomputedReference)
+    assert trainer.reference.name == f"precomputed ({'adapter-disabled' if finetuning_type == 'lora' else 'frozen-copy'})"
+    assert set(trainer.reference.tables) == {"train", "eval"}
+    if finetuning_type == "full":  # no frozen copy was ever made: nothing but the policy holds weights
+        assert not any(isinstance(v, torch.nn.Module) for v in vars(trainer.reference).values())
+    live, cached = runs[False][1], runs[True][1]
+    assert len(live) == len(cached) == 2
+    for a, b in zip(live, cached):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert runs[True][2][key] == pytest.approx(runs[False][2][key], abs=1e-5), key
+
+
+def test_second_and_resumed_runs_reuse_the_cache(tiny_model_dir, tmp_path, monkeypatch):
+    calls = []
+    original = reference_cache.compute_part
+    monkeypatch.setattr(reference_cache, "compute_part", lambda *a, **k: calls.append(1) or original(*a, **k))
+    out = tmp_path / "out"
+    first = config_for(tiny_model_dir, out, precompute_ref_log_probs=True, save_strategy="steps", save_steps=2)
+    trainer = build_trainer(first)
+    assert trainer.reference.stats["train"]["computed"] == 16 and len(calls) == 1
+    parts = sorted(Path(trainer.reference.stats["train"]["path"]).glob("part-*"))
+    mtimes = [p.stat().st_mtime_ns for p in parts]
+
+    second = build_trainer(first)
+    assert second.reference.stats["train"] == {"computed": 0, "reused": 16, "path": str(parts[0].parent)}
+    run_train(first)  # writes checkpoint-2
+    resumed = config_for(tiny_model_dir, out, precompute_ref_log_probs=True, max_steps=3, overwrite_output_dir=False)
+    run_train(resumed)
+    assert len(calls) == 1  # the first build only
+    assert [p.stat().st_mtime_ns for p in sorted(parts[0].parent.glob("part-*"))] == mtimes
+
+
+def test_cache_key_follows_the_weights_and_the_data(tiny_model_dir, tmp_path):
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "a", precompute_ref_log_probs=True))
+    other_data = build_trainer(config_for(tiny_model_dir, tmp_path / "b", precompute_ref_log_probs=True,
+                                          max_samples=12))
+    assert other_data.reference.stats["train"]["computed"] == 12  # a different data set: its own entry
+    assert other_data.reference.stats["train"]["path"] != trainer.reference.stats["train"]["path"]
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
+    other_ref = build_trainer(config_for(tiny_model_dir, tmp_path / "c", precompute_ref_log_probs=True,
+                                         adapter_name_or_path=sft))
+    assert other_ref.reference.stats["train"]["computed"] == 16
+    weights = [("w", torch.ones(3, 4))]
+    changed = [("w", torch.ones(3, 4).index_put_((torch.tensor([2]), torch.tensor([3])), torch.tensor(1.5)))]
+    assert weights_fingerprint(weights) != weights_fingerprint(changed)
+
+
+def test_ld_dpo_per_token_values_are_cached_too(tiny_model_dir, tmp_path):
+    """LD-DPO reweighs the reference's per-token log-probs: the cache stores them, exactly."""
+    live = build_trainer(config_for(tiny_model_dir, tmp_path / "live", ld_alpha=0.5))
+    cached = build_trainer(config_for(tiny_model_dir, tmp_path / "cached", ld_alpha=0.5, precompute_ref_log_probs=True))
+    batch = first_batch(live)
+    lo, co = live.batch_loss(live.model, batch)[1], cached.batch_loss(cached.model, batch)[1]
+    a, b = live.reference.logps(batch), cached.reference.logps(batch)
+    for key in ("chosen_token_logps", "rejected_token_logps", "chosen_mask", "rejected_mask"):
+        assert torch.allclose(a.extras[key].float(), b.extras[key].float(), atol=1e-5), key
+    assert torch.allclose(lo.losses, co.losses, atol=1e-6)
+    with pytest.raises(Exception, match="no precomputed value"):
+        cached.reference.logps({**batch, "index": torch.tensor([999])})
+
+
+def test_processes_compute_shards_merged_by_index(tiny_model_dir, tmp_path):
+    """Two 'processes' (threads here) each compute every other missing pair into their own file;
+    both read the merged table, equal to a single process's."""
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out"))
+    reference, dataset = trainer.reference, trainer.train_dataset
+    collator = PairCollator(trainer.processing_class.pad_token_id)
+    single, _ = precompute_split(reference, dataset, tmp_path / "single", collator, batch_size=3, device="cpu")
+    results = {}
+
+    def shard(rank):
+        results[rank] = precompute_split(reference, dataset, tmp_path / "sharded", collator, batch_size=3,
+                                         device="cpu", process_index=rank, num_processes=2, timeout_s=60)
+
+    threads = [threading.Thread(target=shard, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(list((tmp_path / "sharded").glob("part-*"))) == 2
+    assert results[0][1]["computed"] + results[1][1]["computed"] == len(dataset)
+    index = torch.tensor(dataset["index"])
+    expected = single.lookup(index, token_level=False, split="train")
+    for rank in (0, 1):
+        got = results[rank][0].lookup(index, token_level=False, split="train")
+        assert_same_logps(got, expected, atol=1e-6)
+    # a part written twice (e.g. a retried process) is read once
+    write_part(tmp_path / "sharded", compute_part(reference, dataset, [0, 1], collator, batch_size=2, device="cpu"))
+    merged = ReferenceTable.load(tmp_path / "sharded")
+    assert merged.indices == set(dataset["index"])
+    assert_same_logps(merged.lookup(index, token_level=False, split="train"), expected, atol=1e-6)
