@@ -50,7 +50,7 @@ RUNS = {
     "pa-full-fast": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True},
 }
 DEFAULT_RUNS = list(RUNS)
-PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-fast", "pa-full-fast"]
+PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-prefix", "pa-lora-fast", "pa-full-prefix", "pa-full-fast"]
 PREFIX_RUNS = ["pa-lora-plain", "pa-lora-prefix", "pa-full-plain", "pa-full-prefix"]
 
 
@@ -306,7 +306,8 @@ def report(args, results: dict[str, dict]) -> str:
         f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}; "
         f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
         f"({args.steps * args.batch_size * args.grad_accum} pairs), lr {args.lr}, sigmoid loss, beta {args.beta}, fp32",
-        f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}",
+        f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}; "
+        f"torch threads in the runs: {sorted({r['threads'] for r in results.values()})}",
         "",
         "| run | loop pairs/s | steady pairs/s | end-to-end pairs/s | setup s | peak RSS MiB | loss step 1 / last |",
         "|---|---:|---:|---:|---:|---:|---|",

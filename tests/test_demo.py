@@ -15,7 +15,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefalign import demo
-from prefalign.demo import build_tiny_model, demo_texts, ensure_demo_model, train_tokenizer
+from prefalign.demo import (
+    BUILD_INFO_FILE,
+    build_tiny_model,
+    demo_records,
+    demo_texts,
+    ensure_demo_model,
+    sft_examples,
+    sft_reply_nll,
+    sft_warmup,
+    train_tokenizer,
+)
 from prefalign.errors import PrefalignError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +53,7 @@ def test_build_is_deterministic(tiny_model_dir, tmp_path, demo_data_dir):
     names = sorted(p.name for p in Path(tiny_model_dir).iterdir())
     assert "model.safetensors" in names and "tokenizer.json" in names
     assert names == sorted(p.name for p in Path(again).iterdir())
-    match, mismatch, errors = filecmp.cmpfiles(tiny_model_dir, again, names, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(tiny_model_dir, again, names, shallow=False)
     assert not mismatch and not errors
 
 
@@ -105,12 +115,22 @@ def test_tokenizer_training_is_deterministic(demo_data_dir):
 # -- ensure_demo_model: built once, never half-written -----------------------------------------
 
 
-def test_ensure_demo_model_builds_once_then_reuses(tmp_path):
+def test_ensure_demo_model_builds_once_then_reuses(tmp_path, monkeypatch):
     path = tmp_path / "models" / "demo"
-    assert ensure_demo_model(path, hidden_size=16, num_layers=1, heads=2) == str(path)
+    assert ensure_demo_model(path, hidden_size=16, num_layers=1, heads=2, sft_epochs=1) == str(path)
     config, weights = path / "config.json", path / "model.safetensors"
     stamps = (config.stat().st_mtime_ns, weights.stat().st_mtime_ns)
-    assert ensure_demo_model(path, hidden_size=16, num_layers=1, heads=2) == str(path)
+    info = json.loads((path / BUILD_INFO_FILE).read_text())
+    assert info["sft_epochs"] == 1 and info["sft_data"] == "demo_train.json" and info["hidden_size"] == 16
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached demo model was rebuilt")
+
+    monkeypatch.setattr(demo, "build_tiny_model", no_rebuild)
+    monkeypatch.setattr(demo, "sft_warmup", no_rebuild)
+    # the cache is keyed on the folder alone: other arguments do not rebuild it either
+    assert ensure_demo_model(path, hidden_size=16, num_layers=1, heads=2, sft_epochs=1) == str(path)
+    assert ensure_demo_model(path) == str(path)
     assert (config.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
     # only the model and its lock file are left next to it, no staging folder
     assert sorted(p.name for p in path.parent.iterdir()) == [".demo.lock", "demo"]
@@ -128,7 +148,7 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "build_tiny_model", slow_build)
     path = tmp_path / "demo"
-    threads = [threading.Thread(target=ensure_demo_model, args=(path,)) for _ in range(3)]
+    threads = [threading.Thread(target=ensure_demo_model, args=(path,), kwargs={"sft_epochs": 0}) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -157,6 +177,139 @@ def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
     assert (path / "notes.txt").read_text() == "mine"
 
 
+def test_a_cached_model_without_the_warm_up_is_reused_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "demo"
+    build_tiny_model(path, texts=demo_texts()[:200], hidden_size=16, num_layers=1, heads=2)  # as older versions did
+    with caplog.at_level("WARNING", logger="prefalign.demo"):
+        assert ensure_demo_model(path) == str(path)
+    assert "without the supervised warm-up" in caplog.text and not (path / BUILD_INFO_FILE).exists()
+
+
+# -- the supervised warm-up --------------------------------------------------------------------
+
+
+def test_sft_examples_render_the_prompt_and_both_replies(tiny_tokenizer, demo_data_dir):
+    records = _load(demo_data_dir, "train")
+    record = next(r for r in records if r.get("system") and r["input"])
+    examples = sft_examples(tiny_tokenizer, [record])
+    assert len(examples) == 2 and examples[0][0] == examples[1][0]
+    prompt = tiny_tokenizer.decode(examples[0][0])
+    assert prompt == (
+        f"<|im_start|>system\n{record['system']}<|im_end|>\n"
+        f"<|im_start|>user\n{record['instruction']}\n{record['input']}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert [tiny_tokenizer.decode(reply) for _, reply in examples] == [
+        record["chosen"] + "<|im_end|>", record["rejected"] + "<|im_end|>",
+    ]
+    # the same prompt ids as the tests' DPO encoding (and the training pipeline's rendering)
+    assert [e for pair in [_encode(tiny_tokenizer, record)] for e in pair] == examples
+    bare = next(r for r in records if not r.get("system") and not r["input"])
+    assert tiny_tokenizer.decode(sft_examples(tiny_tokenizer, [bare])[0][0]) == (
+        f"<|im_start|>user\n{bare['instruction']}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_sft_warmup_lowers_the_reply_nll(tiny_model_dir, demo_data_dir):
+    """Eight short epochs on 64 training records: their replies' NLL drops well below the random model's
+    (~ln(vocab) = 7.4 nats/token); the caller's random stream and thread count are left as they were."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    records = _load(demo_data_dir, "train")[:64]
+    before = sft_reply_nll(model, tokenizer, records)
+    threads = torch.get_num_threads()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert sft_warmup(model, records, 8, 3e-3, 0, tokenizer=tokenizer) is model
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == threads
+    after = sft_reply_nll(model, tokenizer, records)
+    assert before > 7.0 and after < before - 2.0, (before, after)
+
+
+def test_sft_warmup_of_a_folder_saves_it_in_place(tmp_path, demo_data_dir):
+    path = build_tiny_model(tmp_path / "m", texts=demo_texts(demo_data_dir), hidden_size=16, num_layers=1, heads=2)
+    random_weights = (Path(path) / "model.safetensors").read_bytes()
+    records = _load(demo_data_dir, "train")[:16]
+    assert sft_warmup(path, records, epochs=1, lr=1e-3, seed=0) == path
+    assert (Path(path) / "model.safetensors").read_bytes() != random_weights
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.generation_config.eos_token_id == AutoTokenizer.from_pretrained(path).eos_token_id
+    with pytest.raises(PrefalignError, match="tokenizer"):
+        sft_warmup(model, records, epochs=1)
+
+
+def test_the_warmed_up_build_is_deterministic(tmp_path):
+    """Two builds (random init + warm-up) give byte-identical files: the warm-up runs on one thread,
+    whatever the caller's setting, so its rounding does not depend on the thread count."""
+    kwargs = {"hidden_size": 16, "num_layers": 1, "heads": 2, "sft_epochs": 2}
+    threads = torch.get_num_threads()
+    a = Path(ensure_demo_model(tmp_path / "a", **kwargs))
+    torch.set_num_threads(max(2, threads))
+    try:
+        b = Path(ensure_demo_model(tmp_path / "b", **kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    cold = Path(ensure_demo_model(tmp_path / "cold", **{**kwargs, "sft_epochs": 0}))
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "model.safetensors" in names
+    _match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    assert not mismatch and not errors
+    assert not filecmp.cmp(a / "model.safetensors", cold / "model.safetensors", shallow=False)
+    assert filecmp.cmp(a / "tokenizer.json", cold / "tokenizer.json", shallow=False)
+
+
+def test_the_warm_up_never_reads_the_eval_file(tmp_path, demo_data_dir, monkeypatch):
+    """With the tokenizer's texts given, the build reads demo_train.json and nothing else: a data folder
+    whose demo_eval.json is garbage gives the same weights as the shipped one, and no file named
+    demo_eval.json is opened."""
+    poisoned = tmp_path / "data"
+    poisoned.mkdir()
+    (poisoned / "demo_train.json").write_bytes((demo_data_dir / "demo_train.json").read_bytes())
+    (poisoned / "demo_eval.json").write_text("not json: reading this file is a bug")
+    texts = demo_texts(demo_data_dir)
+    opened = []
+    real_open, real_read_text = open, Path.read_text
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_read_text(self, *args, **kwargs):
+        opened.append(str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    monkeypatch.setattr(Path, "read_text", spy_read_text)
+    kwargs = {"texts": texts, "hidden_size": 16, "num_layers": 1, "heads": 2, "sft_epochs": 1}
+    a = Path(ensure_demo_model(tmp_path / "a", data_dir=poisoned, **kwargs))
+    assert any(name.endswith("demo_train.json") for name in opened)
+    assert not any(name.endswith("demo_eval.json") for name in opened), opened
+    monkeypatch.undo()
+    b = Path(ensure_demo_model(tmp_path / "b", data_dir=demo_data_dir, **kwargs))
+    assert filecmp.cmp(a / "model.safetensors", b / "model.safetensors", shallow=False)
+    assert demo_records("train", poisoned) == _load(demo_data_dir, "train")
+
+
+@pytest.mark.slow
+def test_the_demo_model_answers_in_the_demo_style(tmp_path, demo_data_dir):
+    """The model the quickstart builds (default size and warm-up) has learnt its training replies and
+    answers held-out questions greedily with a complete reply that opens like a polite or a rude one."""
+    path = ensure_demo_model(tmp_path / "demo")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert sft_reply_nll(model, tokenizer, _load(demo_data_dir, "train")[:100]) < 0.5
+    train = _load(demo_data_dir, "train")
+    opener = lambda text: text.split("!")[0].split(".")[0]
+    openers = {opener(r[side]) for r in train for side in ("chosen", "rejected")}
+    for question in ("What is the capital of France?", "What color is a banana?", "Tell me what a bridge is."):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**ids, do_sample=False, max_new_tokens=40)[0, ids["input_ids"].shape[1] :]
+        reply = tokenizer.decode(out, skip_special_tokens=True)
+        assert out[-1].item() == tokenizer.eos_token_id and opener(reply) in openers, (question, reply)
+
+
 # -- the demo data -----------------------------------------------------------------------------
 
 
@@ -182,7 +335,7 @@ def test_demo_data_shape(demo_data_dir):
         assert record["chosen"] != record["rejected"]
         assert max(len(record["chosen"].split()), len(record["rejected"].split())) <= 20
     assert any("system" in r for r in train) and any(r["input"] for r in train)
-    prompts = lambda records: {(r.get("system"), r["instruction"], r["input"]) for r in records}  # noqa: E731
+    prompts = lambda records: {(r.get("system"), r["instruction"], r["input"]) for r in records}
     assert len(prompts(train)) == len(train)
     # held out: no eval prompt, nor its question alone, occurs in the training data
     train_questions = {r["input"] or r["instruction"] for r in train}
@@ -252,7 +405,7 @@ def _held_out_accuracy_after_dpo(model_dir, demo_data_dir, *, swap_labels=False,
     if swap_labels:
         train = [(rejected, chosen) for chosen, rejected in train]
     held_out = [_encode(tokenizer, r) for r in _load(demo_data_dir, "eval")]
-    logps = lambda model: lambda seqs: _reply_logps(model, seqs)  # noqa: E731
+    logps = lambda model: lambda seqs: _reply_logps(model, seqs)
     beta, rng = 0.1, random.Random(0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4)
     for _ in range(steps):

@@ -200,6 +200,25 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     assert grads_a and all(torch.allclose(grads_a[n], grads_b[n], atol=1e-6) for n in grads_a)
 
 
+def test_bf16_mixed_precision_through_the_trainer_keys(tiny_model_dir, tmp_path):
+    """`bf16: true` (on a CPU also `use_cpu: true`): autocast runs the head's tiles in bf16, the
+    log-probs stay fp32 and within bf16 rounding of the fp32 ones; the policy starts at the reference."""
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, bf16=True, use_cpu=True, finetuning_type="full",
+                                       prefix_sharing=True))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    exact = pair_logps(trainer.model, batch)
+    with trainer.compute_loss_context_manager(), trainer.accelerator.autocast():
+        assert logprobs._compute_dtype(torch.zeros(1), trainer.model.lm_head.weight) == torch.bfloat16
+        mixed = pair_logps(trainer.model, batch)
+    assert mixed.chosen.dtype == torch.float32 and not torch.equal(mixed.chosen, exact.chosen)
+    assert torch.allclose(mixed.chosen, exact.chosen, rtol=0.01)
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def _pad_tokens(trainer) -> int:
     return sum(int((batch["attention_mask"] == 0).sum()) for batch in trainer.get_train_dataloader())
 

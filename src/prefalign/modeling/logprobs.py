@@ -109,12 +109,22 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _target_logits(h: torch.Tensor, w: torch.Tensor, b, t: torch.Tensor) -> torch.Tensor:
+    """y_t = h · w_t (+ b_t) per row, fp32: (rows, 1, H) @ (rows, H, 1), in the tiles' dtype."""
+    y = torch.bmm(h.unsqueeze(1), w[t].unsqueeze(2)).reshape(-1).float()
+    return y + b[t] if b is not None else y
+
+
 class _FusedResponseLogps(torch.autograd.Function):
     """hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) -> token log-probs (N,) fp32,
     logit sums over the vocabulary (N,) and, with `want_sqnorm`, log Σ_v π(v)² (N,).
 
-    Only the token log-probs are differentiable: the logit sums feed metrics and the square norm
-    feeds WPO's weights, which are detached (losses.wpo_weights).
+    Per chunk of `chunk_size` rows, the logits are computed in tiles of VOCAB_BLOCK columns with
+    an online log-sum-exp; the target logits come from a row-wise dot product, so no tile is
+    searched for them (and nothing waits on the GPU). Backward recomputes each tile once:
+    d(z_t - lse)/dz = onehot(t) - softmax(z), the softmax part tile by tile, the one-hot part as
+    a gather / index_add of N rows. Only the token log-probs are differentiable: the logit sums
+    feed metrics and the square norm WPO's weights, which are detached (losses.wpo_weights).
     """
 
     @staticmethod
@@ -123,40 +133,42 @@ class _FusedResponseLogps(torch.autograd.Function):
         dtype = _compute_dtype(hidden, weight)
         out = hidden.new_empty(n, dtype=torch.float32)
         lse_all = torch.empty_like(out)
-        sums = torch.zeros_like(out)
         sqnorm = torch.empty_like(out) if want_sqnorm else out.new_empty(0)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = bias.float() if bias is not None else None
+            # Σ_v z_v is linear in h unless soft-capped: h · Σ_v w_v (+ Σ_v b_v), no pass over the tiles
+            linear_sums = softcap is None
+            if linear_sums:
+                sums = hidden.float() @ weight.sum(0, dtype=torch.float32) + (b.sum() if b is not None else 0.0)
+                if scale is not None:
+                    sums *= scale
+            else:
+                sums = torch.zeros_like(out)
             for r0 in range(0, n, chunk_size):
                 h = hidden[r0:r0 + chunk_size].to(dtype)
-                t = targets[r0:r0 + chunk_size]
                 rows = h.shape[0]
                 m = out.new_full((rows,), -math.inf)
                 s = out.new_zeros(rows)
-                m2, s2 = (out.new_full((rows,), -math.inf), out.new_zeros(rows)) if want_sqnorm else (None, None)
-                target_logit = out.new_zeros(rows)
+                m2, s2 = out.new_full((rows,), -math.inf), out.new_zeros(rows)
                 for v0 in range(0, vocab, VOCAB_BLOCK):
                     z = (h @ w[v0:v0 + VOCAB_BLOCK].t()).float()
                     if b is not None:
                         z += b[v0:v0 + VOCAB_BLOCK]
                     z = _transform(z, softcap, scale)
-                    sums[r0:r0 + rows] += z.sum(-1)
-                    in_block = (t >= v0) & (t < v0 + z.shape[1])
-                    if in_block.any():
-                        where = in_block.nonzero().squeeze(-1)
-                        target_logit[where] = z[where, t[where] - v0]
+                    if not linear_sums:
+                        sums[r0:r0 + rows] += z.sum(-1)
                     if want_sqnorm:  # online log-sum-exp of 2z
                         new_m2 = torch.maximum(m2, 2 * z.amax(-1))
                         s2 = s2 * torch.exp(m2 - new_m2) + torch.exp(2 * z - new_m2[:, None]).sum(-1)
                         m2 = new_m2
-                    new_m = torch.maximum(m, z.amax(-1))  # online log-sum-exp of z
-                    z -= new_m[:, None]
-                    s = s * torch.exp(m - new_m) + z.exp_().sum(-1)
+                    new_m = torch.maximum(m, z.amax(-1))  # online log-sum-exp of z, in place on the tile
+                    s = s * torch.exp(m - new_m) + z.sub_(new_m[:, None]).exp_().sum(-1)
                     m = new_m
                 lse = m + torch.log(s)
+                target = _transform(_target_logits(h, w, b, targets[r0:r0 + rows]), softcap, scale)
                 lse_all[r0:r0 + rows] = lse
-                out[r0:r0 + rows] = target_logit - lse
+                out[r0:r0 + rows] = target - lse
                 if want_sqnorm:
                     sqnorm[r0:r0 + rows] = m2 + torch.log(s2) - 2 * lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
@@ -171,7 +183,8 @@ class _FusedResponseLogps(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = weight.shape[0]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # the first row chunk writes grad_w's blocks, later ones add to them: no zero-fill of a (V, H) tensor
+        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
@@ -181,23 +194,18 @@ class _FusedResponseLogps(torch.autograd.Function):
                 t = targets[r0:r0 + chunk_size]
                 g = grad_out[r0:r0 + chunk_size].float()
                 lse = lse_all[r0:r0 + chunk_size]
-                for v0 in range(0, vocab, VOCAB_BLOCK):
+                for v0 in range(0, vocab, VOCAB_BLOCK):  # the softmax part: -g softmax(z) dz/dy
                     w_block = w[v0:v0 + VOCAB_BLOCK]
                     z = (h @ w_block.t()).float()
                     if b is not None:
                         z += b[v0:v0 + VOCAB_BLOCK]
-                    dz = None  # dz/dy of the transform, where it is not the identity
+                    dz = None
                     if softcap is not None:  # z = c tanh(y / c): dz/dy = 1 - (z / c)^2
                         z = torch.tanh(z / softcap) * softcap
                         dz = 1 - (z / softcap) ** 2
                     elif scale is not None:
                         z *= scale
-                    # d(z_t - lse)/dz = onehot(t) - softmax(z), times the upstream gradient g; in place
                     grad = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-                    in_block = (t >= v0) & (t < v0 + grad.shape[1])
-                    if in_block.any():
-                        where = in_block.nonzero().squeeze(-1)
-                        grad[where, t[where] - v0] += g[where]
                     if dz is not None:
                         grad *= dz
                     elif scale is not None:
@@ -208,7 +216,20 @@ class _FusedResponseLogps(torch.autograd.Function):
                     if need_h:
                         _accumulate_mm(grad_h[r0:r0 + chunk_size], grad, w_block)
                     if need_w:
-                        _accumulate_mm(grad_w[v0:v0 + VOCAB_BLOCK], grad.t(), h)
+                        _accumulate_mm(grad_w[v0:v0 + VOCAB_BLOCK], grad.t(), h, first=r0 == 0)
+                # the one-hot part: +g dz/dy at the target, one row of W per position
+                g_t = g
+                if softcap is not None:
+                    z_t = _transform(_target_logits(h, w, b, t), softcap, scale)
+                    g_t = g * (1 - (z_t / softcap) ** 2)
+                elif scale is not None:
+                    g_t = g * scale
+                if need_h:
+                    grad_h[r0:r0 + chunk_size] += g_t[:, None] * w[t].float()
+                if need_w:
+                    grad_w.index_add_(0, t, g_t[:, None] * h.float())
+                if need_b:
+                    grad_b.index_add_(0, t, g_t)
         return (
             grad_h.to(hidden.dtype) if need_h else None,
             grad_w.to(weight.dtype) if need_w else None,
@@ -217,10 +238,15 @@ class _FusedResponseLogps(torch.autograd.Function):
         )
 
 
-def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b, without a temporary where the dtypes allow."""
+def _accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """out (fp32) += a @ b (or out = a @ b when `first`), without a temporary where the dtypes allow."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(a @ b)
     else:
         out.add_((a @ b).float())
 
