@@ -268,7 +268,8 @@ def child_main(spec: dict) -> None:
 
 # -- the parent: build, run each in a subprocess, report -------------------------------------------
 def run_child(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("PROFILE "):
             print(f"--- profile of {spec['name']} ---\n" + json.loads(line[len("PROFILE "):]), flush=True)
@@ -302,12 +303,12 @@ def report(args, results: dict[str, dict]) -> str:
     except ImportError:
         trl_version = "not installed"
     lines = [
-        f"workload: {args.pairs} pairs, prompt {args.prompt_len}, responses {args.response_len}, vocab {args.vocab}, "
-        f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}; "
-        f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
-        f"({args.steps * args.batch_size * args.grad_accum} pairs), lr {args.lr}, sigmoid loss, beta {args.beta}, fp32",
-        f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}; "
-        f"torch threads in the runs: {sorted({r['threads'] for r in results.values()})}",
+        (f"workload: {args.pairs} pairs, prompt {args.prompt_len}, responses {args.response_len}, vocab {args.vocab}, "
+         f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}; "
+         f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
+         f"({args.steps * args.batch_size * args.grad_accum} pairs), lr {args.lr}, sigmoid loss, beta {args.beta}, fp32"),
+        (f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}; "
+         f"torch threads in the runs: {sorted({r['threads'] for r in results.values()})}"),
         "",
         "| run | loop pairs/s | steady pairs/s | end-to-end pairs/s | setup s | peak RSS MiB | loss step 1 / last |",
         "|---|---:|---:|---:|---:|---:|---|",

@@ -108,7 +108,7 @@ def test_sft_adapter_reference_is_base_plus_sft_adapter(tiny_model_dir, tmp_path
     reference = trainer.reference.logps(batch)
     assert_same_logps(reference, expected)
     assert not torch.allclose(reference.chosen, bare.chosen, atol=1e-3)
-    loss, out, _ = trainer.batch_loss(trainer.model, batch)
+    _, out, _ = trainer.batch_loss(trainer.model, batch)
     assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)
 
     run_train(config)
@@ -190,6 +190,18 @@ def test_precompute_gives_the_live_losses_and_frees_the_reference(tiny_model_dir
             assert b[key] == pytest.approx(a[key], abs=1e-5), key
     for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
         assert runs[True][2][key] == pytest.approx(runs[False][2][key], abs=1e-5), key
+
+
+def test_precomputed_separate_model_is_released_and_equals_it(tiny_model_dir, tmp_path):
+    from prefalign.demo import build_tiny_model, demo_texts
+
+    other = build_tiny_model(tmp_path / "other", texts=demo_texts(EXAMPLES / "data"), hidden_size=32, seed=7)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out", ref_model=other,
+                                       precompute_ref_log_probs=True))
+    assert trainer.reference.name == "precomputed (separate-model)"
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(trainer.reference).values())
+    batch = first_batch(trainer)
+    assert_same_logps(trainer.reference.logps(batch), logps_of(AutoModelForCausalLM.from_pretrained(other), batch))
 
 
 def test_second_and_resumed_runs_reuse_the_cache(tiny_model_dir, tmp_path, monkeypatch):

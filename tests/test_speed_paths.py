@@ -2,7 +2,6 @@
 length grouping, gradient checkpointing, and a DDP-wrapped policy (no silent gradient desync)."""
 
 import math
-import os
 from pathlib import Path
 
 import pytest

@@ -170,7 +170,7 @@ class ReferenceTable:
         return set((self.position >= 0).nonzero().squeeze(-1).tolist())
 
     @classmethod
-    def load(cls, directory: Path) -> "ReferenceTable | None":
+    def load(cls, directory: Path) -> ReferenceTable | None:
         """Merge every part in `directory` (an index found in two parts is read from the first)."""
         from safetensors.torch import load_file
 
