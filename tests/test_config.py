@@ -108,3 +108,16 @@ def test_unknown_template_is_reported_with_the_other_problems():
         build_config({**BASE, "template": "deepseek3", "lora_rank": 0})
     text = "\n".join(info.value.problems)
     assert "template: " in text and "chatml" in text and "lora_rank" in text
+
+
+def test_saved_resolved_config_reloads_to_the_same_run(tmp_path):
+    """run_config.yaml holds every prefalign key (defaults included) and loads back to the same settings."""
+    import yaml
+
+    config = build_config({**BASE, "pref_beta": 0.05, "learning_rate": 1e-5})
+    assert config.raw["lora_rank"] == 8 and config.raw["pref_beta"] == 0.05
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump(config.raw))
+    again = load_config(path)
+    assert again.finetuning == config.finetuning and again.data == config.data and again.model == config.model
+    assert again.training.learning_rate == 1e-5

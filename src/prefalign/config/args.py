@@ -197,7 +197,7 @@ class RunConfig:
     data: DataArguments
     finetuning: FinetuningArguments
     training: "transformers.Seq2SeqTrainingArguments"  # noqa: F821
-    raw: dict  # the resolved key/values, saved as run_config.yaml
+    raw: dict  # the resolved key/values (defaults included), saved as run_config.yaml
     export: ExportArguments = field(default_factory=ExportArguments)
     generation: GenerationArguments = field(default_factory=GenerationArguments)
 

@@ -191,6 +191,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     train_values["remove_unused_columns"] = False  # our collator reads the encoded pair columns
     train_values.setdefault("report_to", "none")
     train_values.setdefault("do_train", True)
+    train_values.setdefault("dataloader_pin_memory", _cuda_available())  # pinning needs an accelerator
     if not problems:
         from transformers import Seq2SeqTrainingArguments
 
@@ -200,8 +201,18 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             problems.append(f"training arguments: {str(exc).splitlines()[0]}")
     if problems:
         raise ConfigError(problems)
-    raw = {**{k: v for k, v in values.items() if k in known}}
-    return RunConfig(model, data, finetuning, training, raw, export, generation)
+    # The resolved config: every prefalign key with its value or default, and the training keys given.
+    resolved = {}
+    for group in (model, data, finetuning, export, generation):
+        resolved.update(dataclasses.asdict(group))
+    resolved.update(train_values)
+    return RunConfig(model, data, finetuning, training, resolved, export, generation)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, train: dict) -> list[str]:
