@@ -20,22 +20,24 @@ def make_pair(**kw):
     return PreferencePair(prompt, kw.pop("chosen", "Sure! It is Paris."), kw.pop("rejected", "No idea."), SOURCE)
 
 
-def _chat_ids(tokenizer, messages, **kw):
-    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
+def _chat_ids(tokenizer, messages, return_dict=True, **kw):
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=return_dict, **kw)
+    return list(out["input_ids"]) if return_dict else list(out)
 
 
+@pytest.mark.parametrize("return_dict", [True, False], ids=["return_dict", "ids"])
 @pytest.mark.parametrize("template", [None, "chatml"])
-def test_encoding_equals_the_tokenizers_own_chat_template(tiny_tokenizer, template):
+def test_encoding_equals_the_tokenizers_own_chat_template(tiny_tokenizer, template, return_dict):
+    """Whatever form apply_chat_template returns, its ids are prompt_ids + each response's ids."""
     pair = make_pair()
     renderer = ChatRenderer(tiny_tokenizer, template)
     enc = encode_pair(pair, renderer, cutoff_len=1024)
     jinja = renderer.jinja
-    prompt_ids = _chat_ids(tiny_tokenizer, pair.prompt, add_generation_prompt=True, chat_template=jinja)
+    prompt_ids = _chat_ids(tiny_tokenizer, pair.prompt, return_dict, add_generation_prompt=True, chat_template=jinja)
     assert enc["prompt_ids"] == prompt_ids
     for side in ("chosen", "rejected"):
         full = _chat_ids(tiny_tokenizer, pair.prompt + [{"role": "assistant", "content": getattr(pair, side)}],
-                         chat_template=jinja)
+                         return_dict, chat_template=jinja)
         response = enc[f"{side}_ids"]
         assert full[: len(prompt_ids) + len(response)] == prompt_ids + response
         # the response ends with the end-of-turn token, and only what follows it is left out
