@@ -7,9 +7,9 @@ import pytest
 
 from prefalign.contracts import RecordSource
 from prefalign.data.formats import (
+    AUTO_TAGS,
     MAX_FIELD_CHARS,
     SHAPES,
-    AUTO_TAGS,
     RecordError,
     RecordFormat,
     detect_format,

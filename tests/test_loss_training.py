@@ -3,10 +3,10 @@
 import math
 
 import pytest
+from helpers import config_for
 
 from prefalign.losses import LOSSES
 from prefalign.train.workflow import build_trainer
-from test_train import config_for
 
 EXTRA = {"exo_pair": {"dpo_label_smoothing": 0.1}}
 

@@ -4,12 +4,13 @@ import math
 import threading
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
+from helpers import first_batch
 from transformers import AutoModelForCausalLM
 
 from prefalign import reference_cache
-from prefalign.config import build_config
 from prefalign.data.collate import PairCollator
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.reference_cache import (
@@ -32,19 +33,9 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def config_for(model_dir, out, **overrides):
-    values = {
-        "model_name_or_path": str(model_dir), "stage": "dpo", "finetuning_type": "lora",
-        "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16,
-        "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 2,
-        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True,
-    }
-    values.update(overrides)
-    return build_config(values)
+    return helpers.config_for(model_dir, out, **{"max_steps": 2, **overrides})
 
 
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 @torch.no_grad()

@@ -4,12 +4,17 @@ length grouping, gradient checkpointing, and a DDP-wrapped policy (no silent gra
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefalign.config import build_config
-from prefalign.data.collate import IGNORE_INDEX, PairCollator, PrefixSharedCollator, pack_pair
+from prefalign.data.collate import (
+    IGNORE_INDEX,
+    PairCollator,
+    PrefixSharedCollator,
+    pack_pair,
+)
 from prefalign.errors import ConfigError
 from prefalign.modeling import logprobs
 from prefalign.modeling.logprobs import _FusedResponseLogps, pair_logps
@@ -145,15 +150,7 @@ def test_prefix_sharing_refuses_flash_attention():
 
 # -- trainer-level paths --------------------------------------------------------------------------------
 def config_for(model_dir, out, **overrides):
-    values = {
-        "model_name_or_path": str(model_dir), "stage": "dpo", "finetuning_type": "lora",
-        "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 24,
-        "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 2,
-        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True,
-    }
-    values.update(overrides)
-    return build_config(values)
+    return helpers.config_for(model_dir, out, **{"max_steps": 2, "max_samples": 24, **overrides})
 
 
 def _first_batch_loss_and_grads(trainer):

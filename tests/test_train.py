@@ -6,28 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import config_for, first_batch
 from transformers import AutoModelForCausalLM
 
-from prefalign.config import build_config
 from prefalign.train.workflow import build_trainer, run_train
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def config_for(model_dir, out, **overrides):
-    values = {
-        "model_name_or_path": str(model_dir), "stage": "dpo", "finetuning_type": "lora",
-        "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16,
-        "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4, "max_steps": 3,
-        "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
-        "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True,
-    }
-    values.update(overrides)
-    return build_config(values)
 
 
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])

@@ -81,10 +81,8 @@ class Reference:
         return self
 
 
-class AdapterDisabledReference(Reference):
-    """The LoRA policy with its adapter disabled: the base weights, shared with the policy."""
-
-    name = "adapter-disabled"
+class _PolicyReference(Reference):
+    """A reference computed by the LoRA policy itself, with its adapters switched for the forward."""
 
     def __init__(self, policy, **kwargs):
         super().__init__(**kwargs)
@@ -92,6 +90,12 @@ class AdapterDisabledReference(Reference):
 
     def _model(self):
         return self.policy
+
+
+class AdapterDisabledReference(_PolicyReference):
+    """The LoRA policy with its adapter disabled: the base weights, shared with the policy."""
+
+    name = "adapter-disabled"
 
     @contextlib.contextmanager
     def _model_context(self):
@@ -103,17 +107,10 @@ class AdapterDisabledReference(Reference):
         return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
 
 
-class AdapterSwitchReference(Reference):
+class AdapterSwitchReference(_PolicyReference):
     """LoRA trained from an SFT adapter: the reference is the frozen copy of that adapter."""
 
     name = "sft-adapter"
-
-    def __init__(self, policy, **kwargs):
-        super().__init__(**kwargs)
-        self.policy = policy
-
-    def _model(self):
-        return self.policy
 
     @contextlib.contextmanager
     def _model_context(self):
