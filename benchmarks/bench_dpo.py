@@ -48,6 +48,9 @@ RUNS = {
     "pa-full-precompute": {"impl": "prefalign", "mode": "full", "precompute": True},
     "pa-full-prefix": {"impl": "prefalign", "mode": "full", "prefix_sharing": True},
     "pa-full-fast": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True},
+    # the least memory: no reference model in memory, one prompt per pair, activations recomputed
+    "pa-full-lowmem": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True,
+                       "gradient_checkpointing": True},
 }
 DEFAULT_RUNS = list(RUNS)
 PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-prefix", "pa-lora-fast", "pa-full-prefix", "pa-full-fast"]
@@ -193,6 +196,7 @@ def run_prefalign(spec: dict, out_dir: str, clock) -> None:
         "dataset": spec["data"], "template": "empty", "cutoff_len": spec["cutoff_len"],
         "pref_beta": spec["beta"], "pref_loss": "sigmoid", "output_dir": out_dir, "overwrite_output_dir": True,
         "precompute_ref_log_probs": bool(spec.get("precompute")), "prefix_sharing": bool(spec.get("prefix_sharing")),
+        "gradient_checkpointing": bool(spec.get("gradient_checkpointing")),
         **_train_settings(spec),
     }
     trainer = build_trainer(build_config(values))
