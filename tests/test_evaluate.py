@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_random_adapter
 
 from prefalign.cli import main
 
@@ -30,15 +31,7 @@ def read_rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
     """A LoRA adapter on the tiny model with random (non-zero) A and B, so policy != base."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("adapters") / "random"
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(path)
-    return str(path)
+    return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "random", seed=1)
 
 
 def test_policy_equal_to_reference_gives_zero_margins_and_ln2(tiny_model_dir, tmp_path):

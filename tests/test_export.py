@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import make_random_adapter
 
 from prefalign.cli import main
 
@@ -19,15 +20,7 @@ def write_config(path: Path, **values) -> str:
 @pytest.fixture(scope="module")
 def random_adapter(tiny_model_dir, tmp_path_factory) -> str:
     """A LoRA adapter with random A and B (non-zero delta) on every linear layer of the tiny model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path = tmp_path_factory.mktemp("adapters") / "random"
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(2)
-    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(path)
-    return str(path)
+    return make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "random", seed=2)
 
 
 def test_merged_model_equals_base_plus_adapter(tiny_model_dir, random_adapter, tmp_path):

@@ -49,19 +49,8 @@ def assert_same_logps(a, b, atol=1e-5):
 
 
 def make_adapter(model_dir, path, seed=1):
-    """A LoRA adapter with random, non-zero lora_A and lora_B (as if trained by SFT), saved with peft."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(path)
-    return str(path)
+    """A LoRA adapter on q/v with random, non-zero lora_A and lora_B (as if trained by SFT), saved with peft."""
+    return helpers.make_random_adapter(model_dir, path, seed=seed, target_modules=["q_proj", "v_proj"], b_std=0.5)
 
 
 def with_adapter(model_dir, adapter):
