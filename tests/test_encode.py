@@ -108,7 +108,10 @@ def test_collator_puts_chosen_then_rejected_and_masks_the_prompt():
 @pytest.mark.parametrize("template", ["llama3", "mistral"])
 def test_no_double_bos(tiny_tokenizer, template):
     """Templates that write BOS themselves get exactly one: the text is tokenized without special tokens."""
-    tiny_tokenizer.add_special_tokens({"bos_token": "<s>"})
+    from prefalign.data.templates import get_template
+
+    tiny_tokenizer.add_special_tokens({"bos_token": "<s>",
+                                       "additional_special_tokens": list(get_template(template).special_tokens)})
     enc = encode_pair(make_pair(), ChatRenderer(tiny_tokenizer, template), 1024)
     bos = tiny_tokenizer.bos_token_id
     assert enc["prompt_ids"][0] == bos and enc["prompt_ids"].count(bos) == 1
@@ -119,8 +122,8 @@ def test_a_role_the_template_cannot_render_is_a_data_error(tiny_tokenizer):
     from prefalign.errors import DataError
 
     pair = make_pair(prompt=[{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}])
-    with pytest.raises(DataError, match=r"mem.json record 0, field prompt: gemma cannot render"):
-        encode_pair(pair, ChatRenderer(tiny_tokenizer, "gemma"), 1024)
+    with pytest.raises(DataError, match=r"mem.json record 0, field prompt: alpaca cannot render"):
+        encode_pair(pair, ChatRenderer(tiny_tokenizer, "alpaca"), 1024)
 
 
 EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
@@ -137,3 +140,10 @@ def test_prefalign_data_runs_on_every_example_config(path, tiny_model_dir, tmp_p
     assert code == 0
     assert "demo_train: " in out and "[prompt: masked, not trained]" in out and "[chosen: trained]" in out
     assert "chosen tokens: min" in out
+
+
+def test_a_template_whose_markup_the_tokenizer_lacks_is_refused(tiny_tokenizer):
+    """The tiny tokenizer knows chatml's tokens, not llama3's: rendering llama3 would split its markup."""
+    with pytest.raises(ConfigError, match=r"template: llama3 writes <\|start_header_id\|>.*tokenizer's own"):
+        ChatRenderer(tiny_tokenizer, "llama3")
+    ChatRenderer(tiny_tokenizer, "chatml")  # its tokens are there

@@ -28,6 +28,16 @@ class ChatRenderer:
                 "template: the tokenizer has no chat template of its own; set template: to a built-in one "
                 "(chatml, llama3, qwen, mistral, gemma, alpaca, vicuna, empty)"
             )
+        if self.template is not None:
+            # Markup tokens the model never saw would be split into pieces: a silent mis-rendering.
+            vocab = self.tokenizer.get_vocab()
+            missing = [t for t in get_template(self.template).special_tokens if t.startswith("<") and t not in vocab]
+            if missing:
+                raise ConfigError(
+                    f"template: {self.template} writes {', '.join(missing)}, which this tokenizer does not have as "
+                    "tokens; the model was not trained on that format. Leave template unset to use the "
+                    "tokenizer's own chat template, or pick the template the model was fine-tuned with"
+                )
 
     @property
     def jinja(self) -> str | None:
