@@ -90,7 +90,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefalign", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="prefalign",
+        description="Align a causal language model with human preferences: DPO and its variants. "
+                    "Commands take CONFIG.yaml and key=value overrides (plot and report take an output dir).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text, *arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
