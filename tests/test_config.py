@@ -121,3 +121,12 @@ def test_saved_resolved_config_reloads_to_the_same_run(tmp_path):
     again = load_config(path)
     assert again.finetuning == config.finetuning and again.data == config.data and again.model == config.model
     assert again.training.learning_rate == 1e-5
+
+
+def test_no_and_yes_stay_strings_as_in_yaml_1_2(tmp_path):
+    """YAML 1.1 reads `no` as false; `save_strategy: no` must mean the strategy "no", as users write it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\nsave_strategy: no\nbf16: false\n")
+    config = load_config(path, ["eval_strategy=no", "overwrite_output_dir=yes", "do_train=true"])
+    assert config.training.save_strategy == "no" and config.training.eval_strategy == "no"
+    assert config.finetuning.overwrite_output_dir is True and config.training.bf16 is False

@@ -27,3 +27,31 @@ class ConfigError(PrefalignError):
 
 class DataError(PrefalignError):
     """A preference record or data file that cannot be used; the message names file, record and field."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for 'no space left on device' however it surfaces (OSError, or a library's own error)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
+
+
+class reporting_disk_full:
+    """Context manager: a full disk while writing under `target` becomes a one-line PrefalignError."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and not isinstance(exc, PrefalignError) and is_disk_full(exc):
+            raise PrefalignError(
+                f"no space left on device while writing to {self.target}; free some space or set "
+                "output_dir to a folder on another disk"
+            ) from None
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -13,7 +14,12 @@ from typing import Any
 import yaml
 
 from prefalign.config.args import (
-    DataArguments, ExportArguments, FinetuningArguments, GenerationArguments, ModelArguments, RunConfig,
+    DataArguments,
+    ExportArguments,
+    FinetuningArguments,
+    GenerationArguments,
+    ModelArguments,
+    RunConfig,
 )
 from prefalign.errors import ConfigError
 
@@ -86,6 +92,23 @@ _COMMA_LISTS = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `save_strategy: no` stays "no"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read `path` (YAML), apply `key=value` overrides, and return a validated `RunConfig`."""
     values: dict[str, Any] = _read_yaml(path) if path is not None else {}
@@ -103,7 +126,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             bad.append(f"override {item!r}: expected key=value, e.g. pref_beta=0.05")
             continue
         try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            parsed[key.strip()] = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             parsed[key.strip()] = raw
     if bad:
@@ -116,7 +139,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

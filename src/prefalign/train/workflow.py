@@ -16,8 +16,13 @@ from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
 from prefalign.data.collate import make_collator, with_lengths
 from prefalign.data.pipeline import describe, prepare_data
-from prefalign.errors import ConfigError
-from prefalign.modeling.load import REFERENCE_ADAPTER, compute_dtype, load_policy, load_tokenizer
+from prefalign.errors import ConfigError, reporting_disk_full
+from prefalign.modeling.load import (
+    REFERENCE_ADAPTER,
+    compute_dtype,
+    load_policy,
+    load_tokenizer,
+)
 from prefalign.reference import build_reference
 
 logger = logging.getLogger(__name__)
@@ -110,11 +115,12 @@ def _checkpointing(args) -> bool:
 def run_train(config: RunConfig) -> dict:
     """parse (done by the caller) -> seed -> data -> models -> train -> save."""
     resume = prepare_output_dir(config)
-    trainer = build_trainer(config)
-    # Step 5: train
-    result = trainer.train(resume_from_checkpoint=resume)
-    # Step 6: save
-    return save_outputs(config, trainer, result)
+    with reporting_disk_full(config.training.output_dir):
+        trainer = build_trainer(config)
+        # Step 5: train
+        result = trainer.train(resume_from_checkpoint=resume)
+        # Step 6: save
+        return save_outputs(config, trainer, result)
 
 
 def save_outputs(config: RunConfig, trainer, result) -> dict:
