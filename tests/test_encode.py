@@ -147,3 +147,11 @@ def test_a_template_whose_markup_the_tokenizer_lacks_is_refused(tiny_tokenizer):
     with pytest.raises(ConfigError, match=r"template: llama3 writes <\|start_header_id\|>.*tokenizer's own"):
         ChatRenderer(tiny_tokenizer, "llama3")
     ChatRenderer(tiny_tokenizer, "chatml")  # its tokens are there
+
+
+def test_preprocessing_batch_size_does_not_change_the_encoding(tiny_tokenizer, tmp_path):
+    renderer = ChatRenderer(tiny_tokenizer, None)
+    pairs = [make_pair(chosen=f"Sure! Answer {i}.") for i in range(5)]
+    whole, _ = encode_pairs(pairs, renderer, 64, cache_dir=tmp_path / "a")
+    batched, _ = encode_pairs(pairs, renderer, 64, batch_size=2, cache_dir=tmp_path / "b")
+    assert whole["chosen_ids"] == batched["chosen_ids"] and whole["prompt_ids"] == batched["prompt_ids"]

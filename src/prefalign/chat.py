@@ -18,7 +18,6 @@ from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
 from prefalign.modeling.load import compute_dtype, load_tokenizer
 
-
 EXIT_WORDS = ("exit", "quit")
 CLEAR_WORD = "clear"
 

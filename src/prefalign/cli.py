@@ -7,7 +7,7 @@ import errno
 import logging
 import sys
 
-from prefalign.errors import PrefalignError
+from prefalign.errors import PrefalignError, is_disk_full
 
 
 def _train(ns) -> None:
@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     except PrefalignError as exc:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+    except Exception as exc:  # a full or read-only disk is the user's to fix; anything else is a bug
+        unwritable = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS)
+        if not (unwritable or is_disk_full(exc)):
             raise
-        print(f"prefalign {ns.command}: error: cannot write {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        where = getattr(exc, "filename", None) or "the output"
+        reason = getattr(exc, "strerror", None) or "no space left on device"
+        print(f"prefalign {ns.command}: error: cannot write {where}: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)

@@ -23,7 +23,12 @@ import logging
 import torch
 
 from prefalign.contracts import PairLogps
-from prefalign.modeling.load import REFERENCE_ADAPTER, _split_paths, load_causal_lm, merge_adapters
+from prefalign.modeling.load import (
+    REFERENCE_ADAPTER,
+    _split_paths,
+    load_causal_lm,
+    merge_adapters,
+)
 from prefalign.modeling.logprobs import pair_logps
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,10 @@ class _PolicyReference(Reference):
     def _model(self):
         return self.policy
 
+    def named_weights(self):
+        # the frozen weights (the base, and an SFT adapter's frozen copy); the trained adapter is not the reference
+        return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
+
 
 class AdapterDisabledReference(_PolicyReference):
     """The LoRA policy with its adapter disabled: the base weights, shared with the policy."""
@@ -101,10 +110,6 @@ class AdapterDisabledReference(_PolicyReference):
     def _model_context(self):
         with self.policy.disable_adapter(), _eval_mode(self.policy):
             yield
-
-    def named_weights(self):
-        # the frozen weights: the base (the trainable adapter is not part of the reference)
-        return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
 
 
 class AdapterSwitchReference(_PolicyReference):
@@ -122,10 +127,6 @@ class AdapterSwitchReference(_PolicyReference):
                 yield
         finally:
             tuner.set_adapter(previous)  # also makes the trained adapter require grad again, the copy not
-
-    def named_weights(self):
-        # the base and the frozen `reference` adapter; the trained `default` adapter requires grad
-        return [(n, p) for n, p in self.policy.named_parameters() if not p.requires_grad]
 
 
 class FrozenModelReference(Reference):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from prefalign.errors import PrefalignError
 
-
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 SAMPLES_FILE = "report_samples.json"
 REPORT_FILE = "report.html"

@@ -1,7 +1,17 @@
 """Configuration: YAML + key=value overrides -> typed, validated argument groups."""
 
-from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments, RunConfig
-from prefalign.config.loader import build_config, load_config, loss_settings, parse_overrides
+from prefalign.config.args import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    RunConfig,
+)
+from prefalign.config.loader import (
+    build_config,
+    load_config,
+    loss_settings,
+    parse_overrides,
+)
 
 __all__ = [
     "DataArguments", "FinetuningArguments", "ModelArguments", "RunConfig",

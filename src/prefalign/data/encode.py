@@ -105,7 +105,7 @@ def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
 
 
 def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len: int, *,
-                 num_proc: int | None = None, cache_dir: str | Path | None = None,
+                 num_proc: int | None = None, batch_size: int = 1000, cache_dir: str | Path | None = None,
                  overwrite_cache: bool = False):
     """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk.
 
@@ -140,7 +140,7 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
         return out
 
     encoded = table.map(
-        encode_batch, batched=True, num_proc=num_proc if num_proc and num_proc > 1 and len(pairs) > 256 else None,
+        encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc and num_proc > 1 and len(pairs) > 256 else None,
         remove_columns=["prompt", "chosen", "rejected", "tools", "source"], desc="Encoding pairs",
     )
     stats = asdict(EncodeStats(

@@ -91,7 +91,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
             encoded[name] = None
             continue
         dataset, stats = encode_pairs(pairs, renderer, data_args.cutoff_len,
-                                      num_proc=data_args.preprocessing_num_workers, cache_dir=cache_dir,
+                                      num_proc=data_args.preprocessing_num_workers,
+                                      batch_size=data_args.preprocessing_batch_size, cache_dir=cache_dir,
                                       overwrite_cache=data_args.overwrite_cache)
         encoded[name] = dataset
         summary[name] = stats

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -150,6 +149,3 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
 
-
-def load_results(output_dir: str | Path) -> dict:
-    return json.loads((Path(output_dir) / "all_results.json").read_text())
