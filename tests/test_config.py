@@ -105,9 +105,22 @@ def test_ci_runs_the_readme_test_command():
 
 def test_unknown_template_is_reported_with_the_other_problems():
     with pytest.raises(ConfigError) as info:
-        build_config({**BASE, "template": "deepseek3", "lora_rank": 0})
+        build_config({**BASE, "template": "deepseek4", "lora_rank": 0})
     text = "\n".join(info.value.problems)
-    assert "template: " in text and "chatml" in text and "lora_rank" in text
+    assert "template: " in text and "Did you mean `template: deepseek" in text and "lora_rank" in text
+
+
+def test_template_arguments_are_checked_with_the_other_problems():
+    with pytest.raises(ConfigError) as info:
+        build_config({**BASE, "template": "qwen3_nothink", "enable_thinking": True, "on_unsupported_system": "drop",
+                      "on_prompt_not_prefix": "guess", "chat_template_kwargs": {"tokenize": True}})
+    text = "\n".join(info.value.problems)
+    assert "qwen3_nothink means enable_thinking: false, but enable_thinking is set to true" in text
+    assert "on_unsupported_system: 'drop' is not one of fold, error" in text
+    assert "on_prompt_not_prefix: 'guess' is not one of error, append" in text
+    assert "chat_template_kwargs: tokenize are set by prefalign itself" in text
+    config = build_config({**BASE, "template": "qwen3", "chat_template_kwargs": {"reasoning_effort": "low"}})
+    assert config.data.chat_template_kwargs == {"reasoning_effort": "low"} and config.data.enable_thinking is None
 
 
 def test_saved_resolved_config_reloads_to_the_same_run(tmp_path):

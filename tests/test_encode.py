@@ -119,11 +119,18 @@ def test_no_double_bos(tiny_tokenizer, template):
 
 
 def test_a_role_the_template_cannot_render_is_a_data_error(tiny_tokenizer):
-    from prefalign.errors import DataError
+    from prefalign.errors import PairError
 
     pair = make_pair(prompt=[{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}])
-    with pytest.raises(DataError, match=r"mem.json record 0, field prompt: alpaca cannot render"):
-        encode_pair(pair, ChatRenderer(tiny_tokenizer, "alpaca"), 1024)
+    # a built-in template has no tool-call format
+    with pytest.raises(PairError, match=r"mem.json record 0, field prompt: chatml \(built-in.*cannot render.*no tool"):
+        encode_pair(make_pair(prompt=[{"role": "user", "content": "Hi", "tool_calls": [{"type": "function"}]},
+                                      {"role": "tool", "content": "42"}]), ChatRenderer(tiny_tokenizer, "chatml"), 1024)
+    tiny_tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                                    "{{ raise_exception('no tool role here') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(PairError, match=r"field prompt: the tokenizer's own chat template cannot render.*no tool role") as error:
+        encode_pair(pair, ChatRenderer(tiny_tokenizer, None), 1024)
+    assert error.value.stage == "render"
 
 
 EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))

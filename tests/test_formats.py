@@ -74,9 +74,10 @@ def test_sharegpt_maps_function_call_to_assistant_and_observation_to_tool():
     }
     pair = convert(record)
     assert [m["role"] for m in pair.prompt] == ["user", "assistant", "tool"]
-    assert pair.prompt[1]["content"] == '{"name": "weather"}'
+    assert pair.prompt[1] == {"role": "assistant", "content": "",
+                              "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {}}}]}
     assert (pair.chosen, pair.rejected) == ("Sunny.", "Snow.")
-    assert json.loads(pair.tools) == [{"name": "weather"}]
+    assert json.loads(pair.tools) == [{"type": "function", "function": {"name": "weather"}}]
 
 
 def test_sharegpt_leading_system_turn_wins_over_the_system_column():
@@ -100,7 +101,9 @@ def test_openai_messages_with_tool_calls_and_text_parts():
     }
     pair = convert(record)
     assert pair.prompt[0] == user("Add 2\nand 3")
-    assert json.loads(pair.prompt[1]["content"]) == [{"name": "add", "arguments": "[2, 3]"}]
+    # arguments that are not a JSON object stay the string they are
+    assert pair.prompt[1] == {"role": "assistant", "content": "",
+                              "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": "[2, 3]"}}]}
     assert pair.prompt[2] == {"role": "tool", "content": "5"}
     assert (pair.chosen, pair.rejected) == ("It is 5.", "It is 6.")
 
@@ -173,7 +176,7 @@ def test_implicit_strings_that_are_not_matching_transcripts_are_refused(chosen, 
 
 def test_tools_given_as_a_list_become_a_json_string():
     pair = convert({"prompt": "Q", "chosen": "a", "rejected": "b", "tools": [{"name": "f"}]})
-    assert json.loads(pair.tools) == [{"name": "f"}]
+    assert json.loads(pair.tools) == [{"type": "function", "function": {"name": "f"}}]
 
 
 # --- shape detection --------------------------------------------------------------------------
@@ -282,6 +285,9 @@ GOOD = {"prompt": "Q", "chosen": "good", "rejected": "bad"}
     ({"chosen": [user("Q")]}, "chosen[0]", "expected an assistant message"),
     ({"chosen": []}, "chosen", "empty list"),
     ({"tools": 7}, "tools", "tool definitions"),
+    ({"tools": "[{'name': 1}]"}, "tools", "is not JSON"),
+    ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "expected an object of chat-template arguments"),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools", "set by prefalign itself"),
 ])
 def test_bad_record_names_the_field(change, field, says):
     record = {**GOOD, **change}

@@ -1,159 +1,201 @@
-"""Built-in chat templates: rendering, the prompt-prefix property, end-of-turn tokens, lookup errors."""
+"""Template names: every LLaMA-Factory name resolves; built-ins render LLaMA-Factory's text; end-of-turn tokens."""
 
 import pytest
 
 from prefalign.data.templates import (
-    ALPACA_DEFAULT_SYSTEM,
     BUILTIN_TEMPLATES,
-    QWEN_DEFAULT_SYSTEM,
-    VICUNA_DEFAULT_SYSTEM,
+    KNOWN_NAMES,
     end_of_turn_token,
     get_template,
+    resolve_template,
 )
 from prefalign.errors import ConfigError
 
-NAMES = sorted(BUILTIN_TEMPLATES)
-DEFAULT_SYSTEMS = {"qwen": QWEN_DEFAULT_SYSTEM, "alpaca": ALPACA_DEFAULT_SYSTEM, "vicuna": VICUNA_DEFAULT_SYSTEM}
+# Every name registered in LLaMA-Factory's src/llamafactory/data/template.py, in its order.
+LLAMA_FACTORY_NAMES = """
+alpaca aquila atom baichuan baichuan2 bailing bailing_v2 belle bluelm breeze chatglm2 chatglm3 chatml
+chatml_de codegeex2 codegeex4 cohere cpm cpm3 cpm4 dbrx deepseek deepseek3 deepseekr1 deepseekcoder default
+dots_ocr empty ernie ernie_nothink ernie_vl exaone falcon falcon_h1 fewshot gemma gemma2 gemma3 gemma3n glm4
+glm4_moe glm4v glm4_5v glmz1 gpt_oss granite3 granite3_vision granite4 index hunyuan intern intern2 intern_vl
+intern_s1 keye_vl kimi_vl llama2 llama2_zh llama3 llama4 mllama moonlight llava llava_next llava_next_llama3
+llava_next_mistral llava_next_qwen llava_next_yi llava_next_video llava_next_video_mistral llava_next_video_yi
+marco mimo mimo_v2 mimo_vl minicpm_v minicpm_o minimax1 minimax2 ministral mistral mistral_small ministral3 olmo
+openchat openchat-3.6 opencoder orion paligemma paligemma_chat phi phi_small phi4 pixtral qwen qwen3
+qwen3_nothink qwen2_audio qwen2_omni qwen3_omni qwen3_omni_nothink qwen2_vl qwen3_vl qwen3_vl_nothink sailor
+seed_coder seed_oss skywork_o1 smollm smollm2 solar starchat telechat telechat2 vicuna video_llava xuanyuan
+xverse yayi yi yi_vl yuan zephyr ziya
+""".split()
+# LLaMA-Factory's ReasoningTemplate names: the model's own template renders their thinking markup.
+REASONING = {"deepseekr1", "ernie_vl", "glm4_moe", "glm4v", "glm4_5v", "glmz1", "gpt_oss", "keye_vl", "kimi_vl",
+             "mimo", "mimo_v2", "mimo_vl", "minimax2", "qwen3", "qwen3_omni", "qwen3_vl", "seed_oss"}
+NOTHINK = {"qwen3_nothink", "qwen3_omni_nothink", "qwen3_vl_nothink"}
 
-SYSTEM = {"role": "system", "content": "You are a polite quiz host."}
-USER_1 = {"role": "user", "content": "What is the capital of France?"}
-ASSISTANT_1 = {"role": "assistant", "content": "Sure! It is Paris."}
-USER_2 = {"role": "user", "content": "And the capital of Japan?"}
-REPLY = "Of course! The capital of Japan is Tokyo."
+S = {"role": "system", "content": "You are terse."}
+U1 = {"role": "user", "content": "Hi"}
+A1 = {"role": "assistant", "content": "Hello!"}
+U2 = {"role": "user", "content": "2+2?"}
+REPLY = {"role": "assistant", "content": "4"}
+TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 
-PROMPTS = {
-    "single turn": [USER_1],
-    "system, two turns": [SYSTEM, USER_1, ASSISTANT_1, USER_2],
+# [S, U1, A1, U2, REPLY] as LLaMA-Factory renders it, written out from each name's slots.
+EXPECTED = {
+    "chatml": "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+              "Hello!<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nYou are terse.<|eot_id|>"
+              "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+              "Hello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>",
+    "llama4": "<s><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|><|header_start|>user<|header_end|>\n\n"
+              "Hi<|eot|><|header_start|>assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\n"
+              "2+2?<|eot|><|header_start|>assistant<|header_end|>\n\n4<|eot|>",
+    "gemma": "<s><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+             "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
+    "paligemma_chat": "<s><start_of_turn>user\nYou are terse.Hi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+                      "<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
+    "mistral": "<s>[INST] You are terse.\n\nHi[/INST] Hello!</s>[INST] 2+2?[/INST] 4</s>",
+    "ministral": "<s>[INST]You are terse.\n\nHi[/INST]Hello!</s>[INST]2+2?[/INST]4</s>",
+    "mistral_small": "<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT][INST]Hi[/INST]Hello!</s>[INST]2+2?[/INST]4</s>",
+    "llama2": "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi [/INST]Hello!</s><s>[INST] 2+2? [/INST]4</s>",
+    "vicuna": "You are terse.USER: Hi ASSISTANT:Hello!</s>USER: 2+2? ASSISTANT:4</s>",
+    "alpaca": "You are terse.### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\n2+2?\n\n"
+              "### Response:\n4</s>\n\n",
+    "default": "System: You are terse.</s>\nHuman: Hi</s>\nAssistant:Hello!</s>\nHuman: 2+2?</s>\nAssistant:4</s>\n",
+    "zephyr": "<|system|>\nYou are terse.</s><|user|>\nHi</s><|assistant|>\nHello!</s><|user|>\n2+2?</s>"
+              "<|assistant|>\n4</s>",
+    "deepseek": "<s>You are terse.\n\nUser: Hi\n\nAssistant:Hello!</s>User: 2+2?\n\nAssistant:4</s>",
+    "deepseek3": "<s>You are terse.<｜User｜>Hi<｜Assistant｜>Hello!</s><｜User｜>2+2?<｜Assistant｜>4</s>",
+    "glm4": "[gMASK]<sop><|system|>\nYou are terse.<|user|>\nHi<|assistant|>\nHello!<|user|>\n2+2?<|assistant|>\n4",
+    "phi": "<|system|>\nYou are terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\n2+2?<|end|>\n"
+           "<|assistant|>\n4<|end|>\n",
+    "phi4": "<|im_start|>system<|im_sep|>You are terse.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|>"
+            "<|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>2+2?<|im_end|>"
+            "<|im_start|>assistant<|im_sep|>4<|im_end|>",
+    "cohere": "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You are terse.<|END_OF_TURN_TOKEN|>"
+              "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+              "Hello!</s><|START_OF_TURN_TOKEN|><|USER_TOKEN|>2+2?<|END_OF_TURN_TOKEN|>"
+              "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4</s>",
+    "empty": "You are terse.HiHello!2+2?4",
+    "chatglm2": "[gMASK]sopYou are terse.[Round 0]\n\n问：Hi\n\n答：Hello![Round 1]\n\n问：2+2?\n\n答：4",
+    "olmo": "</s>You are terse.<|user|>\nHi<|assistant|>\nHello!</s><|user|>\n2+2?<|assistant|>\n4</s>",
+    "solar": "### System:\nYou are terse.\n\n### User:\nHi\n\n### Assistant:\nHello!### User:\n2+2?\n\n### Assistant:\n4",
+    "ernie_nothink": "<|begin_of_sentence|>You are terse.\nUser: Hi\nAssistant: Hello!<|end_of_sentence|>User: 2+2?\n"
+                     "Assistant: 4<|end_of_sentence|>",
+    "starchat": "<|system|>\nYou are terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>Hello!<|end|>\n<|user|>\n2+2?<|end|>\n"
+                "<|assistant|>4<|end|>\n",
+    "baichuan2": "You are terse.<reserved_106>Hi<reserved_107>Hello!<reserved_106>2+2?<reserved_107>4",
+}
+# Where the record has no system message, the name's default one (LLaMA-Factory's `default_system`).
+EXPECTED_DEFAULT_SYSTEM = {
+    "qwen": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "vicuna": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the user's questions.USER: Hi ASSISTANT:",
+    "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nHi\n\n### Response:\n",
+    "zephyr": "<|system|>\nYou are Zephyr, a helpful assistant.</s><|user|>\nHi</s><|assistant|>\n",
+    "llama2_zh": "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\nHi [/INST]",
+    "chatml": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
 }
 
 
 def render(tokenizer, name, messages, add_generation_prompt=False, **kwargs):
-    return tokenizer.apply_chat_template(
-        messages,
-        chat_template=get_template(name).jinja,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-        **kwargs,
-    )
+    return tokenizer.apply_chat_template(messages, chat_template=get_template(name).jinja,
+                                         add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs)
 
 
-@pytest.mark.parametrize("prompt", PROMPTS, ids=list(PROMPTS))
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("add_generation_prompt", [True, False], ids=["gen", "nogen"])
-def test_renders_every_message_in_order(tiny_tokenizer, name, prompt, add_generation_prompt):
-    messages = PROMPTS[prompt]
-    text = render(tiny_tokenizer, name, messages, add_generation_prompt)
-    position = 0
-    for message in messages:
-        found = text.find(message["content"], position)
-        assert found >= position, f"{message['role']} message missing or out of order in {text!r}"
-        position = found + len(message["content"])
-    has_system = messages[0]["role"] == "system"
-    if name in DEFAULT_SYSTEMS:
-        assert (DEFAULT_SYSTEMS[name] in text) != has_system  # the default only stands in for a missing one
+def test_every_llama_factory_name_resolves_and_no_other():
+    assert sorted(KNOWN_NAMES) == sorted(LLAMA_FACTORY_NAMES)
+    for name in LLAMA_FACTORY_NAMES:
+        choice = resolve_template(name)
+        if name in REASONING | NOTHINK:
+            assert choice.builtin is None, name
+            assert choice.kwargs == ({"enable_thinking": False} if name in NOTHINK else
+                                     {"enable_thinking": True} if name.startswith("qwen3") else {}), name
+            assert "tokenizer's own chat template" in choice.description
+        else:
+            assert choice.builtin is BUILTIN_TEMPLATES[name], name
 
 
-@pytest.mark.parametrize("prompt", PROMPTS, ids=list(PROMPTS))
-@pytest.mark.parametrize("name", NAMES)
-def test_generation_prompt_is_a_prefix_of_the_reply_rendering(tiny_tokenizer, name, prompt):
-    """The property training relies on: prompt + generation prompt, then the reply, is the whole conversation."""
-    messages = PROMPTS[prompt]
-    without = render(tiny_tokenizer, name, messages, add_generation_prompt=False)
-    prompt_text = render(tiny_tokenizer, name, messages, add_generation_prompt=True)
-    full = render(tiny_tokenizer, name, messages + [{"role": "assistant", "content": REPLY}])
-    assert prompt_text.startswith(without)
-    assert full.startswith(prompt_text)
-    assert REPLY in full[len(prompt_text):]
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_builtin_renders_what_llama_factory_renders(tiny_tokenizer, name):
+    assert render(tiny_tokenizer, name, [S, U1, A1, U2, REPLY], **TOKENS) == EXPECTED[name]
 
 
-@pytest.mark.parametrize("name", sorted(set(NAMES) - {"empty"}))
-def test_prompt_tokens_are_a_prefix_of_the_reply_tokens(tiny_tokenizer, name):
-    """With markup between prompt and reply, the prefix property also holds token by token.
-
-    (`empty` is left out by design: with no markup, the last user word and the first reply word
-    may merge into one token.)
-    """
-    messages = PROMPTS["system, two turns"]
-    prompt_ids = tiny_tokenizer(render(tiny_tokenizer, name, messages, True), add_special_tokens=False).input_ids
-    full = render(tiny_tokenizer, name, messages + [{"role": "assistant", "content": REPLY}])
-    full_ids = tiny_tokenizer(full, add_special_tokens=False).input_ids
-    assert full_ids[: len(prompt_ids)] == prompt_ids
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULT_SYSTEM))
+def test_default_system_stands_in_only_for_a_missing_one(tiny_tokenizer, name):
+    assert render(tiny_tokenizer, name, [U1], add_generation_prompt=True, **TOKENS) == EXPECTED_DEFAULT_SYSTEM[name]
+    assert "You are terse." in render(tiny_tokenizer, name, [S, U1], True, **TOKENS)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_end_of_turn_follows_every_assistant_reply(tiny_tokenizer, name):
-    eot = end_of_turn_token(tiny_tokenizer, name)
-    expected = get_template(name).end_of_turn or tiny_tokenizer.eos_token
-    assert eot == expected
-    messages = PROMPTS["system, two turns"]
-    prompt_text = render(tiny_tokenizer, name, messages, True)
-    full = render(tiny_tokenizer, name, messages + [{"role": "assistant", "content": REPLY}])
-    response = full[len(prompt_text):]
-    # mistral and vicuna put a space between the header and the reply; it belongs to the reply
-    assert response.lstrip(" ").startswith(REPLY + eot)
-    assert ASSISTANT_1["content"] + eot in full  # earlier turns are closed the same way
+def test_tool_results_use_the_observation_slot(tiny_tokenizer):
+    tool = {"role": "tool", "content": "42"}
+    assert render(tiny_tokenizer, "qwen", [S, U1, A1, tool], True) == (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello!<|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert render(tiny_tokenizer, "mistral", [U1, A1, tool], True, **TOKENS) == (
+        '<s>[INST] Hi[/INST] Hello!</s>[TOOL_RESULTS] {"content": 42}[/TOOL_RESULTS]')
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_templates_write_their_markup_and_eos_from_the_tokenizer(tiny_tokenizer, name):
+def test_tool_definitions_and_calls_need_the_tokenizers_own_template(tiny_tokenizer):
+    with pytest.raises(Exception, match="chatml template renders no tool definitions.*leave template unset"):
+        render(tiny_tokenizer, "chatml", [U1], tools=[{"type": "function", "function": {"name": "f"}}])
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    with pytest.raises(Exception, match="renders no tool definitions or tool calls"):
+        render(tiny_tokenizer, "llama3", [U1, call, U2])
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_every_builtin_prompt_is_a_prefix_and_the_reply_ends_the_turn(tiny_tokenizer, name):
+    """The property training relies on, for every built-in: prompt + generation prompt, then the
+    reply, is the whole conversation; the reply's turn ends with the declared end-of-turn token or
+    (a format that writes none) nothing, to which training appends eos."""
     template = get_template(name)
-    full = render(tiny_tokenizer, name, [USER_1, ASSISTANT_1], bos_token="<BOS>", eos_token="<EOS>")
-    for token in template.special_tokens:
-        assert token in full
-    if template.end_of_turn is None:
-        assert "<EOS>" in full
-    # families that start with BOS get it only when the tokenizer has one
-    starts_with_bos = name in {"llama3", "mistral", "gemma", "alpaca", "vicuna"}
-    assert full.startswith("<BOS>") == starts_with_bos
-    assert not render(tiny_tokenizer, name, [USER_1, ASSISTANT_1]).startswith("None")
+    for messages in ([U1], [S, U1, A1, U2]):
+        prompt = render(tiny_tokenizer, name, messages, True, **TOKENS)
+        full = render(tiny_tokenizer, name, messages + [REPLY], **TOKENS)
+        assert full.startswith(prompt), name
+        response = full[len(prompt):]
+        assert response.lstrip(" \n").startswith("4"), (name, response)
+        if template.end_of_turn is not None:
+            assert template.end_of_turn in response
+        position = 0
+        for message in messages:  # every message, in order
+            position = full.index(message["content"], position) + len(message["content"])
 
 
-def test_known_formats_render_exactly(tiny_tokenizer):
-    """One literal rendering per family, from the published formats, so a regression is visible as text."""
-    conversation = [SYSTEM, USER_1, ASSISTANT_1]
-    eos = tiny_tokenizer.eos_token
-    expected = {
-        "chatml": "<|im_start|>system\nYou are a polite quiz host.<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-        "<|im_start|>assistant\nSure! It is Paris.<|im_end|>\n",
-        "llama3": "<|start_header_id|>system<|end_header_id|>\n\nYou are a polite quiz host.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nSure! It is Paris.<|eot_id|>",
-        "mistral": f"[INST] You are a polite quiz host.\n\nWhat is the capital of France? [/INST] Sure! It is Paris.{eos}",
-        "gemma": "<start_of_turn>user\nYou are a polite quiz host.\n\nWhat is the capital of France?<end_of_turn>\n"
-        "<start_of_turn>model\nSure! It is Paris.<end_of_turn>\n",
-        "alpaca": "You are a polite quiz host.\n\n### Instruction:\nWhat is the capital of France?\n\n"
-        f"### Response:\nSure! It is Paris.{eos}\n\n",
-        "vicuna": f"You are a polite quiz host. USER: What is the capital of France? ASSISTANT: Sure! It is Paris.{eos}",
-        "empty": f"You are a polite quiz host.What is the capital of France?Sure! It is Paris.{eos}",
-    }
-    for name, text in expected.items():
-        assert render(tiny_tokenizer, name, conversation) == text, name
-    assert render(tiny_tokenizer, "qwen", [USER_1], True) == (
-        f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    )
+def test_markup_tokens_are_declared_for_the_vocabulary_check():
+    assert get_template("llama3").special_tokens == ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    assert set(get_template("gemma").special_tokens) == {"<start_of_turn>", "<end_of_turn>"}
+    assert get_template("deepseek3").special_tokens == ("<｜User｜>", "<｜Assistant｜>")
+    assert get_template("llama2").special_tokens == ()  # <<SYS>> is text, not a token
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma", "alpaca", "vicuna"])
-def test_roles_a_format_lacks_are_an_error(tiny_tokenizer, name):
-    with pytest.raises(Exception, match=f"{name} chat template supports .* not tool"):
-        render(tiny_tokenizer, name, [USER_1, {"role": "tool", "content": "42"}])
+def test_bos_and_eos_are_written_only_where_the_tokenizer_has_them(tiny_tokenizer):
+    tiny_tokenizer.bos_token = None  # the tiny tokenizer has no BOS; make sure
+    assert render(tiny_tokenizer, "llama3", [U1]).startswith("<|start_header_id|>")
+    assert not render(tiny_tokenizer, "mistral", [U1, A1]).startswith("None")
 
 
 def test_unknown_name_lists_the_known_ones_and_suggests_one():
     with pytest.raises(ConfigError) as error:
-        get_template("chatlm")
+        resolve_template("qwen3_nothing")
     message = str(error.value)
-    assert "Did you mean `template: chatml`?" in message
-    for name in NAMES:
+    assert "Did you mean `template: qwen3_nothink`?" in message
+    for name in LLAMA_FACTORY_NAMES:
         assert name in message
-    with pytest.raises(ConfigError, match="Built-in templates"):
-        get_template("nothing-like-it")
+    with pytest.raises(ConfigError, match="Known names"):
+        resolve_template("nothing-like-it")
 
 
 def test_names_are_case_insensitive():
     assert get_template(" ChatML ") is BUILTIN_TEMPLATES["chatml"]
+    assert resolve_template("QWEN3_NoThink").kwargs == {"enable_thinking": False}
+
+
+def test_a_name_for_the_tokenizers_own_template_has_no_builtin():
+    with pytest.raises(ConfigError, match="qwen3_nothink.*has no built-in template"):
+        get_template("qwen3_nothink")
 
 
 def test_own_template_end_of_turn_is_the_special_token_after_the_reply(tiny_tokenizer):
@@ -162,12 +204,22 @@ def test_own_template_end_of_turn_is_the_special_token_after_the_reply(tiny_toke
     # closed by a special token that is not eos: that token, found by rendering
     tiny_tokenizer.eos_token = "<|endoftext|>"
     assert end_of_turn_token(tiny_tokenizer, None) == "<|im_end|>"
+    assert end_of_turn_token(tiny_tokenizer, "qwen3_nothink") == "<|im_end|>"  # the same own template
     # a space before the closing token (as in Llama 2's " </s>") is skipped
     tiny_tokenizer.chat_template = (
         "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ ' ' + eos_token }}{% endif %}"
         "{% endfor %}"
     )
     assert end_of_turn_token(tiny_tokenizer, None) == "<|endoftext|>"
+
+
+def test_own_template_end_of_turn_is_probed_with_the_template_arguments(tiny_tokenizer):
+    tiny_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ '<|im_end|>' if short_turns else eos_token }}{% endif %}{% endfor %}")
+    tiny_tokenizer.eos_token = "<|endoftext|>"
+    assert end_of_turn_token(tiny_tokenizer, None) == "<|endoftext|>"
+    assert end_of_turn_token(tiny_tokenizer, None, {"short_turns": True}) == "<|im_end|>"
 
 
 def test_own_template_without_a_closing_token_falls_back_to_eos(tiny_tokenizer):
@@ -180,6 +232,8 @@ def test_missing_template_or_eos_is_a_config_error(tiny_tokenizer):
     tiny_tokenizer.chat_template = None
     with pytest.raises(ConfigError, match="no chat template.*Set `template:`"):
         end_of_turn_token(tiny_tokenizer, None)
+    with pytest.raises(ConfigError, match="`template: qwen3_nothink` uses the tokenizer's own chat template, but"):
+        end_of_turn_token(tiny_tokenizer, "qwen3_nothink")
     # chatml declares its own end-of-turn token; mistral relies on eos
     tiny_tokenizer.eos_token = None
     assert end_of_turn_token(tiny_tokenizer, "chatml") == "<|im_end|>"

@@ -37,7 +37,7 @@ class ChatSession:
 
     def __init__(self, config: RunConfig, tokenizer, speakers: list[Speaker], *, seed: int, device):
         self.tokenizer = tokenizer
-        self.renderer = ChatRenderer(tokenizer, config.data.template)
+        self.renderer = ChatRenderer.from_config(tokenizer, config.data)
         self.speakers = speakers
         self.seed = seed
         self.device = device

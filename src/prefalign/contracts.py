@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-# A chat message: {"role": "system" | "user" | "assistant" | "tool", "content": str}.
-Message = dict[str, str]
+# A chat message: {"role": "system" | "user" | "assistant" | "tool", "content": str}, and for an
+# assistant's tool call "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]
+# (a tool message may carry "name" / "tool_call_id").
+Message = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class PreferencePair:
 
     `prompt` holds the conversation before the reply: an optional leading system message, then
     alternating user/assistant turns, ending with a user turn. `chosen` and `rejected` are the
-    preferred and dispreferred assistant replies (plain text).
+    preferred and dispreferred assistant replies (plain text). `tools`: the tool definitions as a
+    JSON list of `{"type": "function", "function": {...}}`; `template_kwargs`: the record's own
+    chat-template arguments (its `chat_template_kwargs` column).
     """
 
     prompt: list[Message]
@@ -44,6 +49,7 @@ class PreferencePair:
     rejected: str
     source: RecordSource
     tools: str | None = None
+    template_kwargs: dict | None = None
 
 
 # An encoded pair is a plain dict (it lives in a `datasets.Dataset`) with these keys:

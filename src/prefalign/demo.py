@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefalign.data.templates import CHATML
 from prefalign.errors import PrefalignError
 
 if TYPE_CHECKING:
@@ -67,6 +66,13 @@ DEMO_DATA_DIR = Path(__file__).resolve().parents[2] / "examples" / "data"
 # has seen the held-out prompts' words, so they do not fall apart into single letters.
 DEMO_FILES = ("demo_train.json", "demo_eval.json")
 
+# The demo tokenizer's own chat template: ChatML, the generation prompt only when asked for (as a
+# real model's template behaves).
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 # Text the tokenizer always sees, often enough that each role name becomes one token.
 _MARKUP_TEXTS = ("system\n", "user\n", "assistant\n") * 50
 
@@ -74,7 +80,7 @@ _MARKUP_TEXTS = ("system\n", "user\n", "assistant\n") * 50
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = DEFAULT_VOCAB_SIZE,
-    chat_template: str = CHATML.jinja,
+    chat_template: str = DEMO_CHAT_TEMPLATE,
     model_max_length: int = DEFAULT_MAX_POSITIONS,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it as a `PreTrainedTokenizerFast`.

@@ -29,6 +29,19 @@ class DataError(PrefalignError):
     """A preference record or data file that cannot be used; the message names file, record and field."""
 
 
+class PairError(DataError):
+    """One record that failed at `stage` (see STAGES) in `field`; `on_bad_record: skip` skips it."""
+
+    def __init__(self, stage: str, where: str, field: str, reason: str):
+        super().__init__(f"{where}, field {field}: {reason}")
+        self.stage, self.field, self.reason = stage, field, reason
+
+
+STAGES = ("parse", "render", "prefix", "tokenize")
+"""Where a record can fail: reading it into a pair, rendering it with the chat template, the
+prompt/response boundary (the prompt is not a prefix of prompt + reply), tokenizing it."""
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True for 'no space left on device' however it surfaces (OSError, or a library's own error)."""
     import errno

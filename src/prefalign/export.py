@@ -64,7 +64,8 @@ def run_export(config: RunConfig) -> Path:
     """Merge `adapter_name_or_path` into `model_name_or_path` and save a standalone model to `export_dir`."""
     from transformers import AutoTokenizer
 
-    from prefalign.data.templates import end_of_turn_token, get_template
+    from prefalign.data.chat import template_arguments
+    from prefalign.data.templates import end_of_turn_token, resolve_template
 
     out = check_export(config)
     adapters = _split_paths(config.model.adapter_name_or_path)
@@ -78,9 +79,11 @@ def run_export(config: RunConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config),
                                               trust_remote_code=config.model.trust_remote_code)
     template = config.data.template
-    if template:
-        tokenizer.chat_template = get_template(template).jinja
-    end_of_turn = end_of_turn_token(tokenizer, template) if template or tokenizer.chat_template else None
+    builtin = resolve_template(template).builtin
+    if builtin is not None:
+        tokenizer.chat_template = builtin.jinja
+    end_of_turn = (end_of_turn_token(tokenizer, template, template_arguments(config.data))
+                   if builtin is not None or tokenizer.chat_template else None)
     stop_ids = _stop_token_ids(tokenizer, end_of_turn)
     generation = model.generation_config
     eos = generation.eos_token_id

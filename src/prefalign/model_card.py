@@ -97,12 +97,20 @@ def _data(config, summary: dict | None) -> list[str]:
     else:
         lines.append(f"- dataset: `{config.data.dataset}`" + (f", eval: `{config.data.eval_dataset}`"
                                                             if config.data.eval_dataset else ""))
-    template = config.data.template or "the tokenizer's own"
-    lines.append(f"- Chat template: {template}; cutoff_len {config.data.cutoff_len} tokens")
+    from prefalign.data.chat import template_arguments
+    from prefalign.data.templates import resolve_template
+
+    choice = resolve_template(config.data.template)
+    kwargs = {**choice.kwargs, **template_arguments(config.data)}
+    args = f" with {kwargs}" if kwargs else ""
+    lines.append(f"- Chat template: {choice.description}{args if choice.builtin is not None else ''}; "
+                 f"cutoff_len {config.data.cutoff_len} tokens")
     return lines
 
 
 def _usage(config, out: Path, is_adapter: bool) -> str:
+    from prefalign.data.templates import resolve_template
+
     path = str(out)
     load = (f'from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n'
             "# the base model is the one named in adapter_config.json\n"
@@ -117,7 +125,7 @@ def _usage(config, out: Path, is_adapter: bool) -> str:
             "output = model.generate(**inputs, max_new_tokens=64)\n"
             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
     notes = []
-    if config.data.template:
+    if resolve_template(config.data.template).builtin is not None:
         notes.append(f"The model was trained with prefalign's built-in `{config.data.template}` chat template, which "
                      "may differ from the tokenizer's own: `prefalign export` writes it into the exported tokenizer.")
     if is_adapter and len(_split_paths(config.model.adapter_name_or_path)) > 1:

@@ -7,6 +7,7 @@ Training keys are transformers' `Seq2SeqTrainingArguments`, used as they are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _help(text: str, default=None, **kwargs):
@@ -46,8 +47,28 @@ class DataArguments:
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
     eval_dataset: str | None = _help("Held-out data, same forms as `dataset`.")
     template: str | None = _help(
-        "Chat template: unset uses the tokenizer's own; a name picks a built-in one "
-        "(chatml, llama3, qwen, mistral, gemma, alpaca, vicuna, empty)."
+        "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
+        "qwen3_nothink, gemma, mistral, ...) picks LLaMA-Factory's format for it, or the tokenizer's own "
+        "template with the arguments the name implies (see the README's template table)."
+    )
+    enable_thinking: bool | None = _help(
+        "Passed to the chat template as `enable_thinking` (Qwen3-style thinking models); unset: what the "
+        "template name implies, else the template's default."
+    )
+    chat_template_kwargs: dict[str, Any] | None = _help(
+        "Extra arguments for the chat template, e.g. `{reasoning_effort: low}`, for training, eval and chat; "
+        "a record's own `chat_template_kwargs` column goes on top."
+    )
+    on_unsupported_system: str = _help(
+        "A system turn the chat template cannot render (it raises, e.g. Gemma 2's): `fold` joins it into the "
+        "first user turn (\"system\\n\\nuser\", counted in the data summary); `error` refuses the record.",
+        "fold",
+    )
+    on_prompt_not_prefix: str = _help(
+        "A template whose rendered prompt is not a prefix of prompt + reply (e.g. Mistral-Nemo's, system text in "
+        "the last user turn): `error` refuses the record; `append` keeps the prompt as rendered with the "
+        "generation prompt and appends the reply as the template writes it, up to its end-of-turn token.",
+        "error",
     )
     cutoff_len: int = _help(
         "Maximum tokens of prompt + response. Longer pairs lose the head of the prompt first, "
@@ -70,6 +91,37 @@ class DataArguments:
     preprocessing_num_workers: int | None = _help("Processes for tokenization (`datasets.map`).")
     preprocessing_batch_size: int = _help("Records per tokenization batch.", 1000)
     overwrite_cache: bool = _help("Re-tokenize even when an encoded cache exists.", False)
+
+    def problems(self) -> list[str]:
+        """The chat-template settings, checked (the other data keys are checked in config/loader.validate)."""
+        from prefalign.data.chat import NOT_PREFIX, UNSUPPORTED_SYSTEM
+        from prefalign.data.templates import RESERVED_TEMPLATE_KWARGS, resolve_template
+        from prefalign.errors import ConfigError
+
+        problems = []
+        for key, allowed in (("on_unsupported_system", UNSUPPORTED_SYSTEM), ("on_prompt_not_prefix", NOT_PREFIX)):
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key}: {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        kwargs = self.chat_template_kwargs or {}
+        if not isinstance(kwargs, dict):
+            problems.append(f"chat_template_kwargs: expected a mapping of argument: value, got {kwargs!r}")
+            kwargs = {}
+        reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            problems.append(f"chat_template_kwargs: {', '.join(reserved)} are set by prefalign itself; remove them")
+        if self.enable_thinking is not None and kwargs.get("enable_thinking", self.enable_thinking) != self.enable_thinking:
+            problems.append("enable_thinking and chat_template_kwargs.enable_thinking disagree; keep one")
+        try:
+            implied = resolve_template(self.template).kwargs
+        except ConfigError as exc:
+            return problems + [f"template: {exc}"]
+        given = {**kwargs, **({} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking})}
+        for key, value in implied.items():
+            if key in given and given[key] != value:
+                problems.append(f"template: {self.template} means {key}: {str(value).lower()}, but {key} is set to "
+                                f"{str(given[key]).lower()}; use the template name that matches (e.g. qwen3 or "
+                                "qwen3_nothink) or drop the setting")
+        return problems
 
 
 @dataclass

@@ -207,7 +207,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
-    problems += validate(model, data, finetuning, train_values) + export.problems() + generation.problems()
+    problems += validate(model, data, finetuning, train_values) + data.problems() + export.problems() + generation.problems()
 
     training = None
     train_values.setdefault("output_dir", "saves/prefalign-run")
@@ -269,13 +269,6 @@ def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments
         problems.append(f"lora_dropout: {ft.lora_dropout} must be in [0, 1)")
     if ft.ref_model_adapters and not ft.ref_model:
         problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
-    if data.template:
-        from prefalign.data.templates import get_template
-
-        try:
-            get_template(data.template)
-        except ConfigError as exc:
-            problems.append(f"template: {exc}")
     if train.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")

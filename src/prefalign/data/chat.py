@@ -1,37 +1,78 @@
 """Render a preference pair with a chat template and find the prompt/response boundary.
 
 The boundary is found by rendering, never by guessing: the prompt rendered with the generation
-prompt must be a prefix of the prompt rendered with the reply, as text and as tokens; anything
-else is an error naming the template and the record, because training on a misplaced boundary
-silently teaches the wrong tokens.
+prompt must be a prefix of the prompt rendered with the reply, as text and as tokens. Two
+documented rules cover templates that refuse that:
+
+- a system turn the template cannot render (it raises, as Gemma 2's own template does) is folded
+  into the first user turn ("system\\n\\nuser", as LLaMA-Factory's gemma template writes it) with
+  `on_unsupported_system: fold` (the default), counted; `error` refuses the record;
+- a template whose prompt is not a prefix of prompt + reply (Mistral-Nemo style: the system text
+  sits in the last user turn only) is refused with `on_prompt_not_prefix: error` (the default);
+  `append` keeps the prompt as rendered with the generation prompt and appends the reply as the
+  template writes it in the whole conversation, up to and including its end-of-turn token.
+
+Every refusal is a `PairError` naming the record, field and stage, which `on_bad_record: skip` skips.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 from prefalign.contracts import Message, PreferencePair
-from prefalign.data.templates import end_of_turn_token, get_template
-from prefalign.errors import ConfigError, DataError
+from prefalign.data.templates import TemplateChoice, end_of_turn_token, resolve_template
+from prefalign.errors import ConfigError, PairError
+
+UNSUPPORTED_SYSTEM = ("fold", "error")
+NOT_PREFIX = ("error", "append")
+
+
+@dataclass(frozen=True)
+class RenderedPair:
+    """A pair as text: the prompt (ending with the assistant header) and each response up to and
+    including its end-of-turn token; whether its system turn was folded or its replies appended."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    folded_system: bool = False
+    appended: bool = False
 
 
 @dataclass(frozen=True)
 class ChatRenderer:
-    """Renders conversations with one chat template for one tokenizer."""
+    """Renders conversations with one chat template for one tokenizer.
+
+    `template` is the config's name (None: the tokenizer's own); `template_kwargs` are the config's
+    chat-template arguments (chat_template_kwargs and enable_thinking), under each record's own.
+    """
 
     tokenizer: object
-    template: str | None  # a built-in template's name, or None for the tokenizer's own
+    template: str | None
+    template_kwargs: dict = field(default_factory=dict)
+    on_unsupported_system: str = "fold"
+    on_prompt_not_prefix: str = "error"
+
+    @classmethod
+    def from_config(cls, tokenizer, data_args) -> "ChatRenderer":
+        """The renderer of a config's DataArguments: training, eval and chat all build it here."""
+        return cls(tokenizer, data_args.template, template_arguments(data_args),
+                   data_args.on_unsupported_system, data_args.on_prompt_not_prefix)
 
     def __post_init__(self):
-        if self.template is None and not getattr(self.tokenizer, "chat_template", None):
+        choice = self.choice
+        if choice.builtin is None and not getattr(self.tokenizer, "chat_template", None):
+            which = f"template: {self.template} uses the tokenizer's own chat template, but" if self.template \
+                else "template:"
             raise ConfigError(
-                "template: the tokenizer has no chat template of its own; set template: to a built-in one "
-                "(chatml, llama3, qwen, mistral, gemma, alpaca, vicuna, empty)"
+                f"{which} the tokenizer has no chat template of its own; set template: to a built-in one "
+                "(e.g. chatml, llama3, qwen, mistral, gemma, empty)"
             )
-        if self.template is not None:
+        if choice.builtin is not None:
             # Markup tokens the model never saw would be split into pieces: a silent mis-rendering.
             vocab = self.tokenizer.get_vocab()
-            missing = [t for t in get_template(self.template).special_tokens if t.startswith("<") and t not in vocab]
+            missing = [t for t in choice.builtin.special_tokens if t not in vocab]
             if missing:
                 raise ConfigError(
                     f"template: {self.template} writes {', '.join(missing)}, which this tokenizer does not have as "
@@ -40,19 +81,40 @@ class ChatRenderer:
                 )
 
     @property
+    def choice(self) -> TemplateChoice:
+        return resolve_template(self.template)
+
+    @property
     def jinja(self) -> str | None:
-        return get_template(self.template).jinja if self.template else None
+        builtin = self.choice.builtin
+        return builtin.jinja if builtin is not None else None
 
     @property
     def name(self) -> str:
-        return self.template or "the tokenizer's own chat template"
+        return self.choice.description
+
+    @property
+    def kwargs(self) -> dict:
+        """The template arguments every record is rendered with (a record's own go on top)."""
+        return {**self.choice.kwargs, **self.template_kwargs}
 
     @property
     def end_of_turn(self) -> str:
-        return end_of_turn_token(self.tokenizer, self.template)
+        return end_of_turn_token(self.tokenizer, self.template, self.template_kwargs)
 
-    def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None) -> str:
-        kwargs = {"tools": tools} if tools else {}
+    @property
+    def identity(self) -> str:
+        """Everything about the rendering that changes the encoded data (for cache keys)."""
+        return json.dumps([self.template, self.kwargs, self.on_unsupported_system, self.on_prompt_not_prefix],
+                          sort_keys=True, default=str)
+
+    def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None,
+               record_kwargs: dict | None = None) -> str:
+        """`messages` as text; `tools` is a JSON list of tool definitions, `record_kwargs` a record's
+        own chat_template_kwargs."""
+        kwargs = {**self.kwargs, **(record_kwargs or {})}
+        if tools:
+            kwargs["tools"] = json.loads(tools)
         return self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.jinja,
@@ -65,31 +127,73 @@ class ChatRenderer:
         from jinja2 import TemplateError
 
         try:
-            return self.render(messages, tools=pair.tools, **kwargs)
+            return self.render(messages, tools=pair.tools, record_kwargs=pair.template_kwargs, **kwargs)
         except TemplateError as exc:  # e.g. a role the template does not support
-            raise DataError(f"{pair.source}, field {field}: {self.name} cannot render this conversation: {exc}") from None
+            hint = ("; set on_unsupported_system: fold to fold it into the first user turn"
+                    if _has_system(messages) and self.on_unsupported_system == "error" else "")
+            raise PairError("render", str(pair.source), field,
+                            f"{self.name} cannot render this conversation: {exc}{hint}") from None
 
-    def split(self, pair: PreferencePair) -> tuple[str, str, str]:
-        """Return (prompt_text, chosen_text, rejected_text).
+    def _prompt(self, pair: PreferencePair) -> tuple[list[Message], str, bool]:
+        """The prompt messages to use, the rendered prompt, and whether the system turn was folded."""
+        try:
+            return pair.prompt, self._render_pair(pair, pair.prompt, "prompt", add_generation_prompt=True), False
+        except PairError:
+            if not (_has_system(pair.prompt) and self.on_unsupported_system == "fold"):
+                raise
+        folded = fold_system(pair.prompt)
+        return folded, self._render_pair(pair, folded, "prompt", add_generation_prompt=True), True
 
-        prompt_text ends with the assistant header; each response text runs up to and including
-        the end-of-turn token (what a template writes after it, e.g. a newline, is not trained).
-        """
-        prompt_text = self._render_pair(pair, pair.prompt, "prompt", add_generation_prompt=True)
-        replies = []
+    def split(self, pair: PreferencePair) -> RenderedPair:
+        """Render a pair: the prompt with the generation prompt, and each reply after it."""
+        messages, prompt_text, folded = self._prompt(pair)
+        end_of_turn = self.end_of_turn
+        replies, appended = [], False
         for field in ("chosen", "rejected"):
             reply = getattr(pair, field)
-            full = self._render_pair(pair, pair.prompt + [{"role": "assistant", "content": reply}], field,
+            full = self._render_pair(pair, messages + [{"role": "assistant", "content": reply}], field,
                                      add_generation_prompt=False)
-            if not full.startswith(prompt_text):
-                raise DataError(
-                    f"{pair.source}, field {field}: with {self.name}, the rendered prompt is not a prefix of "
-                    "the rendered prompt + reply, so the prompt/response boundary is undefined; "
-                    "use a template whose generation prompt matches its assistant turn"
-                )
-            response = full[len(prompt_text):]
-            replies.append(_cut_after_end_of_turn(response, reply, self.end_of_turn))
-        return prompt_text, replies[0], replies[1]
+            if full.startswith(prompt_text):
+                response = full[len(prompt_text):]
+            elif self.on_prompt_not_prefix == "append":
+                response = _reply_as_written(full, reply, pair, field, self.name)
+                appended = True
+            else:
+                raise PairError(
+                    "prefix", str(pair.source), field,
+                    f"with {self.name}, the rendered prompt is not a prefix of the rendered prompt + reply, so the "
+                    "prompt/response boundary is undefined; use a template whose generation prompt matches its "
+                    "assistant turn, or set on_prompt_not_prefix: append")
+            replies.append(_cut_after_end_of_turn(response, reply, end_of_turn))
+        return RenderedPair(prompt_text, replies[0], replies[1], folded, appended)
+
+
+def template_arguments(data_args) -> dict:
+    """The config's chat-template arguments: `chat_template_kwargs`, then `enable_thinking` if set."""
+    kwargs = dict(data_args.chat_template_kwargs or {})
+    if data_args.enable_thinking is not None:
+        kwargs["enable_thinking"] = data_args.enable_thinking
+    return kwargs
+
+
+def _has_system(messages: list[Message]) -> bool:
+    return bool(messages) and messages[0]["role"] == "system"
+
+
+def fold_system(messages: list[Message]) -> list[Message]:
+    """The conversation with its leading system message joined into the next turn: "system\\n\\nuser"."""
+    system, first, rest = messages[0], messages[1], messages[2:]
+    return [{**first, "content": system["content"] + "\n\n" + first["content"]}, *rest]
+
+
+def _reply_as_written(full: str, reply: str, pair: PreferencePair, field: str, name: str) -> str:
+    """The reply as the template writes it at the end of `full`, from its first character on."""
+    at = full.rfind(reply.strip())
+    if not reply.strip() or at < 0:
+        raise PairError("prefix", str(pair.source), field,
+                        f"with {name}, the prompt is not a prefix of prompt + reply and the reply text is not in "
+                        "the rendering, so on_prompt_not_prefix: append cannot place it")
+    return full[at:]
 
 
 def _cut_after_end_of_turn(response: str, reply: str, end_of_turn: str) -> str:

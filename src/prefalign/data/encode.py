@@ -21,18 +21,23 @@ from pathlib import Path
 
 from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
-from prefalign.errors import DataError
+from prefalign.errors import PairError
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "1"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "2"  # bump when the encoding rule changes, to invalidate caches
 
 
 @dataclass
 class EncodeStats:
+    """Counts of one encoded split; `skipped` pairs failed rendering or tokenization (on_bad_record: skip)."""
+
     pairs: int = 0
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    folded_system_turns: int = 0
+    appended_replies: int = 0
+    skipped: int = 0
 
 
 def default_cache_dir() -> Path:
@@ -54,22 +59,23 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], cut
 
 
 def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -> dict:
-    """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", "truncated"}."""
+    """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", and flags for the counts};
+    a `PairError` naming the stage when it cannot be encoded."""
     tokenizer = renderer.tokenizer
-    prompt_text, chosen_text, rejected_text = renderer.split(pair)
-    prompt_ids = _tokenize(tokenizer, prompt_text)
+    rendered = renderer.split(pair)
+    prompt_ids = _tokenize(tokenizer, rendered.prompt)
     responses = []
-    for field, text in (("chosen", chosen_text), ("rejected", rejected_text)):
-        full = _tokenize(tokenizer, prompt_text + text)
+    for field, text in (("chosen", rendered.chosen), ("rejected", rendered.rejected)):
+        full = _tokenize(tokenizer, rendered.prompt + text)
         if full[: len(prompt_ids)] != prompt_ids:
-            raise DataError(
-                f"{pair.source}, field {field}: the tokenized prompt is not a prefix of the tokenized "
-                f"prompt + reply with {renderer.name} (a token merges across the boundary); "
-                "use a template that ends the assistant header with a special token or a newline"
-            )
+            raise PairError(
+                "tokenize", str(pair.source), field,
+                f"the tokenized prompt is not a prefix of the tokenized prompt + reply with {renderer.name} (a token "
+                "merges across the boundary); use a template that ends the assistant header with a special token "
+                "or a newline")
         response = full[len(prompt_ids):]
         if not response:
-            raise DataError(f"{pair.source}, field {field}: the reply encodes to no tokens")
+            raise PairError("tokenize", str(pair.source), field, "the reply encodes to no tokens")
         responses.append(response)
     prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
     return {
@@ -78,7 +84,17 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
         "rejected_ids": rejected,
         "truncated_prompt": len(prompt) < len(prompt_ids),
         "truncated_response": len(chosen) < len(responses[0]) or len(rejected) < len(responses[1]),
+        "folded_system": rendered.folded_system,
+        "appended": rendered.appended,
     }
+
+
+def reject_entry(error: PairError, pair: PreferencePair) -> dict:
+    """A `rejected_records.jsonl` line for a pair that failed after parsing."""
+    source = pair.source
+    return {"dataset": source.dataset, "file": source.file, "index": source.index, "line": source.line,
+            "stage": error.stage, "field": error.field, "reason": error.reason,
+            "record": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "tools": pair.tools}}
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -100,58 +116,82 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected, pair.tools]).encode())
+        digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs],
+                                 sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+_FLAGS = ("truncated_prompt", "truncated_response", "folded_system", "appended")
 
 
 def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len: int, *,
                  num_proc: int | None = None, batch_size: int = 1000, cache_dir: str | Path | None = None,
-                 overwrite_cache: bool = False):
-    """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk.
+                 overwrite_cache: bool = False, on_bad_record: str = "error"):
+    """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk; returns it and
+    its EncodeStats as a dict, with `rejects` (rejected_records.jsonl entries) under on_bad_record: skip.
 
-    The cache key covers the pairs' content, the tokenizer, the template and `cutoff_len`, so a
-    second run with the same inputs does not re-tokenize.
+    The cache key covers the pairs' content, the tokenizer, the template and its arguments and
+    `cutoff_len`, so a second run with the same inputs does not re-tokenize.
     """
     import datasets
 
     key = hashlib.sha256(
         "|".join([_ENCODING_VERSION, _pairs_fingerprint(pairs), tokenizer_fingerprint(renderer.tokenizer),
-                  str(renderer.template), str(cutoff_len)]).encode()
+                  renderer.identity, str(cutoff_len)]).encode()
     ).hexdigest()[:20]
     path = Path(cache_dir or default_cache_dir()) / "encoded" / key
     if path.exists() and not overwrite_cache:
+        stats = json.loads((path / "prefalign_stats.json").read_text())
+        if stats["rejects"] and on_bad_record == "error":
+            first = stats["rejects"][0]
+            raise PairError(first["stage"], f"{first['file']} record {first['index']}", first["field"], first["reason"])
         logger.info("Using encoded data from %s", path)
-        encoded = datasets.load_from_disk(str(path))
-        return encoded, json.loads((path / "prefalign_stats.json").read_text())
+        return datasets.load_from_disk(str(path)), stats
 
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
-         "source": json.dumps(asdict(p.source)), "index": i}
+         "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i}
         for i, p in enumerate(pairs)
     ])
 
     def encode_batch(batch):
-        out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "truncated_prompt", "truncated_response")}
-        for prompt, chosen, rejected, tools, source in zip(batch["prompt"], batch["chosen"], batch["rejected"],
-                                                           batch["tools"], batch["source"]):
-            pair = PreferencePair(json.loads(prompt), chosen, rejected, RecordSource(**json.loads(source)), tools)
-            for k, v in encode_pair(pair, renderer, cutoff_len).items():
+        out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", *_FLAGS, "reject")}
+        for prompt, chosen, rejected, tools, kwargs, source in zip(
+                batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"]):
+            pair = PreferencePair(json.loads(prompt), chosen, rejected, RecordSource(**json.loads(source)), tools,
+                                  json.loads(kwargs))
+            try:
+                encoded, reject = encode_pair(pair, renderer, cutoff_len), ""
+            except PairError as error:
+                if on_bad_record == "error":
+                    raise
+                encoded = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], **dict.fromkeys(_FLAGS, False)}
+                reject = json.dumps(reject_entry(error, pair), ensure_ascii=False, default=str)
+            for k, v in encoded.items():
                 out[k].append(v)
+            out["reject"].append(reject)
         return out
 
     encoded = table.map(
         encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc and num_proc > 1 and len(pairs) > 256 else None,
-        remove_columns=["prompt", "chosen", "rejected", "tools", "source"], desc="Encoding pairs",
+        remove_columns=["prompt", "chosen", "rejected", "tools", "kwargs", "source"], desc="Encoding pairs",
     )
+    rejects = [json.loads(r) for r in encoded["reject"] if r]
+    if rejects:
+        encoded = encoded.filter(lambda reject: not reject, input_columns="reject")
     stats = asdict(EncodeStats(
         pairs=len(encoded),
         truncated_prompts=int(sum(encoded["truncated_prompt"])),
         truncated_responses=int(sum(encoded["truncated_response"])),
+        folded_system_turns=int(sum(encoded["folded_system"])),
+        appended_replies=int(sum(encoded["appended"])),
+        skipped=len(rejects),
     ))
-    encoded = encoded.remove_columns(["truncated_prompt", "truncated_response"])
+    stats["rejects"] = rejects
+    encoded = encoded.remove_columns([*_FLAGS, "reject"])
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     encoded.save_to_disk(str(tmp))
-    (tmp / "prefalign_stats.json").write_text(json.dumps(stats))
+    (tmp / "prefalign_stats.json").write_text(json.dumps(stats, ensure_ascii=False))
     try:
         os.replace(tmp, path)
     except OSError:  # another process finished first; its copy is identical

@@ -16,6 +16,15 @@ Shapes (the column names are the defaults; a `dataset_info.json` entry can renam
 
 A reply (`chosen`/`rejected`) may be a string, one assistant message, a list holding one assistant
 message, or the whole conversation (the prompt's messages, then one assistant message).
+
+Tools, in the three shapes people have them, become one form (the one Hugging Face chat templates
+read): `tools` (LLaMA-Factory's JSON string of function definitions, or TRL's list of JSON schemas)
+→ a JSON list of {"type": "function", "function": {...}}; a sharegpt `function_call` turn (JSON
+{"name", "arguments"} or a list of them) or an OpenAI assistant message's `tool_calls` → an
+assistant message with `tool_calls` [{"type": "function", "function": {"name", "arguments"}}],
+arguments parsed from JSON when they are a JSON object; an `observation` turn or `tool` message →
+a tool message (keeping its `name` and `tool_call_id`). Any shape may carry a
+`chat_template_kwargs` column (an object): that record's own chat-template arguments.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ MAX_FIELD_CHARS = 1_000_000
 record (a whole file pasted into a cell, a runaway generation), refused rather than truncated."""
 
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
+FUNCTION_CALL = "function_call"  # a sharegpt turn holding tool calls as JSON; becomes an assistant message
 # A prompt alternates "user-side" turns (a user message, or a tool's result that the model answers)
 # with assistant turns.
 USER_SIDE = (USER, TOOL)
@@ -73,6 +83,7 @@ class Columns:
     tools: str | None = None
     chosen: str = "chosen"
     rejected: str = "rejected"
+    chat_template_kwargs: str | None = "chat_template_kwargs"
 
 
 @dataclass(frozen=True)
@@ -87,10 +98,10 @@ class Tags:
     @classmethod
     def from_names(cls, role_tag: str, content_tag: str, user_tag: str, assistant_tag: str,
                    observation_tag: str | None, function_tag: str | None, system_tag: str | None) -> "Tags":
-        """Tags from LLaMA-Factory's `tags` names; a function call is an assistant turn, an observation
-        (a tool's result) a tool turn."""
+        """Tags from LLaMA-Factory's `tags` names; a function call becomes an assistant turn with
+        tool calls, an observation (a tool's result) a tool turn."""
         pairs = [(user_tag, USER), (assistant_tag, ASSISTANT), (observation_tag, TOOL),
-                 (function_tag, ASSISTANT), (system_tag, SYSTEM)]
+                 (function_tag, FUNCTION_CALL), (system_tag, SYSTEM)]
         return cls((role_tag,), (content_tag,), {tag: role for tag, role in pairs if tag})
 
 
@@ -119,11 +130,13 @@ class RecordFormat:
 
 
 class Turn(NamedTuple):
-    """One message of a prompt, with the field it came from (for error messages)."""
+    """One message of a prompt, with the field it came from (for error messages); `extra` holds an
+    assistant's `tool_calls` or a tool message's `name` / `tool_call_id`."""
 
     role: str
     content: str
     field: str
+    extra: dict | None = None
 
 
 # What a shape reader returns: prompt turns (no system), system text, chosen text, rejected text.
@@ -138,8 +151,9 @@ def to_pair(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferenceP
     _check_prompt(turns, fmt)
     _check_replies(chosen, rejected, fmt.columns)
     prompt: list[Message] = [{"role": SYSTEM, "content": system}] if system else []
-    prompt += [{"role": turn.role, "content": turn.content} for turn in turns]
-    return PreferencePair(prompt, chosen, rejected, source, _tools(record, fmt.columns.tools))
+    prompt += [{"role": turn.role, "content": turn.content, **(turn.extra or {})} for turn in turns]
+    return PreferencePair(prompt, chosen, rejected, source, _tools(record, fmt.columns.tools),
+                          _template_kwargs(record, fmt.columns.chat_template_kwargs))
 
 
 def _read_alpaca(record: dict, fmt: RecordFormat) -> Parts:
@@ -320,8 +334,8 @@ def _messages(value: Any, field: str, tags: Tags) -> list[Turn]:
 
 
 def _message(value: Any, field: str, tags: Tags) -> Turn:
-    """One message object → Turn; an assistant's `tool_calls` become its content as JSON (as
-    LLaMA-Factory does); a list of text parts is joined."""
+    """One message object → Turn; tool calls and tool results as the module docstring says; a list
+    of text parts is joined."""
     if not isinstance(value, dict):
         raise RecordError(field, f"expected a message object with '{tags.role_keys[0]}' and "
                                  f"'{tags.content_keys[0]}', found {_kind(value)}")
@@ -335,12 +349,48 @@ def _message(value: Any, field: str, tags: Tags) -> Turn:
     role = tags.roles[tag]
     content_key = next((key for key in tags.content_keys if key in value), tags.content_keys[0])
     content = value.get(content_key)
-    if role == ASSISTANT and not content and value.get("tool_calls"):
-        content = json.dumps([call.get("function", call) if isinstance(call, dict) else call
-                              for call in value["tool_calls"]], ensure_ascii=False)
-    elif isinstance(content, list):
-        content = _join_text_parts(content, f"{field}.{content_key}")
-    return Turn(role, _text(content, f"{field}.{content_key}"), field)
+    where = f"{field}.{content_key}"
+    if role == FUNCTION_CALL:  # sharegpt: the content is the call(s) as JSON
+        calls = _json(_text(content, where), where, "the tool call(s) as JSON, e.g. {\"name\": ..., \"arguments\": ...}")
+        return Turn(ASSISTANT, "", field, {"tool_calls": _tool_calls(calls, where)})
+    if role == ASSISTANT and value.get("tool_calls"):
+        calls = _tool_calls(value["tool_calls"], f"{field}.tool_calls")
+        text = "" if content is None else _text(content, where)
+        return Turn(ASSISTANT, text, field, {"tool_calls": calls})
+    if isinstance(content, list):
+        content = _join_text_parts(content, where)
+    extra = {key: value[key] for key in ("name", "tool_call_id") if role == TOOL and isinstance(value.get(key), str)}
+    return Turn(role, _text(content, where), field, extra or None)
+
+
+def _json(text: str, field: str, expected: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(field, f"is not JSON ({err.msg} at character {err.pos}): expected {expected}") from None
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    """Tool calls in any of the three shapes → [{"type": "function", "function": {"name", "arguments"}}]."""
+    calls = value if isinstance(value, list) else [value]
+    normalized = []
+    for n, call in enumerate(calls):
+        where = f"{field}[{n}]"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RecordError(where, f"expected a tool call {{\"name\": ..., \"arguments\": ...}}, found {_kind(call)}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+                arguments = parsed if isinstance(parsed, dict) else arguments
+            except json.JSONDecodeError:
+                pass  # arguments a template prints as they are
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        normalized.append(entry)
+    return normalized
 
 
 def _join_text_parts(parts: list, field: str) -> str:
@@ -403,13 +453,43 @@ def _shared_length(a: list[Turn], b: list[Turn]) -> int:
 
 
 def _tools(record: dict, column: str | None) -> str | None:
-    """Tool definitions as a string (JSON when the file holds a list or object); None when absent."""
+    """Tool definitions as a JSON list of {"type": "function", "function": {...}}; None when absent.
+
+    The column holds a list or an object, or (LLaMA-Factory) a JSON string of one; a bare function
+    definition ({"name", "description", "parameters"}) is wrapped as a function tool.
+    """
     value = _optional(record, column)
+    expected = "a JSON list of tool definitions"
+    if isinstance(value, str):
+        value = _json(_text(value, column), column, expected) if value.strip() else None
+    if not value:
+        return None
+    if not isinstance(value, (list, dict)):
+        raise RecordError(column, f"expected a list (or an object, or a JSON string) of tool definitions, found "
+                                  f"{_kind(value)}")
+    tools = value if isinstance(value, list) else [value]
+    for n, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise RecordError(f"{column}[{n}]", f"expected a tool definition (an object), found {_kind(tool)}")
+    tools = [tool if "type" in tool else {"type": "function", "function": tool} for tool in tools]
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def _template_kwargs(record: dict, column: str | None) -> dict | None:
+    """A record's own chat-template arguments (an object, or a JSON string of one); None when absent."""
+    from prefalign.data.templates import RESERVED_TEMPLATE_KWARGS
+
+    value = _optional(record, column)
+    if isinstance(value, str):
+        value = _json(value, column, "an object of chat-template arguments") if value.strip() else None
     if value is None:
         return None
-    if isinstance(value, (list, dict)):
-        value = json.dumps(value, ensure_ascii=False) if value else ""
-    return _text(value, column, "a string, a list or an object of tool definitions") or None
+    if not isinstance(value, dict):
+        raise RecordError(column, f"expected an object of chat-template arguments, found {_kind(value)}")
+    reserved = sorted(set(value) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise RecordError(f"{column}.{reserved[0]}", "is set by prefalign itself, not by a record")
+    return value or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +562,7 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
 
 REGISTRY_FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen",
-               "rejected")
+               "rejected", "chat_template_kwargs")
 UNSUPPORTED_COLUMNS = {
     "images": "prefalign trains text-only models",
     "videos": "prefalign trains text-only models",

@@ -17,7 +17,7 @@ from prefalign.config.args import DataArguments
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pairs
 from prefalign.data.sources import load_preference_pairs
-from prefalign.errors import ConfigError
+from prefalign.errors import STAGES, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def split_held_out(pairs: list, val_size: float, seed: int) -> tuple[list, list]
 def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: bool = True,
                  cache_dir: str | None = None) -> PreparedData:
     """Load, split and encode the training and evaluation data of a config."""
-    renderer = ChatRenderer(tokenizer, data_args.template)
+    renderer = ChatRenderer.from_config(tokenizer, data_args)
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
                   interleave_probs=[float(p) for p in _split_names(data_args.interleave_probs)] or None)
@@ -93,9 +93,12 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         dataset, stats = encode_pairs(pairs, renderer, data_args.cutoff_len,
                                       num_proc=data_args.preprocessing_num_workers,
                                       batch_size=data_args.preprocessing_batch_size, cache_dir=cache_dir,
-                                      overwrite_cache=data_args.overwrite_cache)
-        encoded[name] = dataset
+                                      overwrite_cache=data_args.overwrite_cache, on_bad_record=data_args.on_bad_record)
+        rejects += stats.pop("rejects")
+        encoded[name] = dataset if len(dataset) else None
         summary[name] = stats
+    summary["skipped_by_stage"] = {stage: n for stage in STAGES
+                                   if (n := sum(r["stage"] == stage for r in rejects))}
     if need_train and not encoded.get("train"):
         raise ConfigError("dataset: no training pairs are left after loading and splitting")
     return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects)
@@ -109,9 +112,19 @@ def describe(summary: dict) -> str:
     for name, count in summary.get("skipped", {}).items():
         if count:
             lines.append(f"{name}: {count} records skipped (see rejected_records.jsonl)")
+    by_stage = summary.get("skipped_by_stage")
+    if by_stage:
+        lines.append("skipped records by stage: " + ", ".join(f"{stage} {n}" for stage, n in by_stage.items())
+                     + " (see rejected_records.jsonl)")
     for split in ("train", "eval"):
         stats = summary.get(split)
         if stats:
             lines.append(f"{split}: {stats['pairs']} pairs, {stats['truncated_prompts']} prompts and "
                          f"{stats['truncated_responses']} responses truncated to cutoff_len={summary['cutoff_len']}")
+            if stats.get("folded_system_turns"):
+                lines.append(f"{split}: {stats['folded_system_turns']} system turns folded into the first user turn "
+                             "(the template has no system role; on_unsupported_system: fold)")
+            if stats.get("appended_replies"):
+                lines.append(f"{split}: {stats['appended_replies']} pairs whose prompt is not a prefix of prompt + "
+                             "reply, reply appended to the prompt (on_prompt_not_prefix: append)")
     return "\n".join(lines)

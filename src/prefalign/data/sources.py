@@ -45,7 +45,7 @@ class DataReport:
     """What was loaded, per dataset name: printed at training start and saved to output_dir.
 
     `loaded`: pairs kept; `skipped`: records left out as bad (on_bad_record: skip); `rejects`: one
-    entry per skipped record ({"dataset", "file", "index", "line", "field", "reason", "record"});
+    entry per skipped record ({"dataset", "file", "index", "line", "stage", "field", "reason", "record"});
     `used`: pairs each dataset contributes after mixing (differs from `loaded` when interleaving).
     """
 
@@ -523,7 +523,7 @@ def convert_records(records: list[RawRecord], fmt: RecordFormat, spec: DatasetSp
             report.skipped[spec.name] += 1
             report.rejects.append({
                 "dataset": spec.name, "file": raw.source.file, "index": raw.source.index,
-                "line": raw.source.line, "field": err.field, "reason": err.reason,
+                "line": raw.source.line, "stage": "parse", "field": err.field, "reason": err.reason,
                 "record": raw.text if raw.error is not None else _preview(raw.value),
             })
     report.loaded[spec.name] = len(pairs)

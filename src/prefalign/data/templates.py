@@ -1,35 +1,38 @@
-"""Built-in chat templates for models whose tokenizer has none, and the end-of-turn token of a template.
+"""What `template: NAME` means, and the end-of-turn token of a template.
 
-`template: NAME` in the config picks one of `BUILTIN_TEMPLATES`; without it the tokenizer's own
-template is used. Each template is a Jinja string for `tokenizer.apply_chat_template(messages,
-chat_template=..., add_generation_prompt=..., tokenize=False)`, written for prefalign from the
-models' published prompt formats. All of them:
+Every LLaMA-Factory template name resolves (`resolve_template`), to one of:
 
-- insert message contents verbatim (no trimming), so the reply text a record holds is the text the
-  model is trained on;
-- render the prompt with `add_generation_prompt=True` as a string prefix of the prompt followed by
-  an assistant reply, which is what lets chosen and rejected share one prompt encoding;
-- write `{{ bos_token }}` where the model family starts with BOS (only if the tokenizer has one),
-  so rendered text is the whole model input: encode it with `add_special_tokens=False`.
+- a built-in template: the name's LLaMA-Factory slots (`data/template_formats.py`) turned into a
+  Jinja string for `tokenizer.apply_chat_template(..., chat_template=...)`, so it renders the text
+  LLaMA-Factory renders for that name: a default system message where the record has none, the
+  system text in the first user turn for Llama-2-style formats, tool results in the observation
+  slot. Message contents are inserted verbatim, `{bos}`/`{eos}` only where the tokenizer has them,
+  and the prompt is always a string prefix of prompt + reply (each user slot ends with the
+  assistant header);
+- the tokenizer's own chat template with the arguments the name implies (reasoning templates:
+  `qwen3` → enable_thinking true, `qwen3_nothink` → enable_thinking false).
+
+Leaving `template` unset uses the tokenizer's own template with no implied arguments.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
+from prefalign.data.template_formats import LLAMA_FACTORY_TEMPLATES, Format, Own
 from prefalign.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A named chat template.
+    """A built-in chat template.
 
     `end_of_turn` is the string that closes an assistant turn, the token training ends each reply
-    with and generation stops at; None means the tokenizer's eos token (the template writes
-    `{{ eos_token }}`). `special_tokens` are the markup strings the template needs to be single
-    tokens in the vocabulary (the model loader can add them); `description` is one line for
-    listings and error messages.
+    with and generation stops at; None means the tokenizer's eos token. `special_tokens` are the
+    markup strings that must be single tokens of the vocabulary; `description` is one line for
+    listings and the data report.
     """
 
     name: str
@@ -39,261 +42,145 @@ class ChatTemplate:
     description: str = ""
 
 
-def _compact(text: str) -> str:
-    """Join a template written one block per line into one line.
+@dataclass(frozen=True)
+class TemplateChoice:
+    """What a `template:` value resolves to: a built-in template, or (builtin None) the tokenizer's
+    own, rendered with `kwargs` on top of the config's chat_template_kwargs."""
 
-    Line breaks and indentation in the Python source are layout only; the newlines a format needs
-    are written as '\\n' inside Jinja string literals. This keeps the rendering independent of the
-    Jinja environment's trim_blocks/lstrip_blocks settings.
+    name: str | None
+    builtin: ChatTemplate | None
+    kwargs: dict = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def description(self) -> str:
+        """For the data report and model card: what renders the records, and with which arguments."""
+        if self.builtin is not None:
+            return f"{self.builtin.name} (built-in, LLaMA-Factory's format)"
+        own = "the tokenizer's own chat template"
+        if self.name is None:
+            return own
+        args = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in self.kwargs.items())
+        return f"{self.name} → {own}" + (f" with {args}" if args else "") + (f" ({self.note})" if self.note else "")
+
+
+# Arguments of apply_chat_template that prefalign sets; a chat_template_kwargs entry may not override them.
+RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "return_dict", "return_tensors", "padding",
+                            "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots → Jinja
+
+_MARKER = re.compile(r"\{(content|bos|eos|idx)\}")
+_MARKER_EXPRESSIONS = {"bos": "(bos_token or '')", "eos": "(eos_token or '')", "idx": "((loop.index0 // 2) | string)"}
+# Markup that is one token in every model that uses it: `<|...|>`, DeepSeek's `<｜...｜>`, Gemma's turns.
+_MARKUP_TOKEN = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>｜]+｜>|<(?:start|end)_of_turn>")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _expression(slot: str, content: str = "content") -> str:
+    """A slot as a Jinja expression, `{content}` standing for the variable `content`."""
+    parts, at = [], 0
+    for marker in _MARKER.finditer(slot):
+        if marker.start() > at:
+            parts.append(_literal(slot[at:marker.start()]))
+        parts.append(content if marker.group(1) == "content" else _MARKER_EXPRESSIONS[marker.group(1)])
+        at = marker.end()
+    if at < len(slot):
+        parts.append(_literal(slot[at:]))
+    return " + ".join(parts) or "''"
+
+
+def _raise(text: str) -> str:
+    return "{{ raise_exception(" + text + ") }}"
+
+
+def format_to_jinja(name: str, fmt: Format) -> str:
+    """The Jinja chat template that renders LLaMA-Factory's `fmt` for a list of messages.
+
+    As in LLaMA-Factory: the prefix, then (if the record or the format has a system message) the
+    system slot, before the first turn or, for `system_in_first_user`, inside it; then each turn's
+    slot. A tool call or a tool list has no built-in format: the record needs the tokenizer's own
+    template.
     """
-    return "".join(line.strip() for line in text.strip().splitlines())
+    no_tools = (f"'The {name} template renders no tool definitions or tool calls; leave template unset to "
+                "use the tokenizer\\'s own chat template for data with tools.'")
+    system = _expression(fmt.system, "system_message")
+    parts = [
+        "{% if tools %}" + _raise(no_tools) + "{% endif %}",
+        "{{ " + _expression(fmt.prefix) + " }}" if fmt.prefix else "",
+        "{% if messages and messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = '' %}"
+        "{% set loop_messages = messages %}{% endif %}",
+        "{% if not system_message %}{% set system_message = " + _literal(fmt.default_system) + " %}{% endif %}",
+        "" if fmt.system_in_first_user else "{% if system_message %}{{ " + system + " }}{% endif %}",
+        "{% for message in loop_messages %}{% set content = message['content'] %}",
+        "{% if loop.first and system_message %}{% set content = " + system + " + content %}{% endif %}"
+        if fmt.system_in_first_user else "",
+        "{% if message['tool_calls'] %}" + _raise(no_tools) + "{% endif %}",
+        "{% if message['role'] == 'user' %}{{ " + _expression(fmt.user) + " }}",
+        "{% elif message['role'] == 'assistant' %}{{ " + _expression(fmt.assistant) + " }}",
+        "{% elif message['role'] == 'tool' %}{{ " + _expression(fmt.observation or fmt.user) + " }}",
+        "{% else %}" + _raise(f"'The {name} template has no ' + message['role'] + ' turns after the first.'"),
+        "{% endif %}{% endfor %}",
+    ]
+    return "".join(parts)
 
 
-# `bos_token` is defined only when the tokenizer has one, so `{% if bos_token %}` covers both.
-_BOS = "{% if bos_token %}{{ bos_token }}{% endif %}"
-
-# Templates whose format has no system role fold a leading system message into the first user turn.
-_SPLIT_SYSTEM = r"""
-{% if messages and messages[0]['role'] == 'system' %}
-    {% set system_message = messages[0]['content'] %}
-    {% set loop_messages = messages[1:] %}
-{% else %}
-    {% set system_message = '' %}
-    {% set loop_messages = messages %}
-{% endif %}
-"""
+def _builtin(name: str, fmt: Format) -> ChatTemplate:
+    slots = fmt.prefix + fmt.system + fmt.user + fmt.assistant + (fmt.observation or "")
+    tokens = tuple(dict.fromkeys(_MARKUP_TOKEN.findall(slots)))
+    return ChatTemplate(name=name, jinja=format_to_jinja(name, fmt), end_of_turn=fmt.end_of_turn,
+                        special_tokens=tokens, description=turn_layout(fmt))
 
 
-def _unsupported_role(template: str, roles: str) -> str:
-    return (
-        "{{ raise_exception('The " + template + " chat template supports " + roles
-        + " messages, not ' + message['role'] + '.') }}"
-    )
+def turn_layout(fmt: Format) -> str:
+    """One user turn and its reply as the format writes them, e.g. `[INST] {user}[/INST] {reply}{eos}`."""
+    def show(slot: str, content: str) -> str:
+        return slot.replace("{content}", content).replace("\n", "\\n")
+    return show(fmt.prefix, "") + show(fmt.user, "{user}") + show(fmt.assistant, "{reply}")
 
-
-_CHATML_TURNS = r"""
-{% for message in messages %}
-    {{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
-{% endfor %}
-{% if add_generation_prompt %}
-    {{ '<|im_start|>assistant\n' }}
-{% endif %}
-"""
-
-CHATML = ChatTemplate(
-    name="chatml",
-    jinja=_compact(_CHATML_TURNS),
-    end_of_turn="<|im_end|>",
-    special_tokens=("<|im_start|>", "<|im_end|>"),
-    description="ChatML: <|im_start|>role\\n...<|im_end|> (OpenAI, Qwen, many fine-tunes)",
-)
-
-QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
-QWEN = ChatTemplate(
-    name="qwen",
-    # Qwen2's format is ChatML plus a default system message when the conversation has none.
-    jinja=_compact(
-        r"""
-{% if not messages or messages[0]['role'] != 'system' %}
-    {{ '<|im_start|>system\n""" + QWEN_DEFAULT_SYSTEM + r"""<|im_end|>\n' }}
-{% endif %}
-"""
-        + _CHATML_TURNS
-    ),
-    end_of_turn="<|im_end|>",
-    special_tokens=("<|im_start|>", "<|im_end|>"),
-    description=f"ChatML with Qwen2's default system message ({QWEN_DEFAULT_SYSTEM!r}) when none is given",
-)
-
-LLAMA3 = ChatTemplate(
-    name="llama3",
-    jinja=_compact(
-        _BOS
-        + r"""
-{% for message in messages %}
-    {{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}
-{% endfor %}
-{% if add_generation_prompt %}
-    {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{% endif %}
-"""
-    ),
-    end_of_turn="<|eot_id|>",
-    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    description="Llama 3: <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>",
-)
-
-MISTRAL = ChatTemplate(
-    name="mistral",
-    # [INST] ... [/INST] already ends the user turn, so the generation prompt adds nothing; the
-    # space before the reply belongs to the reply, so the prompt never ends in a space.
-    jinja=_compact(
-        _BOS
-        + _SPLIT_SYSTEM
-        + r"""
-{% for message in loop_messages %}
-    {% if message['role'] == 'user' %}
-        {% if loop.first and system_message %}
-            {{ '[INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}
-        {% else %}
-            {{ '[INST] ' + message['content'] + ' [/INST]' }}
-        {% endif %}
-    {% elif message['role'] == 'assistant' %}
-        {{ ' ' + message['content'] }}{{ eos_token }}
-    {% else %}
-"""
-        + _unsupported_role("mistral", "a leading system, user and assistant")
-        + r"""
-    {% endif %}
-{% endfor %}
-"""
-    ),
-    end_of_turn=None,
-    special_tokens=("[INST]", "[/INST]"),
-    description="Mistral: [INST] user [/INST] reply</s>; a system message joins the first user turn",
-)
-
-GEMMA = ChatTemplate(
-    name="gemma",
-    jinja=_compact(
-        _BOS
-        + _SPLIT_SYSTEM
-        + r"""
-{% for message in loop_messages %}
-    {% if message['role'] == 'user' %}
-        {% set role = 'user' %}
-    {% elif message['role'] == 'assistant' %}
-        {% set role = 'model' %}
-    {% else %}
-"""
-        + _unsupported_role("gemma", "a leading system, user and assistant")
-        + r"""
-    {% endif %}
-    {% if loop.first and system_message %}
-        {{ '<start_of_turn>' + role + '\n' + system_message + '\n\n' + message['content'] + '<end_of_turn>\n' }}
-    {% else %}
-        {{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}
-    {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}
-    {{ '<start_of_turn>model\n' }}
-{% endif %}
-"""
-    ),
-    end_of_turn="<end_of_turn>",
-    special_tokens=("<start_of_turn>", "<end_of_turn>"),
-    description="Gemma: <start_of_turn>user|model\\n...<end_of_turn>; a system message joins the first user turn",
-)
-
-ALPACA_DEFAULT_SYSTEM = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-ALPACA = ChatTemplate(
-    name="alpaca",
-    jinja=_compact(
-        _BOS
-        + _SPLIT_SYSTEM
-        + r"""
-{% if system_message %}
-    {{ system_message + '\n\n' }}
-{% else %}
-    {{ '"""
-        + ALPACA_DEFAULT_SYSTEM
-        + r"""\n\n' }}
-{% endif %}
-{% for message in loop_messages %}
-    {% if message['role'] == 'user' %}
-        {{ '### Instruction:\n' + message['content'] + '\n\n' }}
-    {% elif message['role'] == 'assistant' %}
-        {{ '### Response:\n' + message['content'] }}{{ eos_token }}{{ '\n\n' }}
-    {% else %}
-"""
-        + _unsupported_role("alpaca", "a leading system, user and assistant")
-        + r"""
-    {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}
-    {{ '### Response:\n' }}
-{% endif %}
-"""
-    ),
-    end_of_turn=None,
-    description="Alpaca: ### Instruction:/### Response: blocks after the Alpaca preamble (or the system message)",
-)
-
-VICUNA_DEFAULT_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-VICUNA = ChatTemplate(
-    name="vicuna",
-    # Vicuna v1.1: "SYSTEM USER: ... ASSISTANT: reply</s>USER: ..."; the generation prompt is
-    # "ASSISTANT:" and the reply brings its own leading space.
-    jinja=_compact(
-        _BOS
-        + _SPLIT_SYSTEM
-        + r"""
-{% if system_message %}
-    {{ system_message + ' ' }}
-{% else %}
-    {{ '"""
-        + VICUNA_DEFAULT_SYSTEM.replace("'", "\\'")
-        + r""" ' }}
-{% endif %}
-{% for message in loop_messages %}
-    {% if message['role'] == 'user' %}
-        {{ 'USER: ' + message['content'] + ' ' }}
-    {% elif message['role'] == 'assistant' %}
-        {{ 'ASSISTANT: ' + message['content'] }}{{ eos_token }}
-    {% else %}
-"""
-        + _unsupported_role("vicuna", "a leading system, user and assistant")
-        + r"""
-    {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}
-    {{ 'ASSISTANT:' }}
-{% endif %}
-"""
-    ),
-    end_of_turn=None,
-    description="Vicuna v1.1: SYSTEM USER: ... ASSISTANT: reply</s>",
-)
-
-EMPTY = ChatTemplate(
-    name="empty",
-    jinja=_compact(
-        r"""
-{% for message in messages %}
-    {{ message['content'] }}
-    {% if message['role'] == 'assistant' %}
-        {{ eos_token }}
-    {% endif %}
-{% endfor %}
-"""
-    ),
-    end_of_turn=None,
-    description="no markup: message contents concatenated, each assistant reply followed by eos",
-)
 
 BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t for t in (CHATML, QWEN, LLAMA3, MISTRAL, GEMMA, ALPACA, VICUNA, EMPTY)
+    name: _builtin(name, fmt) for name, fmt in LLAMA_FACTORY_TEMPLATES.items() if isinstance(fmt, Format)
 }
+CHATML = BUILTIN_TEMPLATES["chatml"]
+KNOWN_NAMES = tuple(LLAMA_FACTORY_TEMPLATES)
 
 
-def get_template(name: str) -> ChatTemplate:
-    """The built-in template called `name` (case-insensitive); a ConfigError naming the known ones otherwise."""
+def resolve_template(name: str | None) -> TemplateChoice:
+    """What `template: name` means (None: the tokenizer's own); a ConfigError listing the known names otherwise."""
+    if name is None:
+        return TemplateChoice(None, None)
     key = name.strip().lower()
-    if key in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[key]
-    known = ", ".join(sorted(BUILTIN_TEMPLATES))
-    close = difflib.get_close_matches(key, BUILTIN_TEMPLATES, n=1)
+    meaning = LLAMA_FACTORY_TEMPLATES.get(key)
+    if isinstance(meaning, Format):
+        return TemplateChoice(key, BUILTIN_TEMPLATES[key])
+    if isinstance(meaning, Own):
+        return TemplateChoice(key, None, dict(meaning.kwargs), meaning.why)
+    close = difflib.get_close_matches(key, KNOWN_NAMES, n=1)
     hint = f" Did you mean `template: {close[0]}`?" if close else ""
     raise ConfigError(
-        f"Unknown chat template `template: {name}`.{hint} Built-in templates: {known}; "
+        f"Unknown chat template `template: {name}`.{hint} Known names (LLaMA-Factory's): {', '.join(sorted(KNOWN_NAMES))}; "
         "leave `template` unset to use the tokenizer's own."
     )
 
+
+def get_template(name: str) -> ChatTemplate:
+    """The built-in template called `name`; a ConfigError if the name is unknown or means the tokenizer's own."""
+    choice = resolve_template(name)
+    if choice.builtin is None:
+        raise ConfigError(f"`template: {name}` has no built-in template: it uses the tokenizer's own ({choice.note})")
+    return choice.builtin
+
+
+# ---------------------------------------------------------------------------------------------
+# End of turn
 
 # Sentinels for probing a tokenizer's own template: plain words no template rewrites, unlikely to
 # occur in its markup.
@@ -301,28 +188,32 @@ _PROBE_USER = "prefalignprobequestion"
 _PROBE_REPLY = "prefalignprobereply"
 
 
-def end_of_turn_token(tokenizer, template_name: str | None) -> str:
+def end_of_turn_token(tokenizer, template_name: str | None, template_kwargs: dict | None = None) -> str:
     """The string that ends an assistant turn under `template_name` (None: the tokenizer's own template).
 
     A built-in template declares it. For the tokenizer's own template it is found by rendering a
-    user turn and an assistant reply: if a special or added token of the tokenizer follows the
-    reply (after optional whitespace, as in Llama 2's " </s>"), that token ends the turn;
-    otherwise the eos token does.
+    user turn and an assistant reply (with `template_kwargs`): if a special or added token of the
+    tokenizer follows the reply (after optional whitespace, as in Llama 2's " </s>"), that token
+    ends the turn; otherwise the eos token does.
     """
-    if template_name is not None:
-        template = get_template(template_name)
+    choice = resolve_template(template_name)
+    if choice.builtin is not None:
+        template = choice.builtin
         return template.end_of_turn if template.end_of_turn is not None else _eos(tokenizer, template.name)
 
     if not getattr(tokenizer, "chat_template", None):
+        which = f"`template: {template_name}` uses the tokenizer's own chat template, but the tokenizer" \
+            if template_name else "The tokenizer"
         raise ConfigError(
-            f"The tokenizer {_tokenizer_name(tokenizer)} has no chat template. Set `template:` to one of "
-            f"{', '.join(sorted(BUILTIN_TEMPLATES))} (for a base model, `empty` adds no markup)."
+            f"{which} {_tokenizer_name(tokenizer)} has no chat template. Set `template:` to a built-in one "
+            "(e.g. chatml, llama3, qwen; for a base model, `empty` adds no markup)."
         )
     conversation = [
         {"role": "user", "content": _PROBE_USER},
         {"role": "assistant", "content": _PROBE_REPLY},
     ]
-    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    kwargs = {**(template_kwargs or {}), **choice.kwargs}
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
     at = rendered.rfind(_PROBE_REPLY)
     if at < 0:
         # The template drops or rewrites the reply; nothing to read the closing token from.
