@@ -45,3 +45,70 @@ def make_random_adapter(model_dir, path, *, seed=1, target_modules="all-linear",
                     param.normal_(0, b_std)
     model.save_pretrained(path)
     return str(path)
+
+
+# Chat templates of our own, in the tiny tokenizer's ChatML markup, for the rules real templates need.
+
+# Tools-capable (Qwen2.5-like): tool definitions in the system turn, tool calls as <tool_call> JSON,
+# tool results as a user turn.
+TOOLS_CHATML = (
+    "{% if tools %}{{ '<|im_start|>system\\n' }}{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\\n\\n' }}{% endif %}{{ '# Tools\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}{{ '\\n</tools><|im_end|>\\n' }}"
+    "{% elif messages[0]['role'] == 'system' %}{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|im_start|>user\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' + m['content'] }}"
+    "{% for call in m['tool_calls'] or [] %}{{ '<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% elif m['role'] == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>"
+    "<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Qwen3-like thinking switch: with enable_thinking false, an empty thought follows the assistant header.
+THINKING_CHATML = (
+    "{% set no_think = enable_thinking is defined and enable_thinking is false %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if loop.last and no_think %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% if no_think %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% endif %}{% endif %}"
+)
+
+# Gemma-2-like: no system role.
+NO_SYSTEM_CHATML = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Mistral-Nemo-like: the system text goes into the last user turn only, so with a system message the
+# prompt is not a prefix of prompt + reply.
+SYSTEM_LAST_CHATML = (
+    "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{% for m in (messages[1:] if sys else messages) %}{% if m['role'] == 'user' %}{{ '<|im_start|>user\\n' }}"
+    "{% if loop.last and sys %}{{ sys + '\\n\\n' }}{% endif %}{{ m['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def model_with_template(model_dir, path, chat_template: str) -> str:
+    """A copy of the tiny model whose tokenizer has `chat_template` as its own."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_json(path, records) -> str:
+    import json
+
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    return str(path)

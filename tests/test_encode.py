@@ -145,7 +145,7 @@ def test_prefalign_data_runs_on_every_example_config(path, tiny_model_dir, tmp_p
                  f"output_dir={tmp_path}"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "demo_train: " in out and "[prompt: masked, not trained]" in out and "[chosen: trained]" in out
+    assert "demo_train: " in out and "[prompt: masked, not trained," in out and "[chosen: trained," in out
     assert "chosen tokens: min" in out
 
 

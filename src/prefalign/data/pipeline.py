@@ -63,7 +63,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
                   interleave_probs=[float(p) for p in _split_names(data_args.interleave_probs)] or None)
-    summary: dict = {"datasets": {}, "skipped": {}, "template": renderer.name, "cutoff_len": data_args.cutoff_len}
+    summary: dict = {"datasets": {}, "skipped": {}, "template": renderer.name, "end_of_turn": renderer.end_of_turn,
+                     "cutoff_len": data_args.cutoff_len}
     rejects: list[dict] = []
     splits: dict[str, list] = {}
     if need_train or not data_args.eval_dataset:

@@ -1,0 +1,197 @@
+"""Chat data as people have it: system turns a template refuses, prompts that are not a prefix,
+thinking switches and chat-template arguments, tools in three shapes."""
+
+import json
+
+import pytest
+from helpers import NO_SYSTEM_CHATML, SYSTEM_LAST_CHATML, THINKING_CHATML, TOOLS_CHATML, write_json
+
+from prefalign.config import build_config
+from prefalign.data.collate import IGNORE_INDEX, PairCollator
+from prefalign.data.pipeline import describe, prepare_data
+from prefalign.errors import DataError, PairError
+
+SYSTEM = "Answer briefly."
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+
+
+def records(n=6, with_system=(0, 3), extra=None):
+    """LLaMA-Factory dpo_en_demo-style sharegpt records; those in `with_system` start with a system turn."""
+    return [{"conversations": ([{"from": "system", "value": SYSTEM}] if i in with_system else [])
+             + [{"from": "human", "value": f"Question {i}?"}],
+             "chosen": {"from": "gpt", "value": f"Good answer {i}."},
+             "rejected": {"from": "gpt", "value": f"Bad answer {i}."}, **(extra or {}).get(i, {})} for i in range(n)]
+
+
+def prepare(tokenizer, tmp_path, data, **keys):
+    values = {"model_name_or_path": "unused", "dataset": write_json(tmp_path / "data.json", data),
+              "cutoff_len": 256, **keys}
+    config = build_config(values)
+    return prepare_data(config.data, tokenizer, seed=0, need_train=bool(config.data.dataset),
+                        cache_dir=str(tmp_path / "cache"))
+
+
+def rows(dataset) -> dict:
+    return {row["index"]: row for row in dataset}
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_system_turn_the_template_refuses_is_folded_into_the_first_user_turn(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = NO_SYSTEM_CHATML
+    data = prepare(tiny_tokenizer, tmp_path, records())
+    assert data.summary["train"]["folded_system_turns"] == 2 and data.summary["train"]["pairs"] == 6
+    by_index = rows(data.train)
+    assert tiny_tokenizer.decode(by_index[0]["prompt_ids"]) == (
+        f"<|im_start|>user\n{SYSTEM}\n\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n")
+    assert tiny_tokenizer.decode(by_index[1]["prompt_ids"]) == "<|im_start|>user\nQuestion 1?<|im_end|>\n<|im_start|>assistant\n"
+    assert tiny_tokenizer.decode(by_index[0]["chosen_ids"]) == "Good answer 0.<|im_end|>"
+    assert "train: 2 system turns folded into the first user turn" in describe(data.summary)
+
+
+def test_a_refused_system_turn_with_fold_off_is_an_error_or_a_skipped_record(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = NO_SYSTEM_CHATML
+    with pytest.raises(DataError, match=r"data.json record 0 \(line \d+\), field prompt: the tokenizer's own chat template cannot "
+                                        r"render this conversation: System role not supported; set on_unsupported"):
+        prepare(tiny_tokenizer, tmp_path, records(), on_unsupported_system="error")
+    data = prepare(tiny_tokenizer, tmp_path, records(), on_unsupported_system="error", on_bad_record="skip")
+    assert data.summary["train"]["pairs"] == 4 and data.summary["skipped_by_stage"] == {"render": 2}
+    assert [(r["index"], r["stage"], r["field"]) for r in data.rejects] == [(0, "render", "prompt"),
+                                                                            (3, "render", "prompt")]
+    assert data.rejects[0]["record"]["prompt"][0] == {"role": "system", "content": SYSTEM}
+    assert sorted(rows(data.train)) == [1, 2, 4, 5]
+
+
+def test_a_prompt_that_is_not_a_prefix_is_an_error_by_default(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = SYSTEM_LAST_CHATML
+    with pytest.raises(PairError, match=r"record 0 \(line \d+\), field chosen: with the tokenizer's own chat template, the rendered "
+                                        r"prompt is not a prefix.*on_prompt_not_prefix: append") as error:
+        prepare(tiny_tokenizer, tmp_path, records())
+    assert error.value.stage == "prefix"
+    data = prepare(tiny_tokenizer, tmp_path, records(), on_bad_record="skip")
+    assert data.summary["skipped_by_stage"] == {"prefix": 2} and data.summary["train"]["pairs"] == 4
+
+
+def test_append_keeps_the_generation_prompt_and_appends_reply_and_end_of_turn(tiny_tokenizer, tmp_path):
+    """Mistral-Nemo style: the system text sits in the last user turn of the prompt; the reply follows
+    the prompt as the template writes an assistant turn."""
+    tiny_tokenizer.chat_template = SYSTEM_LAST_CHATML
+    data = prepare(tiny_tokenizer, tmp_path, records(), on_prompt_not_prefix="append")
+    assert data.summary["train"]["appended_replies"] == 2
+    row = rows(data.train)[0]
+    assert row["prompt_ids"] == ids(tiny_tokenizer, f"<|im_start|>user\n{SYSTEM}\n\nQuestion 0?<|im_end|>\n"
+                                                    "<|im_start|>assistant\n")
+    assert row["chosen_ids"] == ids(tiny_tokenizer, "Good answer 0.<|im_end|>")
+    assert row["rejected_ids"] == ids(tiny_tokenizer, "Bad answer 0.<|im_end|>")
+    # records without a system turn are a prefix and encoded as always
+    assert rows(data.train)[1]["chosen_ids"] == ids(tiny_tokenizer, "Good answer 1.<|im_end|>")
+
+
+@pytest.mark.parametrize("keys, thinking_off", [
+    ({"template": "qwen3_nothink"}, True),
+    ({"template": "qwen3"}, False),
+    ({}, False),
+    ({"enable_thinking": False}, True),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, True),
+])
+def test_thinking_switch_reaches_the_template(tiny_tokenizer, tmp_path, keys, thinking_off):
+    tiny_tokenizer.chat_template = THINKING_CHATML
+    data = prepare(tiny_tokenizer, tmp_path, records(n=2, with_system=()), **keys)
+    row = rows(data.train)[0]
+    header = "<|im_start|>user\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n"
+    # the empty thought is part of the prompt: masked, never trained
+    assert tiny_tokenizer.decode(row["prompt_ids"]) == header + (EMPTY_THOUGHT if thinking_off else "")
+    assert tiny_tokenizer.decode(row["chosen_ids"]) == "Good answer 0.<|im_end|>"
+    if "template" in keys:
+        assert "tokenizer's own chat template" in data.summary["template"]
+
+
+def test_a_records_own_chat_template_kwargs_go_on_top_of_the_configs(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = THINKING_CHATML
+    data = prepare(tiny_tokenizer, tmp_path, records(n=3, with_system=(), extra={
+        1: {"chat_template_kwargs": {"enable_thinking": False}},
+        2: {"chat_template_kwargs": {"enable_thinking": True}}}), enable_thinking=False)
+    decoded = {i: tiny_tokenizer.decode(row["prompt_ids"]) for i, row in rows(data.train).items()}
+    assert decoded[0].endswith(EMPTY_THOUGHT) and decoded[1].endswith(EMPTY_THOUGHT)
+    assert decoded[2].endswith("<|im_start|>assistant\n")
+
+
+def test_chat_and_eval_render_with_the_same_template_arguments(tiny_tokenizer, tmp_path):
+    from prefalign.chat import ChatSession
+
+    tiny_tokenizer.chat_template = THINKING_CHATML
+    config = build_config({"model_name_or_path": "unused", "template": "qwen3_nothink"})
+    session = ChatSession(config, tiny_tokenizer, [], seed=0, device="cpu")
+    assert session.renderer.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True).endswith(
+        "<|im_start|>assistant\n" + EMPTY_THOUGHT)
+    data = prepare(tiny_tokenizer, tmp_path, [], dataset=None, template="qwen3_nothink",
+                   eval_dataset=write_json(tmp_path / "eval.json", records(n=2, with_system=())))
+    assert tiny_tokenizer.decode(data.eval[0]["prompt_ids"]).endswith(EMPTY_THOUGHT)
+
+
+WEATHER = {"name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+RESULT = '{"sky": "sunny"}'
+TOOL_SHAPES = {
+    # LLaMA-Factory sharegpt: a `tools` JSON string, function_call and observation turns
+    "llamafactory": {"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                                       {"from": "function_call",
+                                        "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+                                       {"from": "observation", "value": RESULT}],
+                     "chosen": {"from": "gpt", "value": "It is sunny."},
+                     "rejected": {"from": "gpt", "value": "It is raining."}, "tools": json.dumps([WEATHER])},
+    # TRL conversational: a `tools` list of JSON schemas, tool_calls and tool messages
+    "trl": {"prompt": [{"role": "user", "content": "Weather in Paris?"},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                       {"role": "tool", "name": "get_weather", "content": RESULT}],
+            "chosen": [{"role": "assistant", "content": "It is sunny."}],
+            "rejected": [{"role": "assistant", "content": "It is raining."}],
+            "tools": [{"type": "function", "function": WEATHER}]},
+    # OpenAI messages: arguments as a JSON string, a tool message answering a call id
+    "openai": {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                            {"role": "assistant", "content": None, "tool_calls": [
+                                {"id": "call_1", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                            {"role": "tool", "tool_call_id": "call_1", "content": RESULT}],
+               "chosen": "It is sunny.", "rejected": "It is raining.",
+               "tools": [{"type": "function", "function": WEATHER}]},
+}
+
+
+def test_tools_in_three_shapes_render_the_same_boundary_and_masks(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = TOOLS_CHATML
+    registry = {"lf_tools": {"file_name": "lf.json", "formatting": "sharegpt", "ranking": True,
+                             "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected",
+                                         "tools": "tools"}}}
+    write_json(tmp_path / "dataset_info.json", registry)
+    write_json(tmp_path / "lf.json", [TOOL_SHAPES["llamafactory"]])
+    write_json(tmp_path / "trl.json", [TOOL_SHAPES["trl"]])
+    write_json(tmp_path / "openai.json", [TOOL_SHAPES["openai"]])
+    config = build_config({"model_name_or_path": "unused", "dataset": "lf_tools,trl.json,openai.json",
+                           "dataset_dir": str(tmp_path), "cutoff_len": 512})
+    data = prepare_data(config.data, tiny_tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
+    expected_prompt = (
+        "<|im_start|>system\n# Tools\n<tools>\n" + json.dumps({"type": "function", "function": WEATHER})
+        + "\n</tools><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        f"<|im_start|>user\n<tool_response>\n{RESULT}\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert len(data.train) == 3
+    for row in data.train:
+        assert row["prompt_ids"] == ids(tiny_tokenizer, expected_prompt)
+        assert row["chosen_ids"] == ids(tiny_tokenizer, "It is sunny.<|im_end|>")
+        assert row["rejected_ids"] == ids(tiny_tokenizer, "It is raining.<|im_end|>")
+    batch = PairCollator(pad_token_id=tiny_tokenizer.pad_token_id)([data.train[0]])
+    prompt_length = len(data.train[0]["prompt_ids"])
+    labels = batch["labels"][0].tolist()
+    assert labels[:prompt_length] == [IGNORE_INDEX] * prompt_length  # the tool call and result are not trained
+    assert labels[prompt_length:] == data.train[0]["chosen_ids"]
+
+
+def test_tool_data_with_a_builtin_template_is_refused_per_record(tiny_tokenizer, tmp_path):
+    data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES["trl"], {"prompt": "Hi", "chosen": "a", "rejected": "b"}],
+                   template="chatml", on_bad_record="skip")
+    assert data.summary["skipped_by_stage"] == {"render": 1} and len(data.train) == 1
+    assert "renders no tool definitions or tool calls" in data.rejects[0]["reason"]
