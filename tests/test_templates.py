@@ -239,3 +239,19 @@ def test_missing_template_or_eos_is_a_config_error(tiny_tokenizer):
     assert end_of_turn_token(tiny_tokenizer, "chatml") == "<|im_end|>"
     with pytest.raises(ConfigError, match="`template: mistral` ends assistant turns with the eos token"):
         end_of_turn_token(tiny_tokenizer, "mistral")
+
+
+def test_readme_template_table_is_current():
+    """The README's name table is generated from the name registry: regenerate it when a name changes."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from template_table import table
+
+    readme = (root / "README.md").read_text()
+    section = readme.split("<!-- template-table:start -->\n")[1].split("\n<!-- template-table:end -->")[0]
+    assert section.strip() == table().strip(), "run: python scripts/template_table.py and paste into README.md"
+    for name in LLAMA_FACTORY_NAMES:
+        assert f"| `{name}` |" in section
