@@ -195,3 +195,11 @@ def test_tool_data_with_a_builtin_template_is_refused_per_record(tiny_tokenizer,
                    template="chatml", on_bad_record="skip")
     assert data.summary["skipped_by_stage"] == {"render": 1} and len(data.train) == 1
     assert "renders no tool definitions or tool calls" in data.rejects[0]["reason"]
+
+
+def test_a_split_whose_every_pair_fails_is_an_error_naming_the_first(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.chat_template = NO_SYSTEM_CHATML
+    with pytest.raises(DataError, match=r"train: all 2 pairs failed to encode.*record 0 \(render\), field prompt: .*"
+                                        r"System role not supported"):
+        prepare(tiny_tokenizer, tmp_path, records(n=2, with_system=(0, 1)), on_unsupported_system="error",
+                on_bad_record="skip")

@@ -17,7 +17,7 @@ from prefalign.config.args import DataArguments
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pairs
 from prefalign.data.sources import load_preference_pairs
-from prefalign.errors import STAGES, ConfigError
+from prefalign.errors import STAGES, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,13 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
                                       num_proc=data_args.preprocessing_num_workers,
                                       batch_size=data_args.preprocessing_batch_size, cache_dir=cache_dir,
                                       overwrite_cache=data_args.overwrite_cache, on_bad_record=data_args.on_bad_record)
-        rejects += stats.pop("rejects")
-        encoded[name] = dataset if len(dataset) else None
+        split_rejects = stats.pop("rejects")
+        if not len(dataset):
+            first = split_rejects[0]
+            raise DataError(f"{name}: all {len(pairs)} pairs failed to encode, so none is left; the first: {first['file']} "
+                            f"record {first['index']} ({first['stage']}), field {first['field']}: {first['reason']}")
+        rejects += split_rejects
+        encoded[name] = dataset
         summary[name] = stats
     summary["skipped_by_stage"] = {stage: n for stage in STAGES
                                    if (n := sum(r["stage"] == stage for r in rejects))}
