@@ -362,7 +362,7 @@ def test_skip_keeps_or_counts_every_record_and_explains_each_reject(tmp_path):
     assert first["record"] == {"prompt": "Q", "chosen": "a"}
     long = next(r for r in report.rejects if "limit" in r["reason"])
     assert len(long["record"]["chosen"]) < 3000  # the rejects file stays small
-    json.dumps(report.to_dict())  # saved as JSON
+    json.dumps(report.rejects)  # saved as JSON (rejected_records.jsonl)
 
 
 def test_when_every_record_is_bad_the_error_shows_the_first(tmp_path):
