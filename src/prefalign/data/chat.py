@@ -24,8 +24,6 @@ from prefalign.contracts import Message, PreferencePair
 from prefalign.data.templates import TemplateChoice, end_of_turn_token, resolve_template
 from prefalign.errors import ConfigError, PairError
 
-UNSUPPORTED_SYSTEM = ("fold", "error")
-NOT_PREFIX = ("error", "append")
 
 
 @dataclass(frozen=True)

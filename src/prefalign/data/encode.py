@@ -127,8 +127,8 @@ _FLAGS = ("truncated_prompt", "truncated_response", "folded_system", "appended")
 def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len: int, *,
                  num_proc: int | None = None, batch_size: int = 1000, cache_dir: str | Path | None = None,
                  overwrite_cache: bool = False, on_bad_record: str = "error"):
-    """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk; returns it and
-    its EncodeStats as a dict, with `rejects` (rejected_records.jsonl entries) under on_bad_record: skip.
+    """Encode pairs into a `datasets.Dataset` of encoded pairs (contracts.py), cached on disk; returns it
+    and its EncodeStats as a dict, with `rejects` (rejected_records.jsonl entries) under on_bad_record: skip.
 
     The cache key covers the pairs' content, the tokenizer, the template and its arguments and
     `cutoff_len`, so a second run with the same inputs does not re-tokenize.

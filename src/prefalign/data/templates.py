@@ -17,12 +17,11 @@ Leaving `template` unset uses the tokenizer's own template with no implied argum
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 
 from prefalign.data.template_formats import LLAMA_FACTORY_TEMPLATES, Format, Own
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, closest
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,11 @@ class TemplateChoice:
         args = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in self.kwargs.items())
         return f"{self.name} → {own}" + (f" with {args}" if args else "") + (f" ({self.note})" if self.note else "")
 
+
+# The rules for templates that refuse a record (data/chat.py applies them): a system turn the
+# template cannot render, a prompt that is not a prefix of prompt + reply.
+UNSUPPORTED_SYSTEM = ("fold", "error")
+NOT_PREFIX = ("error", "append")
 
 # Arguments of apply_chat_template that prefalign sets; a chat_template_kwargs entry may not override them.
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -163,8 +167,8 @@ def resolve_template(name: str | None) -> TemplateChoice:
         return TemplateChoice(key, BUILTIN_TEMPLATES[key])
     if isinstance(meaning, Own):
         return TemplateChoice(key, None, dict(meaning.kwargs), meaning.why)
-    close = difflib.get_close_matches(key, KNOWN_NAMES, n=1)
-    hint = f" Did you mean `template: {close[0]}`?" if close else ""
+    match = closest(key, KNOWN_NAMES)
+    hint = f" Did you mean `template: {match}`?" if match else ""
     raise ConfigError(
         f"Unknown chat template `template: {name}`.{hint} Known names (LLaMA-Factory's): {', '.join(sorted(KNOWN_NAMES))}; "
         "leave `template` unset to use the tokenizer's own."
@@ -242,3 +246,13 @@ def _eos(tokenizer, template_name: str | None) -> str:
 def _tokenizer_name(tokenizer) -> str:
     name = getattr(tokenizer, "name_or_path", "") or ""
     return f"of {name!r}" if name else "in use"
+
+
+def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
+    """The token ids generation stops at: the tokenizer's EOS and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if end_of_turn:
+        encoded = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id and encoded not in ids:
+            ids.append(encoded)
+    return ids

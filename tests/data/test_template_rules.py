@@ -8,7 +8,7 @@ from helpers import NO_SYSTEM_CHATML, SYSTEM_LAST_CHATML, THINKING_CHATML, TOOLS
 
 from prefalign.config import build_config
 from prefalign.data.collate import IGNORE_INDEX, PairCollator
-from prefalign.data.pipeline import describe, prepare_data
+from prefalign.data.pipeline import prepare_data
 from prefalign.errors import DataError, PairError
 
 SYSTEM = "Answer briefly."
@@ -42,13 +42,13 @@ def ids(tokenizer, text):
 def test_a_system_turn_the_template_refuses_is_folded_into_the_first_user_turn(tiny_tokenizer, tmp_path):
     tiny_tokenizer.chat_template = NO_SYSTEM_CHATML
     data = prepare(tiny_tokenizer, tmp_path, records())
-    assert data.summary["train"]["folded_system_turns"] == 2 and data.summary["train"]["pairs"] == 6
+    assert data.summary.train.folded_system_turns == 2 and data.summary.train.pairs == 6
     by_index = rows(data.train)
     assert tiny_tokenizer.decode(by_index[0]["prompt_ids"]) == (
         f"<|im_start|>user\n{SYSTEM}\n\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n")
     assert tiny_tokenizer.decode(by_index[1]["prompt_ids"]) == "<|im_start|>user\nQuestion 1?<|im_end|>\n<|im_start|>assistant\n"
     assert tiny_tokenizer.decode(by_index[0]["chosen_ids"]) == "Good answer 0.<|im_end|>"
-    assert "train: 2 system turns folded into the first user turn" in describe(data.summary)
+    assert "train: 2 system turns folded into the first user turn" in data.summary.describe()
 
 
 def test_a_refused_system_turn_with_fold_off_is_an_error_or_a_skipped_record(tiny_tokenizer, tmp_path):
@@ -57,7 +57,7 @@ def test_a_refused_system_turn_with_fold_off_is_an_error_or_a_skipped_record(tin
                                         r"render this conversation: System role not supported; set on_unsupported"):
         prepare(tiny_tokenizer, tmp_path, records(), on_unsupported_system="error")
     data = prepare(tiny_tokenizer, tmp_path, records(), on_unsupported_system="error", on_bad_record="skip")
-    assert data.summary["train"]["pairs"] == 4 and data.summary["skipped_by_stage"] == {"render": 2}
+    assert data.summary.train.pairs == 4 and data.summary.skipped_by_stage == {"render": 2}
     assert [(r["index"], r["stage"], r["field"]) for r in data.rejects] == [(0, "render", "prompt"),
                                                                             (3, "render", "prompt")]
     assert data.rejects[0]["record"]["prompt"][0] == {"role": "system", "content": SYSTEM}
@@ -71,7 +71,7 @@ def test_a_prompt_that_is_not_a_prefix_is_an_error_by_default(tiny_tokenizer, tm
         prepare(tiny_tokenizer, tmp_path, records())
     assert error.value.stage == "prefix"
     data = prepare(tiny_tokenizer, tmp_path, records(), on_bad_record="skip")
-    assert data.summary["skipped_by_stage"] == {"prefix": 2} and data.summary["train"]["pairs"] == 4
+    assert data.summary.skipped_by_stage == {"prefix": 2} and data.summary.train.pairs == 4
 
 
 def test_append_keeps_the_generation_prompt_and_appends_reply_and_end_of_turn(tiny_tokenizer, tmp_path):
@@ -79,7 +79,7 @@ def test_append_keeps_the_generation_prompt_and_appends_reply_and_end_of_turn(ti
     the prompt as the template writes an assistant turn."""
     tiny_tokenizer.chat_template = SYSTEM_LAST_CHATML
     data = prepare(tiny_tokenizer, tmp_path, records(), on_prompt_not_prefix="append")
-    assert data.summary["train"]["appended_replies"] == 2
+    assert data.summary.train.appended_replies == 2
     row = rows(data.train)[0]
     assert row["prompt_ids"] == ids(tiny_tokenizer, f"<|im_start|>user\n{SYSTEM}\n\nQuestion 0?<|im_end|>\n"
                                                     "<|im_start|>assistant\n")
@@ -105,7 +105,7 @@ def test_thinking_switch_reaches_the_template(tiny_tokenizer, tmp_path, keys, th
     assert tiny_tokenizer.decode(row["prompt_ids"]) == header + (EMPTY_THOUGHT if thinking_off else "")
     assert tiny_tokenizer.decode(row["chosen_ids"]) == "Good answer 0.<|im_end|>"
     if "template" in keys:
-        assert "tokenizer's own chat template" in data.summary["template"]
+        assert "tokenizer's own chat template" in data.summary.template
 
 
 def test_a_records_own_chat_template_kwargs_go_on_top_of_the_configs(tiny_tokenizer, tmp_path):
@@ -193,7 +193,7 @@ def test_tools_in_three_shapes_render_the_same_boundary_and_masks(tiny_tokenizer
 def test_tool_data_with_a_builtin_template_is_refused_per_record(tiny_tokenizer, tmp_path):
     data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES["trl"], {"prompt": "Hi", "chosen": "a", "rejected": "b"}],
                    template="chatml", on_bad_record="skip")
-    assert data.summary["skipped_by_stage"] == {"render": 1} and len(data.train) == 1
+    assert data.summary.skipped_by_stage == {"render": 1} and len(data.train) == 1
     assert "renders no tool definitions or tool calls" in data.rejects[0]["reason"]
 
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import model_with_template, write_json
+from helpers import EXAMPLES, ROOT, model_with_template, write_json
 
 from prefalign.data.templates import resolve_template
 
-FIXTURES = Path(__file__).parent / "fixtures" / "llamafactory"
+FIXTURES = ROOT / "tests" / "fixtures" / "llamafactory"
 SYSTEM = "You are a helpful assistant."
 
 
@@ -71,7 +71,7 @@ def test_llamafactory_example_configs_load_unchanged(tmp_path, name, pref_loss):
     from prefalign.config import load_config
 
     config = load_config(example(tmp_path, name, pref_loss), ["model_name_or_path=m", *ON_CPU])
-    assert config.finetuning.pref_loss == pref_loss and config.data.dataset == "dpo_en_demo"
+    assert config.finetuning.pref_loss == [pref_loss] and config.data.dataset == ["dpo_en_demo"]
     implied = {"qwen3_lora_dpo.yaml": {"enable_thinking": False}, "llama3_lora_dpo.yaml": {}}[name]
     assert resolve_template(config.data.template).kwargs == implied
 
@@ -150,7 +150,7 @@ def stage_config(tmp_path, tiny_model_dir, on_bad_record: str) -> list[str]:
 
 def test_skip_counts_records_failing_at_every_stage(tiny_model_dir, tmp_path):
     run = prefalign("data", "examples/lora_dpo.yaml", *stage_config(tmp_path, tiny_model_dir, "skip"),
-                    cwd=Path(__file__).parents[1], env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
+                    cwd=ROOT, env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "skipped records by stage: parse 1, render 1, prefix 1, tokenize 1" in run.stdout
     assert "train: 3 pairs" in run.stdout
@@ -159,7 +159,7 @@ def test_skip_counts_records_failing_at_every_stage(tiny_model_dir, tmp_path):
 def test_error_stops_at_the_first_bad_record_naming_file_record_and_field(tiny_model_dir, tmp_path, capsys):
     from prefalign.cli import main
 
-    assert main(["data", str(Path(__file__).parents[1] / "examples" / "lora_dpo.yaml"),
+    assert main(["data", str(EXAMPLES / "lora_dpo.yaml"),
                  *stage_config(tmp_path, tiny_model_dir, "error"), "build_demo_model=false"]) == 2
     assert "mixed.jsonl record 1 (line 2), field '(whole record)'" in capsys.readouterr().err
 
@@ -169,7 +169,7 @@ def test_every_skipped_record_is_written_with_its_stage(tiny_model_dir, tmp_path
     from prefalign.data.pipeline import prepare_data
     from prefalign.modeling.load import load_tokenizer
 
-    config = load_config(Path(__file__).parents[1] / "examples" / "lora_dpo.yaml",
+    config = load_config(EXAMPLES / "lora_dpo.yaml",
                          stage_config(tmp_path, tiny_model_dir, "skip"))
     data = prepare_data(config.data, load_tokenizer(config.model), seed=0, cache_dir=str(tmp_path / "cache"))
     data.write(tmp_path / "out")

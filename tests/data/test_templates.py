@@ -244,9 +244,9 @@ def test_missing_template_or_eos_is_a_config_error(tiny_tokenizer):
 def test_readme_template_table_is_current():
     """The README's name table is generated from the name registry: regenerate it when a name changes."""
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).parents[1]
+    from helpers import ROOT as root
+
     sys.path.insert(0, str(root / "scripts"))
     from template_table import table
 
