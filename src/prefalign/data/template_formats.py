@@ -23,8 +23,8 @@ class Format:
 
     `system_in_first_user`: the system slot is written inside the first user turn (LLaMA-Factory's
     Llama2Template: Llama 2, Mistral, Gemma), not before it. `observation`: None means the user
-    slot. `end_of_turn`: the stop word that closes an assistant turn; None means the tokenizer's
-    eos token.
+    slot. `end_of_turn`: the marker that closes an assistant turn as the slot writes it (LLaMA-Factory's
+    stop word, or the model's eos written literally); None means the tokenizer's eos token.
     """
 
     user: str
@@ -169,7 +169,7 @@ LLAMA_FACTORY_TEMPLATES: dict[str, Format | Own] = {
     "deepseek3": Format(user="<｜User｜>{content}<｜Assistant｜>", prefix="{bos}"),
     "deepseekr1": _own(THINKING),
     "deepseekcoder": Format(user="### Instruction:\n{content}\n### Response:", assistant="\n{content}\n<|EOT|>\n",
-                            prefix="{bos}", default_system=(
+                            prefix="{bos}", end_of_turn="<|EOT|>", default_system=(
                                 "You are an AI programming assistant, utilizing the DeepSeek Coder model, "
                                 "developed by DeepSeek Company, and you only answer questions related to computer "
                                 "science. For politically sensitive questions, security and privacy issues, "
@@ -204,7 +204,8 @@ LLAMA_FACTORY_TEMPLATES: dict[str, Format | Own] = {
     "granite3": Format(user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
                             "<|start_of_role|>assistant<|end_of_role|>",
                        assistant="{content}<|end_of_text|>\n",
-                       system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n"),
+                       system="<|start_of_role|>system<|end_of_role|>{content}<|end_of_text|>\n",
+                       end_of_turn="<|end_of_text|>"),
     "granite3_vision": Format(user="<|user|>\n{content}\n<|assistant|>\n", system="<|system|>\n{content}\n",
                               default_system=VICUNA_SYSTEM),
     "granite4": Format(user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n"
