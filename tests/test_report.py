@@ -204,3 +204,15 @@ def test_tensorboard_logs_offline(run_dir):
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert "eval/rewards/margins" in acc.Tags()["scalars"]
     shutil.rmtree(run_dir / "runs")  # leave the folder as the other tests expect it
+
+
+def test_report_data_section_shows_folds_and_skips_by_stage():
+    from prefalign.data.summary import DataSummary, SplitSummary
+    from prefalign.report import _data_section
+
+    summary = DataSummary(template="gemma", cutoff_len=64, datasets={"d": 9}, skipped={"d": 1},
+                          skipped_by_stage={"parse": 1, "render": 2},
+                          train=SplitSummary(pairs=7, folded_system_turns=3, skipped=2))
+    page = parse(_data_section(summary))
+    assert page.rows["splits"] == [["train", "7", "0", "0", "3", "2"]]
+    assert "Skipped records by stage: parse 1, render 2;" in _data_section(summary)

@@ -34,7 +34,10 @@ class PairError(DataError):
 
     def __init__(self, stage: str, where: str, field: str, reason: str):
         super().__init__(f"{where}, field {field}: {reason}")
-        self.stage, self.field, self.reason = stage, field, reason
+        self.stage, self.where, self.field, self.reason = stage, where, field, reason
+
+    def __reduce__(self):  # raised in a tokenization worker process, it crosses back whole
+        return PairError, (self.stage, self.where, self.field, self.reason)
 
 
 STAGES = ("parse", "render", "prefix", "tokenize")

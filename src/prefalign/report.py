@@ -168,9 +168,11 @@ def _data_section(summary: DataSummary | None) -> str:
     splits = summary.splits()
     if splits:
         rows = "".join(f"<tr><th>{s}</th>{_num(st.pairs)}{_num(st.truncated_prompts)}"
-                       f"{_num(st.truncated_responses)}</tr>" for s, st in splits)
-        parts.append(f"<table><thead><tr><th>split</th><th>pairs</th><th>prompts truncated</th>"
-                     f"<th>responses truncated</th></tr></thead><tbody>{rows}</tbody></table>")
+                       f"{_num(st.truncated_responses)}{_num(st.folded_system_turns)}{_num(st.skipped)}</tr>"
+                       for s, st in splits)
+        parts.append(f'<table id="splits"><thead><tr><th>split</th><th>pairs</th><th>prompts truncated</th>'
+                     f"<th>responses truncated</th><th>system turns folded</th><th>pairs skipped</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table>")
     lengths = [(split, part, q) for split, st in splits for part, q in st.token_lengths.items()]
     if lengths:
         rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>"
@@ -178,8 +180,10 @@ def _data_section(summary: DataSummary | None) -> str:
                        for split, part, q in lengths)
         parts.append(f'<table id="token-lengths"><thead><tr><th>tokens</th><th>p50</th><th>p90</th><th>p99</th>'
                      f"<th>max</th></tr></thead><tbody>{rows}</tbody></table>")
+    by_stage = ", ".join(f"{stage} {n}" for stage, n in summary.skipped_by_stage.items()) or "none"
     parts.append(f'<p class="muted">Chat template: {_esc(summary.template)}; cutoff_len: '
-                 f'{_esc(summary.cutoff_len)}. Skipped records are listed in rejected_records.jsonl.</p>')
+                 f'{_esc(summary.cutoff_len)}. Skipped records by stage: {_esc(by_stage)}; they are listed in '
+                 "rejected_records.jsonl.</p>")
     return "".join(parts)
 
 

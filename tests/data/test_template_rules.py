@@ -203,3 +203,10 @@ def test_a_split_whose_every_pair_fails_is_an_error_naming_the_first(tiny_tokeni
                                         r"System role not supported"):
         prepare(tiny_tokenizer, tmp_path, records(n=2, with_system=(0, 1)), on_unsupported_system="error",
                 on_bad_record="skip")
+
+
+def test_a_pair_error_survives_the_trip_from_a_worker_process():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(PairError("render", "f.json record 3", "prompt", "no system role")))
+    assert (error.stage, error.field, str(error)) == ("render", "prompt", "f.json record 3, field prompt: no system role")

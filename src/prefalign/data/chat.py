@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from prefalign.contracts import Message, PreferencePair
 from prefalign.data.templates import TemplateChoice, end_of_turn_token, resolve_template
@@ -96,8 +97,9 @@ class ChatRenderer:
         """The template arguments every record is rendered with (a record's own go on top)."""
         return {**self.choice.kwargs, **self.template_kwargs}
 
-    @property
+    @cached_property
     def end_of_turn(self) -> str:
+        """Found once per renderer (for the tokenizer's own template, by a probe rendering)."""
         return end_of_turn_token(self.tokenizer, self.template, self.template_kwargs)
 
     @property
