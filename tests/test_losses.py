@@ -789,3 +789,14 @@ def test_docs_table_lists_every_loss_as_registered():
         assert (reference, averaged) == (spec.needs_reference, spec.averaged), name
         arxiv = re.search(r"\d{4}\.\d{5}", spec.paper)
         assert arxiv is None or arxiv.group(0) in paper, name
+
+
+def test_loss_functions_never_raise_config_errors():
+    """Settings problems are the config check's (registry constraints); a loss function only computes."""
+    import ast
+    import inspect
+
+    for name, spec in LOSSES.items():
+        tree = ast.parse(inspect.getsource(spec.fn).lstrip())
+        raised = [ast.unparse(node.exc) for node in ast.walk(tree) if isinstance(node, ast.Raise) and node.exc]
+        assert not any("ConfigError" in r for r in raised), name
