@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from prefalign.config import build_config
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -45,3 +47,13 @@ def make_random_adapter(model_dir, path, *, seed=1, target_modules="all-linear",
                     param.normal_(0, b_std)
     model.save_pretrained(path)
     return str(path)
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after optimizer step `step` (its checkpoint, if save_steps says so, is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = control.should_training_stop or state.global_step >= self.step

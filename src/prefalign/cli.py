@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import sys
 
 from prefalign.errors import PrefalignError, is_disk_full
@@ -89,6 +90,15 @@ COMMANDS = {
 }
 
 
+def resume_command(ns, checkpoint: str) -> str:
+    """The command line that continues an interrupted run: the same config and overrides, from `checkpoint`."""
+    from pathlib import Path
+
+    kept = [o for o in ns.overrides if o.partition("=")[0].strip() != "resume_from_checkpoint"]
+    return shlex.join(["prefalign", ns.command, ns.config, *kept,
+                       f"resume_from_checkpoint={Path(checkpoint).resolve()}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -113,8 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from prefalign.train.signals import Interrupted
+
     try:
         COMMANDS[ns.command][0](ns)
+    except Interrupted as exc:  # exit status 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell reports it
+        resume = f"; resume with: {resume_command(ns, exc.checkpoint)}" if exc.checkpoint else ""
+        print(f"prefalign {ns.command}: {exc}{resume}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except PrefalignError as exc:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
         return 2

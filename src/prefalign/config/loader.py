@@ -207,10 +207,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
+    train_values.setdefault("output_dir", "saves/prefalign-run")
     problems += validate(model, data, finetuning, train_values) + export.problems() + generation.problems()
 
     training = None
-    train_values.setdefault("output_dir", "saves/prefalign-run")
     train_values["remove_unused_columns"] = False  # our collator reads the encoded pair columns
     train_values.setdefault("report_to", "none")
     train_values.setdefault("do_train", True)
@@ -281,7 +281,34 @@ def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments
                         "run `prefalign eval CONFIG`")
     if ft.logits_chunk_size < 1:
         problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
-    problems += _validate_losses(ft)
+    problems += _validate_losses(ft) + _training_problems(train)
+    from prefalign.config.paths import path_problems
+
+    problems += path_problems(model, ft, train["output_dir"])
+    return problems
+
+
+def _training_problems(train: dict) -> list[str]:
+    """Settings transformers accepts but that train nothing or fail only after data and models are loaded."""
+    problems = []
+    lr = train.get("learning_rate")
+    if lr is not None and lr <= 0:
+        what = "trains nothing: the weights would stay as loaded" if lr == 0 else "is negative"
+        problems.append(f"learning_rate: {lr} {what}; give a positive rate, e.g. 5e-6 (full) or 5e-5 (LoRA)")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if train.get(key) is not None and train[key] < 1:
+            problems.append(f"{key}: {train[key]} must be at least 1")
+    max_steps, epochs = train.get("max_steps"), train.get("num_train_epochs")
+    if max_steps is not None and max_steps < -1:
+        problems.append(f"max_steps: {max_steps} must be a positive number of steps, or -1 to train num_train_epochs")
+    if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
+        problems.append(f"num_train_epochs: {epochs} trains nothing; give a positive number of epochs or set max_steps")
+    for key in ("warmup_steps", "max_grad_norm", "weight_decay"):
+        if train.get(key) is not None and train[key] < 0:
+            problems.append(f"{key}: {train[key]} must not be negative")
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if train.get(key) is not None and train[key] <= 0:
+            problems.append(f"{key}: {train[key]} must be positive")
     return problems
 
 

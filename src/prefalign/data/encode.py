@@ -15,17 +15,19 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
 from prefalign.errors import DataError
+from prefalign.integrity import damaged_files, folder_checksums, replace_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 _ENCODING_VERSION = "1"  # bump when the encoding rule changes, to invalidate caches
+MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
 @dataclass
@@ -110,7 +112,9 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk.
 
     The cache key covers the pairs' content, the tokenizer, the template and `cutoff_len`, so a
-    second run with the same inputs does not re-tokenize.
+    second run with the same inputs does not re-tokenize. Every file of an entry is checked against
+    the SHA-256 recorded when it was written: a damaged entry is reported and rebuilt, and
+    `overwrite_cache` rebuilds and replaces it.
     """
     import datasets
 
@@ -120,9 +124,9 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     ).hexdigest()[:20]
     path = Path(cache_dir or default_cache_dir()) / "encoded" / key
     if path.exists() and not overwrite_cache:
-        logger.info("Using encoded data from %s", path)
-        encoded = datasets.load_from_disk(str(path))
-        return encoded, json.loads((path / "prefalign_stats.json").read_text())
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
 
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
@@ -149,11 +153,31 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
         truncated_responses=int(sum(encoded["truncated_response"])),
     ))
     encoded = encoded.remove_columns(["truncated_prompt", "truncated_response"])
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    encoded.save_to_disk(str(tmp))
-    (tmp / "prefalign_stats.json").write_text(json.dumps(stats))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_cache(encoded, stats, path)
     return datasets.load_from_disk(str(path)), stats
+
+
+def _write_cache(encoded, stats: dict, path: Path) -> None:
+    """Save under a private name, checksum every file, then swap the folder into place (see integrity.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    encoded.save_to_disk(str(staging))
+    write_json_atomic(staging / MANIFEST, {"stats": stats, "files": folder_checksums(staging)})
+    replace_folder(staging, path)
+
+
+def _read_cache(path: Path):
+    """(dataset, stats) from a verified cache entry, or None (with one line saying why) to rebuild it."""
+    import datasets
+
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        damaged = damaged_files(path, manifest["files"])
+        if not damaged:
+            logger.info("Using encoded data from %s", path)
+            return datasets.load_from_disk(str(path)), manifest["stats"]
+        reason = f"{damaged[0]} does not match its checksum"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no manifest'})"
+    logger.warning("Encoded-data cache %s is damaged or incomplete (%s); re-encoding it", path, reason)
+    return None
