@@ -315,3 +315,35 @@ def test_model_code_refused_without_trust_remote_code_is_one_line(cli, tiny_mode
     assert run.returncode == 2 and "Traceback" not in run.stderr
     [line] = error_lines(run.stderr)
     assert "ships its own model code, which runs only with trust_remote_code: true" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PREFALIGN_TEST_TORCHRUN"),
+                    reason="a 2-process torchrun run costs ~1 min of CPU; set PREFALIGN_TEST_TORCHRUN=1 to run it")
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_model_dir, tmp_path):
+    """Two gloo processes; SIGTERM reaches rank 1 only; both stop after the same step and one checkpoint is saved."""
+    import re
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         "-m", "prefalign", "train", QUICKSTART,
+         *overrides(tiny_model_dir, out, max_steps=100000, per_device_train_batch_size=2)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=open(tmp_path / "err", "w"), text=True, env=env())
+    try:
+        wait_for_step(proc, 4)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = next(int(p) for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
+        os.kill(rank1, signal.SIGTERM)
+        proc.stdout.read()
+        assert proc.wait(timeout=300) != 0
+    finally:
+        proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert stderr.count("prefalign: SIGTERM received") == 1  # rank 1 only
+    # rank 0, told by rank 1 through the per-step all-reduce (torchrun may kill rank 1 before it prints)
+    [step] = re.findall(r"prefalign train: interrupted by a signal to another process of this run after step (\d+)",
+                        stderr)
+    assert all(s == step for s in re.findall(r"interrupted by SIGTERM after step (\d+)", stderr))
+    assert (out / f"checkpoint-{step}" / MARKER).is_file()
+    assert "[rank1]: Traceback" not in stderr and "[rank0]: Traceback" not in stderr

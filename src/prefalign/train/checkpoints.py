@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ def resume_settings(config, train_dataset) -> dict:
     for key in _TRAINING_KEYS:
         value = getattr(config.training, key, None)
         settings[key] = getattr(value, "value", value)
+    # on CPUs the training arguments learn the world size only when the Trainer starts
+    settings["world_size"] = int(os.environ.get("WORLD_SIZE", settings["world_size"] or 1))
     settings["train_data"] = dataset_fingerprint(train_dataset)[:16]
     return json.loads(json.dumps(settings, default=str))
 

@@ -21,12 +21,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(PrefalignError):
-    """A run stopped by a signal. `checkpoint`: where its work is saved (None: stopped before training)."""
+    """A run stopped by a signal. `checkpoint`: where its work is saved (None: stopped before training).
 
-    def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
+    `signum` None: this process was stopped because another process of the run received the signal.
+    """
+
+    def __init__(self, signum: int | None, step: int | None = None, checkpoint: str | None = None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
+        self.exit_code = 128 + (signum or signal.SIGTERM)
+        name = signal.Signals(signum).name if signum else "a signal to another process of this run"
         if checkpoint is None:
             message = f"interrupted by {name} before training started; nothing was saved"
         else:

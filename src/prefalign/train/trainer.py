@@ -90,7 +90,9 @@ class PreferenceTrainer(Trainer):
         Rotation waits for the marker, so a save cut short never costs the previous complete checkpoint.
         """
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save:
+        # the accelerator's main process: on CPUs `args.should_save` is true on every process of a torchrun run
+        main = self.accelerator.is_main_process
+        if main:
             clear_for_save(folder)
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None
@@ -99,7 +101,7 @@ class PreferenceTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
-        if self.args.should_save:
+        if main:
             mark_complete(folder, step=self.state.global_step, settings=self.resume_settings,
                           totals=self.watch.totals())
             rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,

@@ -112,7 +112,9 @@ def run_train(config: RunConfig) -> dict:
     rules (checkpoints.py), checked before any model is loaded and before anything is written.
     """
     args = config.training
-    with StopSignals() as signals, OutputDirLock(args.output_dir, enabled=args.process_index == 0), \
+    # RANK: on CPUs the training arguments learn the process index only when the Trainer starts
+    first_process = int(os.environ.get("RANK", args.process_index)) == 0
+    with StopSignals() as signals, OutputDirLock(args.output_dir, enabled=first_process), \
             reporting_disk_full(args.output_dir):
         previous = checkpoints.find_previous(config, ignore=(LOCK_NAME,))
         prepared = load_data(config)
@@ -153,11 +155,14 @@ def save_final_model(trainer, out: Path) -> list[str]:
     (it stays loaded: the final evaluation and the report still need it).
     """
     staging = out / ".prefalign-final-save"  # one name for all processes; the lock keeps other runs out
-    if trainer.args.should_save:
+    main = trainer.accelerator.is_main_process  # (on CPUs `args.should_save` is true on every process)
+    if main:
         shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
     names = []
-    if trainer.args.should_save:
+    if main:
         shutil.rmtree(staging / REFERENCE_ADAPTER, ignore_errors=True)
         for path in sorted(staging.iterdir()):
             target = out / path.name
@@ -193,7 +198,7 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
 
     write_run_report(config, trainer)  # report.html and the README.md model card
     # last: the marker that says this output dir holds a finished run, and with which settings
-    if args.should_save:
+    if trainer.accelerator.is_main_process:
         checkpoints.mark_complete(out, step=trainer.state.global_step, settings=trainer.resume_settings,
                                   totals=trainer.watch.totals(), files=model_files)
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
