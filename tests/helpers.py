@@ -6,7 +6,9 @@ from transformers import TrainerCallback
 
 from prefalign.config import build_config
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+EXAMPLES = ROOT / "examples"
+FIXTURES = ROOT / "tests" / "fixtures" / "data"
 
 
 def config_for(model_dir, out, **overrides):

@@ -118,6 +118,6 @@ def test_a_damaged_reference_cache_part_is_reported_and_recomputed(tiny_model_di
     assert second.reference.stats["train"]["computed"] == 16
     got = second.reference.tables["train"]
     for key, value in expected.values.items():
-        assert torch.equal(got.values[key][got.position[expected.position >= 0]],
-                           value[expected.position[expected.position >= 0]]), key
+        assert torch.allclose(got.values[key][got.position[expected.position >= 0]],
+                              value[expected.position[expected.position >= 0]], rtol=1e-5, atol=1e-5), key
     assert not part.exists() and len(list(directory.glob("part-*.safetensors"))) == 1

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import yaml
 
-from prefalign import losses
-from prefalign.config import RunConfig, loss_settings
-from prefalign.data.collate import make_collator, with_lengths
-from prefalign.data.pipeline import PreparedData, describe, prepare_data
+from prefalign.config import RunConfig
+from prefalign.data.collate import PairCollator, make_collator, with_lengths
+from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.errors import reporting_disk_full
+from prefalign.integrity import write_text_atomic
 from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
     compute_dtype,
     load_policy,
     load_tokenizer,
 )
-from prefalign.integrity import write_text_atomic
-from prefalign.reference import build_reference
+from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
 from prefalign.train.lock import LOCK_NAME, OutputDirLock
 from prefalign.train.signals import Interrupted, StopSignals
@@ -32,20 +31,8 @@ from prefalign.train.signals import Interrupted, StopSignals
 logger = logging.getLogger(__name__)
 
 
-def ensure_model(config: RunConfig) -> None:
-    """Build the tiny demo model when the config asks for it and it is missing."""
-    if config.model.build_demo_model:
-        from prefalign.demo import ensure_demo_model
-
-        if not (Path(config.model.model_name_or_path) / "config.json").is_file():
-            print(f"Building the demo model at {config.model.model_name_or_path} (build_demo_model: true; "
-                  "first run only)", flush=True)
-        ensure_demo_model(config.model.model_name_or_path)
-
-
 def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, PreparedData]:
     """Step 3: the tokenizer and the encoded data (nothing is written to the output dir yet)."""
-    ensure_model(config)
     tokenizer = load_tokenizer(config.model)
     return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train)
 
@@ -63,26 +50,29 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     args, ft = config.training, config.finetuning
     tokenizer, data = prepared or load_data(config, need_train=need_train)
     data.write(args.output_dir)
-    print(describe(data.summary), flush=True)
+    print(data.summary.describe(), flush=True)
 
     # Step 4: policy and reference
     set_seed(args.seed)
     dtype = compute_dtype(args)
     policy = load_policy(config.model, ft, dtype)
-    loss_config = loss_settings(ft)
-    needs_ref = losses.needs_reference(config.loss_names, loss_config)
     collator = make_collator(tokenizer.pad_token_id, prefix_sharing=ft.prefix_sharing)
-    precompute = ft.precompute_ref_log_probs and needs_ref
-    reference = build_reference(config, policy, needs_reference=needs_ref, dtype=dtype, for_precompute=precompute)
+    plan = reference_plan(config, "train")
+    precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
+    reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
+        sources = {"model_name_or_path": config.model.model_name_or_path,
+                   "adapter_name_or_path": config.model.adapter_name_or_path,
+                   "ref_model": ft.ref_model, "ref_model_adapters": ft.ref_model_adapters}
         reference = precompute_reference(
-            config, reference, {"train": data.train, "eval": data.eval}, collator, device=args.device, dtype=dtype,
+            reference, {"train": data.train, "eval": data.eval}, collator, sources=sources,
+            template=config.data.template, cutoff_len=config.data.cutoff_len, device=args.device, dtype=dtype,
             batch_size=max(args.per_device_train_batch_size, args.per_device_eval_batch_size),
             process_index=args.process_index, num_processes=args.world_size,
         )
-    logger.info("Reference: %s", reference.name)
+    logger.info("Reference: %s: %s", reference.name, plan.description)
     if _checkpointing(args) and hasattr(policy, "enable_input_require_grads"):
         policy.enable_input_require_grads()
 
@@ -93,8 +83,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     trainer = PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
-        reference=reference, loss_names=config.loss_names, loss_weights=config.loss_weights,
-        loss_settings=loss_config, chunk_size=ft.logits_chunk_size,
+        reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
     )
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
@@ -125,6 +114,9 @@ def run_train(config: RunConfig) -> dict:
                 print(f"{args.output_dir} already holds this run, finished at step {previous.marker.step} with the "
                       "same settings; nothing to do (set overwrite_output_dir: true to train it again)", flush=True)
                 return _read_json(Path(args.output_dir) / "all_results.json")
+        elif config.finetuning.overwrite_output_dir and first_process:
+            # the run being overwritten no longer counts as finished, even if this one stops early
+            (Path(args.output_dir) / checkpoints.MARKER).unlink(missing_ok=True)
         resume = str(previous.folder) if previous is not None else None
         trainer = build_trainer(config, prepared=prepared, settings=settings)
         trainer.watch.stop_requested = lambda: signals.requested
@@ -194,12 +186,37 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         from prefalign.report import plot_metrics
 
         plot_metrics(out)
-    from prefalign.report import write_run_report
-
-    write_run_report(config, trainer)  # report.html and the README.md model card
+    write_run_report(config, trainer)
     # last: the marker that says this output dir holds a finished run, and with which settings
     if trainer.accelerator.is_main_process:
         checkpoints.mark_complete(out, step=trainer.state.global_step, settings=trainer.resume_settings,
                                   totals=trainer.watch.totals(), files=model_files)
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
+
+
+def write_run_report(config: RunConfig, trainer) -> Path:
+    """Score a few held-out pairs (training pairs without held-out data), then write report.html and README.md.
+
+    Every process scores the samples (a sharded model needs all of them in its forward pass); the
+    main process writes the files.
+    """
+    from prefalign.model_card import write_model_card
+    from prefalign.report import REPORT_FILE, write_report, write_samples
+
+    out = Path(config.training.output_dir)
+    held_out = trainer.eval_dataset is not None
+    dataset = trainer.eval_dataset if held_out else trainer.train_dataset
+    samples = []
+    if dataset is not None and len(dataset):
+        scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
+        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id),
+                                 trainer.processing_class, device=trainer.args.device,
+                                 split="eval" if held_out else "train")
+    if not trainer.is_world_process_zero():
+        return out / REPORT_FILE
+    write_samples(out, samples, held_out=held_out)
+    path = write_report(out)
+    write_model_card(config, out)
+    return path
+

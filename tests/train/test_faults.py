@@ -20,12 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import ROOT
+
 from prefalign.config import load_config
 from prefalign.train.checkpoints import MARKER
 from prefalign.train.lock import LOCK_NAME
 from prefalign.train.workflow import run_train
 
-ROOT = Path(__file__).parents[1]
 QUICKSTART = "examples/quickstart.yaml"
 
 
@@ -115,7 +116,7 @@ def test_rerun_with_new_settings_is_refused_and_the_same_rerun_changes_nothing(c
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     [line] = error_lines(changed.stderr)
     assert "finished run with other settings" in line and "overwrite_output_dir: true" in line
-    for key in ("pref_loss ('sigmoid' -> 'ipo')", "pref_beta (0.1 -> 0.5)", "learning_rate (0.001 -> 5e-05)"):
+    for key in ("pref_loss (['sigmoid'] -> ['ipo'])", "pref_beta (0.1 -> 0.5)", "learning_rate (0.001 -> 5e-05)"):
         assert key in line
     assert snapshot(out) == before  # run_config.yaml, the model card, everything: untouched
 
