@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     ))
     encoded = encoded.remove_columns(["truncated_prompt", "truncated_response"])
     _write_cache(encoded, stats, path)
-    return datasets.load_from_disk(str(path)), stats
+    cached = _read_cache(path)  # memory-mapped from disk, as a cached entry is
+    return cached if cached is not None else (encoded, stats)
 
 
 def _write_cache(encoded, stats: dict, path: Path) -> None:
@@ -166,18 +168,31 @@ def _write_cache(encoded, stats: dict, path: Path) -> None:
     replace_folder(staging, path)
 
 
-def _read_cache(path: Path):
-    """(dataset, stats) from a verified cache entry, or None (with one line saying why) to rebuild it."""
+def _read_cache(path: Path, *, attempts: int = 3):
+    """(dataset, stats) from a verified cache entry, or None (with one line saying why) to rebuild it.
+
+    A file vanishing while it is read means another process is swapping the entry (integrity.replace_folder):
+    the read is tried again.
+    """
     import datasets
 
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        damaged = damaged_files(path, manifest["files"])
-        if not damaged:
-            logger.info("Using encoded data from %s", path)
-            return datasets.load_from_disk(str(path)), manifest["stats"]
-        reason = f"{damaged[0]} does not match its checksum"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        reason = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no manifest'})"
+    for attempt in range(attempts):
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            damaged = damaged_files(path, manifest["files"])
+            if damaged and not (path / MANIFEST).is_file():  # the entry was moved aside meanwhile
+                raise FileNotFoundError(2, "moved aside while read", str(path))
+            if not damaged:
+                logger.info("Using encoded data from %s", path)
+                return datasets.load_from_disk(str(path)), manifest["stats"]
+            reason = f"{damaged[0]} does not match its checksum"
+        except FileNotFoundError as exc:
+            if attempt + 1 < attempts:
+                time.sleep(0.2)
+                continue
+            reason = f"incomplete ({exc.filename or exc} is missing)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no manifest'})"
+        break
     logger.warning("Encoded-data cache %s is damaged or incomplete (%s); re-encoding it", path, reason)
     return None
