@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from prefalign.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
@@ -114,3 +116,13 @@ def write_json(path, records) -> str:
 
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
     return str(path)
+
+
+class StopAfter(TrainerCallback):
+    """Stops training after optimizer step `step` (its checkpoint, if save_steps says so, is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = control.should_training_stop or state.global_step >= self.step

@@ -205,7 +205,8 @@ def test_second_and_resumed_runs_reuse_the_cache(tiny_model_dir, tmp_path, monke
     original = reference_cache.compute_part
     monkeypatch.setattr(reference_cache, "compute_part", lambda *a, **k: calls.append(1) or original(*a, **k))
     out = tmp_path / "out"
-    first = config_for(tiny_model_dir, out, precompute_ref_log_probs=True, save_strategy="steps", save_steps=2)
+    first = config_for(tiny_model_dir, out, precompute_ref_log_probs=True, save_strategy="steps", save_steps=2,
+                       max_steps=3, overwrite_output_dir=False)
     trainer = build_trainer(first)
     assert trainer.reference.stats["train"]["computed"] == 16 and len(calls) == 1
     parts = sorted(Path(trainer.reference.stats["train"]["path"]).glob("part-*"))
@@ -213,11 +214,18 @@ def test_second_and_resumed_runs_reuse_the_cache(tiny_model_dir, tmp_path, monke
 
     second = build_trainer(first)
     assert second.reference.stats["train"] == {"computed": 0, "reused": 16, "path": str(parts[0].parent)}
-    run_train(first)  # writes checkpoint-2
-    resumed = config_for(tiny_model_dir, out, precompute_ref_log_probs=True, max_steps=3, overwrite_output_dir=False)
-    run_train(resumed)
+    second.add_callback(helpers.StopAfter(2))
+    second.train()  # writes checkpoint-2 and stops
+    run_train(first)  # resumes from checkpoint-2
+    assert (out / "checkpoint-2").is_dir() and len(_logged_steps(out)) == 3
     assert len(calls) == 1  # the first build only
     assert [p.stat().st_mtime_ns for p in sorted(parts[0].parent.glob("part-*"))] == mtimes
+
+
+def _logged_steps(out):
+    import json
+
+    return [h["step"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
 
 def test_cache_key_follows_the_weights_and_the_data(tiny_model_dir, tmp_path):

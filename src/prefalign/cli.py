@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 from prefalign.errors import PrefalignError, unwritable_error
@@ -19,8 +20,14 @@ def _load(ns):
 
     config = load_config(ns.config, ns.overrides)
     if config.model.build_demo_model:
-        from prefalign.demo import ensure_demo_model
+        from pathlib import Path
 
+        from prefalign.demo import check_demo_model_path, ensure_demo_model
+
+        check_demo_model_path(config.model.model_name_or_path)
+        if not (Path(config.model.model_name_or_path) / "config.json").is_file():
+            print(f"Building the demo model at {config.model.model_name_or_path} (build_demo_model: true; "
+                  "first run only)", flush=True)
         ensure_demo_model(config.model.model_name_or_path)
     return config
 
@@ -99,6 +106,15 @@ COMMANDS = {
 }
 
 
+def resume_command(ns, checkpoint: str) -> str:
+    """The command line that continues an interrupted run: the same config and overrides, from `checkpoint`."""
+    from pathlib import Path
+
+    kept = [o for o in ns.overrides if o.partition("=")[0].strip() != "resume_from_checkpoint"]
+    return shlex.join(["prefalign", ns.command, ns.config, *kept,
+                       f"resume_from_checkpoint={Path(checkpoint).resolve()}"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -123,8 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from prefalign.train.signals import Interrupted
+
     try:
         COMMANDS[ns.command][0](ns)
+    except Interrupted as exc:  # exit status 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell reports it
+        resume = f"; resume with: {resume_command(ns, exc.checkpoint)}" if exc.checkpoint else ""
+        print(f"prefalign {ns.command}: {exc}{resume}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except PrefalignError as exc:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
         return 2

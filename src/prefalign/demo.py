@@ -418,6 +418,21 @@ def ensure_demo_model(
     return str(path)
 
 
+def check_demo_model_path(path: str | os.PathLike) -> None:
+    """Refuse to build a second demo model beside one whose name is close to `path`'s: that is a typo."""
+    from prefalign.config.paths import closest_sibling
+
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return
+    close = closest_sibling(path, holding=BUILD_INFO_FILE)
+    if close is not None:
+        raise PrefalignError(
+            f"model_name_or_path: {str(path)!r} does not exist, and build_demo_model: true would build a second "
+            f"demo model beside {str(close)!r}; did you mean {str(close)!r}? (to build a new one, pick a name not "
+            "close to an existing model's)")
+
+
 def _warn_if_not_warmed_up(path: Path) -> None:
     """A demo model cached by a prefalign without the supervised warm-up is reused, with a warning."""
     if not (path / BUILD_INFO_FILE).is_file():
@@ -450,6 +465,7 @@ __all__ = [
     "EOS_TOKEN",
     "PAD_TOKEN",
     "build_tiny_model",
+    "check_demo_model_path",
     "demo_records",
     "demo_texts",
     "ensure_demo_model",

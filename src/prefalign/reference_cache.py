@@ -24,6 +24,10 @@ Several processes: each computes the pairs still missing whose rank among them i
 temporary name, then renamed, so a reader never sees half a file), waits for the others
 (`torch.distributed` barrier, or polling the folder when no process group exists), then every
 process reads all parts, merged by `index`. A crashed run keeps the parts it finished.
+
+Integrity: each part records a SHA-256 of its tensors in its safetensors metadata. A part that
+cannot be read or does not match (truncated, bit-flipped, zeroed) is reported in one line and
+deleted, and its pairs are computed again.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 from prefalign.contracts import PairLogps, batch_to
 from prefalign.data.collate import PrefixSharedCollator, pair_length
 from prefalign.errors import PrefalignError
+from prefalign.integrity import tensors_sha256
 from prefalign.reference import Reference
 
 logger = logging.getLogger(__name__)
@@ -155,9 +160,30 @@ def write_part(directory: Path, tensors: dict[str, torch.Tensor], *, process_ind
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{process_index:05d}-{uuid.uuid4().hex[:8]}.safetensors"
     tmp = directory / f".{name}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"version": CACHE_VERSION})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"version": CACHE_VERSION, "sha256": tensors_sha256(tensors)})
     os.replace(tmp, directory / name)
     return directory / name
+
+
+def _read_part(path: Path) -> dict[str, torch.Tensor] | None:
+    """A part's tensors if they match the checksum written with them; else delete it (recomputed) and None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get("sha256")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        reason = None if tensors_sha256(tensors) == expected else "its values do not match their checksum"
+    except FileNotFoundError:  # deleted by another process that found it damaged
+        return None
+    except Exception as exc:  # safetensors reports a cut or garbled file with its own error types
+        reason = f"unreadable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    if reason is None:
+        return tensors
+    logger.warning("Reference cache part %s is damaged (%s); its pairs are computed again", path, reason)
+    path.unlink(missing_ok=True)
+    return None
 
 
 @dataclasses.dataclass
@@ -174,12 +200,10 @@ class ReferenceTable:
     @classmethod
     def load(cls, directory: Path) -> ReferenceTable | None:
         """Merge every part in `directory` (an index found in two parts is read from the first)."""
-        from safetensors.torch import load_file
-
         parts = sorted(directory.glob("part-*.safetensors")) if directory.is_dir() else []
-        if not parts:
+        loaded = [part for part in map(_read_part, parts) if part is not None]
+        if not loaded:
             return None
-        loaded = [load_file(str(p)) for p in parts]
         size = max(int(p["index"].max()) + 1 if p["index"].numel() else 0 for p in loaded)
         present = torch.zeros(size, dtype=torch.bool)
         kept: dict[str, list[torch.Tensor]] = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config_for, first_batch
+from helpers import StopAfter, config_for, first_batch
 from transformers import AutoModelForCausalLM
 
 from prefalign.train.workflow import build_trainer, run_train
@@ -146,18 +146,12 @@ def test_batch8_equals_batch1_times_accumulation8(tiny_model_dir, tmp_path):
 
 def test_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_path):
     """Stopped after step 2 and resumed from its checkpoint, a run logs the same losses as one that never stopped."""
-    from transformers import TrainerCallback
-
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, max_samples=16, overwrite_output_dir=False)
     run_train(config_for(tiny_model_dir, tmp_path / "whole", **common))
 
-    class StopAt2(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step >= 2
-
     interrupted = tmp_path / "resumed"
     trainer = build_trainer(config_for(tiny_model_dir, interrupted, **common))
-    trainer.add_callback(StopAt2())
+    trainer.add_callback(StopAfter(2))
     trainer.train()
     assert (interrupted / "checkpoint-2").is_dir() and not (interrupted / "checkpoint-4").exists()
     run_train(config_for(tiny_model_dir, interrupted, **common))  # finds checkpoint-2 and resumes

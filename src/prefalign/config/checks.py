@@ -19,10 +19,36 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
 
     The one place for them: a check of one group's own fields is that group's `problems()`.
     """
+    from prefalign.config.paths import path_problems
+
     problems = []
     if training.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")
+    return problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
+
+
+def training_problems(training: dict) -> list[str]:
+    """transformers' keys that it accepts but that train nothing, or fail only after data and models are loaded."""
+    problems = []
+    lr = training.get("learning_rate")
+    if lr is not None and lr <= 0:
+        what = "trains nothing: the weights would stay as loaded" if lr == 0 else "is negative"
+        problems.append(f"learning_rate: {lr} {what}; give a positive rate, e.g. 5e-6 (full) or 5e-5 (LoRA)")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if training.get(key) is not None and training[key] < 1:
+            problems.append(f"{key}: {training[key]} must be at least 1")
+    max_steps, epochs = training.get("max_steps"), training.get("num_train_epochs")
+    if max_steps is not None and max_steps < -1:
+        problems.append(f"max_steps: {max_steps} must be a positive number of steps, or -1 to train num_train_epochs")
+    if (max_steps is None or max_steps <= 0) and epochs is not None and epochs <= 0:
+        problems.append(f"num_train_epochs: {epochs} trains nothing; give a positive number of epochs or set max_steps")
+    for key in ("warmup_steps", "max_grad_norm", "weight_decay"):
+        if training.get(key) is not None and training[key] < 0:
+            problems.append(f"{key}: {training[key]} must not be negative")
+    for key in ("save_steps", "logging_steps", "eval_steps"):
+        if training.get(key) is not None and training[key] <= 0:
+            problems.append(f"{key}: {training[key]} must be positive")
     return problems
 
 

@@ -196,12 +196,12 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
+    train_values.setdefault("output_dir", "saves/prefalign-run")
     for group in (model, data, finetuning, export, generation):
         problems += group.problems()
     problems += cross_group_problems(model, data, finetuning, train_values)
 
     training = None
-    train_values.setdefault("output_dir", "saves/prefalign-run")
     train_values["remove_unused_columns"] = False  # our collator reads the encoded pair columns
     train_values.setdefault("report_to", "none")
     train_values.setdefault("do_train", True)

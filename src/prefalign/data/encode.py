@@ -15,17 +15,20 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
 from prefalign.errors import PairError
+from prefalign.integrity import damaged_files, folder_checksums, replace_folder, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "2"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "3"  # bump when the encoding rule changes, to invalidate caches
+MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
 @dataclass
@@ -131,7 +134,9 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     and its EncodeStats as a dict, with `rejects` (rejected_records.jsonl entries) under on_bad_record: skip.
 
     The cache key covers the pairs' content, the tokenizer, the template and its arguments and
-    `cutoff_len`, so a second run with the same inputs does not re-tokenize.
+    `cutoff_len`, so a second run with the same inputs does not re-tokenize. Every file of an entry
+    is checked against the SHA-256 recorded when it was written: a damaged entry is reported and
+    rebuilt, and `overwrite_cache` rebuilds and replaces it.
     """
     import datasets
 
@@ -141,12 +146,13 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     ).hexdigest()[:20]
     path = Path(cache_dir or default_cache_dir()) / "encoded" / key
     if path.exists() and not overwrite_cache:
-        stats = json.loads((path / "prefalign_stats.json").read_text())
-        if stats["rejects"] and on_bad_record == "error":
-            first = stats["rejects"][0]
-            raise PairError(first["stage"], f"{first['file']} record {first['index']}", first["field"], first["reason"])
-        logger.info("Using encoded data from %s", path)
-        return datasets.load_from_disk(str(path)), stats
+        cached = _read_cache(path)
+        if cached is not None:
+            rejects = cached[1]["rejects"]
+            if rejects and on_bad_record == "error":
+                first = rejects[0]
+                raise PairError(first["stage"], f"{first['file']} record {first['index']}", first["field"], first["reason"])
+            return cached
 
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
@@ -189,11 +195,45 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     ))
     stats["rejects"] = rejects
     encoded = encoded.remove_columns([*_FLAGS, "reject"])
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    encoded.save_to_disk(str(tmp))
-    (tmp / "prefalign_stats.json").write_text(json.dumps(stats, ensure_ascii=False))
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(path)), stats
+    _write_cache(encoded, stats, path)
+    cached = _read_cache(path)  # memory-mapped from disk, as a cached entry is
+    return cached if cached is not None else (encoded, stats)
+
+
+def _write_cache(encoded, stats: dict, path: Path) -> None:
+    """Save under a private name, checksum every file, then swap the folder into place (see integrity.py)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    encoded.save_to_disk(str(staging))
+    write_json_atomic(staging / MANIFEST, {"stats": stats, "files": folder_checksums(staging)})
+    replace_folder(staging, path)
+
+
+def _read_cache(path: Path, *, attempts: int = 3):
+    """(dataset, stats) from a verified cache entry, or None (with one line saying why) to rebuild it.
+
+    A file vanishing while it is read means another process is swapping the entry (integrity.replace_folder):
+    the read is tried again.
+    """
+    import datasets
+
+    for attempt in range(attempts):
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            damaged = damaged_files(path, manifest["files"])
+            if damaged and not (path / MANIFEST).is_file():  # the entry was moved aside meanwhile
+                raise FileNotFoundError(2, "moved aside while read", str(path))
+            if not damaged:
+                logger.info("Using encoded data from %s", path)
+                return datasets.load_from_disk(str(path)), manifest["stats"]
+            reason = f"{damaged[0]} does not match its checksum"
+        except FileNotFoundError as exc:
+            if attempt + 1 < attempts:
+                time.sleep(0.2)
+                continue
+            reason = f"incomplete ({exc.filename or exc} is missing)"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no manifest'})"
+        break
+    logger.warning("Encoded-data cache %s is damaged or incomplete (%s); re-encoding it", path, reason)
+    return None

@@ -26,10 +26,20 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
         )
     except OSError as exc:
         raise PrefalignError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise _remote_code_refusal(path, exc) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _remote_code_refusal(path: str, exc: ValueError) -> Exception:
+    """transformers' refusal to run a model's own code, as one line; any other ValueError stays a bug."""
+    if "trust_remote_code" not in str(exc):
+        return exc
+    return PrefalignError(f"{path!r} ships its own model code, which runs only with trust_remote_code: true; "
+                          "set it if you trust that code, or use a model transformers supports natively")
 
 
 def _attn_implementation(flash_attn: str) -> str | None:
@@ -61,6 +71,8 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise PrefalignError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise _remote_code_refusal(path, exc) from None
     model.config.use_cache = False
     return model
 

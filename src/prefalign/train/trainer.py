@@ -6,20 +6,28 @@ checkpoints and resume; this class only says how a batch becomes a loss:
     batch --scoring.score_batch--> LossOutput (policy and reference log-probs, the objective)
     --mean--> loss; per-pair metrics are stored as sums and counts, and averaged at logging time
     over all micro-batches and processes.
+
+Two additions to the Trainer's machinery: every step's loss and gradient norm go to `RunWatch`
+(guard.py: divergence halts, signal stops, whole-run totals), and a checkpoint counts only once
+its completeness marker is written (checkpoints.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics
 from prefalign.reference import Reference
 from prefalign.scoring import score_batch
+from prefalign.train.checkpoints import clear_for_save, mark_complete
+from prefalign.train.guard import RunWatch
 
 
 class PreferenceTrainer(Trainer):
@@ -32,6 +40,9 @@ class PreferenceTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metric_sums: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.watch = RunWatch()
+        self.add_callback(self.watch)
+        self.resume_settings: dict = {}  # recorded in every checkpoint's marker (set by the workflow)
 
     # -- the loss -------------------------------------------------------------------------
     def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:
@@ -51,6 +62,40 @@ class PreferenceTrainer(Trainer):
             loss, out, policy = self.batch_loss(model, inputs, split="eval")
         self._store_metrics(out, policy, "eval")
         return loss.detach(), None, None
+
+    # -- the step watch and complete checkpoints ---------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.watch.add_micro_batch_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self.watch.set_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then the marker that makes it count, then the rotation of old ones.
+
+        Rotation waits for the marker, so a save cut short never costs the previous complete checkpoint.
+        """
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        # the accelerator's main process: on CPUs `args.should_save` is true on every process of a torchrun run
+        main = self.accelerator.is_main_process
+        if main:
+            clear_for_save(folder)
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if main:
+            mark_complete(folder, step=self.state.global_step, settings=self.resume_settings,
+                          totals=self.watch.totals())
+            rotate_checkpoints(output_dir=self._get_output_dir(trial=trial), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     # -- metrics --------------------------------------------------------------------------
     def _store_metrics(self, out: LossOutput, policy: PairLogps, split: str) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import yaml
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator, make_collator, with_lengths
-from prefalign.data.pipeline import prepare_data
-from prefalign.errors import ConfigError, reporting_disk_full
+from prefalign.data.pipeline import PreparedData, prepare_data
+from prefalign.errors import reporting_disk_full
+from prefalign.integrity import write_text_atomic
 from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
     compute_dtype,
@@ -22,50 +24,36 @@ from prefalign.modeling.load import (
     load_tokenizer,
 )
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
+from prefalign.train import checkpoints
+from prefalign.train.lock import LOCK_NAME, OutputDirLock
+from prefalign.train.signals import Interrupted, StopSignals
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_output_dir(config: RunConfig) -> str | None:
-    """Check the output dir; return the checkpoint to resume from, if any.
+def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, PreparedData]:
+    """Step 3: the tokenizer and the encoded data (nothing is written to the output dir yet)."""
+    tokenizer = load_tokenizer(config.model)
+    return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train)
 
-    A dir holding checkpoints is resumed from its last one (unless `overwrite_output_dir`); a dir
-    holding anything else is refused, so a finished run is never overwritten by accident.
+
+def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
+                  settings: dict | None = None):
+    """Steps 3 and 4: data (or `prepared`, from `load_data`), policy and reference, as a `PreferenceTrainer`.
+
+    `settings`: the run's resume settings (checkpoints.py), computed from the data when not given.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    args = config.training
-    out = Path(args.output_dir)
-    if args.resume_from_checkpoint:
-        return args.resume_from_checkpoint
-    if not out.is_dir() or not any(out.iterdir()) or config.finetuning.overwrite_output_dir:
-        return None
-    last = get_last_checkpoint(str(out))
-    if last is None:
-        raise ConfigError(
-            f"output_dir: {out} already holds files and no checkpoint to resume from; "
-            "set overwrite_output_dir: true or choose another output_dir"
-        )
-    logger.info("Resuming from %s (set overwrite_output_dir: true to start over)", last)
-    return last
-
-
-def build_trainer(config: RunConfig, *, need_train: bool = True):
-    """Steps 3 and 4: data, policy and reference, assembled into a `PreferenceTrainer`."""
     from transformers import set_seed
 
     from prefalign.train.trainer import PreferenceTrainer
 
     args, ft = config.training, config.finetuning
-    set_seed(args.seed)
-
-    # Step 3: data
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, seed=args.seed, need_train=need_train)
+    tokenizer, data = prepared or load_data(config, need_train=need_train)
     data.write(args.output_dir)
     print(data.summary.describe(), flush=True)
 
     # Step 4: policy and reference
+    set_seed(args.seed)
     dtype = compute_dtype(args)
     policy = load_policy(config.model, ft, dtype)
     collator = make_collator(tokenizer.pad_token_id, prefix_sharing=ft.prefix_sharing)
@@ -92,11 +80,14 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # the samplers read `length`
         train = with_lengths(train, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
         eval_ = with_lengths(eval_, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
-    return PreferenceTrainer(
+    trainer = PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
     )
+    if data.train is not None:
+        trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
+    return trainer
 
 
 def _checkpointing(args) -> bool:
@@ -104,23 +95,83 @@ def _checkpointing(args) -> bool:
 
 
 def run_train(config: RunConfig) -> dict:
-    """parse (done by the caller) -> seed -> data -> models -> train -> save."""
-    resume = prepare_output_dir(config)
-    with reporting_disk_full(config.training.output_dir):
-        trainer = build_trainer(config)
+    """parse (done by the caller) -> seed -> data -> models -> train -> save.
+
+    Around it: the output dir's lock (lock.py), the signal handlers (signals.py), and the resume
+    rules (checkpoints.py), checked before any model is loaded and before anything is written.
+    """
+    args = config.training
+    # RANK: on CPUs the training arguments learn the process index only when the Trainer starts
+    first_process = int(os.environ.get("RANK", args.process_index)) == 0
+    with StopSignals() as signals, OutputDirLock(args.output_dir, enabled=first_process), \
+            reporting_disk_full(args.output_dir):
+        previous = checkpoints.find_previous(config, ignore=(LOCK_NAME,))
+        prepared = load_data(config)
+        settings = checkpoints.resume_settings(config, prepared[1].train)
+        if previous is not None:
+            checkpoints.check_settings(previous, settings)
+            if previous.finished:
+                print(f"{args.output_dir} already holds this run, finished at step {previous.marker.step} with the "
+                      "same settings; nothing to do (set overwrite_output_dir: true to train it again)", flush=True)
+                return _read_json(Path(args.output_dir) / "all_results.json")
+        elif config.finetuning.overwrite_output_dir and first_process:
+            # the run being overwritten no longer counts as finished, even if this one stops early
+            (Path(args.output_dir) / checkpoints.MARKER).unlink(missing_ok=True)
+        resume = str(previous.folder) if previous is not None else None
+        trainer = build_trainer(config, prepared=prepared, settings=settings)
+        trainer.watch.stop_requested = lambda: signals.requested
+        if previous is not None:
+            trainer.watch.prior = previous.marker.totals
         # Step 5: train
+        signals.phase = "training"
         result = trainer.train(resume_from_checkpoint=resume)
+        if trainer.watch.stopped_at is not None:
+            raise Interrupted(signals.received, trainer.watch.stopped_at,
+                              str(Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"))
         # Step 6: save
+        signals.phase = "saving"
+        result.metrics.update(trainer.watch.whole_run_metrics(result.metrics, trainer.state.global_step))
         return save_outputs(config, trainer, result)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_final_model(trainer, out: Path) -> list[str]:
+    """The final weights and tokenizer, each file renamed into `out` only when fully written.
+
+    peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output
+    (it stays loaded: the final evaluation and the report still need it).
+    """
+    staging = out / ".prefalign-final-save"  # one name for all processes; the lock keeps other runs out
+    main = trainer.accelerator.is_main_process  # (on CPUs `args.should_save` is true on every process)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    names = []
+    if main:
+        shutil.rmtree(staging / REFERENCE_ADAPTER, ignore_errors=True)
+        for path in sorted(staging.iterdir()):
+            target = out / path.name
+            if path.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            names += ([p.relative_to(out).as_posix() for p in target.rglob("*") if p.is_file()]
+                      if target.is_dir() else [path.name])
+        staging.rmdir()
+    trainer.accelerator.wait_for_everyone()
+    return names
 
 
 def save_outputs(config: RunConfig, trainer, result) -> dict:
     args = config.training
     out = Path(args.output_dir)
-    trainer.save_model()
-    # peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output.
-    # It stays loaded: the final evaluation and the report still need it.
-    shutil.rmtree(out / REFERENCE_ADAPTER, ignore_errors=True)
+    model_files = save_final_model(trainer, out)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
@@ -130,12 +181,16 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()  # after the final evaluation, so its log entry is in trainer_state.json (and the plots)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
+    write_text_atomic(out / "run_config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
     if config.finetuning.plot_loss:
         from prefalign.report import plot_metrics
 
         plot_metrics(out)
     write_run_report(config, trainer)
+    # last: the marker that says this output dir holds a finished run, and with which settings
+    if trainer.accelerator.is_main_process:
+        checkpoints.mark_complete(out, step=trainer.state.global_step, settings=trainer.resume_settings,
+                                  totals=trainer.watch.totals(), files=model_files)
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
 
