@@ -39,6 +39,7 @@ from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.data.collate import PairCollator
+from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
 from prefalign.metrics import pair_metrics
 from prefalign.modeling.load import (
@@ -59,7 +60,8 @@ def load_inference_policy(config: RunConfig, dtype: torch.dtype = torch.float32)
     """`model_name_or_path` + `adapter_name_or_path` (the last adapter kept switchable), in eval mode, frozen."""
     from peft import PeftModel
 
-    model = load_causal_lm(config.model.model_name_or_path, config.model, dtype)
+    model = load_causal_lm(config.model.model_name_or_path, config.model, dtype,
+                           quantization_bit=config.model.quantization_bit)
     adapters = _split_paths(config.model.adapter_name_or_path)
     model = merge_adapters(model, adapters[:-1])
     if adapters:
@@ -197,7 +199,8 @@ def load_eval_data(config: RunConfig, tokenizer):
                         "give them as eval_dataset")
         data_args = dataclasses.replace(data_args, val_size=0.0)
     data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False)
-    print(describe(data.summary), flush=True)
+    if is_main_process():
+        print(describe(data.summary), flush=True)
     dataset = data.eval if data_args.eval_dataset else data.train
     if dataset is None or len(dataset) == 0:
         raise ConfigError("eval: no pairs to score; check eval_dataset (or dataset)")
@@ -205,15 +208,20 @@ def load_eval_data(config: RunConfig, tokenizer):
 
 
 def run_eval(config: RunConfig) -> dict:
-    """Score the policy against the reference; write eval_pairs.jsonl and eval_results.json; return the metrics."""
+    """Score the policy against the reference; write eval_pairs.jsonl and eval_results.json; return the metrics.
+
+    Under a launcher each process scores one contiguous shard of the pairs; the main process
+    gathers the rows, in file order, and writes the files.
+    """
     from prefalign.train.workflow import ensure_model
 
     args = config.training
     needs_ref = losses.needs_reference(config.loss_names, loss_settings(config.finetuning))
     check_reference_source(config, needs_reference=needs_ref)
-    ensure_model(config)
-    tokenizer = load_tokenizer(config.model)
-    dataset, data = load_eval_data(config, tokenizer)
+    with args.main_process_first(desc="demo model and data encoding"):
+        ensure_model(config)
+        tokenizer = load_tokenizer(config.model)
+        dataset, data = load_eval_data(config, tokenizer)
 
     dtype = compute_dtype(args)
     device = args.device
@@ -224,8 +232,14 @@ def run_eval(config: RunConfig) -> dict:
                 config.finetuning.ref_model or reference.name)
 
     start = time.perf_counter()
+    shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
     rows, means = Scorer.from_config(config, policy, reference).score(
-        dataset, batch_size=args.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id, device=device)
+        shard, batch_size=args.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id, device=device)
+    pieces = gather_objects((rows, means))
+    if not is_main_process():
+        return {}
+    rows = [row for part, _ in pieces for row in part]  # contiguous shards in rank order: file order
+    means = {key: sum(m[key] * len(part) for part, m in pieces if part) / max(len(rows), 1) for key in means}
     metrics = {f"eval_{key}": value for key, value in sorted(means.items())}
     metrics["eval_samples"] = len(rows)
     metrics["eval_runtime"] = round(time.perf_counter() - start, 4)

@@ -10,7 +10,8 @@ Strategies (chosen by `build_reference` from the config):
                     training and cached on disk (reference_cache.py); training looks the values up
                     by pair `index`, and the reference model is freed.
 The reference never receives gradients: every strategy runs under `torch.no_grad()`, in eval mode
-(no dropout), and owns no trainable parameter.
+(no dropout), and owns no trainable parameter. Under DeepSpeed ZeRO-3 a frozen model (frozen copy,
+separate model) is loaded partitioned and wrapped in its own inference engine (modeling/zero.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prefalign.modeling.load import (
     merge_adapters,
 )
 from prefalign.modeling.logprobs import pair_logps
+from prefalign.modeling.zero import loaded_whole, partition_for_inference, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -132,15 +134,23 @@ class AdapterSwitchReference(_PolicyReference):
 class FrozenModelReference(Reference):
     """A separate model in eval mode with no trainable parameter (a frozen copy, or `ref_model`)."""
 
-    def __init__(self, model, name: str, **kwargs):
+    def __init__(self, model, name: str, *, partitioned: bool = False, **kwargs):
         super().__init__(**kwargs)
         self._frozen = model.eval().requires_grad_(False)
         self.name = name
+        self.partitioned = partitioned  # a ZeRO-3 inference engine: DeepSpeed places its weights
 
     def _model(self):
         if self._frozen is None:
             raise RuntimeError(f"the {self.name} reference was released after its log-probs were precomputed")
         return self._frozen
+
+    def named_weights(self):
+        if not self.partitioned:
+            return super().named_weights()
+        from prefalign.modeling.zero import gathered
+
+        return [(n, gathered(p)) for n, p in self._model().named_parameters()]
 
     def release(self) -> None:
         self._frozen = None
@@ -149,7 +159,7 @@ class FrozenModelReference(Reference):
             torch.cuda.empty_cache()
 
     def to(self, device):
-        if self._frozen is not None:
+        if self._frozen is not None and not self.partitioned:
             self._frozen.to(device)
         return self
 
@@ -192,13 +202,34 @@ def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype
     if not needs_reference:
         return Reference(**kwargs)
     if ft.ref_model:
-        model = load_causal_lm(ft.ref_model, config.model, dtype)
-        model = merge_adapters(model, _split_paths(ft.ref_model_adapters))
-        return FrozenModelReference(model, "separate-model", **kwargs)
+        return _frozen_model(ft.ref_model, _split_paths(ft.ref_model_adapters), config, dtype, "separate-model",
+                             quantization_bit=ft.ref_model_quantization_bit, **kwargs)
+    # Under ZeRO-3 the policy's weights are partitioned and, before training, have no engine to
+    # gather them: a reference read before training, or a frozen copy, is the initial policy loaded
+    # again (model + every adapter merged, whatever the strategy) in its own inference engine.
+    reload = zero3_enabled() and (for_precompute or ft.finetuning_type != "lora")
     if ft.finetuning_type == "lora":
-        if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}):
-            return AdapterSwitchReference(policy, **kwargs)
-        return AdapterDisabledReference(policy, **kwargs)
+        strategy = AdapterSwitchReference if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}) \
+            else AdapterDisabledReference
+        if not reload:
+            return strategy(policy, **kwargs)
+        name = strategy.name
+    else:
+        name = "frozen-copy"
+    if reload:
+        return _frozen_model(config.model.model_name_or_path, _split_paths(config.model.adapter_name_or_path),
+                             config, dtype, name, **kwargs)
     if for_precompute:
         return InitialPolicyReference(policy, **kwargs)
     return FrozenModelReference(copy.deepcopy(policy), "frozen-copy", **kwargs)
+
+
+def _frozen_model(path: str, adapters: list[str], config, dtype, name: str, *, quantization_bit=None,
+                  **kwargs) -> FrozenModelReference:
+    """`path` with `adapters` merged, frozen; under ZeRO-3, partitioned in an inference engine."""
+    if not zero3_enabled():
+        model = load_causal_lm(path, config.model, dtype, quantization_bit=quantization_bit)
+        return FrozenModelReference(merge_adapters(model, adapters), name, **kwargs)
+    with loaded_whole() if adapters else contextlib.nullcontext():  # merging needs whole weights
+        model = merge_adapters(load_causal_lm(path, config.model, dtype), adapters)
+    return FrozenModelReference(partition_for_inference(model), name, partitioned=True, **kwargs)

@@ -30,6 +30,14 @@ class ModelArguments:
         "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
         "auto",
     )
+    quantization_bit: int | None = _help(
+        "QLoRA: load the base model's weights in 4 or 8 bits (bitsandbytes; `pip install "
+        "\"prefalign[qlora]\"`). Needs `finetuning_type: lora`; the reference is the quantized base "
+        "with the adapter off."
+    )
+    quantization_method: str = _help("How weights are quantized: `bnb` (bitsandbytes) only.", "bnb")
+    quantization_type: str = _help("4-bit data type: `nf4` (NormalFloat) or `fp4`.", "nf4")
+    double_quantization: bool = _help("4-bit: also quantize the quantization constants (saves ~0.4 bit/weight).", True)
     build_demo_model: bool = _help(
         "prefalign only: build the tiny demo model at `model_name_or_path` when it is missing "
         "(used by examples/quickstart.yaml, so it runs offline).",
@@ -123,6 +131,9 @@ class FinetuningArguments:
     # reference
     ref_model: str | None = _help("A separate reference model (default: see reference strategies).")
     ref_model_adapters: str | None = _help("Adapter(s) applied to `ref_model`.")
+    ref_model_quantization_bit: int | None = _help(
+        "Load `ref_model` with its weights in 4 or 8 bits (bitsandbytes), like `quantization_bit`."
+    )
     precompute_ref_log_probs: bool = _help(
         "Compute the reference log-probs once before training, cache them on disk and free the "
         "reference model.",

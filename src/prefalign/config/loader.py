@@ -21,6 +21,7 @@ from prefalign.config.args import (
     ModelArguments,
     RunConfig,
 )
+from prefalign.config import scale
 from prefalign.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,6 @@ _IGNORED = {
 
 # LLaMA-Factory features prefalign does not have yet: an error that says so.
 _UNSUPPORTED = {
-    "quantization_bit": "QLoRA / quantized loading",
-    "quantization_method": "QLoRA / quantized loading",
-    "double_quantization": "QLoRA / quantized loading",
-    "quantization_type": "QLoRA / quantized loading",
-    "ref_model_quantization_bit": "a quantized reference model",
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention (LongLoRA)",
     "mixture_of_depths": "mixture of depths",
@@ -215,11 +211,15 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     train_values.setdefault("report_to", "none")
     train_values.setdefault("do_train", True)
     train_values.setdefault("dataloader_pin_memory", _cuda_available())  # pinning needs an accelerator
+    if not problems and train_values.get("deepspeed"):
+        train_values["deepspeed"] = scale.resolved_deepspeed(train_values["deepspeed"])
     if not problems:
         from transformers import Seq2SeqTrainingArguments
 
+        from prefalign.distributed import prepare_deepspeed_state
+
         try:
-            training = Seq2SeqTrainingArguments(**train_values)
+            training = Seq2SeqTrainingArguments(**prepare_deepspeed_state(train_values))
         except (ValueError, ImportError, TypeError) as exc:
             problems.append(f"training arguments: {str(exc).splitlines()[0]}")
     if problems:
@@ -282,6 +282,7 @@ def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments
     if ft.logits_chunk_size < 1:
         problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
     problems += _validate_losses(ft)
+    problems += scale.problems(model, ft, train)
     return problems
 
 

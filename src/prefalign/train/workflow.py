@@ -15,6 +15,7 @@ from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
 from prefalign.data.collate import make_collator, with_lengths
 from prefalign.data.pipeline import describe, prepare_data
+from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import ConfigError, reporting_disk_full
 from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
@@ -68,12 +69,14 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     args, ft = config.training, config.finetuning
     set_seed(args.seed)
 
-    # Step 3: data
-    ensure_model(config)
-    tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, seed=args.seed, need_train=need_train)
-    data.write(args.output_dir)
-    print(describe(data.summary), flush=True)
+    # Step 3: data (built by each node's main process first; the others read its caches)
+    with args.main_process_first(desc="demo model and data encoding"):
+        ensure_model(config)
+        tokenizer = load_tokenizer(config.model)
+        data = prepare_data(config.data, tokenizer, seed=args.seed, need_train=need_train)
+    if is_main_process():
+        data.write(args.output_dir)
+        print(describe(data.summary), flush=True)
 
     # Step 4: policy and reference
     dtype = compute_dtype(args)
@@ -123,12 +126,15 @@ def run_train(config: RunConfig) -> dict:
 
 
 def save_outputs(config: RunConfig, trainer, result) -> dict:
+    """Step 6. Every process takes part (a sharded model is gathered to be saved and scored);
+    the main process writes the files."""
     args = config.training
     out = Path(args.output_dir)
     trainer.save_model()
     # peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output.
     # It stays loaded: the final evaluation and the report still need it.
-    shutil.rmtree(out / REFERENCE_ADAPTER, ignore_errors=True)
+    if is_main_process():
+        shutil.rmtree(out / REFERENCE_ADAPTER, ignore_errors=True)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
@@ -138,14 +144,17 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()  # after the final evaluation, so its log entry is in trainer_state.json (and the plots)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
-    if config.finetuning.plot_loss:
-        from prefalign.report import plot_metrics
+    if is_main_process():
+        (out / "run_config.yaml").write_text(yaml.safe_dump(config.raw, sort_keys=False))
+        if config.finetuning.plot_loss:
+            from prefalign.report import plot_metrics
 
-        plot_metrics(out)
+            plot_metrics(out)
     from prefalign.report import write_run_report
 
-    write_run_report(config, trainer)  # report.html and the README.md model card
-    print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
+    write_run_report(config, trainer)  # report.html and the README.md model card (main process)
+    barrier()  # the outputs are complete when any process returns
+    if is_main_process():
+        print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
 
