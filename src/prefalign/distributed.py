@@ -64,19 +64,25 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
-def prepare_deepspeed_state(train_values: dict) -> dict:
-    """Make DeepSpeed see every process when there is no GPU (the CPU accelerator, gloo).
+def cpu_launch_arguments(train_values: dict) -> dict:
+    """The training arguments of a multi-process run on a machine without a GPU, so that it really is one.
 
-    Without a GPU, accelerate (1.x) finds no communication backend for a DeepSpeed run and counts
-    one process, so transformers fills DeepSpeed's `train_batch_size` for one process and DeepSpeed
-    refuses it. Here the shared process state is set up first, with gloo, and the returned
-    training arguments are told to use it. On a GPU they are returned as they are: accelerate
-    picks nccl itself.
+    accelerate (1.x) only finds a CPU communication backend when told the run is on the CPU;
+    otherwise it counts one process, and every process trains alone on the same batches.
+      - plain data parallelism: `use_cpu: true` (gloo; the data is sharded, gradients all-reduced);
+      - DeepSpeed (its CPU accelerator): the shared process state is set up first, through
+        DeepSpeed with gloo, and the training arguments are told to use it; without that,
+        transformers fills DeepSpeed's `train_batch_size` for one process and DeepSpeed refuses it.
+    On a GPU, or without a launcher, the values are returned as they are.
     """
-    if not train_values.get("deepspeed") or not under_launcher() or torch.cuda.is_available():
+    if not under_launcher() or torch.cuda.is_available():
         return train_values
+    if not train_values.get("deepspeed"):
+        return {"use_cpu": True, **train_values}
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a state left by an earlier run of this process
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState to initialise through DeepSpeed
     try:
         PartialState(backend="gloo")

@@ -216,10 +216,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     if not problems:
         from transformers import Seq2SeqTrainingArguments
 
-        from prefalign.distributed import prepare_deepspeed_state
+        from prefalign.distributed import cpu_launch_arguments
 
         try:
-            training = Seq2SeqTrainingArguments(**prepare_deepspeed_state(train_values))
+            training = Seq2SeqTrainingArguments(**cpu_launch_arguments(train_values))
         except (ValueError, ImportError, TypeError) as exc:
             problems.append(f"training arguments: {str(exc).splitlines()[0]}")
     if problems:
