@@ -15,7 +15,11 @@ EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora"}  # package -> the p
 
 
 def _missing(package: str) -> str | None:
-    if importlib.util.find_spec(package) is None:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        spec = None
+    if spec is None:
         return f'needs the {package} package, which is not installed; pip install "prefalign[{EXTRAS[package]}]"'
     return None
 
