@@ -102,8 +102,10 @@ def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):
     _assert_same_run(out, _single(tiny_model_dir, tmp_path / "one", finetuning_type="full", val_size=4), full=True)
 
 
-# One launch for the rest: a sharded eval, then DeepSpeed runs (name -> overrides).
+# One launch for the rest: a sharded eval, then FSDP2 and DeepSpeed runs (name -> overrides).
 DEEPSPEED_RUNS = {
+    "fsdp2-full": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, finetuning_type="full"),  # FSDP first:
+    # it runs on the plain CPU process state, which the DeepSpeed runs after it replace
     "z2-lora": dict(deepspeed=Z2),
     "z2-full": dict(deepspeed=Z2, finetuning_type="full"),
     "z3-full": dict(deepspeed=Z3, finetuning_type="full"),  # frozen-copy reference
@@ -113,7 +115,7 @@ DEEPSPEED_RUNS = {
     "z3-lora-precomputed": dict(deepspeed=Z3, precompute_ref_log_probs=True),  # 8 pairs per rank
 }
 # The one-process twin of each (the precomputed reference equals the live one).
-TWINS = {"z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
+TWINS = {"fsdp2-full": "full", "z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
          "z3-separate": "separate", "z3-lora-precomputed": "lora"}
 
 
@@ -121,6 +123,8 @@ TWINS = {"z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lo
 def launched(tiny_model_dir, tmp_path_factory):
     """The eval and DeepSpeed runs in 2 processes; their output dirs by name."""
     from helpers import make_random_adapter
+
+    pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "prefalign[deepspeed]" (the test extra has it)')
 
     root = tmp_path_factory.mktemp("multi")
     sft = make_random_adapter(tiny_model_dir, root / "sft-adapter", seed=3, b_std=0.05)
@@ -163,5 +167,5 @@ def test_eval_scores_a_shard_per_process_and_writes_every_pair_once(tiny_model_d
 
 @pytest.mark.parametrize("name", list(DEEPSPEED_RUNS))
 def test_deepspeed_run_equals_one_process(name, launched, twins):
-    """ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
+    """FSDP2; ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
     _assert_same_run(launched["root"] / name, twins[TWINS[name]], full=DEEPSPEED_RUNS[name].get("finetuning_type") == "full")

@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(ns, "nproc", 1) > 1 and not distributed.under_launcher():
-        import subprocess
-
-        argv = list(sys.argv[1:] if argv is None else argv)
-        return subprocess.call(distributed.launch_command(ns.nproc, _without_nproc(argv)))
+        return distributed.launch(ns.nproc, _without_nproc(list(sys.argv[1:] if argv is None else argv)))
     if getattr(ns, "nproc", 1) < 1:
         parser.error(f"--nproc {ns.nproc}: give at least 1 process")
     main_process = distributed.is_main_process()

@@ -6,7 +6,7 @@ Every process runs the same command. The rules, in one place:
   - one process, the world's main one, writes the outputs and prints the summaries;
   - collective work (`prefalign eval`'s scoring, the reference precompute) is split by rank, and
     the pieces are gathered back in data order.
-`prefalign train/eval --nproc N` starts `torchrun` for the user (`launch_command`).
+`prefalign train/eval --nproc N` starts `torchrun` for the user (`launch`).
 """
 
 from __future__ import annotations
@@ -49,14 +49,24 @@ def gather_objects(obj) -> list:
     return [obj]
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The torchrun command that runs `prefalign ARGV` in `nproc` processes on this machine.
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `prefalign ARGV` in `nproc` processes on this machine (torchrun's own machinery); the exit code.
 
     `--standalone` picks a free rendezvous port; several machines use torchrun's own flags
-    (`--nnodes`, `--node_rank`, `--rdzv_endpoint`), see the README.
+    (`--nnodes`, `--node_rank`, `--rdzv_endpoint`), see the README. A failed process has printed
+    its own one-line error; torchrun's traceback about it is replaced by one line.
     """
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "prefalign", *argv]
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "prefalign", *argv]))
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        print(f"prefalign: {len(exc.failures)} of {nproc} processes failed (first: rank {rank}, exit code "
+              f"{failure.exitcode}); their messages are above", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 def under_launcher() -> bool:
