@@ -1,6 +1,7 @@
 """The reference model's log-probabilities, behind one interface.
 
-Strategies (chosen by `build_reference` from the config):
+Strategies (chosen by `plan_reference`, a pure function of the settings and the phase, and built by
+`build_reference`; the model card, eval and chat read the same plan):
   none              reference-free losses (ORPO, SimPO): nothing is loaded or run
   adapter-disabled  LoRA: the policy with its adapter switched off; no second copy of the weights
   sft-adapter       LoRA on top of an SFT adapter: the frozen copy of that adapter (base + SFT)
@@ -11,7 +12,8 @@ Strategies (chosen by `build_reference` from the config):
                     by pair `index`, and the reference model is freed.
 The reference never receives gradients: every strategy runs under `torch.no_grad()`, in eval mode
 (no dropout), and owns no trainable parameter. Under DeepSpeed ZeRO-3 a frozen model (frozen copy,
-separate model) is loaded partitioned and wrapped in its own inference engine (modeling/zero.py).
+separate model, or any reference read before training) is loaded partitioned and wrapped in its own
+inference engine (modeling/zero.py).
 """
 
 from __future__ import annotations
@@ -21,17 +23,15 @@ import copy
 import gc
 import logging
 
+from dataclasses import dataclass
+
 import torch
 
 from prefalign.contracts import PairLogps
-from prefalign.modeling.load import (
-    REFERENCE_ADAPTER,
-    _split_paths,
-    load_causal_lm,
-    merge_adapters,
-)
+from prefalign.errors import ConfigError
+from prefalign.modeling.load import REFERENCE_ADAPTER, load_causal_lm, merge_adapters
 from prefalign.modeling.logprobs import pair_logps
-from prefalign.modeling.zero import loaded_whole, partition_for_inference, zero3_enabled
+from prefalign.modeling.zero import gathered, loaded_whole, partition_for_inference, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class FrozenModelReference(Reference):
         super().__init__(**kwargs)
         self._frozen = model.eval().requires_grad_(False)
         self.name = name
-        self.partitioned = partitioned  # a ZeRO-3 inference engine: DeepSpeed places its weights
+        self.partitioned = partitioned  # in a ZeRO-3 inference engine: DeepSpeed places its weights
 
     def _model(self):
         if self._frozen is None:
@@ -148,9 +148,7 @@ class FrozenModelReference(Reference):
     def named_weights(self):
         if not self.partitioned:
             return super().named_weights()
-        from prefalign.modeling.zero import gathered
-
-        return [(n, gathered(p)) for n, p in self._model().named_parameters()]
+        return [(n, gathered(p)) for n, p in self._model().named_parameters()]  # whole, not this rank's slice
 
     def release(self) -> None:
         self._frozen = None
@@ -190,46 +188,110 @@ class InitialPolicyReference(Reference):
         self.policy = None
 
 
-def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype = torch.float32,
-                    for_precompute: bool = False) -> Reference:
-    """Pick the reference strategy for this run (see the module docstring).
+# -- the plan: which reference a run uses -----------------------------------------------------------
+PHASES = ("train", "eval", "chat")
 
-    `for_precompute`: the reference is read once, before training (reference_cache.py), so full /
-    freeze tuning reads the initial policy instead of making a frozen copy.
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """What the reference is, in words, and what `build_reference` builds for it.
+
+    `strategy`: none | separate-model | adapter-disabled | sft-adapter | frozen-copy (the `name` of the
+    Reference built). `model` and `adapters` name the separate reference model and the adapters merged
+    into it (separate-model only).
     """
-    ft = config.finetuning
-    kwargs = {"chunk_size": ft.logits_chunk_size, "token_level": ft.ld_alpha is not None}
+
+    strategy: str
+    description: str
+    model: str | None = None
+    adapters: tuple[str, ...] = ()
+    quantization_bit: int | None = None  # separate-model: loaded quantized (ref_model_quantization_bit)
+
+
+def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = "lora",
+                   adapters: list[str] | None = None, create_new_adapter: bool = False,
+                   ref_model: str | None = None, ref_model_adapters: list[str] | None = None,
+                   ref_model_quantization_bit: int | None = None) -> ReferencePlan:
+    """The reference of a run in `phase` (train, eval or chat): a pure function of the settings.
+
+    Training reads `adapters` (adapter_name_or_path) as the starting point. After training (eval,
+    chat) the last adapter is the *result*, so the reference is the policy with it switched off; with
+    no adapter and no `ref_model` there is nothing to compare with, a ConfigError.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+    adapters = list(adapters or [])
     if not needs_reference:
+        return ReferencePlan("none", "none (a reference-free loss)")
+    if ref_model:
+        merged = list(ref_model_adapters or [])
+        words = f"`{ref_model}`" + (f" with {_listed(merged)} merged" if merged else "") + " (ref_model), frozen"
+        if ref_model_quantization_bit:
+            words += f", its weights in {ref_model_quantization_bit} bits"
+        return ReferencePlan("separate-model", words, ref_model, tuple(merged), ref_model_quantization_bit)
+    if phase != "train":
+        if not adapters:
+            command = "eval" if phase == "eval" else "chat --compare-reference"
+            raise ConfigError(
+                f"{command}: the policy is model_name_or_path with no adapter, so there is no reference to compare "
+                "it with; set ref_model: to the model training started from (run_config.yaml's "
+                "model_name_or_path), or adapter_name_or_path: to the trained LoRA adapter")
+        earlier = f" with {_listed(adapters[:-1])} merged" if adapters[:-1] else ""
+        return ReferencePlan("adapter-disabled",
+                             f"the base model{earlier} (the policy with its adapter `{adapters[-1]}` disabled)")
+    if finetuning_type == "lora":
+        if adapters and not create_new_adapter:
+            earlier = f", {_listed(adapters[:-1])} merged," if adapters[:-1] else ""
+            return ReferencePlan("sft-adapter", f"the base model{earlier} with the starting adapter `{adapters[-1]}` "
+                                                "(a frozen copy of it; the policy trains the other copy)")
+        if adapters:
+            return ReferencePlan("adapter-disabled", f"the base model with the starting adapter(s) {_listed(adapters)} "
+                                                     "merged (the policy with its new adapter disabled)")
+        return ReferencePlan("adapter-disabled", "the base model (the policy with its adapter disabled)")
+    merged = f" (the base model with {_listed(adapters)} merged)" if adapters else ""
+    return ReferencePlan("frozen-copy", f"a frozen copy of the starting model{merged}")
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(f"`{p}`" for p in paths)
+
+
+def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dtype = torch.float32,
+                    chunk_size: int = 1024, token_level: bool = False, for_precompute: bool = False) -> Reference:
+    """The `Reference` that `plan` describes (see the module docstring); `model_args` loads a separate model.
+
+    `for_precompute`: the reference is read once, before training (reference_cache.py), so a frozen
+    copy reads the initial policy instead of copying it.
+    """
+    kwargs = {"chunk_size": chunk_size, "token_level": token_level}
+    if plan.strategy == "none":
         return Reference(**kwargs)
-    if ft.ref_model:
-        return _frozen_model(ft.ref_model, _split_paths(ft.ref_model_adapters), config, dtype, "separate-model",
-                             quantization_bit=ft.ref_model_quantization_bit, **kwargs)
-    # Under ZeRO-3 the policy's weights are partitioned and, before training, have no engine to
-    # gather them: a reference read before training, or a frozen copy, is the initial policy loaded
-    # again (model + every adapter merged, whatever the strategy) in its own inference engine.
-    reload = zero3_enabled() and (for_precompute or ft.finetuning_type != "lora")
-    if ft.finetuning_type == "lora":
-        strategy = AdapterSwitchReference if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}) \
-            else AdapterDisabledReference
-        if not reload:
-            return strategy(policy, **kwargs)
-        name = strategy.name
-    else:
-        name = "frozen-copy"
-    if reload:
-        return _frozen_model(config.model.model_name_or_path, _split_paths(config.model.adapter_name_or_path),
-                             config, dtype, name, **kwargs)
+    if plan.strategy == "separate-model":
+        return _frozen_model(plan.model, list(plan.adapters), model_args, dtype, "separate-model",
+                             quantization_bit=plan.quantization_bit, **kwargs)
+    if zero3_enabled() and (for_precompute or plan.strategy == "frozen-copy"):
+        # The policy's weights are partitioned and, before training, have no engine to gather them:
+        # the initial policy (model + every starting adapter merged, whatever the strategy) is loaded
+        # again, in its own inference engine.
+        return _frozen_model(model_args.model_name_or_path, list(model_args.adapter_name_or_path or []),
+                             model_args, dtype, plan.strategy, **kwargs)
+    if plan.strategy == "sft-adapter":
+        if REFERENCE_ADAPTER not in getattr(policy, "peft_config", {}):
+            raise RuntimeError("the sft-adapter reference needs the policy's frozen copy of the starting adapter")
+        return AdapterSwitchReference(policy, **kwargs)
+    if plan.strategy == "adapter-disabled":
+        return AdapterDisabledReference(policy, **kwargs)
     if for_precompute:
         return InitialPolicyReference(policy, **kwargs)
     return FrozenModelReference(copy.deepcopy(policy), "frozen-copy", **kwargs)
 
 
-def _frozen_model(path: str, adapters: list[str], config, dtype, name: str, *, quantization_bit=None,
+def _frozen_model(path: str, adapters: list[str], model_args, dtype, name: str, *, quantization_bit=None,
                   **kwargs) -> FrozenModelReference:
     """`path` with `adapters` merged, frozen; under ZeRO-3, partitioned in an inference engine."""
     if not zero3_enabled():
-        model = load_causal_lm(path, config.model, dtype, quantization_bit=quantization_bit)
+        model = load_causal_lm(path, model_args, dtype, quantization_bit=quantization_bit)
         return FrozenModelReference(merge_adapters(model, adapters), name, **kwargs)
     with loaded_whole() if adapters else contextlib.nullcontext():  # merging needs whole weights
-        model = merge_adapters(load_causal_lm(path, config.model, dtype), adapters)
+        model = merge_adapters(load_causal_lm(path, model_args, dtype), adapters)
     return FrozenModelReference(partition_for_inference(model), name, partitioned=True, **kwargs)

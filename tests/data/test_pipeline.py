@@ -62,6 +62,23 @@ def test_truncations_are_counted(tmp_path, tiny_tokenizer):
     long = {"prompt": " ".join(["word"] * 200), "chosen": "Sure, fine.", "rejected": "No."}
     _write_jsonl(tmp_path / "prefs.jsonl", [long, RECORDS[0]])
     data = prepare_data(_data_args(tmp_path, cutoff_len=64), tiny_tokenizer, seed=0, cache_dir=tmp_path / "cache")
-    assert data.summary["train"]["truncated_prompts"] == 1
+    assert data.summary.train.truncated_prompts == 1
     assert max(len(p) + max(len(c), len(r)) for p, c, r in
                zip(data.train["prompt_ids"], data.train["chosen_ids"], data.train["rejected_ids"])) <= 64
+
+
+def test_the_summary_is_written_once_and_read_back_unchanged(tmp_path, tiny_tokenizer):
+    """data_summary.json holds the typed DataSummary (token lengths included) and reads back equal."""
+    from prefalign.data.summary import DataSummary
+
+    _write_jsonl(tmp_path / "prefs.jsonl", RECORDS)
+    data = prepare_data(_data_args(tmp_path, on_bad_record="skip"), tiny_tokenizer, seed=0,
+                        cache_dir=tmp_path / "cache")
+    data.write(tmp_path / "out")
+    back = DataSummary.read(tmp_path / "out")
+    assert back == data.summary
+    lengths = sorted(len(ids) for ids in data.train["chosen_ids"])
+    assert back.train.token_lengths["chosen"]["min"] == lengths[0]
+    assert back.train.token_lengths["chosen"]["max"] == lengths[-1]
+    assert back.describe().splitlines()[0] == f"{next(iter(back.datasets))}: 2 pairs"
+    assert DataSummary.read(tmp_path / "nothing-here") is None

@@ -71,3 +71,17 @@ def test_token_level_extras_are_left_aligned():
     # log Σ_v p(v)² lies in [-ln V, 0]
     sq = out.extras["chosen_token_sqnorm"][out.extras["chosen_mask"]]
     assert (sq <= 1e-6).all() and (sq >= -math.log(32) - 1e-5).all()
+
+
+def test_a_batch_says_its_layout_and_one_that_does_not_is_refused():
+    """The layout is a field of the batch (contracts.BatchLayout), never guessed from which keys exist."""
+    from prefalign.contracts import BatchLayout
+    from prefalign.data.collate import PrefixSharedCollator
+
+    features = [{"prompt_ids": [3, 4], "chosen_ids": [5, 6], "rejected_ids": [7], "index": 0}]
+    assert PairCollator(0)(features)["layout"] is BatchLayout.CONCATENATED
+    assert PrefixSharedCollator(0)(features)["layout"] is BatchLayout.PREFIX_SHARED
+    batch = PairCollator(0)(features)
+    del batch["layout"]
+    with pytest.raises(ValueError, match="layout"):
+        pair_logps(tiny_llama(), batch)

@@ -1,13 +1,13 @@
 """Configuration: YAML + overrides, typed groups, and every problem reported at once."""
 
-from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES as EXAMPLES_DIR, ROOT
 
 from prefalign.config import build_config, load_config, parse_overrides
 from prefalign.errors import ConfigError
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 BASE = {"model_name_or_path": "m", "dataset": "d", "output_dir": "out"}
 
 
@@ -32,7 +32,7 @@ def test_llamafactory_spellings_are_mapped():
     config = build_config({**BASE, "warmup_ratio": 0.1, "ddp_timeout": 180000000, "flash_attn": "auto",
                            "preprocessing_num_workers": 4, "overwrite_cache": True, "dataset": ["a", "b"]})
     assert config.training.warmup_steps == 0.1
-    assert config.data.dataset == "a,b"
+    assert config.data.dataset == ["a", "b"]
     assert config.data.preprocessing_num_workers == 4
 
 
@@ -87,7 +87,7 @@ def test_readme_config_reference_is_current():
     """The README's table is generated from the fields' help texts: regenerate it when a field changes."""
     import sys
 
-    root = Path(__file__).parents[1]
+    root = ROOT
     sys.path.insert(0, str(root / "scripts"))
     from config_reference import reference
 
@@ -97,7 +97,7 @@ def test_readme_config_reference_is_current():
 
 
 def test_ci_runs_the_readme_test_command():
-    root = Path(__file__).parents[1]
+    root = ROOT
     readme = (root / "README.md").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert command in readme and command in (root / ".ci" / "run").read_text()
@@ -130,3 +130,38 @@ def test_no_and_yes_stay_strings_as_in_yaml_1_2(tmp_path):
     config = load_config(path, ["eval_strategy=no", "overwrite_output_dir=yes", "do_train=true"])
     assert config.training.save_strategy == "no" and config.training.eval_strategy == "no"
     assert config.finetuning.overwrite_output_dir is True and config.training.bf16 is False
+
+
+LIST_KEYS = {"dataset": ["a", "b"], "eval_dataset": ["e", "f"], "adapter_name_or_path": ["x", "y"],
+             "lora_target": ["q_proj", "v_proj"], "additional_target": ["embed_tokens"],
+             "pref_loss": ["sigmoid", "sft"], "pref_loss_weights": [0.5, 1.0],
+             "freeze_trainable_modules": ["mlp"], "freeze_extra_modules": ["lm_head"], "ref_model_adapters": ["r1"],
+             "interleave_probs": [0.25, 0.75]}
+# the keys a list key needs beside it to be valid
+NEEDS = {"ref_model_adapters": {"ref_model": "r"}, "eval_dataset": {"val_size": 0},
+         "pref_loss_weights": {"pref_loss": "sigmoid,sft"},
+         "interleave_probs": {"dataset": "a,b", "mix_strategy": "interleave_under"}}
+
+
+@pytest.mark.parametrize("key", sorted(LIST_KEYS))
+def test_list_valued_keys_are_lists_from_a_yaml_list_or_a_comma_string(key):
+    value = LIST_KEYS[key]
+    extra = NEEDS.get(key, {})
+    from_list = build_config({**BASE, **extra, key: value})
+    from_string = build_config({**BASE, **extra, key: ", ".join(str(v) for v in value)})
+    group = next(g for g in (from_list.model, from_list.data, from_list.finetuning) if hasattr(g, key))
+    assert getattr(group, key) == value
+    assert from_list.raw[key] == from_string.raw[key] == value
+
+
+def test_the_objective_is_built_once_from_the_list_keys():
+    config = build_config({**BASE, "pref_loss": "sigmoid,sft", "pref_loss_weights": [0.8, 1], "pref_ftx": 0.5})
+    assert config.objective.names == ("sigmoid", "sft") and config.objective.weights == (0.8, 1.0)
+    assert config.objective.settings.ftx == 0.5 and config.objective.needs_reference
+
+
+def test_a_list_of_numbers_that_is_not_is_one_problem_naming_the_key():
+    with pytest.raises(ConfigError) as caught:
+        build_config({**BASE, "pref_loss": "sigmoid,sft", "pref_loss_weights": "1,heavy"})
+    assert caught.value.problems == ["pref_loss_weights: expected a list (or comma-separated string) of numbers, "
+                                     "got '1,heavy'"]
