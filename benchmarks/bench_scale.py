@@ -28,11 +28,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DS = HERE.parent / "examples" / "deepspeed"
+
+def _released(name: str) -> dict:
+    """A shipped ZeRO-3 config whose gathered weights are freed after each use (the shipped ones keep up
+    to 1e9 parameters gathered: all of a model this small, as they would be a fraction of a 7B one's)."""
+    config = json.loads((DS / name).read_text())
+    config["zero_optimization"].update(stage3_max_live_parameters=1e6, stage3_max_reuse_distance=0,
+                                       stage3_prefetch_bucket_size=1e6)
+    return config
+
+
 SHARDED = {
     "ddp": {},
     "zero2": {"deepspeed": str(DS / "ds_z2_config.json")},
     "zero3": {"deepspeed": str(DS / "ds_z3_config.json")},
     "zero3-offload": {"deepspeed": str(DS / "ds_z3_offload_config.json")},
+    "zero3-released": {"deepspeed": _released("ds_z3_config.json")},
 }
 QUANTIZED = {"lora": {}, "qlora": {"quantization_bit": 4}}
 RUNS = [*SHARDED, *QUANTIZED]
@@ -68,15 +79,26 @@ def child(spec: dict) -> None:
     from prefalign.distributed import rank
     from prefalign.train.workflow import build_trainer
 
-    trainer = build_trainer(build_config(_values(spec)))
+    config = build_config(_values(spec))
+    baseline_mb = _rss_mb()  # the libraries imported and the process group up; nothing loaded yet
+    trainer = build_trainer(config)
     base_bytes = None
     if spec.get("footprint"):
         base_bytes = {"all": trainer.model.get_memory_footprint(), "decoder_linear": _decoder_linear_bytes(trainer.model)}
+    loaded_peak_mb = _peak_mb()  # models, data and reference loaded, before the first step
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     Path(spec["out"], f"memory-{rank()}.json").write_text(json.dumps(
-        {"rank": rank(), "peak_rss_mb": peak_mb, "losses": losses, "base_bytes": base_bytes}))
+        {"rank": rank(), "peak_rss_mb": _peak_mb(), "loaded_peak_rss_mb": loaded_peak_mb, "baseline_rss_mb": baseline_mb,
+         "final_rss_mb": _rss_mb(), "losses": losses, "base_bytes": base_bytes}))
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _decoder_linear_bytes(model) -> int:
@@ -124,9 +146,13 @@ def main(argv=None) -> None:
                                                                                      **QUANTIZED[name]}
         spec = {**common, "out": str(workdir / name), "overrides": overrides, "footprint": not sharded}
         results[name] = launch(name, spec, args.nproc if sharded else 1)
-        peak = max((r["peak_rss_mb"] for r in results[name]), default=float("nan"))
-        losses = results[name][0]["losses"] if results[name] else []
-        print(f"{name:<14} peak RSS per process {peak:8.0f} MB   losses {[round(x, 5) for x in losses]}", flush=True)
+        rows = results[name] or [{"peak_rss_mb": float("nan"), "loaded_peak_rss_mb": float("nan"),
+                                  "final_rss_mb": float("nan"), "baseline_rss_mb": float("nan"), "losses": []}]
+        top = max(rows, key=lambda r: r["peak_rss_mb"])
+        print(f"{name:<15} peak RSS per process {top['peak_rss_mb']:6.0f} MB (libraries alone: "
+              f"{top['baseline_rss_mb']:5.0f} MB; before step 1: {top['loaded_peak_rss_mb']:6.0f} MB; "
+              f"after training: {top['final_rss_mb']:6.0f} MB)   "
+              f"losses {[round(x, 5) for x in rows[0]['losses']]}", flush=True)
     _summary(results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
@@ -136,10 +162,14 @@ def _summary(results: dict) -> None:
     def peak(name):
         return max(r["peak_rss_mb"] for r in results[name]) if results.get(name) else None
 
+    def above_libraries(name):
+        return max(r["peak_rss_mb"] - r["baseline_rss_mb"] for r in results[name])
+
     if peak("ddp"):
-        for name in ("zero2", "zero3", "zero3-offload"):
+        for name in ("zero2", "zero3", "zero3-offload", "zero3-released"):
             if peak(name):
-                print(f"{name} / ddp peak RSS per process: {peak(name) / peak('ddp'):.2f}")
+                print(f"{name} / ddp peak RSS per process: {peak(name) / peak('ddp'):.2f}; above the libraries' "
+                      f"own: {above_libraries(name) / above_libraries('ddp'):.2f}")
     if results.get("lora") and results.get("qlora"):
         lora, qlora = results["lora"][0]["base_bytes"], results["qlora"][0]["base_bytes"]
         for part in ("all", "decoder_linear"):

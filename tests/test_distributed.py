@@ -67,6 +67,12 @@ def _weights(out):
     return dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
 
 
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
 def _single(model_dir, out, **overrides):
     """The one-process twin: 4 pairs per step."""
     run_train(config_for(model_dir, out, **{**COMMON, "per_device_train_batch_size": 4, **overrides}))
@@ -79,11 +85,11 @@ def _assert_same_run(multi, single, *, full):
     # the reference never changed: after training it gives the initial model's log-probs, as in one process
     for (i, c, r), (j, c1, r1) in zip(_reference_logps(multi), _reference_logps(single)):
         assert i == j and c == pytest.approx(c1, abs=1e-4) and r == pytest.approx(r1, abs=1e-4)
-    if full:  # the saved (ZeRO-3: consolidated) model loads with from_pretrained and equals the twin's
-        a, b = _weights(multi), _weights(single)
-        assert a.keys() == b.keys()
-        for name in a:
-            assert torch.allclose(a[name], b[name], atol=TOL), name
+    # the saved model (ZeRO-3: consolidated) loads with from_pretrained and equals the twin's; an adapter likewise
+    a, b = (_weights(multi), _weights(single)) if full else (_adapter(multi), _adapter(single))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=TOL), name
 
 
 def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):

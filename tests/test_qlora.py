@@ -89,6 +89,18 @@ def test_eval_on_a_quantized_base_is_the_same_quantized_at_load_or_before(tiny_m
     assert any(abs(r["margin"]) > 1e-3 for r in rows["at-load"])
 
 
+def test_chat_on_a_quantized_base_answers_as_policy_and_reference(tiny_model_dir, qlora_run):
+    import io
+
+    from prefalign.chat import run_chat
+
+    config = config_for(tiny_model_dir, qlora_run.parent / "chat", quantization_bit=4,
+                        adapter_name_or_path=str(qlora_run), do_sample=False, max_new_tokens=4)
+    [turn] = run_chat(config, prompt="How many legs does a spider have?", compare_reference=True, out=io.StringIO())
+    assert set(turn) == {"prompt", "policy", "reference"}
+    assert all(isinstance(turn[k], str) for k in ("policy", "reference"))
+
+
 def test_ref_model_quantization_bit_loads_the_separate_reference_quantized(tiny_model_dir, tmp_path):
     from prefalign.train.workflow import build_trainer
 
