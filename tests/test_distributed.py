@@ -135,7 +135,9 @@ def launched(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     sft = make_random_adapter(tiny_model_dir, root / "sft-adapter", seed=3, b_std=0.05)
     fill = {"{sft}": sft, "{model}": str(tiny_model_dir)}
-    runs = [_argv("eval", tiny_model_dir, root / "eval", adapter_name_or_path=sft, per_device_eval_batch_size=3)]
+    # eval with the training config's ZeRO-3 key: it still scores whole models, data-parallel
+    runs = [_argv("eval", tiny_model_dir, root / "eval", adapter_name_or_path=sft, per_device_eval_batch_size=3,
+                  deepspeed=Z3)]
     for name, overrides in DEEPSPEED_RUNS.items():
         runs.append(_argv("train", tiny_model_dir, root / name, **{k: fill.get(v, v) if isinstance(v, str) else v
                                                                  for k, v in overrides.items()}))

@@ -37,6 +37,7 @@ from prefalign.data.collate import PairCollator
 from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ def run_eval(config: RunConfig) -> dict:
 
     dtype = compute_dtype(args)
     device = args.device
-    policy = load_inference_policy(config.model, dtype).to(device)
-    reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
+    with loaded_whole():  # eval is data-parallel: whole models in every process, whatever `deepspeed:` says
+        policy = load_inference_policy(config.model, dtype).to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
     logger.info("eval: policy %s%s, reference: %s", config.model.model_name_or_path,
                 f" + {','.join(config.model.adapter_name_or_path)}" if config.model.adapter_name_or_path else "",
                 plan.description)
