@@ -10,6 +10,7 @@ here): one launch runs several configs in turn (multiproc_runner.py).
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,12 @@ def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):
     (tmp_path / "empty.yaml").write_text("{}\n")
     argv = _argv("train", tiny_model_dir, out, finetuning_type="full", val_size=4, plot_loss=True)
     argv[1] = str(tmp_path / "empty.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFALIGN_CACHE": str(tmp_path / "cache")}  # nothing cached
     train = subprocess.run([sys.executable, "-m", "prefalign", *argv, "--nproc", "2"], capture_output=True,
-                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+                           text=True, env=env, timeout=900)
     assert train.returncode == 0, train.stderr[-4000:]
+    # the data was encoded once, by the main process (12 train + 4 held-out pairs); the other read its cache
+    assert re.findall(r"Encoding pairs: 100%\|[^|]*\| (\d+)/", train.stderr) == ["12", "4"]
     assert train.stdout.count("The aligned model and its results are in") == 1
     assert train.stdout.count("demo_train: 16 pairs") == 1  # the data summary, printed once
     for name in ("report.html", "README.md", "data_summary.json", "run_config.yaml", "training_loss.png"):
