@@ -257,14 +257,16 @@ def test_ld_dpo_per_token_values_are_cached_too(tiny_model_dir, tmp_path):
         cached.reference.logps({**batch, "index": torch.tensor([999])})
 
 
-def test_processes_compute_shards_merged_by_index(tiny_model_dir, tmp_path):
+def test_processes_compute_shards_merged_by_index(tiny_model_dir, tmp_path, monkeypatch):
     """Two 'processes' (threads here) each compute every other missing pair into their own file;
-    both read the merged table, equal to a single process's."""
+    both read the merged table, equal to a single process's. The processes' barrier (all have read
+    the cache before any writes to it) is a barrier of the two threads."""
     trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out"))
     reference, dataset = trainer.reference, trainer.train_dataset
     collator = PairCollator(trainer.processing_class.pad_token_id)
     single, _ = precompute_split(reference, dataset, tmp_path / "single", collator, batch_size=3, device="cpu")
     results = {}
+    monkeypatch.setattr("prefalign.reference_cache.barrier", threading.Barrier(2).wait)
 
     def shard(rank):
         results[rank] = precompute_split(reference, dataset, tmp_path / "sharded", collator, batch_size=3,

@@ -18,6 +18,7 @@ from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.templates import stop_token_ids
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import build_planned_reference, reference_plan
 
 EXIT_WORDS = ("exit", "quit")
@@ -101,10 +102,11 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
     tokenizer = load_tokenizer(config.model)
     dtype = compute_dtype(args)
     device = args.device
-    policy = load_inference_policy(config.model, dtype).to(device)
+    with loaded_whole():  # one process generates: whole models, whatever `deepspeed:` says
+        policy = load_inference_policy(config.model, dtype).to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device) if plan else None
     speakers = [Speaker("Policy" if compare_reference else "Assistant", policy, contextlib.nullcontext)]
     if compare_reference:
-        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
         # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.
         speakers.append(Speaker("Reference", reference.model, reference._model_context))
     return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device)

@@ -7,6 +7,7 @@ import logging
 import shlex
 import sys
 
+from prefalign import distributed
 from prefalign.errors import PrefalignError, unwritable_error
 
 
@@ -25,10 +26,11 @@ def _load(ns):
         from prefalign.demo import check_demo_model_path, ensure_demo_model
 
         check_demo_model_path(config.model.model_name_or_path)
-        if not (Path(config.model.model_name_or_path) / "config.json").is_file():
-            print(f"Building the demo model at {config.model.model_name_or_path} (build_demo_model: true; "
-                  "first run only)", flush=True)
-        ensure_demo_model(config.model.model_name_or_path)
+        with config.training.main_process_first(desc="the demo model"):  # the other processes wait, then read it
+            if not (Path(config.model.model_name_or_path) / "config.json").is_file():
+                print(f"Building the demo model at {config.model.model_name_or_path} (build_demo_model: true; "
+                      "first run only)", flush=True)
+            ensure_demo_model(config.model.model_name_or_path)
     return config
 
 
@@ -82,6 +84,12 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings that override the file")
 
 
+def _parallel_arguments(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="run in N processes on this machine (starts torchrun; one per GPU, or CPU processes)")
+
+
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
     _config_arguments(p)
     p.add_argument("--prompt", help="answer this one message and exit (default: read messages from stdin)")
@@ -95,10 +103,12 @@ def _output_dir_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # name -> (function, help, how its arguments are declared; default: CONFIG.yaml [key=value ...])
+# Under a launcher, train and eval run in every process; the other commands in the main one only.
 COMMANDS = {
-    "train": (_train, "Align a model with preference data (DPO and its variants)."),
+    "train": (_train, "Align a model with preference data (DPO and its variants).", _parallel_arguments),
     "data": (_data, "Load and encode the data as training would; print counts, lengths and examples."),
-    "eval": (_eval, "Score a policy against its reference on preference pairs, without training."),
+    "eval": (_eval, "Score a policy against its reference on preference pairs, without training.",
+             _parallel_arguments),
     "export": (_export, "Merge the LoRA adapter into its base and save a standalone model."),
     "chat": (_chat, "Chat with the model (one-shot with --prompt, else from stdin).", _chat_arguments),
     "plot": (_plot, "Plot the logged metrics of a run as PNGs in its output dir.", _output_dir_arguments),
@@ -128,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv minus `--nproc N` / `--nproc=N` (the processes torchrun starts must not start more)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
@@ -136,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(ns, "nproc", 1) > 1 and not distributed.under_launcher():
+        return distributed.launch(ns.nproc, _without_nproc(list(sys.argv[1:] if argv is None else argv)))
+    if getattr(ns, "nproc", 1) < 1:
+        parser.error(f"--nproc {ns.nproc}: give at least 1 process")
+    main_process = distributed.is_main_process()
+    if not main_process and not hasattr(ns, "nproc"):
+        return 0  # a command that does not run in parallel: the main process does it alone
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from prefalign.train.signals import Interrupted

@@ -34,8 +34,10 @@ from pathlib import Path
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator
+from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ def load_eval_data(config: RunConfig, tokenizer):
                         "give them as eval_dataset")
         data_args = dataclasses.replace(data_args, val_size=0.0)
     data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False)
-    print(data.summary.describe(), flush=True)
+    if is_main_process():
+        print(data.summary.describe(), flush=True)
     dataset = data.eval if data_args.eval_dataset else data.train
     if dataset is None or len(dataset) == 0:
         raise ConfigError("eval: no pairs to score; check eval_dataset (or dataset)")
@@ -62,24 +65,36 @@ def load_eval_data(config: RunConfig, tokenizer):
 
 
 def run_eval(config: RunConfig) -> dict:
-    """Score the policy against the reference; write eval_pairs.jsonl and eval_results.json; return the metrics."""
+    """Score the policy against the reference; write eval_pairs.jsonl and eval_results.json; return the metrics.
+
+    Under a launcher each process scores one contiguous shard of the pairs; the main process
+    gathers the rows, in file order, and writes the files (the other processes return {}).
+    """
     args = config.training
     plan = reference_plan(config, "eval")  # before loading anything: a config with no reference fails fast
-    tokenizer = load_tokenizer(config.model)
-    dataset, data = load_eval_data(config, tokenizer)
+    with args.main_process_first(desc="data encoding"):  # the other processes read its cache
+        tokenizer = load_tokenizer(config.model)
+        dataset, data = load_eval_data(config, tokenizer)
 
     dtype = compute_dtype(args)
     device = args.device
-    policy = load_inference_policy(config.model, dtype).to(device)
-    reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
+    with loaded_whole():  # eval is data-parallel: whole models in every process, whatever `deepspeed:` says
+        policy = load_inference_policy(config.model, dtype).to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
     logger.info("eval: policy %s%s, reference: %s", config.model.model_name_or_path,
                 f" + {','.join(config.model.adapter_name_or_path)}" if config.model.adapter_name_or_path else "",
                 plan.description)
 
     start = time.perf_counter()
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
-    rows, means = scorer.score(dataset, PairCollator(tokenizer.pad_token_id),
+    shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
+    rows, means = scorer.score(shard, PairCollator(tokenizer.pad_token_id),
                                batch_size=args.per_device_eval_batch_size, device=device)
+    pieces = gather_objects((rows, means))
+    if not is_main_process():
+        return {}
+    rows = [row for part, _ in pieces for row in part]  # contiguous shards in rank order: file order
+    means = {key: sum(m[key] * len(part) for part, m in pieces if part) / max(len(rows), 1) for key in means}
     metrics = {f"eval_{key}": value for key, value in sorted(means.items())}
     metrics["eval_samples"] = len(rows)
     metrics["eval_runtime"] = round(time.perf_counter() - start, 4)

@@ -28,6 +28,11 @@ def check_export(config: RunConfig) -> Path:
         raise ConfigError(f"export_dir: {out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not exp.export_overwrite:
         raise ConfigError(f"export_dir: {out} is not empty; set export_overwrite: true or choose another export_dir")
+    if config.model.quantization_bit is not None:
+        raise ConfigError(
+            f"quantization_bit: {config.model.quantization_bit}: a LoRA adapter cannot be merged into quantized "
+            "weights exactly; remove quantization_bit to merge into the unquantized base (a QLoRA adapter loads on it)"
+        )
     quantization = _quantization_config(config)
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else \

@@ -11,7 +11,9 @@ Strategies (chosen by `plan_reference`, a pure function of the settings and the 
                     training and cached on disk (reference_cache.py); training looks the values up
                     by pair `index`, and the reference model is freed.
 The reference never receives gradients: every strategy runs under `torch.no_grad()`, in eval mode
-(no dropout), and owns no trainable parameter.
+(no dropout), and owns no trainable parameter. Under DeepSpeed ZeRO-3 a frozen model (frozen copy,
+separate model, or any reference read before training) is loaded partitioned and wrapped in its own
+inference engine (modeling/zero.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from prefalign.contracts import PairLogps
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import REFERENCE_ADAPTER, load_causal_lm, merge_adapters
 from prefalign.modeling.logprobs import pair_logps
+from prefalign.modeling.zero import gathered, loaded_whole, partition_for_inference, zero3_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +134,21 @@ class AdapterSwitchReference(_PolicyReference):
 class FrozenModelReference(Reference):
     """A separate model in eval mode with no trainable parameter (a frozen copy, or `ref_model`)."""
 
-    def __init__(self, model, name: str, **kwargs):
+    def __init__(self, model, name: str, *, partitioned: bool = False, **kwargs):
         super().__init__(**kwargs)
         self._frozen = model.eval().requires_grad_(False)
         self.name = name
+        self.partitioned = partitioned  # in a ZeRO-3 inference engine: DeepSpeed places its weights
 
     def _model(self):
         if self._frozen is None:
             raise RuntimeError(f"the {self.name} reference was released after its log-probs were precomputed")
         return self._frozen
+
+    def named_weights(self):
+        if not self.partitioned:
+            return super().named_weights()
+        return [(n, gathered(p)) for n, p in self._model().named_parameters()]  # whole, not this rank's slice
 
     def release(self) -> None:
         self._frozen = None
@@ -148,7 +157,7 @@ class FrozenModelReference(Reference):
             torch.cuda.empty_cache()
 
     def to(self, device):
-        if self._frozen is not None:
+        if self._frozen is not None and not self.partitioned:
             self._frozen.to(device)
         return self
 
@@ -196,11 +205,13 @@ class ReferencePlan:
     description: str
     model: str | None = None
     adapters: tuple[str, ...] = ()
+    quantization_bit: int | None = None  # separate-model: loaded quantized (ref_model_quantization_bit)
 
 
 def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = "lora",
                    adapters: list[str] | None = None, create_new_adapter: bool = False,
-                   ref_model: str | None = None, ref_model_adapters: list[str] | None = None) -> ReferencePlan:
+                   ref_model: str | None = None, ref_model_adapters: list[str] | None = None,
+                   ref_model_quantization_bit: int | None = None) -> ReferencePlan:
     """The reference of a run in `phase` (train, eval or chat): a pure function of the settings.
 
     Training reads `adapters` (adapter_name_or_path) as the starting point. After training (eval,
@@ -215,7 +226,9 @@ def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = 
     if ref_model:
         merged = list(ref_model_adapters or [])
         words = f"`{ref_model}`" + (f" with {_listed(merged)} merged" if merged else "") + " (ref_model), frozen"
-        return ReferencePlan("separate-model", words, ref_model, tuple(merged))
+        if ref_model_quantization_bit:
+            words += f", its weights in {ref_model_quantization_bit} bits"
+        return ReferencePlan("separate-model", words, ref_model, tuple(merged), ref_model_quantization_bit)
     if phase != "train":
         if not adapters:
             command = "eval" if phase == "eval" else "chat --compare-reference"
@@ -254,9 +267,14 @@ def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dty
     if plan.strategy == "none":
         return Reference(**kwargs)
     if plan.strategy == "separate-model":
-        model = load_causal_lm(plan.model, model_args, dtype)
-        model = merge_adapters(model, list(plan.adapters))
-        return FrozenModelReference(model, "separate-model", **kwargs)
+        return _frozen_model(plan.model, list(plan.adapters), model_args, dtype, "separate-model",
+                             quantization_bit=plan.quantization_bit, **kwargs)
+    if zero3_enabled() and (for_precompute or plan.strategy == "frozen-copy"):
+        # The policy's weights are partitioned and, before training, have no engine to gather them:
+        # the initial policy (model + every starting adapter merged, whatever the strategy) is loaded
+        # again, in its own inference engine.
+        return _frozen_model(model_args.model_name_or_path, list(model_args.adapter_name_or_path or []),
+                             model_args, dtype, plan.strategy, **kwargs)
     if plan.strategy == "sft-adapter":
         if REFERENCE_ADAPTER not in getattr(policy, "peft_config", {}):
             raise RuntimeError("the sft-adapter reference needs the policy's frozen copy of the starting adapter")
@@ -266,3 +284,14 @@ def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dty
     if for_precompute:
         return InitialPolicyReference(policy, **kwargs)
     return FrozenModelReference(copy.deepcopy(policy), "frozen-copy", **kwargs)
+
+
+def _frozen_model(path: str, adapters: list[str], model_args, dtype, name: str, *, quantization_bit=None,
+                  **kwargs) -> FrozenModelReference:
+    """`path` with `adapters` merged, frozen; under ZeRO-3, partitioned in an inference engine."""
+    if not zero3_enabled():
+        model = load_causal_lm(path, model_args, dtype, quantization_bit=quantization_bit)
+        return FrozenModelReference(merge_adapters(model, adapters), name, **kwargs)
+    with loaded_whole() if adapters else contextlib.nullcontext():  # merging needs whole weights
+        model = merge_adapters(load_causal_lm(path, model_args, dtype), adapters)
+    return FrozenModelReference(partition_for_inference(model), name, partitioned=True, **kwargs)

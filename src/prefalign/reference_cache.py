@@ -45,6 +45,7 @@ import torch
 
 from prefalign.contracts import PairLogps, batch_to
 from prefalign.data.collate import PrefixSharedCollator, pair_length
+from prefalign.distributed import barrier
 from prefalign.errors import PrefalignError
 from prefalign.integrity import tensors_sha256
 from prefalign.reference import Reference
@@ -129,17 +130,22 @@ def _lengths(dataset, prefix_sharing: bool) -> list[int]:
 
 @torch.no_grad()
 def compute_part(reference: Reference, dataset, positions: list[int], collator, *, batch_size: int,
-                 device) -> dict[str, torch.Tensor]:
+                 device, num_batches: int = 0) -> dict[str, torch.Tensor]:
     """Reference log-probs of the pairs at `positions` of `dataset` (CPU tensors, keyed by `index`).
 
     Pairs are batched longest first (the order does not matter, values are stored by index), so
-    batches carry little padding and an out-of-memory shows up in the first batch.
+    batches carry little padding and an out-of-memory shows up in the first batch. `num_batches`:
+    run at least that many forwards (the extra ones on the first pair, discarded), so that every
+    process of a ZeRO-3 run, whose forwards gather weights together, runs as many as the others.
     """
     lengths = _lengths(dataset, isinstance(collator, PrefixSharedCollator))
     order = sorted(positions, key=lambda i: -lengths[i])
     columns: dict[str, list[torch.Tensor]] = {"index": [], **{k: [] for k in _SUMMED},
                                               **({k: [] for k in _PER_TOKEN} if reference.token_level else {})}
-    for start in range(0, len(order), batch_size):
+    starts = list(range(0, len(order), batch_size))
+    for _ in range(num_batches - len(starts)):
+        reference.logps({k: v.to(device) for k, v in collator(dataset.select([0]).to_list()).items()})
+    for start in starts:
         features = dataset.select(order[start:start + batch_size]).to_list()
         batch = batch_to(collator(features), device)
         out = reference.logps(batch)
@@ -300,14 +306,17 @@ def precompute_split(reference: Reference, dataset, directory: Path, collator, *
     indices = dataset["index"]
     wanted = set(indices)
     table = ReferenceTable.load(directory)
+    barrier()  # every process has read the same parts before any writes one: they agree on what is missing
     have = table.indices if table is not None else set()
     missing = [pos for pos, i in enumerate(indices) if i not in have]
     mine = missing[process_index::num_processes]
-    if mine:
-        logger.info("Computing reference log-probs of %d pairs into %s", len(mine), directory)
-        write_part(directory, compute_part(reference, dataset, mine, collator, batch_size=batch_size, device=device),
-                   process_index=process_index)
     if missing:
+        most = -(-len(missing) // num_processes)  # the largest share
+        logger.info("Computing reference log-probs of %d pairs into %s", len(mine), directory)
+        part = compute_part(reference, dataset, mine, collator, batch_size=batch_size, device=device,
+                            num_batches=-(-most // batch_size))
+        if mine:
+            write_part(directory, part, process_index=process_index)
         table = _wait_for_parts(directory, wanted, num_processes, timeout_s)
     stats = {"computed": len(mine), "reused": len(indices) - len(missing), "path": str(directory)}
     return table, stats

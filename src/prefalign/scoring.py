@@ -24,7 +24,8 @@ def reference_plan(config, phase: str) -> ReferencePlan:
     return plan_reference(needs_reference=config.objective.needs_reference, phase=phase,
                           finetuning_type=ft.finetuning_type, adapters=model.adapter_name_or_path,
                           create_new_adapter=ft.create_new_adapter, ref_model=ft.ref_model,
-                          ref_model_adapters=ft.ref_model_adapters)
+                          ref_model_adapters=ft.ref_model_adapters,
+                          ref_model_quantization_bit=ft.ref_model_quantization_bit)
 
 
 def build_planned_reference(config, plan: ReferencePlan, policy, *, dtype: torch.dtype = torch.float32,

@@ -48,6 +48,14 @@ class ModelArguments:
         "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
         "auto",
     )
+    quantization_bit: int | None = _help(
+        "QLoRA: load the base model's weights in 4 or 8 bits (bitsandbytes; `pip install "
+        "\"prefalign[qlora]\"`). Needs `finetuning_type: lora`; the reference is the quantized base "
+        "with the adapter off."
+    )
+    quantization_method: str = _help("How weights are quantized: `bnb` (bitsandbytes) only.", "bnb")
+    quantization_type: str = _help("4-bit data type: `nf4` (NormalFloat) or `fp4`.", "nf4")
+    double_quantization: bool = _help("4-bit: also quantize the quantization constants (saves ~0.4 bit/weight).", True)
     build_demo_model: bool = _help(
         "prefalign only: build the tiny demo model at `model_name_or_path` when it is missing "
         "(used by examples/quickstart.yaml, so it runs offline).",
@@ -58,7 +66,15 @@ class ModelArguments:
         problems = []
         if not self.model_name_or_path:
             problems.append("model_name_or_path is required: the path or hub id of the SFT model to align")
+        if self.quantization_bit is not None:
+            problems += _quantization_problems("quantization_bit", self.quantization_bit)
+            problems += _one_of("quantization_method", self.quantization_method, ("bnb",))
+            problems += _one_of("quantization_type", self.quantization_type, ("nf4", "fp4"))
         return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)
+
+
+def _quantization_problems(key: str, bits: int) -> list[str]:
+    return [] if bits in (4, 8) else [f"{key}: {bits} is not supported; use 4 or 8"]
 
 
 @dataclass
@@ -232,6 +248,9 @@ class FinetuningArguments:
     # reference
     ref_model: str | None = _help("A separate reference model (default: see reference strategies).")
     ref_model_adapters: list[str] | None = _help("Adapter(s) merged into `ref_model` (a list).")
+    ref_model_quantization_bit: int | None = _help(
+        "Load `ref_model` with its weights in 4 or 8 bits (bitsandbytes), like `quantization_bit`."
+    )
     precompute_ref_log_probs: bool = _help(
         "Compute the reference log-probs once before training, cache them on disk and free the "
         "reference model.",
@@ -265,6 +284,11 @@ class FinetuningArguments:
             problems.append(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
         if self.ref_model_adapters and not self.ref_model:
             problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
+        if self.ref_model_quantization_bit is not None:
+            problems += _quantization_problems("ref_model_quantization_bit", self.ref_model_quantization_bit)
+            if not self.ref_model:
+                problems.append("ref_model_quantization_bit is set without ref_model; name the reference model "
+                                "in ref_model")
         if self.logits_chunk_size < 1:
             problems.append(f"logits_chunk_size: {self.logits_chunk_size} must be at least 1")
         settings = loss_settings_of(self)

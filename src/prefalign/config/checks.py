@@ -20,12 +20,14 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
     The one place for them: a check of one group's own fields is that group's `problems()`.
     """
     from prefalign.config.paths import path_problems
+    from prefalign.config import scale
 
     problems = []
     if training.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")
-    return problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
+    return (problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
+            + scale.problems(model, ft, training))
 
 
 def training_problems(training: dict) -> list[str]:

@@ -20,6 +20,7 @@ from prefalign.config.args import (
     ModelArguments,
     RunConfig,
 )
+from prefalign.config import scale
 from prefalign.config.checks import cross_group_problems
 from prefalign.errors import ConfigError, did_you_mean
 
@@ -57,11 +58,6 @@ _IGNORED = {
 
 # LLaMA-Factory features prefalign does not have yet: an error that says so.
 _UNSUPPORTED = {
-    "quantization_bit": "QLoRA / quantized loading",
-    "quantization_method": "QLoRA / quantized loading",
-    "double_quantization": "QLoRA / quantized loading",
-    "quantization_type": "QLoRA / quantized loading",
-    "ref_model_quantization_bit": "a quantized reference model",
     "rope_scaling": "RoPE scaling",
     "shift_attn": "shift short attention (LongLoRA)",
     "mixture_of_depths": "mixture of depths",
@@ -206,11 +202,15 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     train_values.setdefault("report_to", "none")
     train_values.setdefault("do_train", True)
     train_values.setdefault("dataloader_pin_memory", _cuda_available())  # pinning needs an accelerator
+    if not problems and train_values.get("deepspeed"):
+        train_values["deepspeed"] = scale.resolved_deepspeed(train_values["deepspeed"])
     if not problems:
         from transformers import Seq2SeqTrainingArguments
 
+        from prefalign.distributed import cpu_launch_arguments
+
         try:
-            training = Seq2SeqTrainingArguments(**train_values)
+            training = Seq2SeqTrainingArguments(**cpu_launch_arguments(train_values))
         except (ValueError, ImportError, TypeError) as exc:
             problems.append(f"training arguments: {str(exc).splitlines()[0]}")
     if problems:

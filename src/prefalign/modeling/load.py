@@ -58,12 +58,18 @@ def compute_dtype(training_args) -> torch.dtype:
     return torch.float32
 
 
-def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32):
-    """A causal LM from a local directory or the hub, in `dtype`."""
+def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32, *,
+                   quantization_bit: int | None = None):
+    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    if quantization_bit is not None:
+        from prefalign.modeling.quantize import device_map, quantization_config
+
+        kwargs.update(quantization_config=quantization_config(quantization_bit, model_args, dtype),
+                      device_map=device_map())
     attn = _attn_implementation(model_args.flash_attn)
     if attn:
         kwargs["attn_implementation"] = attn
@@ -91,7 +97,7 @@ def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch
     merged and the last kept switchable (so it can be disabled for the reference); eval mode, frozen."""
     from peft import PeftModel
 
-    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype)
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, quantization_bit=model_args.quantization_bit)
     adapters = list(model_args.adapter_name_or_path or [])
     model = merge_adapters(model, adapters[:-1])
     if adapters:
@@ -107,9 +113,14 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     `reference`, so the reference is base + SFT adapter, never the bare base. With
     `create_new_adapter` all adapters are merged and a fresh one is trained on top.
     """
-    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype)
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
+                           quantization_bit=model_args.quantization_bit)
     adapters = list(model_args.adapter_name_or_path or [])
     if ft.finetuning_type == "lora":
+        if model_args.quantization_bit is not None:  # QLoRA: frozen quantized base, norms and head in fp32
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = _attach_lora(model, adapters, ft)
     else:
         model = merge_adapters(model, adapters)
@@ -119,10 +130,14 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     logger.info("trainable params: %d / %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def _numel(param) -> int:
+    return getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partitioned parameter is empty here
 
 
 def _attach_lora(model, adapters: list[str], ft: FinetuningArguments):

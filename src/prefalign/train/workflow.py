@@ -15,6 +15,7 @@ import yaml
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator, make_collator, with_lengths
 from prefalign.data.pipeline import PreparedData, prepare_data
+from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import reporting_disk_full
 from prefalign.integrity import write_text_atomic
 from prefalign.modeling.load import (
@@ -33,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, PreparedData]:
     """Step 3: the tokenizer and the encoded data (nothing is written to the output dir yet)."""
-    tokenizer = load_tokenizer(config.model)
-    return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train)
+    with config.training.main_process_first(desc="data encoding"):  # the other processes read its cache
+        tokenizer = load_tokenizer(config.model)
+        return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train)
 
 
 def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
@@ -49,8 +51,9 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
 
     args, ft = config.training, config.finetuning
     tokenizer, data = prepared or load_data(config, need_train=need_train)
-    data.write(args.output_dir)
-    print(data.summary.describe(), flush=True)
+    if is_main_process():
+        data.write(args.output_dir)
+        print(data.summary.describe(), flush=True)
 
     # Step 4: policy and reference
     set_seed(args.seed)
@@ -101,8 +104,7 @@ def run_train(config: RunConfig) -> dict:
     rules (checkpoints.py), checked before any model is loaded and before anything is written.
     """
     args = config.training
-    # RANK: on CPUs the training arguments learn the process index only when the Trainer starts
-    first_process = int(os.environ.get("RANK", args.process_index)) == 0
+    first_process = is_main_process()
     with StopSignals() as signals, OutputDirLock(args.output_dir, enabled=first_process), \
             reporting_disk_full(args.output_dir):
         previous = checkpoints.find_previous(config, ignore=(LOCK_NAME,))
@@ -169,6 +171,8 @@ def save_final_model(trainer, out: Path) -> list[str]:
 
 
 def save_outputs(config: RunConfig, trainer, result) -> dict:
+    """Step 6. Every process takes part (a sharded model is gathered to be saved and scored);
+    the main process writes the files."""
     args = config.training
     out = Path(args.output_dir)
     model_files = save_final_model(trainer, out)
@@ -181,17 +185,19 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     trainer.save_state()  # after the final evaluation, so its log entry is in trainer_state.json (and the plots)
-    write_text_atomic(out / "run_config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
-    if config.finetuning.plot_loss:
-        from prefalign.report import plot_metrics
+    if is_main_process():
+        write_text_atomic(out / "run_config.yaml", yaml.safe_dump(config.raw, sort_keys=False))
+        if config.finetuning.plot_loss:
+            from prefalign.report import plot_metrics
 
-        plot_metrics(out)
-    write_run_report(config, trainer)
+            plot_metrics(out)
+    write_run_report(config, trainer)  # report.html and the README.md model card (main process)
+    barrier()  # the outputs are complete when any process returns
     # last: the marker that says this output dir holds a finished run, and with which settings
-    if trainer.accelerator.is_main_process:
+    if is_main_process():
         checkpoints.mark_complete(out, step=trainer.state.global_step, settings=trainer.resume_settings,
                                   totals=trainer.watch.totals(), files=model_files)
-    print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
+        print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
 
 

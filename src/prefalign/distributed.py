@@ -1,0 +1,103 @@
+"""What a multi-process run (torchrun, accelerate launch, deepspeed) needs beyond one process.
+
+Every process runs the same command. The rules, in one place:
+  - shared work (building the demo model, encoding the data) is done by the main process of each
+    node first; the others wait, then read its cache (`TrainingArguments.main_process_first`);
+  - one process, the world's main one, writes the outputs and prints the summaries;
+  - collective work (`prefalign eval`'s scoring, the reference precompute) is split by rank, and
+    the pieces are gathered back in data order.
+`prefalign train/eval --nproc N` starts `torchrun` for the user (`launch`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in the one process that writes outputs and prints summaries."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def gather_objects(obj) -> list:
+    """Every process's `obj`, in rank order (on every process); `[obj]` in a single process."""
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `prefalign ARGV` in `nproc` processes on this machine (torchrun's own machinery); the exit code.
+
+    `--standalone` picks a free rendezvous port; several machines use torchrun's own flags
+    (`--nnodes`, `--node_rank`, `--rdzv_endpoint`), see the README. A failed process has printed
+    its own one-line error; torchrun's traceback about it is replaced by one line.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "prefalign", *argv]))
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        print(f"prefalign: {len(exc.failures)} of {nproc} processes failed (first: rank {rank}, exit code "
+              f"{failure.exitcode}); their messages are above", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun / accelerate launch / deepspeed."""
+    return "LOCAL_RANK" in os.environ
+
+
+def cpu_launch_arguments(train_values: dict) -> dict:
+    """The training arguments of a multi-process run on a machine without a GPU, so that it really is one.
+
+    accelerate (1.x) only finds a CPU communication backend when told the run is on the CPU;
+    otherwise it counts one process, and every process trains alone on the same batches.
+      - plain data parallelism: `use_cpu: true` (gloo; the data is sharded, gradients all-reduced);
+      - DeepSpeed (its CPU accelerator): the shared process state is set up first, through
+        DeepSpeed with gloo, and the training arguments are told to use it; without that,
+        transformers fills DeepSpeed's `train_batch_size` for one process and DeepSpeed refuses it.
+    On a GPU, or without a launcher, the values are returned as they are.
+    """
+    if not under_launcher() or torch.cuda.is_available():
+        return train_values
+    if not train_values.get("deepspeed"):
+        return {"use_cpu": True, **train_values}
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a state left by an earlier run of this process
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState to initialise through DeepSpeed
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    accelerator_config = dict(train_values.get("accelerator_config") or {})
+    accelerator_config["use_configured_state"] = True
+    return {**train_values, "accelerator_config": accelerator_config}

@@ -1,0 +1,183 @@
+"""Several processes (torchrun, gloo on the CPU): DDP, DeepSpeed ZeRO-2 and ZeRO-3 equal one process.
+
+Every multi-process run here has a one-process twin with the same global batch (2 processes x 2
+pairs == 1 process x 4 pairs; the distributed sampler hands ranks consecutive slices of the same
+seeded order). Plain SGD keeps updates linear in the gradients, so the only difference is the fp32
+summation order of the gradient all-reduce: losses and weights agree to 1e-5 (absolute), while a
+training step moves them by more than 100x that. Launches are few (each costs ~15 s of start-up
+here): one launch runs several configs in turn (multiproc_runner.py).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EXAMPLES, config_for
+
+from prefalign.train.workflow import run_train
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
+TOL = 1e-5
+# The runs: SGD, 3 steps of a global batch of 4 pairs, the train pairs in the report (no eval split).
+COMMON = dict(max_steps=3, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0,
+              logging_steps=1, max_samples=16)
+Z2, Z3 = str(EXAMPLES / "deepspeed" / "ds_z2_config.json"), str(EXAMPLES / "deepspeed" / "ds_z3_config.json")
+
+
+def _argv(command, model_dir, out, **overrides):
+    values = {"model_name_or_path": str(model_dir), "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"),
+              "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 2, "save_strategy": "no",
+              "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True, "report_to": "none",
+              **COMMON, **overrides}
+    return [command, "-", *[f"{k}={v}" for k, v in values.items()]]
+
+
+def _launch(runs: list[list[str]], tmp_path) -> subprocess.CompletedProcess:
+    """`runs` in 2 processes of one torchrun launch; the config file argument `-` is an empty YAML."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    runs = [[str(empty) if a == "-" else a for a in argv] for argv in runs]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(TESTS / "multiproc_runner.py"), json.dumps(runs)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _losses(out):
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def _reference_logps(out):
+    """The reference log-probs of the report's pairs, computed by the run's reference after training."""
+    pairs = json.loads((Path(out) / "report_samples.json").read_text())["pairs"]
+    return [(p["index"], p["reference_chosen_logps"], p["reference_rejected_logps"]) for p in pairs]
+
+
+def _weights(out):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(Path(out) / "adapter_model.safetensors")
+
+
+def _single(model_dir, out, **overrides):
+    """The one-process twin: 4 pairs per step."""
+    run_train(config_for(model_dir, out, **{**COMMON, "per_device_train_batch_size": 4, **overrides}))
+    return out
+
+
+def _assert_same_run(multi, single, *, full):
+    assert _losses(multi) == pytest.approx(_losses(single), abs=TOL)
+    assert len(_losses(multi)) == 3
+    # the reference never changed: after training it gives the initial model's log-probs, as in one process
+    for (i, c, r), (j, c1, r1) in zip(_reference_logps(multi), _reference_logps(single)):
+        assert i == j and c == pytest.approx(c1, abs=1e-4) and r == pytest.approx(r1, abs=1e-4)
+    # the saved model (ZeRO-3: consolidated) loads with from_pretrained and equals the twin's; an adapter likewise
+    a, b = (_weights(multi), _weights(single)) if full else (_adapter(multi), _adapter(single))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=TOL), name
+
+
+def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):
+    """`prefalign train --nproc 2`: one process's losses and weights; one summary, report and model card."""
+    out = tmp_path / "ddp"
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    argv = _argv("train", tiny_model_dir, out, finetuning_type="full", val_size=4, plot_loss=True)
+    argv[1] = str(tmp_path / "empty.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFALIGN_CACHE": str(tmp_path / "cache")}  # nothing cached
+    train = subprocess.run([sys.executable, "-m", "prefalign", *argv, "--nproc", "2"], capture_output=True,
+                           text=True, env=env, timeout=900)
+    assert train.returncode == 0, train.stderr[-4000:]
+    # the data was encoded once, by the main process (12 train + 4 held-out pairs); the other read its cache
+    assert re.findall(r"Encoding pairs: 100%\|[^|]*\| (\d+)/", train.stderr) == ["12", "4"]
+    assert train.stdout.count("The aligned model and its results are in") == 1
+    assert train.stdout.count("demo_train: 16 pairs") == 1  # the data summary, printed once
+    for name in ("report.html", "README.md", "data_summary.json", "run_config.yaml", "training_loss.png"):
+        assert (out / name).is_file(), name
+    _assert_same_run(out, _single(tiny_model_dir, tmp_path / "one", finetuning_type="full", val_size=4), full=True)
+
+
+# One launch for the rest: a sharded eval, then FSDP2 and DeepSpeed runs (name -> overrides).
+DEEPSPEED_RUNS = {
+    "fsdp2-full": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, finetuning_type="full"),  # FSDP first:
+    # it runs on the plain CPU process state, which the DeepSpeed runs after it replace
+    "z2-lora": dict(deepspeed=Z2),
+    "z2-full": dict(deepspeed=Z2, finetuning_type="full"),
+    "z3-full": dict(deepspeed=Z3, finetuning_type="full"),  # frozen-copy reference
+    "z3-lora": dict(deepspeed=Z3),  # adapter-disabled
+    "z3-sft": dict(deepspeed=Z3, adapter_name_or_path="{sft}"),  # sft-adapter
+    "z3-separate": dict(deepspeed=Z3, finetuning_type="full", ref_model="{model}", ref_model_adapters="{sft}"),
+    "z3-lora-precomputed": dict(deepspeed=Z3, precompute_ref_log_probs=True),  # 8 pairs per rank
+}
+# The one-process twin of each (the precomputed reference equals the live one).
+TWINS = {"fsdp2-full": "full", "z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
+         "z3-separate": "separate", "z3-lora-precomputed": "lora"}
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_model_dir, tmp_path_factory):
+    """The eval and DeepSpeed runs in 2 processes; their output dirs by name."""
+    from helpers import make_random_adapter
+
+    pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "prefalign[deepspeed]" (the test extra has it)')
+
+    root = tmp_path_factory.mktemp("multi")
+    sft = make_random_adapter(tiny_model_dir, root / "sft-adapter", seed=3, b_std=0.05)
+    fill = {"{sft}": sft, "{model}": str(tiny_model_dir)}
+    # eval with the training config's ZeRO-3 key: it still scores whole models, data-parallel
+    runs = [_argv("eval", tiny_model_dir, root / "eval", adapter_name_or_path=sft, per_device_eval_batch_size=3,
+                  deepspeed=Z3)]
+    for name, overrides in DEEPSPEED_RUNS.items():
+        runs.append(_argv("train", tiny_model_dir, root / name, **{k: fill.get(v, v) if isinstance(v, str) else v
+                                                                 for k, v in overrides.items()}))
+    proc = _launch(runs, root)
+    return {"root": root, "sft": sft, "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def twins(tiny_model_dir, launched, tmp_path_factory):
+    """The one-process runs, 4 pairs per step."""
+    root, sft = tmp_path_factory.mktemp("twins"), launched["sft"]
+    settings = {"lora": {}, "full": dict(finetuning_type="full"), "sft": dict(adapter_name_or_path=sft),
+                "separate": dict(finetuning_type="full", ref_model=str(tiny_model_dir), ref_model_adapters=sft)}
+    return {name: _single(tiny_model_dir, root / name, **overrides) for name, overrides in settings.items()}
+
+
+def test_eval_scores_a_shard_per_process_and_writes_every_pair_once(tiny_model_dir, launched, tmp_path):
+    from prefalign.config import build_config, parse_overrides
+    from prefalign.evaluate import run_eval
+
+    assert launched["stdout"].count("Per-pair scores:") == 1
+    rows = [json.loads(line) for line in (launched["root"] / "eval" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(16))  # 8 pairs per process, batches of 3; in file order
+    overrides = _argv("eval", tiny_model_dir, tmp_path / "one", adapter_name_or_path=launched["sft"],
+                      per_device_eval_batch_size=3)[2:]
+    metrics = run_eval(build_config(parse_overrides(overrides)))
+    single = [json.loads(line) for line in (tmp_path / "one" / "eval_pairs.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, single, strict=True):
+        for key in ("policy_chosen_logps", "reference_rejected_logps", "margin", "loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    assert any(abs(r["margin"]) > 1e-3 for r in rows)  # policy != reference: the comparison means something
+    results = json.loads((launched["root"] / "eval" / "eval_results.json").read_text())
+    assert results["eval_loss"] == pytest.approx(metrics["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", list(DEEPSPEED_RUNS))
+def test_deepspeed_run_equals_one_process(name, launched, twins):
+    """FSDP2; ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
+    _assert_same_run(launched["root"] / name, twins[TWINS[name]], full=DEEPSPEED_RUNS[name].get("finetuning_type") == "full")

@@ -1,0 +1,156 @@
+"""QLoRA: a 4-bit (NF4, bitsandbytes on the CPU) base, a LoRA adapter trained on it, the base with the
+adapter off as the reference; and the config errors around quantization and DeepSpeed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import EXAMPLES, config_for, first_batch
+
+from prefalign.errors import ConfigError
+
+bnb = pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
+
+
+def _linear4bit(model):
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def test_qlora_trains_from_ln2_with_the_quantized_base_as_reference(tiny_model_dir, tmp_path):
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, quantization_bit=4))
+    assert trainer.reference.name == "adapter-disabled" and trainer.reference.model is trainer.model  # no copy
+    assert len(_linear4bit(trainer.model)) == 2 * 7  # every linear layer of both decoder layers is 4-bit
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    batch = first_batch(trainer)
+    loss, out, _ = trainer.batch_loss(trainer.model, batch)
+    assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)  # policy == reference
+    ref_before = trainer.reference.logps(batch)
+    trainer.train()
+    after = trainer.batch_loss(trainer.model, batch)[0]
+    assert after.item() < math.log(2) - 1e-4  # it learned
+    ref_after = trainer.reference.logps(batch)
+    assert torch.equal(ref_before.chosen, ref_after.chosen)  # the quantized base never changed
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model_dir, tmp_path_factory):
+    from prefalign.train.workflow import run_train
+
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    run_train(config_for(tiny_model_dir, out, quantization_bit=4, max_steps=4, learning_rate=1e-2))
+    return out
+
+
+def test_qlora_adapter_loads_on_the_4bit_and_on_the_fp32_base(tiny_model_dir, qlora_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    four_bit = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    for base in (four_bit, AutoModelForCausalLM.from_pretrained(tiny_model_dir)):
+        model = PeftModel.from_pretrained(base, qlora_run)
+        with torch.no_grad(), model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        with torch.no_grad():
+            adapted = model(input_ids=ids).logits
+        assert (adapted - plain).abs().max() > 1e-3  # the trained adapter acts on either base
+
+
+def test_eval_on_a_quantized_base_is_the_same_quantized_at_load_or_before(tiny_model_dir, qlora_run, tmp_path):
+    """The run quantizes the fp32 base (quantization_bit: 4), or the base was saved in 4 bits: same scores."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from prefalign.evaluate import run_eval
+
+    prequantized = tmp_path / "base-nf4"
+    AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.float32)).save_pretrained(prequantized)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(prequantized)
+    rows = {}
+    for name, overrides in (("at-load", dict(quantization_bit=4)),
+                            ("saved", dict(model_name_or_path=str(prequantized)))):
+        run_eval(config_for(tiny_model_dir, tmp_path / name, adapter_name_or_path=str(qlora_run), **overrides))
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(rows["at-load"]) == 16
+    for a, b in zip(rows["at-load"], rows["saved"], strict=True):
+        for key in ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "margin"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key  # the same NF4 weights, fp32 sums
+    assert any(abs(r["margin"]) > 1e-3 for r in rows["at-load"])
+
+
+def test_chat_on_a_quantized_base_answers_as_policy_and_reference(tiny_model_dir, qlora_run):
+    import io
+
+    from prefalign.chat import run_chat
+
+    config = config_for(tiny_model_dir, qlora_run.parent / "chat", quantization_bit=4,
+                        adapter_name_or_path=str(qlora_run), do_sample=False, max_new_tokens=4)
+    [turn] = run_chat(config, prompt="How many legs does a spider have?", compare_reference=True, out=io.StringIO())
+    assert set(turn) == {"prompt", "policy", "reference"}
+    assert all(isinstance(turn[k], str) for k in ("policy", "reference"))
+
+
+def test_ref_model_quantization_bit_loads_the_separate_reference_quantized(tiny_model_dir, tmp_path):
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, finetuning_type="full",
+                                       ref_model=str(tiny_model_dir), ref_model_quantization_bit=4))
+    assert trainer.reference.name == "separate-model"
+    assert _linear4bit(trainer.reference.model) and not _linear4bit(trainer.model)
+    loss = trainer.batch_loss(trainer.model, first_batch(trainer))[0]
+    assert math.isfinite(loss.item()) and loss.item() != pytest.approx(math.log(2), abs=1e-6)  # NF4 != fp32
+
+
+def test_export_refuses_to_merge_into_quantized_weights(tiny_model_dir, tmp_path):
+    from prefalign.export import run_export
+
+    with pytest.raises(ConfigError, match="quantization_bit"):
+        run_export(config_for(tiny_model_dir, tmp_path, quantization_bit=4, export_dir=str(tmp_path / "x")))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(quantization_bit=4, finetuning_type="full"), "quantization_bit with finetuning_type: full"),
+    (dict(quantization_bit=3), "quantization_bit: 3 is not supported; use 4 or 8"),
+    (dict(quantization_bit=4, quantization_type="int4"), "quantization_type: 'int4'"),
+    (dict(quantization_bit=4, quantization_method="gptq"), "quantization_method: 'gptq'"),
+    (dict(ref_model_quantization_bit=4), "ref_model_quantization_bit is set without ref_model"),
+    (dict(quantization_bit=4, deepspeed=str(EXAMPLES / "deepspeed" / "ds_z3_config.json")),
+     "deepspeed: ZeRO-3 .* quantization_bit"),
+    (dict(deepspeed="no/such.json"), "deepspeed: no/such.json does not exist"),
+])
+def test_impossible_settings_are_config_errors_naming_the_keys(tiny_model_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_for(tiny_model_dir, tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("package, key, extra", [("deepspeed", "deepspeed=examples/deepspeed/ds_z2_config.json", "deepspeed"),
+                                                 ("bitsandbytes", "quantization_bit=4", "qlora")])
+def test_a_missing_package_names_the_extra_to_install(tmp_path, package, key, extra):
+    """As on a machine without the package: at start-up, it is made unfindable (as transformers and
+    prefalign look for it) and unimportable."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util, sys\n"
+        "_find = importlib.util.find_spec\n"
+        f"importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == {package!r} else _find(name, *a)\n"
+        "class _Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {package!r}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, _Refuse())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(EXAMPLES / "lora_dpo.yaml"), key],
+                         capture_output=True, text=True, env=env, cwd=EXAMPLES.parent, timeout=300)
+    assert run.returncode == 2
+    assert f'needs the {package} package, which is not installed; pip install "prefalign[{extra}]"' in run.stderr
+    assert "Traceback" not in run.stderr
