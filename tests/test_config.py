@@ -130,3 +130,14 @@ def test_no_and_yes_stay_strings_as_in_yaml_1_2(tmp_path):
     config = load_config(path, ["eval_strategy=no", "overwrite_output_dir=yes", "do_train=true"])
     assert config.training.save_strategy == "no" and config.training.eval_strategy == "no"
     assert config.finetuning.overwrite_output_dir is True and config.training.bf16 is False
+
+
+def test_packing_keys():
+    """LLaMA-Factory's `packing` and `neat_packing` turn packing on; `packing_length` needs it and a sane value."""
+    assert build_config({**BASE, "packing": True}).finetuning.packing
+    assert build_config({**BASE, "neat_packing": True}).finetuning.packing
+    assert build_config({**BASE, "packing": True, "packing_length": 4096}).finetuning.packing_length == 4096
+    with pytest.raises(ConfigError, match="packing_length is set but packing is off"):
+        build_config({**BASE, "packing_length": 4096})
+    with pytest.raises(ConfigError, match="packing_length: -1 is negative"):
+        build_config({**BASE, "packing": True, "packing_length": -1})

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,25 @@ class PreferencePair:
 #   "rejected_ids": list[int]  the rejected reply, ending with the end-of-turn token
 #   "index":        int        position of the pair in the loaded data (for eval output, caches)
 ENCODED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
+
+
+class BatchLayout(str, enum.Enum):
+    """How a batch of B pairs is laid out (data/collate.py, data/packing.py).
+
+    CONCATENATED:  (2B, T) rows [0, B) prompt+chosen, rows [B, 2B) prompt+rejected.
+    PREFIX_SHARED: (B, T) one row per pair, the prompt computed once (`segment_ids`).
+    PACKED:        (R, T) the pairs' sequences end to end in R rows, attention confined to each
+                   sequence by `spans`, no padding but at row ends (data/packing.py).
+    """
+
+    CONCATENATED = "concatenated"
+    PREFIX_SHARED = "prefix_shared"
+    PACKED = "packed"
+
+
+def batch_to(batch: dict, device) -> dict:
+    """`batch` with every tensor moved to `device` (the layout and other plain values kept)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass

@@ -37,8 +37,8 @@ import torch
 
 from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
-from prefalign.contracts import LossOutput, PairLogps
-from prefalign.data.collate import PairCollator
+from prefalign.contracts import LossOutput, PairLogps, batch_to
+from prefalign.data.collate import PairCollator, run_collator
 from prefalign.errors import ConfigError
 from prefalign.metrics import pair_metrics
 from prefalign.modeling.load import (
@@ -50,6 +50,7 @@ from prefalign.modeling.load import (
 )
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.reference import Reference, build_reference
+from prefalign.throughput import ModelShape, ThroughputMeter, matmul_rate
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Scorer:
 
     @torch.no_grad()
     def score_batch(self, batch: dict, split: str = "eval") -> tuple[LossOutput, PairLogps, PairLogps | None]:
-        """The same three calls as `PreferenceTrainer.batch_loss`, for a (2B, T) batch from PairCollator.
+        """The same three calls as `PreferenceTrainer.batch_loss`, for a batch in any layout.
 
         `split` ("train" or "eval") tells a precomputed reference which table the pair indices refer to.
         """
@@ -123,24 +124,30 @@ class Scorer:
         out = losses.compute_preference_loss(policy, reference, self.loss_names, self.loss_weights, s)
         return out, policy, reference
 
-    def score(self, dataset, *, batch_size: int, pad_token_id: int, device,
-              split: str = "eval") -> tuple[list[dict], dict]:
+    def score(self, dataset, *, batch_size: int, pad_token_id: int, device, split: str = "eval",
+              collator=None) -> tuple[list[dict], dict]:
         """Score every pair of `dataset` in order; return the per-pair rows and the mean metrics.
 
+        `collator` lays out the batches (default: concatenated); training's layout, from
+        `run_collator`, scores the same pairs as fast per pair as the training forward.
+
         Rows follow `eval_pairs.jsonl` (see `pair_rows`); metrics are named as the trainer logs them,
-        without the `eval_` prefix (`loss`, `rewards/margins`, ...), each the mean over all pairs.
+        without the `eval_` prefix (`loss`, `rewards/margins`, ...), each the mean over all pairs,
+        and the `throughput/*` figures of the whole pass.
         """
         from torch.utils.data import DataLoader
 
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                            collate_fn=PairCollator(pad_token_id))
+                            collate_fn=collator or PairCollator(pad_token_id))
         was_training = getattr(self.policy, "training", False)
         self.policy.eval()
         rows: list[dict] = []
         sums: dict[str, float] = defaultdict(float)
+        meter = self.throughput_meter(device)
         try:
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                meter.add(batch)
+                batch = batch_to(batch, device)
                 out, policy, reference = self.score_batch(batch, split)
                 rows += pair_rows(batch["index"], out, policy, reference, per_pair_loss=self.per_pair_loss)
                 for key, value in metric_values(out, policy).items():
@@ -148,7 +155,13 @@ class Scorer:
         finally:
             self.policy.train(was_training)
         count = max(len(rows), 1)
-        return rows, {key: total / count for key, total in sums.items()}
+        return rows, {**{key: total / count for key, total in sums.items()}, **meter.report()}
+
+    def throughput_meter(self, device) -> ThroughputMeter:
+        """Forward passes only: the policy's, and the reference's when it runs (throughput.py)."""
+        passes = 1.0 + (1.0 if self.reference.model is not None else 0.0)
+        dtype = next(self.policy.parameters()).dtype
+        return ThroughputMeter(ModelShape.of(self.policy), passes, matmul_rate(device, dtype))
 
 
 def metric_values(out: LossOutput, policy: PairLogps) -> dict[str, torch.Tensor]:
@@ -225,7 +238,8 @@ def run_eval(config: RunConfig) -> dict:
 
     start = time.perf_counter()
     rows, means = Scorer.from_config(config, policy, reference).score(
-        dataset, batch_size=args.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id, device=device)
+        dataset, batch_size=args.per_device_eval_batch_size, pad_token_id=tokenizer.pad_token_id, device=device,
+        collator=run_collator(config.finetuning, tokenizer.pad_token_id))
     metrics = {f"eval_{key}": value for key, value in sorted(means.items())}
     metrics["eval_samples"] = len(rows)
     metrics["eval_runtime"] = round(time.perf_counter() - start, 4)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from prefalign.contracts import PairLogps
+from prefalign.contracts import PairLogps, batch_to
 from prefalign.data.collate import PrefixSharedCollator, pair_length
 from prefalign.errors import PrefalignError
 from prefalign.reference import Reference
@@ -134,7 +134,7 @@ def compute_part(reference: Reference, dataset, positions: list[int], collator, 
                                               **({k: [] for k in _PER_TOKEN} if reference.token_level else {})}
     for start in range(0, len(order), batch_size):
         features = dataset.select(order[start:start + batch_size]).to_list()
-        batch = {k: v.to(device) for k, v in collator(features).items()}
+        batch = batch_to(collator(features), device)
         out = reference.logps(batch)
         columns["index"].append(batch["index"].cpu())
         for key in _SUMMED:

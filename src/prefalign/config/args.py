@@ -132,6 +132,18 @@ class FinetuningArguments:
     prefix_sharing: bool = _help(
         "Run the prompt once per pair: chosen and rejected continue one shared prompt.", False
     )
+    packing: bool = _help(
+        "Padding-free batches: the pairs of a micro-batch laid end to end in one row (or rows of "
+        "`packing_length`), positions restarting per sequence and attention confined to each "
+        "sequence, so no padding is computed. Combines with `prefix_sharing` (each pair: prompt "
+        "once, then both replies). `neat_packing` is read as the same.",
+        False,
+    )
+    packing_length: int = _help(
+        "With `packing`: at most this many tokens per row; 0 puts the whole micro-batch in one row. "
+        "A pair longer than this gets a row of its own (a pair is never split, cut or dropped).",
+        0,
+    )
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
     )

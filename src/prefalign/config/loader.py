@@ -34,6 +34,7 @@ _RENAMED: dict[str, tuple[str, Any]] = {
     "group_by_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
     "disable_shuffling": ("train_sampling_strategy", lambda v: "sequential" if v else "random"),
     "disable_gradient_checkpointing": ("gradient_checkpointing", lambda v: not v),
+    "neat_packing": ("packing", bool),  # prefalign's packing never attends across sequences
 }
 
 # Keys that only choose an implementation detail or a cache: accepted, and said to be ignored.
@@ -71,8 +72,6 @@ _UNSUPPORTED = {
     "loraplus_lr_ratio": "LoRA+",
     "use_llama_pro": "LLaMA Pro",
     "streaming": "streaming datasets",
-    "packing": "packed SFT-style sequences (use prefix_sharing for pairs)",
-    "neat_packing": "neat packing",
     "mask_history": "history masking",
     "new_special_tokens": "adding special tokens",
     "resize_vocab": "resizing the vocabulary",
@@ -279,6 +278,11 @@ def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments
     if train.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")
+    if ft.packing_length < 0:
+        problems.append(f"packing_length: {ft.packing_length} is negative; give a row length in tokens, or 0 for "
+                        "one row per micro-batch")
+    if ft.packing_length and not ft.packing:
+        problems.append("packing_length is set but packing is off; set packing: true, or remove packing_length")
     if ft.logits_chunk_size < 1:
         problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
     problems += _validate_losses(ft)

@@ -7,6 +7,9 @@ checkpoints and resume; this class only says how a batch becomes a loss:
                                         --reference-->  reference PairLogps or None
     --compute_preference_loss--> LossOutput --mean--> loss; per-pair metrics are stored as sums
     and counts, and averaged at logging time over all micro-batches and processes.
+
+Each training log also says how fast the run goes (throughput.py): tokens/s, the fraction of
+computed positions that are padding, and the MFU-style figure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from prefalign.losses import LossSettings, compute_preference_loss
 from prefalign.metrics import pair_metrics
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.reference import Reference
+from prefalign.throughput import ModelShape, ThroughputMeter, matmul_rate
 
 
 class PreferenceTrainer(Trainer):
@@ -36,6 +40,7 @@ class PreferenceTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metric_sums: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._throughput: ThroughputMeter | None = None
 
     # -- the loss -------------------------------------------------------------------------
     def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:
@@ -53,6 +58,7 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, out, policy = self.batch_loss(model, inputs)
         self._store_metrics(out, policy, "train")
+        self.throughput_meter(model).add(inputs)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -68,9 +74,24 @@ class PreferenceTrainer(Trainer):
         for key, value in pair_metrics(out, policy).items():
             store[key].append(torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)]))
 
+    def throughput_meter(self, model) -> ThroughputMeter:
+        """The training meter, made at the first batch: the model's shape, its passes per step, the device's rate."""
+        if self._throughput is None:
+            params = [p for p in model.parameters()]
+            trains_weights = sum(p.numel() for p in params if p.requires_grad) > 0.5 * sum(p.numel() for p in params)
+            passes = (3.0 if trains_weights else 2.0) + (1.0 if self.reference.model is not None else 0.0)
+            dtype = next(p for p in params).dtype
+            if self.args.bf16 or self.args.fp16:
+                dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+            self._throughput = ThroughputMeter(ModelShape.of(model), passes, matmul_rate(self.args.device, dtype))
+        return self._throughput
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "train" if "loss" in logs else "eval"
         prefix = "eval_" if split == "eval" else ""
+        if split == "train" and self._throughput is not None and self._throughput.start is not None:
+            totals = self.accelerator.reduce(self._throughput.totals().to(self.args.device), reduction="sum")
+            logs.update(self._throughput.report(totals.cpu(), processes=self.accelerator.num_processes))
         store = self._metric_sums[split]
         if store:
             keys = sorted(store)

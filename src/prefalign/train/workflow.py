@@ -13,7 +13,7 @@ import yaml
 
 from prefalign import losses
 from prefalign.config import RunConfig, loss_settings
-from prefalign.data.collate import make_collator, with_lengths
+from prefalign.data.collate import run_collator, with_lengths
 from prefalign.data.pipeline import describe, prepare_data
 from prefalign.errors import ConfigError, reporting_disk_full
 from prefalign.modeling.load import (
@@ -80,7 +80,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     policy = load_policy(config.model, ft, dtype)
     settings = loss_settings(ft)
     needs_ref = losses.needs_reference(config.loss_names, settings)
-    collator = make_collator(tokenizer.pad_token_id, prefix_sharing=ft.prefix_sharing)
+    collator = run_collator(ft, tokenizer.pad_token_id)
     precompute = ft.precompute_ref_log_probs and needs_ref
     reference = build_reference(config, policy, needs_reference=needs_ref, dtype=dtype, for_precompute=precompute)
     if precompute:
