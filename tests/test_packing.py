@@ -213,3 +213,15 @@ def test_packed_eval_and_precomputed_reference_match_the_padded_run(tiny_model_d
         trainer.train()
         losses[precompute] = [h["loss"] for h in _logged(trainer)]
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_packed_with_gradient_checkpointing_gives_the_same_gradients():
+    """A checkpointed layer is recomputed in the backward pass, after pair_logps returned: it must
+    attend span by span again (the spans travel with the layer's saved keyword arguments)."""
+    model = tiny_llama()
+    plain = grads_of(model, plain_objective(model, FEATURES))
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert model.model.gradient_checkpointing
+    out = pair_logps(model, PackedCollator(0, prefix_sharing=True)(FEATURES))
+    assert_grads_close(grads_of(model, objective(out)), plain)
