@@ -63,6 +63,9 @@ RUNS = {
     "pa-lora-packed-prefix": {"impl": "prefalign", "mode": "lora", "packing": True, "prefix_sharing": True},
     "pa-full-packed": {"impl": "prefalign", "mode": "full", "packing": True},
     "pa-full-packed-prefix": {"impl": "prefalign", "mode": "full", "packing": True, "prefix_sharing": True},
+    # `prefalign eval`'s scoring vs the training forward, same layout and pairs (no training)
+    "eval-padded": {"impl": "prefalign-eval", "mode": "lora"},
+    "eval-packed-prefix": {"impl": "prefalign-eval", "mode": "lora", "packing": True, "prefix_sharing": True},
 }
 DEFAULT_RUNS = list(RUNS)
 PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-prefix", "pa-lora-fast", "pa-full-prefix", "pa-full-fast"]
@@ -285,11 +288,10 @@ def _train_settings(spec: dict) -> dict:
     )
 
 
-def run_prefalign(spec: dict, out_dir: str, clock) -> None:
+def _prefalign_config(spec: dict, out_dir: str):
     from prefalign.config import build_config
-    from prefalign.train.workflow import build_trainer
 
-    values = {
+    return build_config({
         "model_name_or_path": spec["model"], "stage": "dpo", "finetuning_type": spec["mode"],
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "q_proj,k_proj,v_proj,o_proj",
         "dataset": spec["data"], "template": spec["template"], "cutoff_len": spec["cutoff_len"],
@@ -298,10 +300,40 @@ def run_prefalign(spec: dict, out_dir: str, clock) -> None:
         "packing": bool(spec.get("packing")),
         "gradient_checkpointing": bool(spec.get("gradient_checkpointing")),
         **_train_settings(spec),
-    }
-    trainer = build_trainer(build_config(values))
+    })
+
+
+def run_prefalign(spec: dict, out_dir: str, clock) -> None:
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(_prefalign_config(spec, out_dir))
     trainer.add_callback(clock)
     trainer.train()
+
+
+def eval_check(spec: dict, out_dir: str) -> dict:
+    """`prefalign eval`'s scoring against the training forward (the loss, autograd recording, no
+    backward) of the same layout, on the same pairs: pairs/s of each, best of 2 rounds."""
+    from torch.utils.data import DataLoader
+
+    from prefalign.evaluate import Scorer
+    from prefalign.train.workflow import build_trainer
+
+    config = _prefalign_config(spec, out_dir)
+    trainer = build_trainer(config)
+    pairs = trainer.train_dataset.select(range(spec["batch_size"] * spec["grad_accum"] * spec["steps"]))
+    scorer = Scorer.from_config(config, trainer.model, trainer.reference)
+    best = {"train_forward": float("inf"), "eval": float("inf")}
+    for _ in range(2):
+        start = time.perf_counter()
+        for batch in DataLoader(pairs, batch_size=spec["batch_size"], collate_fn=trainer.data_collator):
+            trainer.batch_loss(trainer.model, trainer._prepare_inputs(batch))
+        best["train_forward"] = min(best["train_forward"], time.perf_counter() - start)
+        start = time.perf_counter()
+        scorer.score(pairs, batch_size=spec["batch_size"], pad_token_id=trainer.processing_class.pad_token_id,
+                     device=trainer.args.device, split="train", collator=trainer.data_collator)
+        best["eval"] = min(best["eval"], time.perf_counter() - start)
+    return {f"{k}_pairs_per_s": len(pairs) / v for k, v in best.items()}
 
 
 def run_trl(spec: dict, out_dir: str, clock) -> None:
@@ -338,6 +370,10 @@ def child_main(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     os.environ["PREFALIGN_CACHE"] = spec["cache_dir"]  # fresh caches: end-to-end includes all preparation
     clock = _clock_callback()
+    if spec["impl"] == "prefalign-eval":
+        with tempfile.TemporaryDirectory() as out_dir:
+            print("RESULT " + json.dumps(eval_check(spec, out_dir)), flush=True)
+        return
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         if spec.get("profile"):
@@ -433,6 +469,8 @@ def report(args, results: dict[str, dict], stats: dict | None = None) -> str:
     def fmt(value, pattern):
         return pattern.format(value) if value is not None else "-"
 
+    results = dict(results)
+    evals = {name: results.pop(name) for name in list(results) if RUNS[name]["impl"] == "prefalign-eval"}
     for name, r in results.items():
         losses = r["losses"]
         loss = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"
@@ -460,6 +498,10 @@ def report(args, results: dict[str, dict], stats: dict | None = None) -> str:
                               f"{on['e2e_pairs_per_s'] / off['e2e_pairs_per_s']:.2f}x |")
     if ratios:
         lines += ["", "| ratio | loop | end-to-end |", "|---|---:|---:|", *ratios]
+    if evals:
+        lines += ["", "| layout | training forward pairs/s | `prefalign eval` pairs/s |", "|---|---:|---:|"]
+        lines += [f"| {name} | {r['train_forward_pairs_per_s']:.2f} | {r['eval_pairs_per_s']:.2f} |"
+                  for name, r in evals.items()]
     for mode in ("lora", "full"):  # same model, data order and loss: the first logged losses must agree
         firsts = {n: r["losses"][0] for n, r in results.items() if r["losses"] and f"-{mode}" in n}
         if len(firsts) > 1:
@@ -492,6 +534,9 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             results[name] = run_child(spec)
             r = results[name]
+            if "eval_pairs_per_s" in r:
+                print(f"{name}: {r}", flush=True)
+                continue
             print(f"{name}: loop {r['loop_pairs_per_s']:.2f} pairs/s, end-to-end {r['e2e_pairs_per_s']:.2f} pairs/s, "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s); "
                   f"seconds per step: {r['step_s']}", flush=True)

@@ -36,12 +36,18 @@ _registered = False
 class PackedSpans:
     """The spans of one packed batch as Python ints, with the prefix masks built once per forward.
 
-    `spans`: (row, q_start, q_end, p_start, p_end) tuples (data/packing.py).
+    `spans`: (row, q_start, q_end, p_start, p_end) tuples (data/packing.py), row after row, each
+    row's spans end to end from position 0 (the attention output is their concatenation).
     """
 
     def __init__(self, spans: torch.Tensor):
         self.spans = [tuple(s) for s in spans.tolist()]
         self._masks: dict = {}
+        ends: dict[int, int] = {}
+        for row, q0, q1, *_ in self.spans:
+            if q0 != ends.get(row, 0) or q1 <= q0 or row < max(ends, default=0):
+                raise ValueError(f"packed spans must cover each row end to end, in order; got {self.spans}")
+            ends[row] = q1
 
     def prefix_mask(self, prefix: int, length: int, device) -> torch.Tensor:
         """(length, prefix + length) bool: every prefix key, then causal over the reply's own keys."""
@@ -66,7 +72,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    out = query.new_zeros(query.shape)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     for row, q0, q1, p0, p1 in packed_spans.spans:
         q = query[row:row + 1, :, q0:q1]
         if p1 > p0:
@@ -77,7 +83,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         else:
             o = F.scaled_dot_product_attention(q, key[row:row + 1, :, q0:q1], value[row:row + 1, :, q0:q1],
                                                dropout_p=dropout, is_causal=True, scale=scaling)
-        out[row:row + 1, :, q0:q1] = o
+        rows[row].append(o)
+    length = query.shape[2]
+    for parts in rows:  # padding at the row's end: zeros, attending nowhere
+        used = sum(part.shape[2] for part in parts)
+        if used < length:
+            parts.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
+    out = torch.cat([torch.cat(parts, 2) for parts in rows], 0)
     return out.transpose(1, 2).contiguous(), None
 
 
