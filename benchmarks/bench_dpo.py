@@ -333,7 +333,9 @@ def eval_check(spec: dict, out_dir: str) -> dict:
         scorer.score(pairs, batch_size=spec["batch_size"], pad_token_id=trainer.processing_class.pad_token_id,
                      device=trainer.args.device, split="train", collator=trainer.data_collator)
         best["eval"] = min(best["eval"], time.perf_counter() - start)
-    return {f"{k}_pairs_per_s": len(pairs) / v for k, v in best.items()}
+    import torch
+
+    return {**{f"{k}_pairs_per_s": len(pairs) / v for k, v in best.items()}, "threads": torch.get_num_threads()}
 
 
 def run_trl(spec: dict, out_dir: str, clock) -> None:
@@ -534,6 +536,8 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             results[name] = run_child(spec)
             r = results[name]
+            if args.json_out:  # after every run: a later failure loses nothing measured
+                Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
             if "eval_pairs_per_s" in r:
                 print(f"{name}: {r}", flush=True)
                 continue
