@@ -23,7 +23,10 @@ def reference() -> str:
         out += [f"#### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(" | ", " or ")
-            out.append(f"| `{f.name}` | {kind} | `{f.default}` | {f.metadata['help']} |")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):  # shown as it may be written: a comma-separated list
+                default = ",".join(str(v) for v in default)
+            out.append(f"| `{f.name}` | {kind} | `{default}` | {f.metadata['help']} |")
         out.append("")
     return "\n".join(out)
 

@@ -4,7 +4,9 @@ from pathlib import Path
 
 from prefalign.config import build_config
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+EXAMPLES = ROOT / "examples"
+FIXTURES = ROOT / "tests" / "fixtures" / "data"
 
 
 def config_for(model_dir, out, **overrides):

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from prefalign.contracts import LossOutput, PairLogps
+from prefalign.config.checks import loss_problems
 from prefalign.errors import ConfigError
 from prefalign.losses import (
     F_DIVERGENCES,
@@ -32,7 +33,6 @@ from prefalign.losses import (
     get_loss,
     length_desensitize,
     needs_reference,
-    validate_loss_settings,
     wpo_weights,
 )
 
@@ -293,10 +293,14 @@ def test_exo_pair_swap():
     assert difference == pytest.approx(math.tanh(0.15) * math.log(9))
 
 
-def test_exo_pair_without_label_smoothing_is_an_error():
-    """log ε with ε = 0 would be -inf; the loss refuses instead of returning inf."""
-    with pytest.raises(ConfigError, match="dpo_label_smoothing"):
-        run("exo_pair", label_smoothing=0.0)
+@pytest.mark.parametrize("name, bad", [("exo_pair", 0.0), ("robust", 0.5)])
+def test_a_loss_declares_its_constraints_and_the_config_check_reports_them(name, bad):
+    """log ε with ε = 0 is -inf (EXO), 1 - 2ε = 0 divides by zero (robust): the registry entry says so,
+    the config check reports it before training, and the loss function itself stays pure."""
+    assert [c.field for c in LOSSES[name].constraints] == ["label_smoothing"]
+    problems = loss_problems([name], None, LossSettings(label_smoothing=bad), has_ref_model=False)
+    assert len(problems) == 1 and f"pref_loss={name}" in problems[0] and "dpo_label_smoothing" in problems[0]
+    assert loss_problems([name], None, LossSettings(label_smoothing=0.1), has_ref_model=False) == []
 
 
 def test_aot_value():
@@ -512,7 +516,7 @@ def test_one_sgd_step_raises_the_margin(tiny_model, name):
     """Chosen and rejected have equal lengths, so summed and averaged margins move together."""
     model = copy.deepcopy(tiny_model)
     settings = LossSettings(beta=BETA, **REQUIRED_SETTINGS.get(name, {}))
-    assert validate_loss_settings([name], None, settings, has_ref_model=False) == []
+    assert loss_problems([name], None, settings, has_ref_model=False) == []
     with torch.no_grad():
         reference = model_logps(model)
     reference.chosen = reference.chosen - START_BETA_DELTA.get(name, 0.0) / BETA
@@ -695,7 +699,7 @@ def test_combined_losses_report_each_component():
 
 
 def test_compute_preference_loss_checks_weights():
-    with pytest.raises(ConfigError, match="pref_loss_weights has 1 weights but pref_loss names 2"):
+    with pytest.raises(ValueError, match="2 loss names and 1 weights"):
         compute_preference_loss(POLICY, REFERENCE, ["sigmoid", "sft"], [1.0], LossSettings())
 
 
@@ -718,7 +722,7 @@ def test_compute_preference_loss_checks_weights():
     ],
 )
 def test_valid_settings_have_no_problems(names, weights, settings, has_ref):
-    assert validate_loss_settings(names, weights, LossSettings(**settings), has_ref) == []
+    assert loss_problems(names, weights, LossSettings(**settings), has_ref) == []
 
 
 @pytest.mark.parametrize(
@@ -751,7 +755,7 @@ def test_valid_settings_have_no_problems(names, weights, settings, has_ref):
     ],
 )
 def test_each_problem_names_the_keys_and_the_fix(names, weights, settings, has_ref, keys):
-    problems = validate_loss_settings(names, weights, LossSettings(**settings), has_ref)
+    problems = loss_problems(names, weights, LossSettings(**settings), has_ref)
     assert len(problems) == 1, problems
     for key in keys:
         assert key in problems[0], f"{key!r} not in {problems[0]!r}"
@@ -760,7 +764,7 @@ def test_each_problem_names_the_keys_and_the_fix(names, weights, settings, has_r
 
 def test_all_problems_are_reported_together():
     settings = LossSettings(beta=-1.0, label_smoothing=0.2, use_weighting=True)
-    problems = validate_loss_settings(["aot", "simpo", "hing"], [1.0, 1.0], settings, has_ref_model=False)
+    problems = loss_problems(["aot", "simpo", "hing"], [1.0, 1.0], settings, has_ref_model=False)
     joined = "\n".join(problems)
     for fragment in ("did you mean 'hinge'", "pref_loss_weights has 2", "pref_beta=-1.0", "use_weighting"):
         assert fragment in joined

@@ -21,6 +21,7 @@ from prefalign.reference_cache import (
     weights_fingerprint,
     write_part,
 )
+from prefalign.scoring import reference_plan
 from prefalign.train.workflow import build_trainer, run_train
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -97,6 +98,21 @@ def test_sft_adapter_reference_is_base_plus_sft_adapter(tiny_model_dir, tmp_path
     after = logps_of(trained, batch)
     assert not torch.allclose(after.chosen, expected.chosen, atol=1e-4)  # trained away from the SFT adapter
     assert not torch.allclose(after.chosen, bare.chosen, atol=1e-3)  # and it is an adapter on the base
+
+
+def test_create_new_adapter_reference_is_base_plus_the_merged_sft_adapter(tiny_model_dir, tmp_path):
+    """What the plan (and so the model card) says is what the run computes: base + SFT adapter, not the bare base."""
+    sft = make_adapter(tiny_model_dir, tmp_path / "sft")
+    config = config_for(tiny_model_dir, tmp_path / "out", adapter_name_or_path=sft, create_new_adapter=True)
+    trainer = build_trainer(config)
+    plan = reference_plan(config, "train")
+    assert trainer.reference.name == plan.strategy == "adapter-disabled"
+    assert f"`{sft}`" in plan.description and "merged" in plan.description
+    batch = first_batch(trainer)
+    reference = trainer.reference.logps(batch)
+    assert_same_logps(reference, logps_of(with_adapter(tiny_model_dir, sft), batch))
+    bare = logps_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)
+    assert not torch.allclose(reference.chosen, bare.chosen, atol=1e-3)
 
 
 def test_separate_model_reference_is_that_model(tiny_model_dir, tmp_path):

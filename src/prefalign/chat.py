@@ -2,7 +2,7 @@
 
 Replies are rendered with the chat template training used (the tokenizer's own, or `template:`),
 streamed token by token, and stop at the template's end-of-turn token. With `--compare-reference`
-the reference (the policy with its adapter disabled, or `ref_model`: the rules of `prefalign eval`)
+the reference (`reference.plan_reference(phase="chat")`: the policy with its adapter disabled, or `ref_model`)
 answers the same conversation with the same seed, after the policy; each keeps its own history.
 """
 
@@ -16,7 +16,9 @@ import torch
 
 from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
-from prefalign.modeling.load import compute_dtype, load_tokenizer
+from prefalign.data.templates import stop_token_ids
+from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.scoring import build_planned_reference, reference_plan
 
 EXIT_WORDS = ("exit", "quit")
 CLEAR_WORD = "clear"
@@ -78,12 +80,10 @@ class ChatSession:
 
 
 def _generate_kwargs(config: RunConfig, tokenizer, renderer: ChatRenderer) -> dict:
-    from prefalign.export import _stop_token_ids
-
     gen = config.generation
     kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
               "repetition_penalty": gen.repetition_penalty, "use_cache": True,
-              "eos_token_id": _stop_token_ids(tokenizer, renderer.end_of_turn),
+              "eos_token_id": stop_token_ids(tokenizer, renderer.end_of_turn),
               "pad_token_id": tokenizer.pad_token_id}
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
@@ -96,19 +96,15 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
     """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`."""
     import contextlib
 
-    from prefalign.evaluate import build_inference_reference, load_inference_policy
-    from prefalign.train.workflow import ensure_model
-
-    ensure_model(config)
+    plan = reference_plan(config, "chat") if compare_reference else None
     args = config.training
     tokenizer = load_tokenizer(config.model)
     dtype = compute_dtype(args)
     device = args.device
-    policy = load_inference_policy(config, dtype).to(device)
+    policy = load_inference_policy(config.model, dtype).to(device)
     speakers = [Speaker("Policy" if compare_reference else "Assistant", policy, contextlib.nullcontext)]
     if compare_reference:
-        reference = build_inference_reference(config, policy, needs_reference=True, dtype=dtype,
-                                              command="chat --compare-reference").to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
         # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.
         speakers.append(Speaker("Reference", reference.model, reference._model_context))
     return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device)

@@ -3,46 +3,56 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 
-from prefalign.errors import PrefalignError, is_disk_full
+from prefalign.errors import PrefalignError, unwritable_error
+
+
+def _load(ns):
+    """The config of a command; the demo model is built first when the config asks for it (build_demo_model).
+
+    The demo (a tokenizer, a tiny Llama and its SFT warm-up) is not part of any command: only the CLI
+    asks for it, so the DPO path never imports it.
+    """
+    from prefalign.config import load_config
+
+    config = load_config(ns.config, ns.overrides)
+    if config.model.build_demo_model:
+        from prefalign.demo import ensure_demo_model
+
+        ensure_demo_model(config.model.model_name_or_path)
+    return config
 
 
 def _train(ns) -> None:
-    from prefalign.config import load_config
     from prefalign.train.workflow import run_train
 
-    run_train(load_config(ns.config, ns.overrides))
+    run_train(_load(ns))
 
 
 def _data(ns) -> None:
-    from prefalign.config import load_config
     from prefalign.data.inspect import run_data
 
-    run_data(load_config(ns.config, ns.overrides))
+    run_data(_load(ns))
 
 
 def _eval(ns) -> None:
-    from prefalign.config import load_config
     from prefalign.evaluate import run_eval
 
-    run_eval(load_config(ns.config, ns.overrides))
+    run_eval(_load(ns))
 
 
 def _export(ns) -> None:
-    from prefalign.config import load_config
     from prefalign.export import run_export
 
-    run_export(load_config(ns.config, ns.overrides))
+    run_export(_load(ns))
 
 
 def _chat(ns) -> None:
     from prefalign.chat import run_chat
-    from prefalign.config import load_config
 
-    run_chat(load_config(ns.config, ns.overrides), prompt=ns.prompt, compare_reference=ns.compare_reference,
+    run_chat(_load(ns), prompt=ns.prompt, compare_reference=ns.compare_reference,
              seed=ns.seed)
 
 
@@ -119,12 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a full or read-only disk is the user's to fix; anything else is a bug
-        unwritable = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS)
-        if not (unwritable or is_disk_full(exc)):
+        error = unwritable_error(exc)
+        if error is None:
             raise
-        where = getattr(exc, "filename", None) or "the output"
-        reason = getattr(exc, "strerror", None) or "no space left on device"
-        print(f"prefalign {ns.command}: error: cannot write {where}: {reason}", file=sys.stderr)
+        print(f"prefalign {ns.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)

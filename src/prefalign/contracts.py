@@ -52,21 +52,41 @@ class PreferencePair:
 #   "chosen_ids":   list[int]  the chosen reply, ending with the end-of-turn token
 #   "rejected_ids": list[int]  the rejected reply, ending with the end-of-turn token
 #   "index":        int        position of the pair in the loaded data (for eval output, caches)
-ENCODED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "index")
+
+
+# -- batches ---------------------------------------------------------------------------------------
+IGNORE_INDEX = -100
+"""The label of a position that is not scored (prompt and padding tokens)."""
+
+# Segment ids of the prefix-shared layout: the prompt, the chosen reply, the rejected reply, padding.
+SEGMENT_SHARED, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
 
 
 class BatchLayout(str, enum.Enum):
-    """How a batch of B pairs is laid out (data/collate.py, data/packing.py).
+    """How a batch of B pairs is laid out; every batch says it in `batch["layout"]` (data/collate.py).
 
-    CONCATENATED:  (2B, T) rows [0, B) prompt+chosen, rows [B, 2B) prompt+rejected.
-    PREFIX_SHARED: (B, T) one row per pair, the prompt computed once (`segment_ids`).
-    PACKED:        (R, T) the pairs' sequences end to end in R rows, attention confined to each
-                   sequence by `spans`, no padding but at row ends (data/packing.py).
+    CONCATENATED:  `input_ids`, `attention_mask`, `labels` (2B, T): rows [0, B) prompt+chosen,
+                   rows [B, 2B) prompt+rejected.
+    PREFIX_SHARED: `input_ids`, `attention_mask`, `labels`, `segment_ids`, `position_ids` (B, T):
+                   one packed row per pair, the prompt computed once (segments SEGMENT_*).
+    PACKED:        the same keys (R, T) plus `pair_ids` (R, T) and `spans` (K, 5): the pairs'
+                   sequences end to end in R rows, attention confined to each sequence by the
+                   spans, padding only at row ends (data/packing.py).
+    All carry `index` (B,), each pair's position in its dataset.
     """
 
     CONCATENATED = "concatenated"
     PREFIX_SHARED = "prefix_shared"
     PACKED = "packed"
+
+
+def batch_layout(batch: dict) -> BatchLayout:
+    """The layout a batch declares; a batch that declares none was not built by a prefalign collator."""
+    try:
+        return BatchLayout(batch["layout"])
+    except KeyError:
+        raise ValueError("a batch must say its layout in batch['layout'] (a BatchLayout); "
+                         "build batches with data/collate.py's collators") from None
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -107,17 +127,6 @@ class PairLogps:
     def chosen_nll(self) -> torch.Tensor:
         """Mean per-token negative log-likelihood of the chosen response, shape (B,)."""
         return -self.chosen_avg
-
-    def detach(self) -> "PairLogps":
-        return PairLogps(
-            chosen=self.chosen.detach(),
-            rejected=self.rejected.detach(),
-            chosen_tokens=self.chosen_tokens,
-            rejected_tokens=self.rejected_tokens,
-            chosen_mean_logit=self.chosen_mean_logit,
-            rejected_mean_logit=self.rejected_mean_logit,
-            extras={k: v.detach() for k, v in self.extras.items()},
-        )
 
 
 @dataclass

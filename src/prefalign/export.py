@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefalign.config import RunConfig
 from prefalign.errors import ConfigError, PrefalignError
-from prefalign.modeling.load import _split_paths, load_causal_lm, merge_adapters
+from prefalign.modeling.load import load_causal_lm, merge_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _quantization_config(config: RunConfig):
 
 def _tokenizer_source(config: RunConfig) -> str:
     """The last adapter's folder when it holds a tokenizer (the one training used and saved), else the base."""
-    adapters = _split_paths(config.model.adapter_name_or_path)
+    adapters = list(config.model.adapter_name_or_path or [])
     if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
         return adapters[-1]
     return config.model.model_name_or_path
@@ -64,10 +64,10 @@ def run_export(config: RunConfig) -> Path:
     """Merge `adapter_name_or_path` into `model_name_or_path` and save a standalone model to `export_dir`."""
     from transformers import AutoTokenizer
 
-    from prefalign.data.templates import end_of_turn_token, get_template
+    from prefalign.data.templates import end_of_turn_token, get_template, stop_token_ids
 
     out = check_export(config)
-    adapters = _split_paths(config.model.adapter_name_or_path)
+    adapters = list(config.model.adapter_name_or_path or [])
     # "auto": the dtype the base was saved in; the adapter's fp32 delta is added in that dtype.
     model = load_causal_lm(config.model.model_name_or_path, config.model, "auto")
     model = merge_adapters(model, adapters)
@@ -81,7 +81,7 @@ def run_export(config: RunConfig) -> Path:
     if template:
         tokenizer.chat_template = get_template(template).jinja
     end_of_turn = end_of_turn_token(tokenizer, template) if template or tokenizer.chat_template else None
-    stop_ids = _stop_token_ids(tokenizer, end_of_turn)
+    stop_ids = stop_token_ids(tokenizer, end_of_turn)
     generation = model.generation_config
     eos = generation.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -98,11 +98,3 @@ def run_export(config: RunConfig) -> Path:
           f"{' + ' + ', '.join(adapters) if adapters else ''} to {out.resolve()}", flush=True)
     return out
 
-
-def _stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if end_of_turn:
-        encoded = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id and encoded not in ids:
-            ids.append(encoded)
-    return ids

@@ -16,7 +16,6 @@ reference-free losses, β times the policy log-probs the loss reads. Both are de
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from prefalign.contracts import LossOutput, PairLogps
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -80,6 +79,18 @@ class LossSpec:
     """The `LossSettings` fields it reads besides `beta`; a setting that no chosen loss reads is a config error."""
     per_pair: bool = True
     """losses[i] belongs to pair i. False for AOT, whose losses are per quantile of the batch."""
+    constraints: tuple["Constraint", ...] = ()
+    """What this loss needs of the settings beyond their general ranges (checked with the config)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A condition a loss puts on one `LossSettings` field, with the problem line shown when it fails."""
+
+    field: str
+    ok: Callable[[float], bool]
+    problem: str
+    """Formatted with `value=`: names the config key, the loss and the fix."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,12 +190,7 @@ def robust_loss(policy: PairLogps, reference: PairLogps | None, s: LossSettings)
 
     [-(1-ε) log σ(βΔ) + ε log σ(-βΔ)] / (1 - 2ε).
     """
-    eps = s.label_smoothing
-    if not 0 <= eps < 0.5:
-        raise ConfigError(
-            f"pref_loss=robust divides by 1 - 2*dpo_label_smoothing, so dpo_label_smoothing={eps} is not allowed; "
-            "use a value in [0, 0.5)"
-        )
+    eps = s.label_smoothing  # in [0, 0.5): the registry entry's constraint, checked with the config
     chosen, rejected = _log_ratios(policy, reference)
     logits = s.beta * (chosen - rejected)
     losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
@@ -269,12 +275,7 @@ def exo_pair_loss(policy: PairLogps, reference: PairLogps | None, s: LossSetting
 
     ε > 0 is required (log ε); the EXO paper uses ε = 1e-3.
     """
-    eps = s.label_smoothing
-    if not 0 < eps < 0.5:
-        raise ConfigError(
-            f"pref_loss=exo_pair takes log(dpo_label_smoothing), so dpo_label_smoothing={eps} is not allowed; "
-            "set dpo_label_smoothing in (0, 0.5), e.g. 1e-3 as in the EXO paper"
-        )
+    eps = s.label_smoothing  # in (0, 0.5): the registry entry's constraint, checked with the config
     chosen, rejected = _log_ratios(policy, reference)
     logits = s.beta * (chosen - rejected)
     losses = torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log(1 - eps)) + torch.sigmoid(-logits) * (
@@ -400,7 +401,12 @@ LOSSES: dict[str, LossSpec] = {
         sigmoid_loss, _REF, _SUM, "Rafailov et al. 2023 (DPO), arXiv:2305.18290",
         reads=frozenset({"label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"}),
     ),
-    "robust": LossSpec(robust_loss, _REF, _SUM, "Chowdhury et al. 2024 (rDPO), arXiv:2403.00409", reads=_EPS),
+    "robust": LossSpec(
+        robust_loss, _REF, _SUM, "Chowdhury et al. 2024 (rDPO), arXiv:2403.00409", reads=_EPS,
+        constraints=(Constraint("label_smoothing", lambda v: 0 <= v < 0.5,
+                                "pref_loss=robust divides by 1 - 2*dpo_label_smoothing, so dpo_label_smoothing={value} "
+                                "is not allowed; use a value in [0, 0.5)"),),
+    ),
     "hinge": LossSpec(hinge_loss, _REF, _SUM, "Zhao et al. 2023 (SLiC-HF), arXiv:2305.10425"),
     "ipo": LossSpec(ipo_loss, _REF, _AVG, "Azar et al. 2023 (IPO), arXiv:2310.12036"),
     "kto_pair": LossSpec(kto_pair_loss, _REF, _SUM, "Ethayarajh et al. 2024 (KTO), arXiv:2402.01306"),
@@ -411,7 +417,12 @@ LOSSES: dict[str, LossSpec] = {
     "bco_pair": LossSpec(bco_pair_loss, _REF, _SUM, "Jung et al. 2024 (BCO), arXiv:2404.04656"),
     "sppo_hard": LossSpec(sppo_hard_loss, _REF, _SUM, "Wu et al. 2024 (SPPO), arXiv:2405.00675"),
     "nca_pair": LossSpec(nca_pair_loss, _REF, _SUM, "Chen et al. 2024 (NCA), arXiv:2402.05369"),
-    "exo_pair": LossSpec(exo_pair_loss, _REF, _SUM, "Ji et al. 2024 (EXO), arXiv:2402.00856", reads=_EPS),
+    "exo_pair": LossSpec(
+        exo_pair_loss, _REF, _SUM, "Ji et al. 2024 (EXO), arXiv:2402.00856", reads=_EPS,
+        constraints=(Constraint("label_smoothing", lambda v: 0 < v < 0.5,
+                                "pref_loss=exo_pair needs dpo_label_smoothing > 0 and < 0.5 (the loss takes its log), "
+                                "not {value}; set dpo_label_smoothing, e.g. to 1e-3 as in the EXO paper"),),
+    ),
     "aot": LossSpec(
         aot_loss, _REF, _SUM, "Melnyk et al. 2024 (AOT), arXiv:2406.05882", reads=_EPS, per_pair=False
     ),
@@ -430,18 +441,14 @@ LOSSES: dict[str, LossSpec] = {
 
 def get_loss(name: str) -> LossSpec:
     if name not in LOSSES:
-        raise ConfigError(_unknown_loss(name))
+        raise ConfigError(unknown_loss(name))
     return LOSSES[name]
 
 
-def _did_you_mean(value: object, options: dict[str, object]) -> str:
-    """'did you mean 'x'? ' for the closest option (by spelling, else by prefix), or ''."""
-    close = difflib.get_close_matches(str(value), options, n=1) or [o for o in options if o.startswith(str(value))]
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
-def _unknown_loss(name: str) -> str:
-    return f"pref_loss: unknown loss {name!r}; {_did_you_mean(name, LOSSES)}known losses: {', '.join(sorted(LOSSES))}"
+def unknown_loss(name: str) -> str:
+    """The problem line for a `pref_loss` name that is not registered."""
+    hint = did_you_mean(name, LOSSES)
+    return f"pref_loss: unknown loss {name!r}; {hint + ' ' if hint else ''}known losses: {', '.join(sorted(LOSSES))}"
 
 
 def needs_reference(names: list[str], settings: LossSettings | None = None) -> bool:
@@ -530,12 +537,9 @@ def compute_preference_loss(
     Rewards are those of the first named loss.
     """
     weights = [1.0] * len(names) if weights is None else list(weights)
-    if len(weights) != len(names):
-        raise ConfigError(
-            f"pref_loss_weights has {len(weights)} weights but pref_loss names {len(names)} losses; give one per loss"
-        )
-    if not names:
-        raise ConfigError("pref_loss is empty; name at least one loss, e.g. pref_loss: sigmoid")
+    if len(weights) != len(names) or not names:  # the config checks rule this out: a caller's bug
+        raise ValueError(f"compute_preference_loss got {len(names)} loss names and {len(weights)} weights; "
+                         "give at least one name and one weight per name")
 
     summed_policy, summed_reference = policy, reference
     if settings.ld_alpha is not None:
@@ -571,141 +575,22 @@ def compute_preference_loss(
     return LossOutput(total, first.chosen_rewards, first.rejected_rewards, metrics)
 
 
-# --------------------------------------------------------------------------------------------------
-# Validation
+@dataclass(frozen=True)
+class Objective:
+    """A run's training objective, built once from the config: the named losses, their weights, the settings."""
 
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    settings: LossSettings
 
-def _names_list(names: list[str]) -> str:
-    return ",".join(names)
+    @property
+    def needs_reference(self) -> bool:
+        return needs_reference(list(self.names), self.settings)
 
+    @property
+    def per_pair(self) -> bool:
+        """Whether losses[i] belongs to pair i for every named loss (not for AOT's quantiles)."""
+        return all(get_loss(name).per_pair for name in self.names)
 
-def validate_loss_settings(
-    names: list[str], weights: list[float] | None, settings: LossSettings, has_ref_model: bool
-) -> list[str]:
-    """Every problem with the loss configuration, one line each naming the config keys and the fix; [] if none.
-
-    `names` / `weights` are `pref_loss` / `pref_loss_weights`; `has_ref_model` says whether `ref_model` was given.
-    """
-    problems: list[str] = []
-    s = settings
-    defaults = LossSettings()
-    loss_label = f"pref_loss={_names_list(names)}"
-
-    if not names:
-        problems.append("pref_loss is empty; name at least one loss, e.g. pref_loss: sigmoid")
-    unknown = [name for name in names if name not in LOSSES]
-    problems += [_unknown_loss(name) for name in unknown]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        problems.append(
-            f"pref_loss lists {', '.join(duplicates)} more than once; list each loss once and "
-            "set its weight in pref_loss_weights"
-        )
-    known = [name for name in names if name in LOSSES]
-    specs = [LOSSES[name] for name in known]
-
-    def read_by(field: str) -> list[str]:
-        return [name for name in known if field in LOSSES[name].reads]
-
-    def readers_hint(field: str) -> str:
-        return ", ".join(name for name, spec in LOSSES.items() if field in spec.reads)
-
-    if weights is not None:
-        if len(weights) != len(names):
-            problems.append(
-                f"pref_loss_weights has {len(weights)} weights but pref_loss names {len(names)} losses; "
-                "give one weight per loss, in the same order"
-            )
-        negative = [f"{name}={weight}" for name, weight in zip(names, weights) if weight < 0]
-        if negative:
-            problems.append(
-                f"pref_loss_weights has negative weights ({', '.join(negative)}), which would maximise "
-                "those pref_loss terms; use weights >= 0"
-            )
-
-    if s.beta <= 0:
-        problems.append(f"pref_beta={s.beta} must be > 0 (it scales the log-ratios of every pref_loss); e.g. 0.1")
-
-    # Label smoothing
-    eps = s.label_smoothing
-    if not 0 <= eps < 0.5:
-        why = " (pref_loss=robust divides by 1 - 2*dpo_label_smoothing)" if "robust" in known else ""
-        problems.append(f"dpo_label_smoothing={eps} must be in [0, 0.5){why}; it is the assumed rate of flipped labels")
-    elif eps > 0 and known and not read_by("label_smoothing"):
-        problems.append(
-            f"{loss_label} does not use dpo_label_smoothing={eps}; remove dpo_label_smoothing or use one of "
-            f"pref_loss={readers_hint('label_smoothing')}"
-        )
-    if "exo_pair" in known and eps <= 0:
-        problems.append(
-            "pref_loss=exo_pair needs dpo_label_smoothing > 0 (the loss takes its log); "
-            "set dpo_label_smoothing, e.g. to 1e-3 as in the EXO paper"
-        )
-
-    # Settings read by one loss only
-    if s.simpo_gamma != defaults.simpo_gamma and known and not read_by("simpo_gamma"):
-        problems.append(
-            f"{loss_label} does not use simpo_gamma={s.simpo_gamma}; remove simpo_gamma or use pref_loss=simpo"
-        )
-    if s.discopop_tau <= 0:
-        problems.append(f"discopop_tau={s.discopop_tau} must be > 0 (pref_loss=discopop divides by it); e.g. 0.05")
-    elif s.discopop_tau != defaults.discopop_tau and known and not read_by("discopop_tau"):
-        problems.append(
-            f"{loss_label} does not use discopop_tau={s.discopop_tau}; remove discopop_tau or use pref_loss=discopop"
-        )
-
-    # f-DPO
-    if s.f_divergence_type not in F_DIVERGENCES:
-        problems.append(
-            f"f_divergence_type: unknown divergence {s.f_divergence_type!r}; "
-            f"{_did_you_mean(s.f_divergence_type, F_DIVERGENCES)}known: {', '.join(F_DIVERGENCES)}"
-        )
-    elif s.f_divergence_type != defaults.f_divergence_type and known and not read_by("f_divergence_type"):
-        problems.append(
-            f"f_divergence_type={s.f_divergence_type} only changes pref_loss=sigmoid, which {loss_label} does not "
-            "include; remove f_divergence_type or add sigmoid to pref_loss"
-        )
-    if s.f_alpha_divergence_coef <= 0:
-        problems.append(
-            f"f_alpha_divergence_coef={s.f_alpha_divergence_coef} must be > 0 "
-            "(f_divergence_type=alpha_divergence divides by it); e.g. 0.5"
-        )
-    elif s.f_alpha_divergence_coef != defaults.f_alpha_divergence_coef and s.f_divergence_type != "alpha_divergence":
-        problems.append(
-            f"f_alpha_divergence_coef={s.f_alpha_divergence_coef} is only read when "
-            f"f_divergence_type=alpha_divergence, but f_divergence_type={s.f_divergence_type}; "
-            "remove f_alpha_divergence_coef or set f_divergence_type=alpha_divergence"
-        )
-
-    # Modifiers
-    if s.ftx < 0:
-        problems.append(f"pref_ftx={s.ftx} must be >= 0 (a negative weight would unlearn the chosen replies)")
-    if s.bco_weight < 0:
-        problems.append(f"pref_bco_weight={s.bco_weight} must be >= 0")
-    elif s.bco_weight > 0 and "bco_pair" in known:
-        problems.append(
-            "pref_bco_weight adds bco_pair, which pref_loss already lists; remove pref_bco_weight or drop bco_pair "
-            "from pref_loss (and weight it in pref_loss_weights)"
-        )
-    if s.ld_alpha is not None:
-        if not 0 <= s.ld_alpha <= 1:
-            problems.append(f"ld_alpha={s.ld_alpha} must be in [0, 1] (1 is plain DPO); e.g. 0.5")
-        elif known and all(spec.averaged for spec in specs):
-            problems.append(
-                f"ld_alpha reweighs summed log-probs, but {loss_label} only reads length-averaged ones; "
-                "remove ld_alpha or use a summed loss such as pref_loss=sigmoid"
-            )
-    not_per_pair = [name for name in known if not LOSSES[name].per_pair]
-    if s.use_weighting and not_per_pair:
-        problems.append(
-            f"use_weighting weighs each pair, but pref_loss={','.join(not_per_pair)} sorts log-ratios across the "
-            "batch so its losses belong to no single pair; set use_weighting=false or use another pref_loss"
-        )
-
-    # Reference model
-    if has_ref_model and known and not needs_reference(known, s):
-        problems.append(
-            f"ref_model is set but {loss_label} is reference-free and never reads it; remove ref_model "
-            "(it costs memory and a forward pass) or use a loss that needs one, e.g. pref_loss=sigmoid"
-        )
-    return problems
+    def __call__(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+        return compute_preference_loss(policy, reference, list(self.names), list(self.weights), self.settings)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from prefalign.modeling.load import _split_paths
+from prefalign.data.summary import DataSummary
+from prefalign.scoring import reference_plan
 
 _HYPER_PARAMETERS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -21,7 +22,7 @@ _HYPER_PARAMETERS = (
 
 
 def _front_matter(config, is_adapter: bool) -> dict:
-    datasets = _split_paths(config.data.dataset) + _split_paths(config.data.eval_dataset)
+    datasets = list(config.data.dataset or []) + list(config.data.eval_dataset or [])
     meta = {
         "base_model": config.model.model_name_or_path,
         "library_name": "peft" if is_adapter else "transformers",
@@ -36,25 +37,29 @@ def _front_matter(config, is_adapter: bool) -> dict:
 def _method(config, is_adapter: bool) -> list[str]:
     ft, model = config.finetuning, config.model
     lines = []
-    adapters = _split_paths(model.adapter_name_or_path)
+    adapters = list(model.adapter_name_or_path or [])
     if adapters:
-        lines.append(f"- Starting adapter(s): {', '.join(f'`{a}`' for a in adapters)}"
-                     + (" (merged; a new adapter was trained on top)" if ft.create_new_adapter or
-                        ft.finetuning_type != "lora" else ""))
+        if ft.finetuning_type != "lora":
+            what = " (merged into the weights before training)"
+        elif ft.create_new_adapter:
+            what = " (merged; a new adapter was trained on top)"
+        else:
+            what = ""
+        lines.append(f"- Starting adapter(s): {', '.join(f'`{a}`' for a in adapters)}{what}")
     if ft.finetuning_type == "lora":
         lines.append(f"- Method: LoRA, rank {ft.lora_rank}, alpha {ft.lora_alpha or 2 * ft.lora_rank}, "
-                     f"dropout {ft.lora_dropout}, target `{ft.lora_target}`"
+                     f"dropout {ft.lora_dropout}, target `{','.join(ft.lora_target)}`"
                      + (", rsLoRA" if ft.use_rslora else "") + (", DoRA" if ft.use_dora else ""))
     elif ft.finetuning_type == "freeze":
         lines.append(f"- Method: freeze tuning, trainable layers {ft.freeze_trainable_layers}, "
-                     f"modules `{ft.freeze_trainable_modules}`")
+                     f"modules `{','.join(ft.freeze_trainable_modules)}`")
     else:
         lines.append("- Method: full fine-tuning")
-    weights = f" (weights {ft.pref_loss_weights})" if ft.pref_loss_weights else ""
-    lines.append(f"- Loss: `{ft.pref_loss}`{weights}, β = {ft.pref_beta}"
+    weights = f" (weights {','.join(f'{w:g}' for w in ft.pref_loss_weights)})" if ft.pref_loss_weights else ""
+    lines.append(f"- Loss: `{','.join(ft.pref_loss)}`{weights}, β = {ft.pref_beta}"
                  + "".join(f", {k} = {v}" for k, v in _changed_loss_settings(config).items())
                  + " (see prefalign's docs/losses.md)")
-    lines.append(f"- Reference: {_reference(config)}")
+    lines.append(f"- Reference: {reference_plan(config, 'train').description}")
     return lines
 
 
@@ -67,36 +72,19 @@ def _changed_loss_settings(config) -> dict:
     return {k: getattr(config.finetuning, k) for k in keys if getattr(config.finetuning, k) != getattr(defaults, k)}
 
 
-def _reference(config) -> str:
-    from prefalign import losses
-    from prefalign.config import loss_settings
-
-    ft = config.finetuning
-    if not losses.needs_reference(config.loss_names, loss_settings(ft)):
-        return "none (a reference-free loss)"
-    if ft.ref_model:
-        return f"`{ft.ref_model}`" + (f" with `{ft.ref_model_adapters}`" if ft.ref_model_adapters else "")
-    if ft.finetuning_type == "lora":
-        if config.model.adapter_name_or_path and not ft.create_new_adapter:
-            return "the base with the starting adapter, frozen"
-        return "the base model (the policy with its adapter disabled)"
-    return "a frozen copy of the starting model"
-
-
-def _data(config, summary: dict | None) -> list[str]:
+def _data(config, summary: DataSummary | None) -> list[str]:
     lines = []
     if summary:
-        for name, count in summary.get("datasets", {}).items():
-            skipped = summary.get("skipped", {}).get(name, 0)
+        for name, count in summary.datasets.items():
+            skipped = summary.skipped.get(name, 0)
             lines.append(f"- `{name}`: {count} pairs" + (f" ({skipped} records skipped)" if skipped else ""))
-        for split in ("train", "eval"):
-            stats = summary.get(split)
-            if isinstance(stats, dict):
-                lines.append(f"- {split}: {stats.get('pairs')} pairs, {stats.get('truncated_prompts', 0)} prompts and "
-                             f"{stats.get('truncated_responses', 0)} responses truncated")
+        for split, stats in summary.splits():
+            lines.append(f"- {split}: {stats.pairs} pairs, {stats.truncated_prompts} prompts and "
+                         f"{stats.truncated_responses} responses truncated")
     else:
-        lines.append(f"- dataset: `{config.data.dataset}`" + (f", eval: `{config.data.eval_dataset}`"
-                                                            if config.data.eval_dataset else ""))
+        data = config.data
+        lines.append(f"- dataset: `{','.join(data.dataset or [])}`"
+                     + (f", eval: `{','.join(data.eval_dataset)}`" if data.eval_dataset else ""))
     template = config.data.template or "the tokenizer's own"
     lines.append(f"- Chat template: {template}; cutoff_len {config.data.cutoff_len} tokens")
     return lines
@@ -120,7 +108,7 @@ def _usage(config, out: Path, is_adapter: bool) -> str:
     if config.data.template:
         notes.append(f"The model was trained with prefalign's built-in `{config.data.template}` chat template, which "
                      "may differ from the tokenizer's own: `prefalign export` writes it into the exported tokenizer.")
-    if is_adapter and len(_split_paths(config.model.adapter_name_or_path)) > 1:
+    if is_adapter and len(config.model.adapter_name_or_path or []) > 1:
         notes.append("This adapter was trained on the base with the earlier starting adapters merged; merge them "
                      "first (or use `prefalign export` with all of them in adapter_name_or_path).")
     standalone = ("A standalone model with the adapter merged: `prefalign export CONFIG.yaml "
@@ -144,7 +132,7 @@ def model_card(config, out: str | Path) -> str:
 
     out = Path(out)
     is_adapter = (out / "adapter_config.json").is_file()
-    summary = json.loads((out / "data_summary.json").read_text()) if (out / "data_summary.json").is_file() else None
+    summary = DataSummary.read(out)
     metrics = json.loads((out / "all_results.json").read_text()) if (out / "all_results.json").is_file() else {}
     args = config.training
     values = {k: getattr(args, k, None) for k in _HYPER_PARAMETERS}
@@ -161,7 +149,7 @@ def model_card(config, out: str | Path) -> str:
         f"# {out.resolve().name}",
         "",
         f"This is {what} `{config.model.model_name_or_path}`, aligned to human preferences with "
-        f"`{config.finetuning.pref_loss}` (preference optimisation in the DPO family) by "
+        f"`{','.join(config.finetuning.pref_loss)}` (preference optimisation in the DPO family) by "
         "prefalign.",
         "",
         "## Training",

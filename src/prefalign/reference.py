@@ -1,6 +1,7 @@
 """The reference model's log-probabilities, behind one interface.
 
-Strategies (chosen by `build_reference` from the config):
+Strategies (chosen by `plan_reference`, a pure function of the settings and the phase, and built by
+`build_reference`; the model card, eval and chat read the same plan):
   none              reference-free losses (ORPO, SimPO): nothing is loaded or run
   adapter-disabled  LoRA: the policy with its adapter switched off; no second copy of the weights
   sft-adapter       LoRA on top of an SFT adapter: the frozen copy of that adapter (base + SFT)
@@ -20,15 +21,13 @@ import copy
 import gc
 import logging
 
+from dataclasses import dataclass
+
 import torch
 
 from prefalign.contracts import PairLogps
-from prefalign.modeling.load import (
-    REFERENCE_ADAPTER,
-    _split_paths,
-    load_causal_lm,
-    merge_adapters,
-)
+from prefalign.errors import ConfigError
+from prefalign.modeling.load import REFERENCE_ADAPTER, load_causal_lm, merge_adapters
 from prefalign.modeling.logprobs import pair_logps
 
 logger = logging.getLogger(__name__)
@@ -180,24 +179,89 @@ class InitialPolicyReference(Reference):
         self.policy = None
 
 
-def build_reference(config, policy, *, needs_reference: bool, dtype: torch.dtype = torch.float32,
-                    for_precompute: bool = False) -> Reference:
-    """Pick the reference strategy for this run (see the module docstring).
+# -- the plan: which reference a run uses -----------------------------------------------------------
+PHASES = ("train", "eval", "chat")
 
-    `for_precompute`: the reference is read once, before training (reference_cache.py), so full /
-    freeze tuning reads the initial policy instead of making a frozen copy.
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """What the reference is, in words, and what `build_reference` builds for it.
+
+    `strategy`: none | separate-model | adapter-disabled | sft-adapter | frozen-copy (the `name` of the
+    Reference built). `model` and `adapters` name the separate reference model and the adapters merged
+    into it (separate-model only).
     """
-    ft = config.finetuning
-    kwargs = {"chunk_size": ft.logits_chunk_size, "token_level": ft.ld_alpha is not None}
+
+    strategy: str
+    description: str
+    model: str | None = None
+    adapters: tuple[str, ...] = ()
+
+
+def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = "lora",
+                   adapters: list[str] | None = None, create_new_adapter: bool = False,
+                   ref_model: str | None = None, ref_model_adapters: list[str] | None = None) -> ReferencePlan:
+    """The reference of a run in `phase` (train, eval or chat): a pure function of the settings.
+
+    Training reads `adapters` (adapter_name_or_path) as the starting point. After training (eval,
+    chat) the last adapter is the *result*, so the reference is the policy with it switched off; with
+    no adapter and no `ref_model` there is nothing to compare with, a ConfigError.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
+    adapters = list(adapters or [])
     if not needs_reference:
+        return ReferencePlan("none", "none (a reference-free loss)")
+    if ref_model:
+        merged = list(ref_model_adapters or [])
+        words = f"`{ref_model}`" + (f" with {_listed(merged)} merged" if merged else "") + " (ref_model), frozen"
+        return ReferencePlan("separate-model", words, ref_model, tuple(merged))
+    if phase != "train":
+        if not adapters:
+            command = "eval" if phase == "eval" else "chat --compare-reference"
+            raise ConfigError(
+                f"{command}: the policy is model_name_or_path with no adapter, so there is no reference to compare "
+                "it with; set ref_model: to the model training started from (run_config.yaml's "
+                "model_name_or_path), or adapter_name_or_path: to the trained LoRA adapter")
+        earlier = f" with {_listed(adapters[:-1])} merged" if adapters[:-1] else ""
+        return ReferencePlan("adapter-disabled",
+                             f"the base model{earlier} (the policy with its adapter `{adapters[-1]}` disabled)")
+    if finetuning_type == "lora":
+        if adapters and not create_new_adapter:
+            earlier = f", {_listed(adapters[:-1])} merged," if adapters[:-1] else ""
+            return ReferencePlan("sft-adapter", f"the base model{earlier} with the starting adapter `{adapters[-1]}` "
+                                                "(a frozen copy of it; the policy trains the other copy)")
+        if adapters:
+            return ReferencePlan("adapter-disabled", f"the base model with the starting adapter(s) {_listed(adapters)} "
+                                                     "merged (the policy with its new adapter disabled)")
+        return ReferencePlan("adapter-disabled", "the base model (the policy with its adapter disabled)")
+    merged = f" (the base model with {_listed(adapters)} merged)" if adapters else ""
+    return ReferencePlan("frozen-copy", f"a frozen copy of the starting model{merged}")
+
+
+def _listed(paths: list[str]) -> str:
+    return ", ".join(f"`{p}`" for p in paths)
+
+
+def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dtype = torch.float32,
+                    chunk_size: int = 1024, token_level: bool = False, for_precompute: bool = False) -> Reference:
+    """The `Reference` that `plan` describes (see the module docstring); `model_args` loads a separate model.
+
+    `for_precompute`: the reference is read once, before training (reference_cache.py), so a frozen
+    copy reads the initial policy instead of copying it.
+    """
+    kwargs = {"chunk_size": chunk_size, "token_level": token_level}
+    if plan.strategy == "none":
         return Reference(**kwargs)
-    if ft.ref_model:
-        model = load_causal_lm(ft.ref_model, config.model, dtype)
-        model = merge_adapters(model, _split_paths(ft.ref_model_adapters))
+    if plan.strategy == "separate-model":
+        model = load_causal_lm(plan.model, model_args, dtype)
+        model = merge_adapters(model, list(plan.adapters))
         return FrozenModelReference(model, "separate-model", **kwargs)
-    if ft.finetuning_type == "lora":
-        if REFERENCE_ADAPTER in getattr(policy, "peft_config", {}):
-            return AdapterSwitchReference(policy, **kwargs)
+    if plan.strategy == "sft-adapter":
+        if REFERENCE_ADAPTER not in getattr(policy, "peft_config", {}):
+            raise RuntimeError("the sft-adapter reference needs the policy's frozen copy of the starting adapter")
+        return AdapterSwitchReference(policy, **kwargs)
+    if plan.strategy == "adapter-disabled":
         return AdapterDisabledReference(policy, **kwargs)
     if for_precompute:
         return InitialPolicyReference(policy, **kwargs)

@@ -86,8 +86,12 @@ def dataset_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
-def reference_identity(config, reference: Reference, dtype: torch.dtype) -> dict:
-    """What makes the reference's log-probs what they are (the first half of the cache key)."""
+def reference_identity(sources: dict, reference: Reference, dtype: torch.dtype) -> dict:
+    """What makes the reference's log-probs what they are (the first half of the cache key).
+
+    `sources`: the config values naming the models and adapters (model_name_or_path,
+    adapter_name_or_path, ref_model, ref_model_adapters).
+    """
     model = reference.model
     lm_config = getattr(model, "config", None)
     config_dict = lm_config.to_dict() if lm_config is not None else {}
@@ -95,10 +99,8 @@ def reference_identity(config, reference: Reference, dtype: torch.dtype) -> dict
                              sort_keys=True, default=str)
     return {
         "strategy": reference.name,
-        "model_name_or_path": config.model.model_name_or_path,
-        "adapter_name_or_path": config.model.adapter_name_or_path,
-        "ref_model": config.finetuning.ref_model,
-        "ref_model_adapters": config.finetuning.ref_model_adapters,
+        **{key: sources.get(key) for key in ("model_name_or_path", "adapter_name_or_path", "ref_model",
+                                             "ref_model_adapters")},
         "model_config": hashlib.sha256(config_json.encode()).hexdigest(),
         "dtype": str(dtype),
         "weights": weights_fingerprint(reference.named_weights()),
@@ -293,15 +295,17 @@ def default_reference_cache_dir() -> Path:
     return Path(default_cache_dir()) / "reference"
 
 
-def precompute_reference(config, reference: Reference, splits: dict[str, object], collator, *, device,
-                         batch_size: int, dtype: torch.dtype = torch.float32, process_index: int = 0,
-                         num_processes: int = 1, cache_dir: str | Path | None = None) -> PrecomputedReference:
+def precompute_reference(reference: Reference, splits: dict[str, object], collator, *, sources: dict,
+                         template: str | None, cutoff_len: int, device, batch_size: int,
+                         dtype: torch.dtype = torch.float32, process_index: int = 0, num_processes: int = 1,
+                         cache_dir: str | Path | None = None) -> PrecomputedReference:
     """Run (or read from the cache) `reference` over every split, then release the reference model.
 
-    `splits` maps a split name ("train", "eval") to its encoded dataset (None: skipped).
+    `splits` maps a split name ("train", "eval") to its encoded dataset (None: skipped); `sources`
+    (see `reference_identity`), `template` and `cutoff_len` are the config values in the cache key.
     """
     root = Path(cache_dir) if cache_dir else default_reference_cache_dir()
-    identity = reference_identity(config, reference, dtype)
+    identity = reference_identity(sources, reference, dtype)
     reference.to(device)
     if reference.model is not None:  # the policy itself for the adapter / initial-policy strategies
         reference.model.to(device)
@@ -309,8 +313,8 @@ def precompute_reference(config, reference: Reference, splits: dict[str, object]
     for split, dataset in splits.items():
         if dataset is None:
             continue
-        key = cache_key(identity, dataset_fingerprint(dataset), template=config.data.template,
-                        cutoff_len=config.data.cutoff_len, token_level=reference.token_level)
+        key = cache_key(identity, dataset_fingerprint(dataset), template=template, cutoff_len=cutoff_len,
+                        token_level=reference.token_level)
         tables[split], stats[split] = precompute_split(
             reference, dataset, root / key, collator, batch_size=batch_size, device=device,
             process_index=process_index, num_processes=num_processes)

@@ -2,8 +2,9 @@
 
 The page holds the resolved config, the data summary, the curves (PNG data URIs), the final
 metrics and a few held-out pairs with their policy and reference margins; it loads nothing from the
-network. `write_run_report` builds it (and the README.md model card) at the end of training;
-`prefalign report OUTPUT_DIR` rebuilds it from the files a run left.
+network. It renders files and data it is given and runs no model: the training workflow scores the sample
+pairs (scoring.py) and saves them; `prefalign report OUTPUT_DIR` rebuilds the page from the files a
+run left.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import io
 import json
 from pathlib import Path
 
+from prefalign.data.summary import DataSummary
 from prefalign.errors import PrefalignError
 
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-SPEED = ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu")  # throughput.py
+SPEED = ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu")  # modeling/throughput.py
 SAMPLES_FILE = "report_samples.json"
 REPORT_FILE = "report.html"
 NUM_SAMPLES = 5
@@ -85,70 +87,10 @@ def plot_metrics(output_dir: str | Path, keys: tuple[str, ...] = PLOTTED) -> lis
     return written
 
 
-# -- what the report shows that no file holds yet ---------------------------------------------------
-def token_length_stats(dataset) -> dict:
-    """Percentiles (p50, p90, p99, max) of prompt, chosen and rejected token counts of an encoded dataset."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    table = dataset.with_format("arrow")[:]
-    stats = {}
-    for column, name in (("prompt_ids", "prompt"), ("chosen_ids", "chosen"), ("rejected_ids", "rejected")):
-        lengths = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
-        if len(lengths):
-            p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
-            stats[name] = {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": int(lengths.max())}
-    return stats
-
-
-def score_samples(scorer, dataset, tokenizer, *, device, split: str = "eval", count: int = NUM_SAMPLES) -> list[dict]:
-    """The first `count` pairs of `dataset` (the `split` split), decoded, with their eval rows and margins."""
-    subset = dataset.select(range(min(count, len(dataset))))
-    rows, _ = scorer.score(subset, batch_size=len(subset), pad_token_id=tokenizer.pad_token_id, device=device,
-                           split=split)
-    samples = []
-    for row, pair in zip(rows, subset):
-        ref_c, ref_r = row["reference_chosen_logps"], row["reference_rejected_logps"]
-        samples.append({
-            **row,
-            "prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=False),
-            "chosen": tokenizer.decode(pair["chosen_ids"], skip_special_tokens=True),
-            "rejected": tokenizer.decode(pair["rejected_ids"], skip_special_tokens=True),
-            "policy_margin": row["policy_chosen_logps"] - row["policy_rejected_logps"],
-            "reference_margin": None if ref_c is None else ref_c - ref_r,
-        })
-    return samples
-
-
-def write_run_report(config, trainer) -> Path:
-    """At the end of training: held-out samples, token-length percentiles, report.html and README.md.
-
-    Every process scores the samples (a sharded model needs all of them in its forward pass); the
-    main process writes the files.
-    """
-    from prefalign.evaluate import Scorer
-    from prefalign.model_card import write_model_card
-
-    out = Path(config.training.output_dir)
-    held_out = trainer.eval_dataset is not None
-    dataset = trainer.eval_dataset if held_out else trainer.train_dataset
-    samples = []
-    if dataset is not None and len(dataset):
-        scorer = Scorer.from_config(config, trainer.model, trainer.reference)
-        samples = score_samples(scorer, dataset, trainer.processing_class, device=trainer.args.device,
-                                split="eval" if held_out else "train")
-    if not trainer.is_world_process_zero():
-        return out / REPORT_FILE
-    (out / SAMPLES_FILE).write_text(json.dumps({"held_out": held_out, "pairs": samples}, indent=1))
-    summary_path = out / "data_summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        summary["token_lengths"] = {split: token_length_stats(ds) for split, ds in
-                                    (("train", trainer.train_dataset), ("eval", trainer.eval_dataset))
-                                    if ds is not None and len(ds)}
-        summary_path.write_text(json.dumps(summary, indent=2))
-    path = write_report(out)
-    write_model_card(config, out)
+def write_samples(output_dir: str | Path, samples: list[dict], *, held_out: bool) -> Path:
+    """Save the scored sample pairs (scoring.Scorer.samples) that the page shows, as report_samples.json."""
+    path = Path(output_dir) / SAMPLES_FILE
+    path.write_text(json.dumps({"held_out": held_out, "pairs": samples}, indent=1))
     return path
 
 
@@ -236,28 +178,28 @@ def _speed_section(out: Path) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def _data_section(summary: dict | None) -> str:
+def _data_section(summary: DataSummary | None) -> str:
     if not summary:
         return '<p class="muted">No data_summary.json in this folder.</p>'
-    skipped = summary.get("skipped", {})
-    rows = "".join(f"<tr><th>{_esc(name)}</th>{_num(count)}{_num(skipped.get(name, 0))}</tr>"
-                   for name, count in summary.get("datasets", {}).items())
+    rows = "".join(f"<tr><th>{_esc(name)}</th>{_num(count)}{_num(summary.skipped.get(name, 0))}</tr>"
+                   for name, count in summary.datasets.items())
     parts = [f'<table id="data-summary"><thead><tr><th>dataset</th><th>pairs loaded</th><th>records skipped</th>'
              f"</tr></thead><tbody>{rows}</tbody></table>"]
-    splits = [s for s in ("train", "eval") if isinstance(summary.get(s), dict)]
+    splits = summary.splits()
     if splits:
-        rows = "".join(f"<tr><th>{s}</th>{_num(summary[s].get('pairs'))}{_num(summary[s].get('truncated_prompts'))}"
-                       f"{_num(summary[s].get('truncated_responses'))}</tr>" for s in splits)
+        rows = "".join(f"<tr><th>{s}</th>{_num(st.pairs)}{_num(st.truncated_prompts)}"
+                       f"{_num(st.truncated_responses)}</tr>" for s, st in splits)
         parts.append(f"<table><thead><tr><th>split</th><th>pairs</th><th>prompts truncated</th>"
                      f"<th>responses truncated</th></tr></thead><tbody>{rows}</tbody></table>")
-    lengths = summary.get("token_lengths") or {}
+    lengths = [(split, part, q) for split, st in splits for part, q in st.token_lengths.items()]
     if lengths:
-        rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>" + "".join(_num(v) for v in stats.values()) + "</tr>"
-                       for split, parts_ in lengths.items() for part, stats in parts_.items())
+        rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>"
+                       + "".join(_num(q[k]) for k in ("p50", "p90", "p99", "max")) + "</tr>"
+                       for split, part, q in lengths)
         parts.append(f'<table id="token-lengths"><thead><tr><th>tokens</th><th>p50</th><th>p90</th><th>p99</th>'
                      f"<th>max</th></tr></thead><tbody>{rows}</tbody></table>")
-    parts.append(f'<p class="muted">Chat template: {_esc(summary.get("template", "?"))}; cutoff_len: '
-                 f'{_esc(summary.get("cutoff_len", "?"))}. Skipped records are listed in rejected_records.jsonl.</p>')
+    parts.append(f'<p class="muted">Chat template: {_esc(summary.template)}; cutoff_len: '
+                 f'{_esc(summary.cutoff_len)}. Skipped records are listed in rejected_records.jsonl.</p>')
     return "".join(parts)
 
 
@@ -303,7 +245,7 @@ def write_report(output_dir: str | Path, samples: dict | None = None) -> Path:
         ("curves", "Curves", _curves_section(out)),
         ("speed", "Speed", _speed_section(out)),
         ("pairs", "Pairs, policy against reference", _samples_section(samples)),
-        ("data", "Data", _data_section(_read_json(out / "data_summary.json"))),
+        ("data", "Data", _data_section(DataSummary.read(out))),
         ("config", "Configuration (run_config.yaml)",
          f"<pre>{_esc(config_text)}</pre>" if config_text else '<p class="muted">No run_config.yaml.</p>'),
     ]

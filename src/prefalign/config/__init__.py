@@ -9,11 +9,10 @@ from prefalign.config.args import (
 from prefalign.config.loader import (
     build_config,
     load_config,
-    loss_settings,
     parse_overrides,
 )
 
 __all__ = [
     "DataArguments", "FinetuningArguments", "ModelArguments", "RunConfig",
-    "build_config", "load_config", "loss_settings", "parse_overrides",
+    "build_config", "load_config", "parse_overrides",
 ]

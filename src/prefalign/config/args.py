@@ -8,16 +8,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prefalign.errors import did_you_mean
+
+ATTENTION = ("auto", "disabled", "sdpa", "fa2")
+FINETUNING_TYPES = ("lora", "full", "freeze")
+ON_BAD_RECORD = ("error", "skip")
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+
+
+def _one_of(key: str, value, allowed) -> list[str]:
+    """[] if `value` is allowed, else the problem line naming `key`, the choices and the closest one."""
+    if value in allowed:
+        return []
+    hint = did_you_mean(value, allowed)
+    return [f"{key}: {value!r} is not one of {', '.join(allowed)}" + (f"; {hint}" if hint else "")]
+
 
 def _help(text: str, default=None, **kwargs):
+    if isinstance(default, list):  # a list default: each instance gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": text}, **kwargs)
     return field(default=default, metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = _help("Path or hub id of the SFT model to align (required).")
-    adapter_name_or_path: str | None = _help(
-        "A LoRA adapter (or several, comma-separated) trained on the base, e.g. by SFT. With "
+    adapter_name_or_path: list[str] | None = _help(
+        "A LoRA adapter (or several: a YAML list or comma-separated) trained on the base, e.g. by SFT. With "
         "`finetuning_type: lora` it becomes the starting point and the reference; with full/freeze "
         "tuning it is merged into the weights first."
     )
@@ -36,15 +53,21 @@ class ModelArguments:
         False,
     )
 
+    def problems(self) -> list[str]:
+        problems = []
+        if not self.model_name_or_path:
+            problems.append("model_name_or_path is required: the path or hub id of the SFT model to align")
+        return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)
+
 
 @dataclass
 class DataArguments:
-    dataset: str | None = _help(
-        "Training data: comma-separated names from `dataset_dir/dataset_info.json`, local files or "
+    dataset: list[str] | None = _help(
+        "Training data: a list (YAML list or comma-separated) of names from `dataset_dir/dataset_info.json`, local files or "
         "directories, or hub dataset names."
     )
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
-    eval_dataset: str | None = _help("Held-out data, same forms as `dataset`.")
+    eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; a name picks a built-in one "
         "(chatml, llama3, qwen, mistral, gemma, alpaca, vicuna, empty)."
@@ -61,7 +84,7 @@ class DataArguments:
     mix_strategy: str = _help(
         "How several datasets are mixed: `concat`, `interleave_under` or `interleave_over`.", "concat"
     )
-    interleave_probs: str | None = _help("Comma-separated sampling probabilities for interleaving.")
+    interleave_probs: list[float] | None = _help("Sampling probabilities for interleaving, one per dataset (a list).")
     on_bad_record: str = _help(
         "`error` stops at the first invalid record, naming file, record and field; `skip` skips it, "
         "counts it and writes it to `rejected_records.jsonl` in the output dir.",
@@ -70,6 +93,46 @@ class DataArguments:
     preprocessing_num_workers: int | None = _help("Processes for tokenization (`datasets.map`).")
     preprocessing_batch_size: int = _help("Records per tokenization batch.", 1000)
     overwrite_cache: bool = _help("Re-tokenize even when an encoded cache exists.", False)
+
+    def problems(self) -> list[str]:
+        problems = []
+        names = self.dataset or []
+        if any(not name for name in names):
+            problems.append(f"dataset: expected comma-separated dataset names, got {names!r}")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            problems.append(f"dataset: {', '.join(repeated)} listed more than once")
+        if self.cutoff_len < 8:
+            problems.append(f"cutoff_len: {self.cutoff_len} leaves no room for a prompt and a response; use at least 8")
+        if self.val_size < 0:
+            problems.append(f"val_size: {self.val_size} is negative; give a fraction in (0, 1) or a count")
+        if self.val_size > 0 and self.eval_dataset:
+            problems.append("val_size and eval_dataset both given: hold out part of dataset OR evaluate on "
+                            "eval_dataset; remove one")
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int)
+                                             or self.max_samples < 1):
+            problems.append(f"max_samples: {self.max_samples!r} must be a positive integer (at least 1)")
+        problems += _one_of("on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        problems += _one_of("mix_strategy", self.mix_strategy, MIX_STRATEGIES)
+        probs = self.interleave_probs
+        if probs is not None:
+            if self.mix_strategy == "concat":
+                problems.append("interleave_probs is set but mix_strategy is concat; set mix_strategy: "
+                                "interleave_under (or interleave_over), or remove interleave_probs")
+            elif names and len(probs) != len(names):
+                problems.append(f"interleave_probs has {len(probs)} values for {len(names)} datasets: "
+                                "give one probability per dataset")
+            elif not all(p >= 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+                problems.append(f"interleave_probs {probs} must be non-negative and sum to 1")
+        if self.template:
+            from prefalign.data.templates import get_template  # the template registry: pure definitions
+            from prefalign.errors import ConfigError
+
+            try:
+                get_template(self.template)
+            except ConfigError as exc:
+                problems.append(f"template: {exc}")
+        return problems
 
 
 @dataclass
@@ -80,21 +143,21 @@ class FinetuningArguments:
     freeze_trainable_layers: int = _help(
         "Freeze tuning: train the last N layers (negative: the first N).", 2
     )
-    freeze_trainable_modules: str = _help(
-        "Freeze tuning: comma-separated module names inside the trainable layers, or `all`.", "all"
+    freeze_trainable_modules: list[str] = _help(
+        "Freeze tuning: module names inside the trainable layers (a list), or `all`.", ["all"]
     )
-    freeze_extra_modules: str | None = _help(
+    freeze_extra_modules: list[str] | None = _help(
         "Freeze tuning: extra modules outside the layers to train, e.g. `embed_tokens,lm_head`."
     )
     # LoRA
     lora_rank: int = _help("LoRA rank.", 8)
     lora_alpha: int | None = _help("LoRA scaling alpha (default: 2 x lora_rank).")
     lora_dropout: float = _help("LoRA dropout.", 0.0)
-    lora_target: str = _help(
-        "Comma-separated module names to adapt, or `all` for every linear layer but the output head.",
-        "all",
+    lora_target: list[str] = _help(
+        "Module names to adapt (a list), or `all` for every linear layer but the output head.",
+        ["all"],
     )
-    additional_target: str | None = _help("Modules trained fully beside LoRA, e.g. `embed_tokens`.")
+    additional_target: list[str] | None = _help("Modules trained fully beside LoRA, e.g. `embed_tokens`.")
     use_rslora: bool = _help("Rank-stabilised LoRA scaling.", False)
     use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
     create_new_adapter: bool = _help(
@@ -104,11 +167,11 @@ class FinetuningArguments:
     )
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
-    pref_loss: str = _help(
-        "Loss name, or a comma-separated list combined with `pref_loss_weights` (see the loss table).",
-        "sigmoid",
+    pref_loss: list[str] = _help(
+        "Loss name, or a list (YAML list or comma-separated) combined with `pref_loss_weights` (see the loss table).",
+        ["sigmoid"],
     )
-    pref_loss_weights: str | None = _help("Comma-separated weights, one per `pref_loss` entry.")
+    pref_loss_weights: list[float] | None = _help("Weights, one per `pref_loss` entry (a list).")
     pref_ftx: float = _help("Weight of an SFT (NLL) term on the chosen responses (RPO).", 0.0)
     pref_bco_weight: float = _help("Weight of the BCO pair loss mixed into the loss.", 0.0)
     dpo_label_smoothing: float = _help("ε of conservative / robust DPO, in [0, 0.5).", 0.0)
@@ -122,7 +185,7 @@ class FinetuningArguments:
     f_alpha_divergence_coef: float = _help("α of the alpha divergence.", 1.0)
     # reference
     ref_model: str | None = _help("A separate reference model (default: see reference strategies).")
-    ref_model_adapters: str | None = _help("Adapter(s) applied to `ref_model`.")
+    ref_model_adapters: list[str] | None = _help("Adapter(s) merged into `ref_model` (a list).")
     precompute_ref_log_probs: bool = _help(
         "Compute the reference log-probs once before training, cache them on disk and free the "
         "reference model.",
@@ -152,6 +215,42 @@ class FinetuningArguments:
     overwrite_output_dir: bool = _help(
         "Allow writing into a non-empty output dir (otherwise: resume or stop).", False
     )
+
+    def problems(self) -> list[str]:
+        from prefalign.config.checks import loss_problems, loss_settings_of
+        from prefalign.losses import needs_reference
+
+        problems = []
+        if self.stage != "dpo":
+            problems.append(f"stage: prefalign runs preference optimization (stage: dpo), not {self.stage!r}; "
+                            "set stage: dpo")
+        problems += _one_of("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        if self.lora_rank < 1:
+            problems.append(f"lora_rank: {self.lora_rank} must be at least 1")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
+        if self.ref_model_adapters and not self.ref_model:
+            problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
+        if self.packing_length < 0:
+            problems.append(f"packing_length: {self.packing_length} is negative; give a row length in tokens, or 0 "
+                            "for one row per micro-batch")
+        if self.packing_length and not self.packing:
+            problems.append("packing_length is set but packing is off; set packing: true, or remove packing_length")
+        if self.logits_chunk_size < 1:
+            problems.append(f"logits_chunk_size: {self.logits_chunk_size} must be at least 1")
+        settings = loss_settings_of(self)
+        problems += loss_problems(self.pref_loss, self.pref_loss_weights, settings, has_ref_model=bool(self.ref_model))
+        if self.precompute_ref_log_probs and self.pref_loss and not _unknown(self.pref_loss) \
+                and not needs_reference(self.pref_loss, settings):
+            problems.append(f"precompute_ref_log_probs: pref_loss={','.join(self.pref_loss)} uses no reference; "
+                            "remove precompute_ref_log_probs")
+        return problems
+
+
+def _unknown(names: list[str]) -> bool:
+    from prefalign.losses import LOSSES
+
+    return any(name not in LOSSES for name in names)
 
 
 @dataclass
@@ -213,12 +312,11 @@ class RunConfig:
     export: ExportArguments = field(default_factory=ExportArguments)
     generation: GenerationArguments = field(default_factory=GenerationArguments)
 
-    @property
-    def loss_names(self) -> list[str]:
-        return [name.strip() for name in self.finetuning.pref_loss.split(",") if name.strip()]
+    def __post_init__(self):
+        from prefalign.config.checks import loss_settings_of
+        from prefalign.losses import Objective
 
-    @property
-    def loss_weights(self) -> list[float]:
-        if self.finetuning.pref_loss_weights is None:
-            return [1.0] * len(self.loss_names)
-        return [float(w) for w in str(self.finetuning.pref_loss_weights).split(",")]
+        ft = self.finetuning
+        weights = ft.pref_loss_weights or [1.0] * len(ft.pref_loss)
+        # built once here; every command reads it from the config
+        self.objective = Objective(tuple(ft.pref_loss), tuple(float(w) for w in weights), loss_settings_of(ft))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import re
 import types
@@ -21,7 +20,8 @@ from prefalign.config.args import (
     ModelArguments,
     RunConfig,
 )
-from prefalign.errors import ConfigError
+from prefalign.config.checks import cross_group_problems
+from prefalign.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +82,6 @@ _UNSUPPORTED = {
     "kto_chosen_weight": "unpaired KTO", "kto_rejected_weight": "unpaired KTO",
     "use_swanlab": "SwanLab logging", "ray_run_name": "Ray", "ray_num_workers": "Ray",
 }
-
-# Fields whose value may be written as a YAML list; stored as a comma-separated string.
-_COMMA_LISTS = {
-    "dataset", "eval_dataset", "adapter_name_or_path", "lora_target", "additional_target",
-    "pref_loss", "pref_loss_weights", "interleave_probs", "freeze_trainable_modules",
-    "freeze_extra_modules", "ref_model_adapters",
-}
-
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 booleans: only true/false are booleans, so `save_strategy: no` stays "no"."""
@@ -187,12 +179,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             continue
         owner = next((cls for cls in _GROUPS if key in group_fields[cls]), None)
         if owner is None and key not in training_fields:
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"unknown key {key!r}{hint}")
+            hint = did_you_mean(key, sorted(known))
+            problems.append(f"unknown key {key!r}" + (f"; {hint}" if hint else ""))
             continue
-        if key in _COMMA_LISTS and isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
         hints = typing.get_type_hints(owner) if owner else {key: training_fields[key].type}
         try:
             value = coerce(value, hints[key])
@@ -206,7 +195,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
-    problems += validate(model, data, finetuning, train_values) + export.problems() + generation.problems()
+    for group in (model, data, finetuning, export, generation):
+        problems += group.problems()
+    problems += cross_group_problems(model, data, finetuning, train_values)
 
     training = None
     train_values.setdefault("output_dir", "saves/prefalign-run")
@@ -237,91 +228,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def validate(model: ModelArguments, data: DataArguments, ft: FinetuningArguments, train: dict) -> list[str]:
-    """Cross-field checks; each problem names the key(s) and the fix."""
-    problems = []
-    if ft.stage != "dpo":
-        problems.append(f"stage: prefalign runs preference optimization (stage: dpo), not {ft.stage!r}; set stage: dpo")
-    if not model.model_name_or_path:
-        problems.append("model_name_or_path is required: the path or hub id of the SFT model to align")
-    if ft.finetuning_type not in ("lora", "full", "freeze"):
-        problems.append(f"finetuning_type: {ft.finetuning_type!r} is not one of lora, full, freeze")
-    if model.flash_attn not in ("auto", "disabled", "sdpa", "fa2"):
-        problems.append(f"flash_attn: {model.flash_attn!r} is not one of auto, disabled, sdpa, fa2")
-    if data.cutoff_len < 8:
-        problems.append(f"cutoff_len: {data.cutoff_len} leaves no room for a prompt and a response; use at least 8")
-    if data.val_size < 0:
-        problems.append(f"val_size: {data.val_size} is negative; give a fraction in (0, 1) or a count")
-    if data.val_size > 0 and data.eval_dataset:
-        problems.append("val_size and eval_dataset both given: hold out part of dataset OR evaluate on eval_dataset; remove one")
-    if data.max_samples is not None and data.max_samples < 1:
-        problems.append(f"max_samples: {data.max_samples} must be at least 1")
-    if data.on_bad_record not in ("error", "skip"):
-        problems.append(f"on_bad_record: {data.on_bad_record!r} is not one of error, skip")
-    if data.mix_strategy not in ("concat", "interleave_under", "interleave_over"):
-        problems.append(f"mix_strategy: {data.mix_strategy!r} is not one of concat, interleave_under, interleave_over")
-    if data.interleave_probs and data.mix_strategy == "concat":
-        problems.append("interleave_probs is set but mix_strategy is concat; set mix_strategy: interleave_under (or interleave_over)")
-    if ft.lora_rank < 1:
-        problems.append(f"lora_rank: {ft.lora_rank} must be at least 1")
-    if not 0 <= ft.lora_dropout < 1:
-        problems.append(f"lora_dropout: {ft.lora_dropout} must be in [0, 1)")
-    if ft.ref_model_adapters and not ft.ref_model:
-        problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
-    if data.template:
-        from prefalign.data.templates import get_template
-
-        try:
-            get_template(data.template)
-        except ConfigError as exc:
-            problems.append(f"template: {exc}")
-    if train.get("do_train") is False:
-        problems.append("do_train: false: prefalign train always trains; to score a model without training "
-                        "run `prefalign eval CONFIG`")
-    if ft.packing_length < 0:
-        problems.append(f"packing_length: {ft.packing_length} is negative; give a row length in tokens, or 0 for "
-                        "one row per micro-batch")
-    if ft.packing_length and not ft.packing:
-        problems.append("packing_length is set but packing is off; set packing: true, or remove packing_length")
-    if ft.logits_chunk_size < 1:
-        problems.append(f"logits_chunk_size: {ft.logits_chunk_size} must be at least 1")
-    problems += _validate_losses(ft)
-    return problems
-
-
-def _validate_losses(ft: FinetuningArguments) -> list[str]:
-    from prefalign import losses
-
-    names = [n.strip() for n in ft.pref_loss.split(",") if n.strip()]
-    try:
-        weights = [float(w) for w in ft.pref_loss_weights.split(",")] if ft.pref_loss_weights else None
-    except ValueError:
-        return [f"pref_loss_weights: {ft.pref_loss_weights!r} is not a comma-separated list of numbers"]
-    settings = loss_settings(ft)
-    problems = losses.validate_loss_settings(names, weights, settings, has_ref_model=bool(ft.ref_model))
-    if ft.precompute_ref_log_probs and not losses.needs_reference(names, settings):
-        problems.append(f"precompute_ref_log_probs: pref_loss={ft.pref_loss} uses no reference; remove precompute_ref_log_probs")
-    return problems
-
-
-def loss_settings(ft: FinetuningArguments):
-    """The loss hyper-parameters of a config."""
-    from prefalign.losses import LossSettings
-
-    return LossSettings(
-        beta=ft.pref_beta,
-        label_smoothing=ft.dpo_label_smoothing,
-        simpo_gamma=ft.simpo_gamma,
-        ftx=ft.pref_ftx,
-        discopop_tau=ft.discopop_tau,
-        ld_alpha=ft.ld_alpha,
-        bco_weight=ft.pref_bco_weight,
-        use_weighting=ft.use_weighting,
-        f_divergence_type=ft.f_divergence_type,
-        f_alpha_divergence_coef=ft.f_alpha_divergence_coef,
-    )
-
-
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -333,6 +239,8 @@ def coerce(value: Any, annotation: Any) -> Any:
     args = typing.get_args(annotation)
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # X | None: X's own message
+            return coerce(value, candidates[0])
         for candidate in candidates:
             try:
                 return coerce(value, candidate)
@@ -369,6 +277,16 @@ def coerce(value: Any, annotation: Any) -> Any:
             raise ValueError(f"expected a string, got {value!r}")
         return str(value)
     origin = typing.get_origin(annotation)
+    if origin is list and args and args[0] in (str, float, int):
+        # a list-valued key: a YAML list or a comma-separated string in, a list of the element type out
+        items = value if isinstance(value, (list, tuple)) else (str(value).split(",") if isinstance(value, str)
+                                                                  else [value])
+        items = [item.strip() if isinstance(item, str) else item for item in items]
+        kind = {str: "strings", float: "numbers", int: "integers"}[args[0]]
+        try:
+            return [coerce(item, args[0]) for item in items if item != ""]
+        except ValueError:
+            raise ValueError(f"expected a list (or comma-separated string) of {kind}, got {value!r}") from None
     if origin in (list, tuple) and not isinstance(value, (list, tuple)):
         return [v.strip() for v in str(value).split(",")] if isinstance(value, str) else [value]
     if origin is dict and not isinstance(value, (dict, str)):

@@ -26,10 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
-
-# segment ids of the prefix-shared layout
-SEGMENT_SHARED, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
+from prefalign.contracts import (
+    IGNORE_INDEX,
+    SEGMENT_CHOSEN,
+    SEGMENT_PAD,
+    SEGMENT_REJECTED,
+    SEGMENT_SHARED,
+    BatchLayout,
+)
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -42,7 +46,8 @@ class PairCollator:
 
     Returns `input_ids`, `attention_mask` and `labels` of shape (2B, T), with T the longest row
     (rounded up to `pad_to_multiple_of`); `labels` is -100 on prompt and padding tokens, so
-    only response tokens are scored. `index` (B,) is each pair's position in its dataset.
+    only response tokens are scored. `index` (B,) is each pair's position in its dataset;
+    `layout` is BatchLayout.CONCATENATED.
     """
 
     pad_token_id: int
@@ -62,7 +67,8 @@ class PairCollator:
             input_ids[i, : len(row)] = torch.tensor(row)
             label_ids[i, : len(lab)] = torch.tensor(lab)
             attention_mask[i, : len(row)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
+                 "layout": BatchLayout.CONCATENATED}
         if "index" in features[0]:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         return batch
@@ -97,7 +103,8 @@ class PrefixSharedCollator:
     """Prefix-shared batches: one packed row per pair (module docstring).
 
     Returns `input_ids`, `labels`, `segment_ids`, `position_ids` and `attention_mask` (padding
-    only; the model gets the 4D mask built from `segment_ids`) of shape (B, T), and `index` (B,).
+    only; the model gets the 4D mask built from `segment_ids`) of shape (B, T), `index` (B,) and
+    `layout` (BatchLayout.PREFIX_SHARED).
     """
 
     pad_token_id: int
@@ -107,6 +114,7 @@ class PrefixSharedCollator:
         packed = [pack_pair(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]) for f in features]
         length = _round_up(max(len(p["input_ids"]) for p in packed), self.pad_to_multiple_of)
         batch = padded_rows((len(packed), length), self.pad_token_id)
+        batch["layout"] = BatchLayout.PREFIX_SHARED
         for i, p in enumerate(packed):
             n = len(p["input_ids"])
             for key in ("input_ids", "labels", "segment_ids", "position_ids"):

@@ -107,7 +107,7 @@ def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
 def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len: int, *,
                  num_proc: int | None = None, batch_size: int = 1000, cache_dir: str | Path | None = None,
                  overwrite_cache: bool = False):
-    """Encode pairs into a `datasets.Dataset` with ENCODED_COLUMNS, cached on disk.
+    """Encode pairs into a `datasets.Dataset` of encoded pairs (contracts.py), cached on disk.
 
     The cache key covers the pairs' content, the tokenizer, the template and `cutoff_len`, so a
     second run with the same inputs does not re-tokenize.

@@ -20,7 +20,6 @@ message, or the whole conversation (the prompt's messages, then one assistant me
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from prefalign.contracts import Message, PreferencePair, RecordSource
-from prefalign.errors import DataError
+from prefalign.errors import DataError, did_you_mean
 
 MAX_FIELD_CHARS = 1_000_000
 """The longest text accepted in one field. Far beyond any context window: a longer value is a broken
@@ -528,7 +527,7 @@ def _names_map(value: Any, key: str, allowed: tuple[str, ...], where: str,
         if name in unsupported:
             raise DataError(f"{where}: \"{key}\".\"{name}\" is not supported: {unsupported[name]}")
         if name not in allowed:
-            raise DataError(f"{where}: unknown key \"{key}\".\"{name}\"{did_you_mean(name, allowed)}; "
+            raise DataError(f"{where}: unknown key \"{key}\".\"{name}\"{hint_in_parentheses(name, allowed)}; "
                             f"known keys: {', '.join(allowed)}")
         if column is not None and not isinstance(column, str):
             raise DataError(f"{where}: \"{key}\".\"{name}\" is {_kind(column)}; expected a name (string)")
@@ -539,10 +538,10 @@ def _names_map(value: Any, key: str, allowed: tuple[str, ...], where: str,
 # Wording
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """" (did you mean 'x'?)" for the closest choice, or "" when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def hint_in_parentheses(name: str, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" (errors.did_you_mean) after a message, or "" when no choice is close."""
+    hint = did_you_mean(name, list(choices))
+    return f" ({hint})" if hint else ""
 
 
 def _kind(value: Any) -> str:

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.contracts import BatchLayout
-from prefalign.data.collate import IGNORE_INDEX, SEGMENT_CHOSEN, SEGMENT_REJECTED, _round_up, pack_pair, padded_rows
+from prefalign.contracts import IGNORE_INDEX, SEGMENT_CHOSEN, SEGMENT_REJECTED, BatchLayout
+from prefalign.data.collate import _round_up, pack_pair, padded_rows
 
 
 def pair_block(prompt: list[int], chosen: list[int], rejected: list[int], *, prefix_sharing: bool) -> dict:

@@ -17,6 +17,7 @@ from prefalign.config.args import DataArguments
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pairs
 from prefalign.data.sources import load_preference_pairs
+from prefalign.data.summary import DataSummary, SplitSummary, token_lengths
 from prefalign.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -24,23 +25,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    train: object | None  # datasets.Dataset with ENCODED_COLUMNS
+    train: object | None  # datasets.Dataset of encoded pairs (contracts.py)
     eval: object | None
-    summary: dict = field(default_factory=dict)
+    summary: DataSummary
     rejects: list[dict] = field(default_factory=list)
 
     def write(self, output_dir: str | Path) -> None:
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "data_summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.summary.write(output_dir)
         if self.rejects:
             with open(output_dir / "rejected_records.jsonl", "w", encoding="utf-8") as fh:
                 for reject in self.rejects:
                     fh.write(json.dumps(reject, ensure_ascii=False, default=str) + "\n")
-
-
-def _split_names(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
 def split_held_out(pairs: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -62,27 +59,25 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
     renderer = ChatRenderer(tokenizer, data_args.template)
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
-                  interleave_probs=[float(p) for p in _split_names(data_args.interleave_probs)] or None)
-    summary: dict = {"datasets": {}, "skipped": {}, "template": renderer.name, "cutoff_len": data_args.cutoff_len}
+                  interleave_probs=data_args.interleave_probs or None)
+    summary = DataSummary(template=renderer.name, cutoff_len=data_args.cutoff_len)
     rejects: list[dict] = []
     splits: dict[str, list] = {}
     if need_train or not data_args.eval_dataset:
         if not data_args.dataset:
             raise ConfigError("dataset is required: name the preference data to train on")
-        pairs, report = load_preference_pairs(_split_names(data_args.dataset), data_args.dataset_dir, **common)
-        summary["datasets"].update(report.used)
-        summary["skipped"].update(report.skipped)
+        pairs, report = load_preference_pairs(data_args.dataset, data_args.dataset_dir, **common)
+        summary.datasets.update(report.used)
+        summary.skipped.update(report.skipped)
         rejects += report.rejects
         splits["train"], splits["eval"] = split_held_out(pairs, data_args.val_size, seed)
-        if splits["eval"]:
-            summary["held_out"] = len(splits["eval"])
+        summary.held_out = len(splits["eval"])
     if data_args.eval_dataset:
         # Evaluation data is used whole: concatenated, never sampled by the training mix.
         eval_common = {**common, "mix_strategy": "concat", "interleave_probs": None}
-        pairs, report = load_preference_pairs(_split_names(data_args.eval_dataset), data_args.dataset_dir,
-                                              **eval_common)
-        summary["datasets"].update({f"{k} (eval)": v for k, v in report.used.items()})
-        summary["skipped"].update({f"{k} (eval)": v for k, v in report.skipped.items()})
+        pairs, report = load_preference_pairs(data_args.eval_dataset, data_args.dataset_dir, **eval_common)
+        summary.datasets.update({f"{k} (eval)": v for k, v in report.used.items()})
+        summary.skipped.update({f"{k} (eval)": v for k, v in report.skipped.items()})
         rejects += report.rejects
         splits["eval"] = pairs
     encoded = {}
@@ -95,23 +90,7 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
                                       batch_size=data_args.preprocessing_batch_size, cache_dir=cache_dir,
                                       overwrite_cache=data_args.overwrite_cache)
         encoded[name] = dataset
-        summary[name] = stats
+        setattr(summary, name, SplitSummary(**stats, token_lengths=token_lengths(dataset)))
     if need_train and not encoded.get("train"):
         raise ConfigError("dataset: no training pairs are left after loading and splitting")
     return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects)
-
-
-def describe(summary: dict) -> str:
-    """The data summary as the lines printed before training."""
-    lines = [f"{name}: {count} pairs" for name, count in summary["datasets"].items()]
-    if summary.get("held_out"):
-        lines.append(f"val_size: {summary['held_out']} of those pairs held out for evaluation")
-    for name, count in summary.get("skipped", {}).items():
-        if count:
-            lines.append(f"{name}: {count} records skipped (see rejected_records.jsonl)")
-    for split in ("train", "eval"):
-        stats = summary.get(split)
-        if stats:
-            lines.append(f"{split}: {stats['pairs']} pairs, {stats['truncated_prompts']} prompts and "
-                         f"{stats['truncated_responses']} responses truncated to cutoff_len={summary['cutoff_len']}")
-    return "\n".join(lines)

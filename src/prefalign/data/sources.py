@@ -18,7 +18,7 @@ import json
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,15 +28,13 @@ from prefalign.data.formats import (
     RecordError,
     RecordFormat,
     detect_format,
-    did_you_mean,
+    hint_in_parentheses,
     format_from_registry,
     to_pair,
 )
 from prefalign.errors import ConfigError, DataError
 
 REGISTRY_FILE = "dataset_info.json"
-ON_BAD_RECORD = ("error", "skip")
-MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 SKIP_HINT = "fix the record, or set on_bad_record: skip to leave out such records"
 
 
@@ -53,21 +51,6 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
     used: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> list[str]:
-        """One line per dataset, e.g. "hh: 1,000 pairs (3 records skipped), 500 used"."""
-        lines = []
-        for name, count in self.loaded.items():
-            line = f"{name}: {count:,} pairs"
-            if self.skipped.get(name):
-                line += f" ({self.skipped[name]:,} records skipped)"
-            if self.used.get(name, count) != count:
-                line += f", {self.used[name]:,} used after mixing"
-            lines.append(line)
-        return lines
 
 
 def load_preference_pairs(
@@ -108,30 +91,12 @@ def load_preference_pairs(
 
 def _check_options(names: list[str], max_samples: int | None, on_bad_record: str, mix_strategy: str,
                    interleave_probs: list[float] | None) -> None:
-    problems = []
-    if not names or any(not name for name in names):
-        problems.append(f"dataset: expected comma-separated dataset names, got {names!r}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        problems.append(f"dataset: {', '.join(repeated)} listed more than once")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        problems.append(f"max_samples: expected a positive integer, got {max_samples!r}")
-    for key, value, allowed in (("on_bad_record", on_bad_record, ON_BAD_RECORD),
-                                ("mix_strategy", mix_strategy, MIX_STRATEGIES)):
-        if value not in allowed:
-            problems.append(f"{key}: {value!r} is not one of {', '.join(allowed)}"
-                            f"{did_you_mean(str(value), allowed)}")
-    if interleave_probs is not None:
-        if mix_strategy == "concat":
-            problems.append("interleave_probs is set but mix_strategy is concat: set mix_strategy to "
-                            "interleave_under or interleave_over, or remove interleave_probs")
-        elif len(interleave_probs) != len(names):
-            problems.append(f"interleave_probs has {len(interleave_probs)} values for {len(names)} "
-                            "datasets: give one probability per dataset")
-        elif (not all(isinstance(p, (int, float)) and p >= 0 for p in interleave_probs)
-              or abs(sum(interleave_probs) - 1) > 1e-6):
-            problems.append(f"interleave_probs {interleave_probs} must be non-negative and sum to 1")
+    """The options' rules are `DataArguments.problems()`'s (one place); called directly, they are checked too."""
+    from prefalign.config.args import DataArguments
+
+    problems = [] if names else [f"dataset: expected comma-separated dataset names, got {names!r}"]
+    problems += DataArguments(dataset=names, max_samples=max_samples, on_bad_record=on_bad_record,
+                             mix_strategy=mix_strategy, interleave_probs=interleave_probs).problems()
     if problems:
         raise ConfigError(problems)
 
@@ -191,7 +156,7 @@ class Registry:
             raise DataError(f"{where}: expected an object, found {type(entry).__name__}")
         for key in entry:
             if key not in REGISTRY_KEYS:
-                raise DataError(f"{where}: unknown key \"{key}\"{did_you_mean(key, REGISTRY_KEYS)}")
+                raise DataError(f"{where}: unknown key \"{key}\"{hint_in_parentheses(key, REGISTRY_KEYS)}")
         if entry.get("ranking", False) is not True:
             raise DataError(f"{where} is not a preference dataset: add \"ranking\": true to its entry "
                             "if its records hold chosen and rejected replies (prefalign trains on "
@@ -220,7 +185,7 @@ class Registry:
     def unknown(self, name: str, looked_at: list[str]) -> DataError:
         names = sorted(self.entries)
         listed = ", ".join(names[:30]) + (f", and {len(names) - 30} more" if len(names) > 30 else "")
-        return DataError(f"dataset '{name}' is not registered in {self.path}{did_you_mean(name, names)} "
+        return DataError(f"dataset '{name}' is not registered in {self.path}{hint_in_parentheses(name, names)} "
                          f"and is not a file or directory (looked at {', '.join(looked_at)}); "
                          f"registered: {listed or 'none'}. To use a hub dataset, add an entry with "
                          "\"hf_hub_url\"")

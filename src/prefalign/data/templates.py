@@ -15,10 +15,9 @@ models' published prompt formats. All of them:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, closest
 
 
 @dataclass(frozen=True)
@@ -287,8 +286,8 @@ def get_template(name: str) -> ChatTemplate:
     if key in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[key]
     known = ", ".join(sorted(BUILTIN_TEMPLATES))
-    close = difflib.get_close_matches(key, BUILTIN_TEMPLATES, n=1)
-    hint = f" Did you mean `template: {close[0]}`?" if close else ""
+    match = closest(key, BUILTIN_TEMPLATES)
+    hint = f" Did you mean `template: {match}`?" if match else ""
     raise ConfigError(
         f"Unknown chat template `template: {name}`.{hint} Built-in templates: {known}; "
         "leave `template` unset to use the tokenizer's own."
@@ -351,3 +350,13 @@ def _eos(tokenizer, template_name: str | None) -> str:
 def _tokenizer_name(tokenizer) -> str:
     name = getattr(tokenizer, "name_or_path", "") or ""
     return f"of {name!r}" if name else "in use"
+
+
+def stop_token_ids(tokenizer, end_of_turn: str | None) -> list[int]:
+    """The token ids generation stops at: the tokenizer's EOS and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if end_of_turn:
+        encoded = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id and encoded not in ids:
+            ids.append(encoded)
+    return ids

@@ -65,10 +65,6 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     return model
 
 
-def _split_paths(value: str | None) -> list[str]:
-    return [p.strip() for p in value.split(",") if p.strip()] if value else []
-
-
 def merge_adapters(model, adapters: list[str]):
     """Merge each LoRA adapter into the weights, in order."""
     from peft import PeftModel
@@ -76,6 +72,19 @@ def merge_adapters(model, adapters: list[str]):
     for path in adapters:
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model
+
+
+def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch.float32):
+    """After training (eval, chat): `model_name_or_path` + `adapter_name_or_path`, all adapters but the last
+    merged and the last kept switchable (so it can be disabled for the reference); eval mode, frozen."""
+    from peft import PeftModel
+
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype)
+    adapters = list(model_args.adapter_name_or_path or [])
+    model = merge_adapters(model, adapters[:-1])
+    if adapters:
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=False)
+    return model.eval().requires_grad_(False)
 
 
 def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torch.dtype = torch.float32):
@@ -87,7 +96,7 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     `create_new_adapter` all adapters are merged and a fresh one is trained on top.
     """
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype)
-    adapters = _split_paths(model_args.adapter_name_or_path)
+    adapters = list(model_args.adapter_name_or_path or [])
     if ft.finetuning_type == "lora":
         model = _attach_lora(model, adapters, ft)
     else:
@@ -114,11 +123,11 @@ def _attach_lora(model, adapters: list[str], ft: FinetuningArguments):
         model.set_adapter("default")
         return model
     model = merge_adapters(model, adapters)
-    targets = "all-linear" if ft.lora_target.strip() == "all" else _split_paths(ft.lora_target)
+    targets = "all-linear" if ft.lora_target == ["all"] else list(ft.lora_target)
     config = LoraConfig(
         task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
         lora_dropout=ft.lora_dropout, target_modules=targets, use_rslora=ft.use_rslora, use_dora=ft.use_dora,
-        modules_to_save=_split_paths(ft.additional_target) or None,
+        modules_to_save=list(ft.additional_target or []) or None,
     )
     try:
         return get_peft_model(model, config)
@@ -135,8 +144,8 @@ def _freeze(model, ft: FinetuningArguments) -> None:
     if n == 0 or abs(n) > num_layers:
         raise ConfigError(f"freeze_trainable_layers: {n} must be between -{num_layers} and {num_layers}, not 0")
     layer_ids = range(num_layers - n, num_layers) if n > 0 else range(-n)
-    modules = _split_paths(ft.freeze_trainable_modules)
-    extra = _split_paths(ft.freeze_extra_modules)
+    modules = list(ft.freeze_trainable_modules)
+    extra = list(ft.freeze_extra_modules or [])
     prefixes = [f".layers.{i}." for i in layer_ids]
     matched = False
     for name, param in model.named_parameters():
@@ -146,5 +155,5 @@ def _freeze(model, ft: FinetuningArguments) -> None:
         matched |= param.requires_grad
     if not matched:
         raise ConfigError(
-            f"freeze_trainable_modules: {ft.freeze_trainable_modules!r} matches no parameter in the trainable layers"
+            f"freeze_trainable_modules: {','.join(ft.freeze_trainable_modules)!r} matches no parameter in the trainable layers"
         )

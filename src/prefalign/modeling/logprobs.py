@@ -13,9 +13,10 @@ Two kernels compute the projection + log-softmax (`response_token_logps` picks o
   per-chunk  any other head (a LoRA-wrapped head, a ZeRO-3 / FSDP-sharded one, one with hooks):
              the head module is called on chunks of positions, each chunk checkpointed.
 
-Batches come in three layouts (contracts.BatchLayout): concatenated (rows [0, B) chosen, [B, 2B)
-rejected), prefix-shared (one row per pair, with `segment_ids`; see modeling/prefix.py) and
-packed (several pairs per row, attention confined by spans; see modeling/packed_attention.py).
+Batches come in the three layouts of `contracts.BatchLayout`, named by `batch["layout"]`:
+concatenated (rows [0, B) chosen, [B, 2B) rejected), prefix-shared (one packed row per pair, with
+`segment_ids`; see modeling/prefix.py) and packed (several pairs per row, attention confined by
+spans; see modeling/packed_attention.py).
 
 Wrapped models (DDP, DeepSpeed, FSDP, PEFT): the whole computation runs inside the wrapped model's
 own forward call (the causal LM's `forward` is swapped for the duration of the call), so the
@@ -32,8 +33,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.contracts import BatchLayout, PairLogps
-from prefalign.data.collate import IGNORE_INDEX, SEGMENT_REJECTED
+from prefalign.contracts import IGNORE_INDEX, SEGMENT_REJECTED, BatchLayout, PairLogps, batch_layout
 
 VOCAB_BLOCK = 4096  # vocabulary columns per logits tile of the fused kernel (tile: chunk_size x VOCAB_BLOCK)
 
@@ -346,14 +346,14 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 # -- per-pair sums --------------------------------------------------------------------------------
-def _segments(mask: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def _segments(mask: torch.Tensor, batch: dict[str, torch.Tensor], layout: BatchLayout) -> tuple[torch.Tensor, int]:
     """For each scored token (row-major over `mask`), its sequence in [0, 2B): b chosen, B + b rejected."""
     rows, cols = mask.nonzero(as_tuple=True)
-    if batch.get("layout") == BatchLayout.PACKED:  # each token carries its pair's place in the batch
+    if layout is BatchLayout.PACKED:  # each token carries its pair's place in the batch
         b = int(batch["pair_ids"].max()) + 1
         rejected = batch["segment_ids"][:, 1:][rows, cols] == SEGMENT_REJECTED
         return batch["pair_ids"][:, 1:][rows, cols] + b * rejected.long(), b
-    if "segment_ids" not in batch:  # concatenated: rows [0, B) chosen, [B, 2B) rejected
+    if layout is BatchLayout.CONCATENATED:  # rows [0, B) chosen, [B, 2B) rejected
         return rows, mask.shape[0] // 2
     b = mask.shape[0]
     rejected = batch["segment_ids"][:, 1:][rows, cols] == SEGMENT_REJECTED  # the segment of the predicted token
@@ -378,18 +378,20 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
     """Policy (or reference) log-probs of a batch from `PairCollator`, `PrefixSharedCollator` or `PackedCollator`.
 
     Concatenated batches: rows [0, B) are chosen and [B, 2B) rejected. Prefix-shared batches
-    (`segment_ids` present): one row per pair, the (R, 1, T, T) attention mask is built here for
-    the model's attention implementation (modeling/prefix.py). Packed batches: the pairs' tokens
-    carry `pair_ids`, attention follows the batch's spans (modeling/packed_attention.py). With `token_level`, `extras` holds
-    the per-token `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO),
-    and with `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
+    (`batch["layout"]` is BatchLayout.PREFIX_SHARED): one row per pair, the (R, 1, T, T) attention
+    mask is built here for the model's attention implementation (modeling/prefix.py). Packed
+    batches: the pairs' tokens carry `pair_ids`, attention follows the batch's spans
+    (modeling/packed_attention.py). With `token_level`, `extras` holds the per-token
+    `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO), and with
+    `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
     """
+    layout = batch_layout(batch)
     attention_mask, decoder_kwargs = batch["attention_mask"], {}
-    if batch.get("layout") == BatchLayout.PACKED:
+    if layout is BatchLayout.PACKED:
         from prefalign.modeling.packed_attention import packed_model_inputs
 
         attention_mask, decoder_kwargs = packed_model_inputs(causal_lm(model), batch)
-    elif "segment_ids" in batch:
+    elif layout is BatchLayout.PREFIX_SHARED:
         from prefalign.modeling.prefix import shared_prefix_attention_mask
 
         lm = causal_lm(model)
@@ -399,7 +401,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
                                position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs)
     mask = out["mask"]
-    seq, b = _segments(mask, batch)
+    seq, b = _segments(mask, batch, layout)
     counts = torch.bincount(seq, minlength=2 * b)
     sums = torch.zeros(2 * b, dtype=out["token_logps"].dtype, device=mask.device).index_add(0, seq, out["token_logps"])
     logit_means = torch.zeros(2 * b, dtype=torch.float32, device=mask.device).index_add(

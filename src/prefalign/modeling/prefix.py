@@ -1,4 +1,4 @@
-"""The attention mask of prefix-shared batches (layout: data/collate.py, `PrefixSharedCollator`).
+"""The attention mask of prefix-shared batches (layout: contracts.BatchLayout.PREFIX_SHARED).
 
 Query i may attend key j when j <= i and key j is in the SHARED segment (the prompt) or in the
 query's own segment. So chosen tokens see the prompt and the chosen reply so far, rejected tokens
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prefalign.data.collate import SEGMENT_SHARED
+from prefalign.contracts import SEGMENT_SHARED
 from prefalign.errors import ConfigError
 
 

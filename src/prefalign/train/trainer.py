@@ -3,12 +3,11 @@
 The Trainer does the optimisation, mixed precision, gradient accumulation, logging,
 checkpoints and resume; this class only says how a batch becomes a loss:
 
-    batch (2B rows: chosen then rejected) --pair_logps--> policy PairLogps
-                                        --reference-->  reference PairLogps or None
-    --compute_preference_loss--> LossOutput --mean--> loss; per-pair metrics are stored as sums
-    and counts, and averaged at logging time over all micro-batches and processes.
+    batch --scoring.score_batch--> LossOutput (policy and reference log-probs, the objective)
+    --mean--> loss; per-pair metrics are stored as sums and counts, and averaged at logging time
+    over all micro-batches and processes.
 
-Each training log also says how fast the run goes (throughput.py): tokens/s, the fraction of
+Each training log also says how fast the run goes (modeling/throughput.py): tokens/s, the fraction of
 computed positions that are padding, and the MFU-style figure.
 """
 
@@ -20,21 +19,18 @@ import torch
 from transformers import Trainer
 
 from prefalign.contracts import LossOutput, PairLogps
-from prefalign.losses import LossSettings, compute_preference_loss
+from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics
-from prefalign.modeling.logprobs import pair_logps
+from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.reference import Reference
-from prefalign.throughput import ModelShape, ThroughputMeter, matmul_rate
+from prefalign.scoring import score_batch
 
 
 class PreferenceTrainer(Trainer):
-    def __init__(self, *args, reference: Reference, loss_names: list[str], loss_weights: list[float],
-                 loss_settings: LossSettings, chunk_size: int = 1024, **kwargs):
+    def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024, **kwargs):
         super().__init__(*args, **kwargs)
         self.reference = reference.to(self.args.device)
-        self.loss_names = loss_names
-        self.loss_weights = loss_weights
-        self.loss_settings = loss_settings
+        self.objective = objective
         self.chunk_size = chunk_size
         # Our loss is a mean over pairs: the Trainer must divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -44,16 +40,10 @@ class PreferenceTrainer(Trainer):
 
     # -- the loss -------------------------------------------------------------------------
     def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:
-        settings = self.loss_settings
-        policy = pair_logps(model, inputs, chunk_size=self.chunk_size,
-                            token_level=settings.ld_alpha is not None, want_sqnorm=settings.use_weighting)
-        reference = self.reference_logps(inputs, split)
-        out = compute_preference_loss(policy, reference, self.loss_names, self.loss_weights, settings)
-        return out.losses.mean(), out, policy
-
-    def reference_logps(self, inputs, split: str = "train") -> PairLogps | None:
         # `split`: a precomputed reference keeps one table per split (pair indices restart at 0 in each)
-        return self.reference.logps(inputs, split=split)
+        out, policy, _ = score_batch(model, self.reference, self.objective, inputs, split=split,
+                                     chunk_size=self.chunk_size)
+        return out.losses.mean(), out, policy
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, out, policy = self.batch_loss(model, inputs)
@@ -79,7 +69,8 @@ class PreferenceTrainer(Trainer):
         if self._throughput is None:
             params = [p for p in model.parameters()]
             trains_weights = sum(p.numel() for p in params if p.requires_grad) > 0.5 * sum(p.numel() for p in params)
-            passes = (3.0 if trains_weights else 2.0) + (1.0 if self.reference.model is not None else 0.0)
+            passes = forward_passes(backward=True, trains_weights=trains_weights,
+                                    live_reference=self.reference.model is not None)
             dtype = next(p for p in params).dtype
             if self.args.bf16 or self.args.fp16:
                 dtype = torch.bfloat16 if self.args.bf16 else torch.float16

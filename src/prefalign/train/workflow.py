@@ -11,10 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from prefalign import losses
-from prefalign.config import RunConfig, loss_settings
-from prefalign.data.collate import run_collator, with_lengths
-from prefalign.data.pipeline import describe, prepare_data
+from prefalign.config import RunConfig
+from prefalign.data.collate import PairCollator, run_collator, with_lengths
+from prefalign.data.pipeline import prepare_data
 from prefalign.errors import ConfigError, reporting_disk_full
 from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
@@ -22,7 +21,7 @@ from prefalign.modeling.load import (
     load_policy,
     load_tokenizer,
 )
-from prefalign.reference import build_reference
+from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +50,6 @@ def prepare_output_dir(config: RunConfig) -> str | None:
     return last
 
 
-def ensure_model(config: RunConfig) -> None:
-    """Build the tiny demo model when the config asks for it and it is missing."""
-    if config.model.build_demo_model:
-        from prefalign.demo import ensure_demo_model
-
-        ensure_demo_model(config.model.model_name_or_path)
-
-
 def build_trainer(config: RunConfig, *, need_train: bool = True):
     """Steps 3 and 4: data, policy and reference, assembled into a `PreferenceTrainer`."""
     from transformers import set_seed
@@ -69,29 +60,31 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     set_seed(args.seed)
 
     # Step 3: data
-    ensure_model(config)
     tokenizer = load_tokenizer(config.model)
     data = prepare_data(config.data, tokenizer, seed=args.seed, need_train=need_train)
     data.write(args.output_dir)
-    print(describe(data.summary), flush=True)
+    print(data.summary.describe(), flush=True)
 
     # Step 4: policy and reference
     dtype = compute_dtype(args)
     policy = load_policy(config.model, ft, dtype)
-    settings = loss_settings(ft)
-    needs_ref = losses.needs_reference(config.loss_names, settings)
     collator = run_collator(ft, tokenizer.pad_token_id)
-    precompute = ft.precompute_ref_log_probs and needs_ref
-    reference = build_reference(config, policy, needs_reference=needs_ref, dtype=dtype, for_precompute=precompute)
+    plan = reference_plan(config, "train")
+    precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
+    reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
+        sources = {"model_name_or_path": config.model.model_name_or_path,
+                   "adapter_name_or_path": config.model.adapter_name_or_path,
+                   "ref_model": ft.ref_model, "ref_model_adapters": ft.ref_model_adapters}
         reference = precompute_reference(
-            config, reference, {"train": data.train, "eval": data.eval}, collator, device=args.device, dtype=dtype,
+            reference, {"train": data.train, "eval": data.eval}, collator, sources=sources,
+            template=config.data.template, cutoff_len=config.data.cutoff_len, device=args.device, dtype=dtype,
             batch_size=max(args.per_device_train_batch_size, args.per_device_eval_batch_size),
             process_index=args.process_index, num_processes=args.world_size,
         )
-    logger.info("Reference: %s", reference.name)
+    logger.info("Reference: %s: %s", reference.name, plan.description)
     if _checkpointing(args) and hasattr(policy, "enable_input_require_grads"):
         policy.enable_input_require_grads()
 
@@ -102,8 +95,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True):
     return PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
-        reference=reference, loss_names=config.loss_names, loss_weights=config.loss_weights,
-        loss_settings=settings, chunk_size=ft.logits_chunk_size,
+        reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
     )
 
 
@@ -143,9 +135,33 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
         from prefalign.report import plot_metrics
 
         plot_metrics(out)
-    from prefalign.report import write_run_report
-
-    write_run_report(config, trainer)  # report.html and the README.md model card
+    write_run_report(config, trainer)
     print(f"Done. The aligned model and its results are in {out.resolve()}", flush=True)
     return metrics
+
+
+def write_run_report(config: RunConfig, trainer) -> Path:
+    """Score a few held-out pairs (training pairs without held-out data), then write report.html and README.md.
+
+    Every process scores the samples (a sharded model needs all of them in its forward pass); the
+    main process writes the files.
+    """
+    from prefalign.model_card import write_model_card
+    from prefalign.report import REPORT_FILE, write_report, write_samples
+
+    out = Path(config.training.output_dir)
+    held_out = trainer.eval_dataset is not None
+    dataset = trainer.eval_dataset if held_out else trainer.train_dataset
+    samples = []
+    if dataset is not None and len(dataset):
+        scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
+        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id),
+                                 trainer.processing_class, device=trainer.args.device,
+                                 split="eval" if held_out else "train")
+    if not trainer.is_world_process_zero():
+        return out / REPORT_FILE
+    write_samples(out, samples, held_out=held_out)
+    path = write_report(out)
+    write_model_card(config, out)
+    return path
 

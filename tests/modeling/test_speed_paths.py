@@ -2,15 +2,14 @@
 length grouping, gradient checkpointing, and a DDP-wrapped policy (no silent gradient desync)."""
 
 import math
-from pathlib import Path
 
 import helpers
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prefalign.contracts import IGNORE_INDEX, batch_to
 from prefalign.data.collate import (
-    IGNORE_INDEX,
     PairCollator,
     PrefixSharedCollator,
     pack_pair,
@@ -20,7 +19,6 @@ from prefalign.modeling import logprobs
 from prefalign.modeling.logprobs import _FusedResponseLogps, pair_logps
 from prefalign.modeling.prefix import shared_prefix_attention_mask
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
 
 # varied lengths, so both layouts pad; the last pair has a one-token prompt (no shared segment)
 FEATURES = [
@@ -279,7 +277,7 @@ def test_ddp_wrapped_policy_runs_through_ddp_and_syncs_gradients(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and flash attention need a CUDA GPU")
 def test_bf16_autocast_on_gpu_stays_close_to_fp32():
     model = tiny_llama().cuda()
-    batch = {k: v.cuda() for k, v in PrefixSharedCollator(0)(FEATURES).items()}
+    batch = batch_to(PrefixSharedCollator(0)(FEATURES), "cuda")
     exact = pair_logps(model, batch)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         mixed = pair_logps(model, batch)
@@ -292,7 +290,7 @@ def test_bf16_autocast_on_gpu_stays_close_to_fp32():
 def test_flash_attention_concatenated_path_on_gpu():
     pytest.importorskip("flash_attn", reason="the flash-attn package is not installed")
     model = tiny_llama(attn="flash_attention_2").cuda().to(torch.bfloat16)
-    batch = {k: v.cuda() for k, v in PairCollator(0)(FEATURES).items()}
+    batch = batch_to(PairCollator(0)(FEATURES), "cuda")
     reference = tiny_llama().cuda().to(torch.bfloat16)
     out, ref = pair_logps(model, batch), pair_logps(reference, batch)
     assert torch.allclose(out.chosen, ref.chosen, rtol=0.02, atol=0.2)

@@ -3,8 +3,8 @@ each sequence run alone through the model, no padding, no mask, log-softmax summ
 
 import pytest
 import torch
-from test_speed_paths import FEATURES, assert_grads_close, grads_of, objective, tiny_llama
 from helpers import config_for, make_random_adapter
+from test_speed_paths import FEATURES, assert_grads_close, grads_of, objective, tiny_llama
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from prefalign.contracts import BatchLayout
@@ -12,7 +12,7 @@ from prefalign.data.collate import PairCollator, PrefixSharedCollator
 from prefalign.data.packing import PackedCollator, assign_rows
 from prefalign.errors import ConfigError
 from prefalign.modeling.logprobs import pair_logps
-from prefalign.throughput import ModelShape, ThroughputMeter, batch_counts
+from prefalign.modeling.throughput import ModelShape, ThroughputMeter, batch_counts, forward_passes
 
 
 def tiny_qwen2(seed=0):
@@ -120,6 +120,9 @@ def test_meter_reports_padding_and_an_mfu_from_the_counts():
     shape = ModelShape.of(model)
     # decoder: 2 layers x (q 32x32, k/v 32x16, o 32x32, mlp 3 x 32x64, 2 norms of 32) + the final norm
     assert shape.decoder_params == 2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32) + 32
+    # full tuning against a live reference: forward + backward (2 forwards) + the reference's forward
+    assert forward_passes(backward=True, trains_weights=True, live_reference=True) == 4.0
+    assert forward_passes(backward=True, trains_weights=False, live_reference=False) == 2.0
     meter = ThroughputMeter(shape, passes=3.0, peak=1e9)
     meter.add(PairCollator(0)(FEATURES))
     report = meter.report()
@@ -220,7 +223,7 @@ def test_packed_with_gradient_checkpointing_gives_the_same_gradients():
     attend span by span again (the spans travel with the layer's saved keyword arguments)."""
     model = tiny_llama()
     plain = grads_of(model, plain_objective(model, FEATURES))
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     assert model.model.gradient_checkpointing
     out = pair_logps(model, PackedCollator(0, prefix_sharing=True)(FEATURES))

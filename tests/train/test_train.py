@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from prefalign.train.workflow import build_trainer, run_train
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 

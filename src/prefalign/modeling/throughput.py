@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.contracts import BatchLayout
-from prefalign.data.collate import IGNORE_INDEX, SEGMENT_PAD, SEGMENT_REJECTED, SEGMENT_SHARED
+from prefalign.contracts import IGNORE_INDEX, SEGMENT_PAD, SEGMENT_REJECTED, SEGMENT_SHARED, BatchLayout, batch_layout
 
 COUNTS = ("tokens", "positions", "attended", "scored")
 _rates: dict[tuple[str, torch.dtype], float] = {}
@@ -40,13 +39,13 @@ def batch_counts(batch: dict) -> dict[str, float]:
     """The four counts of the module docstring for one batch."""
     labels = batch["labels"]
     counts = {"positions": float(labels.numel()), "scored": float((labels[:, 1:] != IGNORE_INDEX).sum())}
-    layout = batch.get("layout")
-    if layout == BatchLayout.PACKED:
+    layout = batch_layout(batch)
+    if layout is BatchLayout.PACKED:
         spans = batch["spans"].double()
         q, p = spans[:, 2] - spans[:, 1], spans[:, 4] - spans[:, 3]
         counts["tokens"] = float((batch["pair_ids"] >= 0).sum())
         counts["attended"] = float(_causal(q) + (q * p).sum())
-    elif "segment_ids" in batch:  # prefix-shared: the rejected reply attends to the prompt and itself
+    elif layout is BatchLayout.PREFIX_SHARED:  # the rejected reply attends to the prompt and itself
         segments = batch["segment_ids"]
         shared = (segments == SEGMENT_SHARED).sum(1).double()
         rejected_start = ((segments != SEGMENT_PAD) & (segments != SEGMENT_REJECTED)).sum(1)
@@ -86,6 +85,14 @@ class ModelShape:
     def forward_flops(self, counts: dict[str, float]) -> float:
         return (2.0 * self.decoder_params * counts["tokens"] + 4.0 * self.layers * self.query_width * counts["attended"]
                 + 2.0 * self.hidden * self.vocab * counts["scored"])
+
+
+def forward_passes(*, backward: bool, trains_weights: bool, live_reference: bool) -> float:
+    """Forwards' worth of FLOPs per batch (module docstring): the policy's forward, its backward when
+    training (2 forwards when every weight trains, 1 when only inputs need gradients), and a forward
+    of a reference computed now rather than precomputed."""
+    policy = 1.0 + ((2.0 if trains_weights else 1.0) if backward else 0.0)
+    return policy + (1.0 if live_reference else 0.0)
 
 
 def matmul_rate(device, dtype: torch.dtype = torch.float32, size: int | None = None) -> float:

@@ -62,6 +62,6 @@ def test_truncations_are_counted(tmp_path, tiny_tokenizer):
     long = {"prompt": " ".join(["word"] * 200), "chosen": "Sure, fine.", "rejected": "No."}
     _write_jsonl(tmp_path / "prefs.jsonl", [long, RECORDS[0]])
     data = prepare_data(_data_args(tmp_path, cutoff_len=64), tiny_tokenizer, seed=0, cache_dir=tmp_path / "cache")
-    assert data.summary["train"]["truncated_prompts"] == 1
+    assert data.summary.train.truncated_prompts == 1
     assert max(len(p) + max(len(c), len(r)) for p, c, r in
                zip(data.train["prompt_ids"], data.train["chosen_ids"], data.train["rejected_ids"])) <= 64

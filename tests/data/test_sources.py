@@ -3,14 +3,13 @@ files and bad records (error and skip), sampling and mixing."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from prefalign.data.sources import load_preference_pairs, mix
 from prefalign.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
 DIR = str(FIXTURES)
 
 
@@ -363,7 +362,7 @@ def test_skip_keeps_or_counts_every_record_and_explains_each_reject(tmp_path):
     assert first["record"] == {"prompt": "Q", "chosen": "a"}
     long = next(r for r in report.rejects if "limit" in r["reason"])
     assert len(long["record"]["chosen"]) < 3000  # the rejects file stays small
-    json.dumps(report.to_dict())  # saved as JSON
+    json.dumps(report.rejects)  # saved as JSON (rejected_records.jsonl)
 
 
 def test_when_every_record_is_bad_the_error_shows_the_first(tmp_path):
@@ -415,7 +414,6 @@ def test_interleave_report_counts_pairs_used():
     assert [p.source.index for p in pairs] == [0, 0, 1, 1, 0, 2]
     assert report.loaded == {"openai_pairs": 2, "alpaca_pairs": 3}
     assert report.used == {"openai_pairs": 3, "alpaca_pairs": 3}
-    assert "openai_pairs: 2 pairs, 3 used after mixing" in report.summary()
 
 
 @pytest.mark.parametrize("options, says", [

@@ -1,13 +1,13 @@
 """Configuration: YAML + overrides, typed groups, and every problem reported at once."""
 
-from pathlib import Path
 
 import pytest
+from helpers import EXAMPLES as EXAMPLES_DIR, ROOT
 
 from prefalign.config import build_config, load_config, parse_overrides
 from prefalign.errors import ConfigError
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.yaml"))
 BASE = {"model_name_or_path": "m", "dataset": "d", "output_dir": "out"}
 
 
@@ -32,7 +32,7 @@ def test_llamafactory_spellings_are_mapped():
     config = build_config({**BASE, "warmup_ratio": 0.1, "ddp_timeout": 180000000, "flash_attn": "auto",
                            "preprocessing_num_workers": 4, "overwrite_cache": True, "dataset": ["a", "b"]})
     assert config.training.warmup_steps == 0.1
-    assert config.data.dataset == "a,b"
+    assert config.data.dataset == ["a", "b"]
     assert config.data.preprocessing_num_workers == 4
 
 
@@ -87,7 +87,7 @@ def test_readme_config_reference_is_current():
     """The README's table is generated from the fields' help texts: regenerate it when a field changes."""
     import sys
 
-    root = Path(__file__).parents[1]
+    root = ROOT
     sys.path.insert(0, str(root / "scripts"))
     from config_reference import reference
 
@@ -97,7 +97,7 @@ def test_readme_config_reference_is_current():
 
 
 def test_ci_runs_the_readme_test_command():
-    root = Path(__file__).parents[1]
+    root = ROOT
     readme = (root / "README.md").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q'
     assert command in readme and command in (root / ".ci" / "run").read_text()

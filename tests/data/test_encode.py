@@ -1,13 +1,14 @@
 """Rendering, tokenization, truncation and batching of preference pairs."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import EXAMPLES, ROOT
 
 from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
-from prefalign.data.collate import IGNORE_INDEX, PairCollator
+from prefalign.contracts import IGNORE_INDEX
+from prefalign.data.collate import PairCollator
 from prefalign.data.encode import encode_pair, encode_pairs, truncate_pair
 from prefalign.errors import ConfigError
 
@@ -126,14 +127,14 @@ def test_a_role_the_template_cannot_render_is_a_data_error(tiny_tokenizer):
         encode_pair(pair, ChatRenderer(tiny_tokenizer, "alpaca"), 1024)
 
 
-EXAMPLE_CONFIGS = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+EXAMPLE_CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=lambda p: p.name)
 def test_prefalign_data_runs_on_every_example_config(path, tiny_model_dir, tmp_path, capsys, monkeypatch):
     from prefalign.cli import main
 
-    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.chdir(ROOT)
     code = main(["data", str(path), f"model_name_or_path={tiny_model_dir}", "build_demo_model=false",
                  f"output_dir={tmp_path}"])
     out = capsys.readouterr().out
