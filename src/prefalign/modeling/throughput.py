@@ -96,8 +96,8 @@ def forward_passes(*, backward: bool, trains_weights: bool, live_reference: bool
 
 
 def matmul_rate(device, dtype: torch.dtype = torch.float32, size: int | None = None) -> float:
-    """FLOP/s of a square matmul on `device` in `dtype` (1024 on a CPU: ~10 ms; 8192 on a GPU): best
-    of 3, measured once per process."""
+    """FLOP/s of a square matmul on `device` in `dtype` (1024 on a CPU: 10-50 ms; 8192 on a GPU): best
+    of 2, measured once per process."""
     device = torch.device(device)
     size = size or (1024 if device.type == "cpu" else 8192)
     key = (str(device), dtype)
@@ -105,7 +105,7 @@ def matmul_rate(device, dtype: torch.dtype = torch.float32, size: int | None = N
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         best = float("inf")
-        for _ in range(4):  # the first is a warm-up
+        for _ in range(3):  # the first is a warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
