@@ -14,7 +14,8 @@ project's CPUs about 170 GFLOP/s in fp32 with 2 threads). Model FLOPs of one for
 forward and backward (backward = 2 forwards when every weight trains, 1 when only inputs need
 gradients: LoRA, freeze), plus one forward of a reference computed during training. Work
 repeated by activation checkpointing is not counted, and padding is not useful work: padding
-shows up as a lower figure.
+shows up as a lower figure. On a machine shared with other jobs the start-up rate is whatever the
+load allowed at that moment, so the figure moves with the load (and can exceed 1).
 """
 
 from __future__ import annotations
