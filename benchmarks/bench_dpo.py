@@ -10,6 +10,14 @@ precision; the runs differ only in the trainer and prefalign's own speed options
     python benchmarks/bench_dpo.py --proportioned        # 12 layers, hidden 512, intermediate 1408
     python benchmarks/bench_dpo.py --prefix-workload     # prompt 384 / responses 64, prefix sharing on vs off
     python benchmarks/bench_dpo.py --runs trl-lora,pa-lora-fast --steps 2   # a quick look
+    python benchmarks/bench_dpo.py --real-shaped a --cutoff-len 1024   # long-tailed multi-turn chats,
+                                            # vocabulary 151,936 tied, Qwen2 4 x 256 (the head dominates)
+    python benchmarks/bench_dpo.py --real-shaped b --cutoff-len 1024   # the same data, 12 x 512, vocab 32k
+
+Real-shaped workloads (`--real-shaped`): conversations of 1-7 user turns (half with a system turn)
+whose lengths in tokens are log-normal with median 600 and p90 1,600, capped at 4,000, then
+truncated at `--cutoff-len` by each trainer's own rule; the chat template is ChatML, given to both
+trainers as the tokenizer's own. There prefalign runs with packing and prefix sharing off and on.
 
 Printed per run: loop pairs/s (from the Trainer's `on_train_begin` to `on_train_end`), end-to-end
 pairs/s (from before the trainer is built, so data encoding, model loading and any reference
@@ -51,10 +59,21 @@ RUNS = {
     # the least memory: no reference model in memory, one prompt per pair, activations recomputed
     "pa-full-lowmem": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True,
                        "gradient_checkpointing": True},
+    "pa-lora-packed": {"impl": "prefalign", "mode": "lora", "packing": True},
+    "pa-lora-packed-prefix": {"impl": "prefalign", "mode": "lora", "packing": True, "prefix_sharing": True},
+    "pa-full-packed": {"impl": "prefalign", "mode": "full", "packing": True},
+    "pa-full-packed-prefix": {"impl": "prefalign", "mode": "full", "packing": True, "prefix_sharing": True},
+    # `prefalign eval`'s scoring vs the training forward, same layout and pairs (no training)
+    "eval-padded": {"impl": "prefalign-eval", "mode": "lora"},
+    "eval-packed-prefix": {"impl": "prefalign-eval", "mode": "lora", "packing": True, "prefix_sharing": True},
 }
 DEFAULT_RUNS = list(RUNS)
 PROPORTIONED_RUNS = ["trl-lora", "trl-full", "pa-lora-prefix", "pa-lora-fast", "pa-full-prefix", "pa-full-fast"]
 PREFIX_RUNS = ["pa-lora-plain", "pa-lora-prefix", "pa-full-plain", "pa-full-prefix"]
+REAL_RUNS = ["trl-lora", "pa-lora-plain", "pa-lora-prefix", "pa-lora-packed", "pa-lora-packed-prefix",
+             "trl-full", "pa-full-plain", "pa-full-prefix", "pa-full-packed", "pa-full-packed-prefix"]
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+ROLE_WORDS = ["system", "user", "assistant"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--proportioned", action="store_true", help="12 layers, hidden 512, intermediate 1408")
     p.add_argument("--prefix-workload", action="store_true",
                    help="prompt 384 / responses 64; prefalign with prefix sharing on vs off")
+    p.add_argument("--real-shaped", choices=("a", "b"), default=None,
+                   help="long-tailed multi-turn chats; a: Qwen2 4 x 256, vocab 151,936 tied; b: 12 x 512, vocab 32k")
+    p.add_argument("--cutoff-len", type=int, default=None, help="cutoff_len / max_length (real-shaped: 1024)")
     # training (identical for every run)
     p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=2)
@@ -93,11 +115,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.layers, args.hidden, args.intermediate = 12, 512, 1408
     if args.prefix_workload:
         args.prompt_len, args.response_len = 384, 64
+    if args.real_shaped == "a":
+        args.layers, args.hidden, args.vocab = 4, 256, 151936
+    elif args.real_shaped == "b":
+        args.layers, args.hidden, args.intermediate, args.vocab = 12, 512, 1408, 32000
+    if args.real_shaped:
+        args.cutoff_len = args.cutoff_len or 1024
+        if "--batch-size" not in " ".join(argv if argv is not None else sys.argv):
+            args.batch_size = 2
     args.intermediate = args.intermediate or int(2.75 * args.hidden)
     args.heads = args.heads or max(1, args.hidden // 64)
     if args.runs is None:
-        args.runs = ",".join(PROPORTIONED_RUNS if args.proportioned else PREFIX_RUNS if args.prefix_workload
-                             else DEFAULT_RUNS)
+        args.runs = ",".join(REAL_RUNS if args.real_shaped else PROPORTIONED_RUNS if args.proportioned
+                             else PREFIX_RUNS if args.prefix_workload else DEFAULT_RUNS)
     unknown = [r for r in args.runs.split(",") if r not in RUNS]
     if unknown:
         p.error(f"--runs: unknown {unknown}; known: {', '.join(RUNS)}")
@@ -111,30 +141,50 @@ def build_workload(args, workdir: Path) -> dict:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    vocab.update({f"w{i}": i for i in range(len(SPECIALS), args.vocab)})
+    fixed = SPECIALS + (CHAT_SPECIALS + ROLE_WORDS if args.real_shaped else [])
+    vocab = {tok: i for i, tok in enumerate(fixed)}
+    vocab.update({f"w{i}": i for i in range(len(fixed), args.vocab)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # Words are split at whitespace and then into "w<digits>" tokens, so text joined without a
     # space (e.g. a reply glued to its prompt by a template) still encodes to the same tokens.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"w\d+"), behavior="isolated")]
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>", padding_side="right",
-                                        model_max_length=args.prompt_len + 2 * args.response_len + 64)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.prompt_len + 2 * args.response_len + 64, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=1, pad_token_id=0, dtype="float32",
-    )
+    positions = max(args.prompt_len + 2 * args.response_len, 2 * (args.cutoff_len or 0)) + 64
+    if args.real_shaped:  # ChatML: the markup tokens are split out before the words
+        from prefalign.data.templates import CHATML
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
+                                            unk_token="<unk>", padding_side="right", model_max_length=positions,
+                                            additional_special_tokens=CHAT_SPECIALS)
+        tokenizer.chat_template = CHATML.jinja
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                            unk_token="<unk>", padding_side="right", model_max_length=positions)
+    shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                 num_hidden_layers=args.layers, num_attention_heads=args.heads, max_position_embeddings=positions,
+                 bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=0, dtype="float32")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    if args.real_shaped == "a":
+        # Qwen2's shape (grouped-query attention, tied embeddings, attention biases) as a Llama config:
+        # transformers 5 gives a `qwen2` config its BPE tokenizer class, which drops a word-level vocabulary.
+        model = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=max(1, args.heads // 2),
+                                             tie_word_embeddings=True, attention_bias=True))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=args.heads, tie_word_embeddings=False))
     model_dir = workdir / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
     rng = random.Random(0)
+    if args.real_shaped:
+        pairs = real_shaped_pairs(rng, args.pairs, len(fixed), args.vocab)
+        data_path = workdir / "pairs.json"
+        data_path.write_text(json.dumps(pairs))
+        ids = tokenizer(tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0]["chosen"], tokenize=False))
+        assert tokenizer.unk_token_id not in ids["input_ids"], "the tokenizer must not split words"
+        return {"model": str(model_dir), "data": str(data_path), "stats": pair_token_stats(tokenizer, pairs,
+                                                                                           args.cutoff_len)}
 
     def words(n: int) -> str:
         return " ".join(f"w{rng.randrange(len(SPECIALS), args.vocab)}" for _ in range(n))
@@ -151,6 +201,55 @@ def build_workload(args, workdir: Path) -> dict:
     return {"model": str(model_dir), "data": str(data_path)}
 
 
+# -- the real-shaped workload --------------------------------------------------------------------
+def real_shaped_lengths(rng: random.Random, n: int, median: int = 600, p90: int = 1600, cap: int = 4000,
+                        floor: int = 60) -> list[int]:
+    """Tokens per pair, log-normal: median `median`, 90th percentile `p90` (z = 1.2816), in [floor, cap]."""
+    sigma = math.log(p90 / median) / 1.2816
+    return [min(cap, max(floor, round(rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
+
+
+def real_shaped_pairs(rng: random.Random, n: int, first_word: int, vocab: int) -> list[dict]:
+    """TRL's conversational preference records: prompt messages (1-7 user turns, a system turn in half),
+    one assistant message each for chosen and rejected. A pair's length (prompt + the mean of its
+    replies, ChatML markup included: 3 tokens a message, 2 for the reply's header) follows
+    `real_shaped_lengths`; replies take 15-40 % of it each."""
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(first_word, vocab)}" for _ in range(max(1, k)))
+
+    records = []
+    for total in real_shaped_lengths(rng, n):
+        chosen, rejected = (max(4, round(total * rng.uniform(0.15, 0.4))) for _ in range(2))
+        turns, system = rng.randint(1, 7), rng.random() < 0.5
+        roles = (["system"] if system else []) + ["user", "assistant"] * (turns - 1) + ["user"]
+        budget = max(len(roles) * 4, total - (chosen + rejected) // 2 - 2 - 3 * len(roles))
+        weights = [rng.random() + 0.2 for _ in roles]
+        sizes = [max(1, round(budget * w / sum(weights))) for w in weights]
+        records.append({
+            "prompt": [{"role": role, "content": words(k)} for role, k in zip(roles, sizes)],
+            "chosen": [{"role": "assistant", "content": words(chosen - 1)}],
+            "rejected": [{"role": "assistant", "content": words(rejected - 1)}],
+        })
+    return records
+
+
+def pair_token_stats(tokenizer, records: list[dict], cutoff: int) -> dict:
+    """Token counts of the pairs: `pair_tokens` = prompt+chosen + prompt+rejected with each sequence cut
+    at `cutoff` (what an unshared, unpadded layout computes; the tokens/s of every run count these),
+    and percentiles of the pair length (prompt + longer reply) before truncation."""
+    cut, lengths = [], []
+    for r in records:
+        sides = [len(tokenizer(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False))["input_ids"])
+                 for side in ("chosen", "rejected")]
+        cut.append(sum(min(cutoff, n) for n in sides))
+        lengths.append(max(sides))
+    lengths.sort()
+    return {"mean_pair_tokens": sum(cut) / len(cut), "p50_pair": lengths[len(lengths) // 2],
+            "p90_pair": lengths[int(0.9 * len(lengths))], "max_pair": lengths[-1],
+            "truncated_share": sum(n > cutoff for n in lengths) / len(lengths)}
+
+
 # -- one run, in a child process -----------------------------------------------------------------
 def _clock_callback():
     from transformers import TrainerCallback
@@ -160,6 +259,7 @@ def _clock_callback():
             self.begin = self.end = None
             self.step_ends: list[float] = []
             self.losses: list[float] = []
+            self.throughput: list[dict] = []  # prefalign's throughput/* logs
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.begin = time.perf_counter()
@@ -170,6 +270,8 @@ def _clock_callback():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+            if logs and "throughput/mfu" in logs:
+                self.throughput.append({k: v for k, v in logs.items() if k.startswith("throughput/")})
 
         def on_train_end(self, args, state, control, **kwargs):
             self.end = time.perf_counter()
@@ -186,22 +288,57 @@ def _train_settings(spec: dict) -> dict:
     )
 
 
-def run_prefalign(spec: dict, out_dir: str, clock) -> None:
+def _prefalign_config(spec: dict, out_dir: str):
     from prefalign.config import build_config
-    from prefalign.train.workflow import build_trainer
 
-    values = {
+    return build_config({
         "model_name_or_path": spec["model"], "stage": "dpo", "finetuning_type": spec["mode"],
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "q_proj,k_proj,v_proj,o_proj",
-        "dataset": spec["data"], "template": "empty", "cutoff_len": spec["cutoff_len"],
+        "dataset": spec["data"], "template": spec["template"], "cutoff_len": spec["cutoff_len"],
         "pref_beta": spec["beta"], "pref_loss": "sigmoid", "output_dir": out_dir, "overwrite_output_dir": True,
         "precompute_ref_log_probs": bool(spec.get("precompute")), "prefix_sharing": bool(spec.get("prefix_sharing")),
+        "packing": bool(spec.get("packing")),
         "gradient_checkpointing": bool(spec.get("gradient_checkpointing")),
         **_train_settings(spec),
-    }
-    trainer = build_trainer(build_config(values))
+    })
+
+
+def run_prefalign(spec: dict, out_dir: str, clock) -> None:
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(_prefalign_config(spec, out_dir))
     trainer.add_callback(clock)
     trainer.train()
+
+
+def eval_check(spec: dict, out_dir: str) -> dict:
+    """`prefalign eval`'s scoring against the training forward (the loss, autograd recording, no
+    backward) of the same layout, on the same pairs: pairs/s of each, best of 2 rounds after a
+    warm-up round (the first calls of each path pay one-time costs)."""
+    from torch.utils.data import DataLoader
+
+    from prefalign.scoring import Scorer
+    from prefalign.train.workflow import build_trainer
+
+    config = _prefalign_config(spec, out_dir)
+    trainer = build_trainer(config)
+    pairs = trainer.train_dataset.select(range(spec["batch_size"] * spec["grad_accum"] * spec["steps"]))
+    scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
+    best = {"train_forward": float("inf"), "eval": float("inf")}
+    for round_ in range(3):
+        start = time.perf_counter()
+        for batch in DataLoader(pairs, batch_size=spec["batch_size"], collate_fn=trainer.data_collator):
+            trainer.batch_loss(trainer.model, trainer._prepare_inputs(batch))
+        train_forward = time.perf_counter() - start
+        start = time.perf_counter()
+        scorer.score(pairs, trainer.data_collator, batch_size=spec["batch_size"], device=trainer.args.device,
+                     split="train")
+        if round_:
+            best["train_forward"] = min(best["train_forward"], train_forward)
+            best["eval"] = min(best["eval"], time.perf_counter() - start)
+    import torch
+
+    return {**{f"{k}_pairs_per_s": len(pairs) / v for k, v in best.items()}, "threads": torch.get_num_threads()}
 
 
 def run_trl(spec: dict, out_dir: str, clock) -> None:
@@ -216,7 +353,7 @@ def run_trl(spec: dict, out_dir: str, clock) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
     config = DPOConfig(
-        output_dir=out_dir, beta=spec["beta"], loss_type=["sigmoid"], max_length=None, bf16=False, fp16=False,
+        output_dir=out_dir, beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["trl_max_length"], bf16=False, fp16=False,
         gradient_checkpointing=bool(spec.get("trl_gradient_checkpointing")), precompute_ref_log_probs=False,
         **_train_settings(spec),
     )
@@ -238,6 +375,10 @@ def child_main(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     os.environ["PREFALIGN_CACHE"] = spec["cache_dir"]  # fresh caches: end-to-end includes all preparation
     clock = _clock_callback()
+    if spec["impl"] == "prefalign-eval":
+        with tempfile.TemporaryDirectory() as out_dir:
+            print("RESULT " + json.dumps(eval_check(spec, out_dir)), flush=True)
+        return
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         if spec.get("profile"):
@@ -267,6 +408,10 @@ def child_main(spec: dict) -> None:
         "step_s": [round(b - a, 3) for a, b in zip([clock.begin] + clock.step_ends, clock.step_ends)],
         "threads": torch.get_num_threads(),
     }
+    later = clock.throughput[1:] or clock.throughput  # the first step pays one-time warm-up
+    for key in ("padding_fraction", "mfu", "tokens_per_second"):
+        values = [t[f"throughput/{key}"] for t in later]
+        result[key] = sum(values) / len(values) if values else None
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -298,7 +443,7 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
 
-def report(args, results: dict[str, dict]) -> str:
+def report(args, results: dict[str, dict], stats: dict | None = None) -> str:
     import transformers
 
     try:
@@ -307,22 +452,38 @@ def report(args, results: dict[str, dict]) -> str:
     except ImportError:
         trl_version = "not installed"
     lines = [
-        (f"workload: {args.pairs} pairs, prompt {args.prompt_len}, responses {args.response_len}, vocab {args.vocab}, "
+        (f"workload: {args.pairs} pairs, "
+         + (f"real-shaped {args.real_shaped}, cutoff_len {args.cutoff_len}" if args.real_shaped
+            else f"prompt {args.prompt_len}, responses {args.response_len}") + f", vocab {args.vocab}, "
          f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, heads {args.heads}; "
          f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps "
          f"({args.steps * args.batch_size * args.grad_accum} pairs), lr {args.lr}, sigmoid loss, beta {args.beta}, fp32"),
         (f"machine: {machine()}; transformers {transformers.__version__}, trl {trl_version}; "
          f"torch threads in the runs: {sorted({r['threads'] for r in results.values()})}"),
         "",
-        "| run | loop pairs/s | steady pairs/s | end-to-end pairs/s | setup s | peak RSS MiB | loss step 1 / last |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| run | loop pairs/s | steady pairs/s | end-to-end pairs/s | setup s | peak RSS MiB | loss step 1 / last |"
+        " pair tokens/s | padding | MFU |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
+    if stats:
+        lines.insert(0, (f"real-shaped data ({args.real_shaped}): pair length (prompt + longer reply) p50 "
+                         f"{stats['p50_pair']}, p90 {stats['p90_pair']}, max {stats['max_pair']}; "
+                         f"{stats['truncated_share']:.0%} of pairs cut at cutoff_len {args.cutoff_len}; "
+                         f"{stats['mean_pair_tokens']:.0f} tokens per pair after the cut (both sequences)"))
+
+    def fmt(value, pattern):
+        return pattern.format(value) if value is not None else "-"
+
+    results = dict(results)
+    evals = {name: results.pop(name) for name in list(results) if RUNS[name]["impl"] == "prefalign-eval"}
     for name, r in results.items():
         losses = r["losses"]
         loss = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"
         steady = f"{r['steady_pairs_per_s']:.2f}" if r["steady_pairs_per_s"] else "-"
+        tokens = fmt(r["loop_pairs_per_s"] * stats["mean_pair_tokens"] if stats else None, "{:.0f}")
         lines.append(f"| {name} | {r['loop_pairs_per_s']:.2f} | {steady} | {r['e2e_pairs_per_s']:.2f} | "
-                     f"{r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} | {loss} |")
+                     f"{r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} | {loss} | {tokens} | "
+                     f"{fmt(r.get('padding_fraction'), '{:.1%}')} | {fmt(r.get('mfu'), '{:.1%}')} |")
     ratios = []
     for mode in ("lora", "full"):
         base = results.get(f"trl-{mode}")
@@ -333,13 +494,19 @@ def report(args, results: dict[str, dict]) -> str:
                 ratios.append(f"| {name} / trl-{mode} | {r['loop_pairs_per_s'] / base['loop_pairs_per_s']:.2f}x | "
                               f"{r['e2e_pairs_per_s'] / base['e2e_pairs_per_s']:.2f}x |")
     for mode in ("lora", "full"):
-        on, off = results.get(f"pa-{mode}-prefix"), results.get(f"pa-{mode}-plain")
-        if on and off:
-            ratios.append(f"| pa-{mode}-prefix / pa-{mode}-plain | "
-                          f"{on['loop_pairs_per_s'] / off['loop_pairs_per_s']:.2f}x | "
-                          f"{on['e2e_pairs_per_s'] / off['e2e_pairs_per_s']:.2f}x |")
+        for on_name, off_name in (("prefix", "plain"), ("packed", "plain"), ("packed-prefix", "prefix"),
+                                  ("packed-prefix", "plain")):
+            on, off = results.get(f"pa-{mode}-{on_name}"), results.get(f"pa-{mode}-{off_name}")
+            if on and off:
+                ratios.append(f"| pa-{mode}-{on_name} / pa-{mode}-{off_name} | "
+                              f"{on['loop_pairs_per_s'] / off['loop_pairs_per_s']:.2f}x | "
+                              f"{on['e2e_pairs_per_s'] / off['e2e_pairs_per_s']:.2f}x |")
     if ratios:
         lines += ["", "| ratio | loop | end-to-end |", "|---|---:|---:|", *ratios]
+    if evals:
+        lines += ["", "| layout | training forward pairs/s | `prefalign eval` pairs/s |", "|---|---:|---:|"]
+        lines += [f"| {name} | {r['train_forward_pairs_per_s']:.2f} | {r['eval_pairs_per_s']:.2f} |"
+                  for name, r in evals.items()]
     for mode in ("lora", "full"):  # same model, data order and loss: the first logged losses must agree
         firsts = {n: r["losses"][0] for n, r in results.items() if r["losses"] and f"-{mode}" in n}
         if len(firsts) > 1:
@@ -359,10 +526,11 @@ def main(argv=None) -> None:
         print(f"building the workload in {workdir} ...", flush=True)
         paths = build_workload(args, workdir)
         common = {
-            **paths, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
+            "model": paths["model"], "data": paths["data"], "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
             "lr": args.lr, "beta": args.beta, "threads": args.threads, "profile": args.profile,
             "profile_shapes": bool(os.environ.get("BENCH_PROFILE_SHAPES")),
-            "cutoff_len": args.prompt_len + args.response_len + 8,
+            "cutoff_len": args.cutoff_len or args.prompt_len + args.response_len + 8,
+            "trl_max_length": args.cutoff_len, "template": None if args.real_shaped else "empty",
             "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
         }
         results = {}
@@ -371,10 +539,15 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             results[name] = run_child(spec)
             r = results[name]
+            if args.json_out:  # after every run: a later failure loses nothing measured
+                Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+            if "eval_pairs_per_s" in r:
+                print(f"{name}: {r}", flush=True)
+                continue
             print(f"{name}: loop {r['loop_pairs_per_s']:.2f} pairs/s, end-to-end {r['e2e_pairs_per_s']:.2f} pairs/s, "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s); "
                   f"seconds per step: {r['step_s']}", flush=True)
-        text = report(args, results)
+        text = report(args, results, paths.get("stats"))
         print("\n" + text)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

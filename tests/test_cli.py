@@ -40,6 +40,12 @@ def test_config_errors_are_one_line_each_without_traceback(tmp_path):
     assert "pref_beta" in run.stderr
 
 
+def test_packing_length_without_packing_is_a_one_line_error(tmp_path):
+    run = prefalign("train", "examples/quickstart.yaml", "packing_length=512", f"output_dir={tmp_path / 'out'}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "packing_length is set but packing is off; set packing: true" in run.stderr
+
+
 def test_missing_model_is_a_clean_error(tmp_path):
     run = prefalign("train", "examples/quickstart.yaml", f"model_name_or_path={tmp_path / 'nothing'}",
                     "build_demo_model=false", f"output_dir={tmp_path / 'out'}",

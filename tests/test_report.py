@@ -115,6 +115,13 @@ def test_report_html_holds_curves_metrics_and_scored_pairs(run_dir):
     assert first["instruction"] in pairs[0][1] and pairs[0][2] == first["chosen"] and pairs[0][3] == first["rejected"]
     assert {"data-summary", "token-lengths"} <= set(page.rows)
 
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    speed = {row[0]: row for row in page.rows["speed"]}
+    for key in ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu"):
+        logged = [h[key] for h in history if key in h]
+        assert logged and float(speed[key][2]) == pytest.approx(logged[-1], rel=1e-3), key
+        assert float(speed[key][1]) == pytest.approx(sum(logged) / len(logged), rel=1e-3), key
+
 
 def test_report_pairs_match_prefalign_eval(run_dir, tmp_path):
     """The report's pairs are scored like `prefalign eval` scores them, and reward margin = β (Δπ − Δref)."""

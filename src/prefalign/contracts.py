@@ -75,11 +75,15 @@ class BatchLayout(str, enum.Enum):
                    rows [B, 2B) prompt+rejected.
     PREFIX_SHARED: `input_ids`, `attention_mask`, `labels`, `segment_ids`, `position_ids` (B, T):
                    one packed row per pair, the prompt computed once (segments SEGMENT_*).
-    Both carry `index` (B,), each pair's position in its dataset.
+    PACKED:        the same keys (R, T) plus `pair_ids` (R, T) and `spans` (K, 5): the pairs'
+                   sequences end to end in R rows, attention confined to each sequence by the
+                   spans, padding only at row ends (data/packing.py).
+    All carry `index` (B,), each pair's position in its dataset.
     """
 
     CONCATENATED = "concatenated"
     PREFIX_SHARED = "prefix_shared"
+    PACKED = "packed"
 
 
 def batch_layout(batch: dict) -> BatchLayout:

@@ -20,6 +20,7 @@ from prefalign.data.summary import DataSummary
 from prefalign.errors import PrefalignError
 
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+SPEED = ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu")  # modeling/throughput.py
 SAMPLES_FILE = "report_samples.json"
 REPORT_FILE = "report.html"
 NUM_SAMPLES = 5
@@ -158,6 +159,25 @@ def _curves_section(out: Path) -> str:
             f'<div class="curves">{"".join(figures)}</div>')
 
 
+def _speed_section(out: Path) -> str:
+    try:
+        history = load_history(out)
+    except PrefalignError:
+        return '<p class="muted">No trainer_state.json, so no speed figures.</p>'
+    rows = []
+    for key in SPEED:
+        values = [h[key] for h in history if key in h]
+        if values:
+            rows.append(f"<tr><th>{_esc(key)}</th>{_num(sum(values) / len(values))}{_num(values[-1])}</tr>")
+    if not rows:
+        return '<p class="muted">No throughput figures were logged.</p>'
+    return ("<p>Tokens/s counts real tokens; the padding fraction is the share of computed positions that are "
+            "padding (<code>packing: true</code> computes none); MFU is the model FLOPs per second over this "
+            "device's matmul rate measured at start-up.</p>"
+            '<table id="speed"><thead><tr><th>figure</th><th>mean over logged steps</th><th>last</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
 def _data_section(summary: DataSummary | None) -> str:
     if not summary:
         return '<p class="muted">No data_summary.json in this folder.</p>'
@@ -227,6 +247,7 @@ def write_report(output_dir: str | Path, samples: dict | None = None) -> Path:
     sections = [
         ("metrics", "Final metrics", _metrics_section(_final_metrics(out))),
         ("curves", "Curves", _curves_section(out)),
+        ("speed", "Speed", _speed_section(out)),
         ("pairs", "Pairs, policy against reference", _samples_section(samples)),
         ("data", "Data", _data_section(DataSummary.read(out))),
         ("config", "Configuration (run_config.yaml)",

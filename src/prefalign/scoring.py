@@ -15,6 +15,7 @@ from prefalign.contracts import LossOutput, PairLogps, batch_to
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics
 from prefalign.modeling.logprobs import pair_logps
+from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.reference import Reference, ReferencePlan, build_reference, plan_reference
 
 
@@ -94,7 +95,9 @@ class Scorer:
         """Score every pair of `dataset` in order; return the per-pair rows and the mean metrics.
 
         Rows follow `eval_pairs.jsonl` (see `pair_rows`); metrics are named as the trainer logs them,
-        without the `eval_` prefix (`loss`, `rewards/margins`, ...), each the mean over all pairs.
+        without the `eval_` prefix (`loss`, `rewards/margins`, ...), each the mean over all pairs,
+        and the `throughput/*` figures of the whole pass. `collator` lays out the batches: the
+        training layout (`run_collator`) scores as fast per pair as the training forward.
         """
         from torch.utils.data import DataLoader
 
@@ -103,9 +106,11 @@ class Scorer:
         self.policy.eval()
         rows: list[dict] = []
         sums: dict[str, float] = defaultdict(float)
+        meter = self.throughput_meter(device)
         try:
             with torch.no_grad():
                 for batch in loader:
+                    meter.add(batch)
                     batch = batch_to(batch, device)
                     out, policy, reference = score_batch(self.policy, self.reference, self.objective, batch,
                                                          split=split, chunk_size=self.chunk_size)
@@ -115,7 +120,13 @@ class Scorer:
         finally:
             self.policy.train(was_training)
         count = max(len(rows), 1)
-        return rows, {key: total / count for key, total in sums.items()}
+        return rows, {**{key: total / count for key, total in sums.items()}, **meter.report()}
+
+    def throughput_meter(self, device) -> ThroughputMeter:
+        """Forward passes only: the policy's, and the reference's when it runs (modeling/throughput.py)."""
+        passes = forward_passes(backward=False, trains_weights=False, live_reference=self.reference.model is not None)
+        dtype = next(self.policy.parameters()).dtype
+        return ThroughputMeter(ModelShape.of(self.policy), passes, matmul_rate(device, dtype))
 
     def samples(self, dataset, collator, tokenizer, *, device, split: str = "eval", count: int = 5) -> list[dict]:
         """The first `count` pairs of `dataset`, decoded, with their rows and policy / reference margins."""

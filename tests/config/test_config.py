@@ -178,3 +178,14 @@ def test_a_list_of_numbers_that_is_not_is_one_problem_naming_the_key():
         build_config({**BASE, "pref_loss": "sigmoid,sft", "pref_loss_weights": "1,heavy"})
     assert caught.value.problems == ["pref_loss_weights: expected a list (or comma-separated string) of numbers, "
                                      "got '1,heavy'"]
+
+
+def test_packing_keys():
+    """LLaMA-Factory's `packing` and `neat_packing` turn packing on; `packing_length` needs it and a sane value."""
+    assert build_config({**BASE, "packing": True}).finetuning.packing
+    assert build_config({**BASE, "neat_packing": True}).finetuning.packing
+    assert build_config({**BASE, "packing": True, "packing_length": 4096}).finetuning.packing_length == 4096
+    with pytest.raises(ConfigError, match="packing_length is set but packing is off"):
+        build_config({**BASE, "packing_length": 4096})
+    with pytest.raises(ConfigError, match="packing_length: -1 is negative"):
+        build_config({**BASE, "packing": True, "packing_length": -1})

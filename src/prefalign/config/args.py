@@ -260,6 +260,18 @@ class FinetuningArguments:
     prefix_sharing: bool = _help(
         "Run the prompt once per pair: chosen and rejected continue one shared prompt.", False
     )
+    packing: bool = _help(
+        "Padding-free batches: the pairs of a micro-batch laid end to end in one row (or rows of "
+        "`packing_length`), positions restarting per sequence and attention confined to each "
+        "sequence, so no padding is computed. Combines with `prefix_sharing` (each pair: prompt "
+        "once, then both replies). `neat_packing` is read as the same.",
+        False,
+    )
+    packing_length: int = _help(
+        "With `packing`: at most this many tokens per row; 0 puts the whole micro-batch in one row. "
+        "A pair longer than this gets a row of its own (a pair is never split, cut or dropped).",
+        0,
+    )
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
     )
@@ -289,6 +301,11 @@ class FinetuningArguments:
             if not self.ref_model:
                 problems.append("ref_model_quantization_bit is set without ref_model; name the reference model "
                                 "in ref_model")
+        if self.packing_length < 0:
+            problems.append(f"packing_length: {self.packing_length} is negative; give a row length in tokens, or 0 "
+                            "for one row per micro-batch")
+        if self.packing_length and not self.packing:
+            problems.append("packing_length is set but packing is off; set packing: true, or remove packing_length")
         if self.logits_chunk_size < 1:
             problems.append(f"logits_chunk_size: {self.logits_chunk_size} must be at least 1")
         settings = loss_settings_of(self)

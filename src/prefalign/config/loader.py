@@ -35,6 +35,7 @@ _RENAMED: dict[str, tuple[str, Any]] = {
     "group_by_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
     "disable_shuffling": ("train_sampling_strategy", lambda v: "sequential" if v else "random"),
     "disable_gradient_checkpointing": ("gradient_checkpointing", lambda v: not v),
+    "neat_packing": ("packing", bool),  # prefalign's packing never attends across sequences
 }
 
 # Keys that only choose an implementation detail or a cache: accepted, and said to be ignored.
@@ -67,8 +68,6 @@ _UNSUPPORTED = {
     "loraplus_lr_ratio": "LoRA+",
     "use_llama_pro": "LLaMA Pro",
     "streaming": "streaming datasets",
-    "packing": "packed SFT-style sequences (use prefix_sharing for pairs)",
-    "neat_packing": "neat packing",
     "mask_history": "history masking",
     "new_special_tokens": "adding special tokens",
     "resize_vocab": "resizing the vocabulary",

@@ -87,6 +87,17 @@ def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict
     }
 
 
+def padded_rows(shape: tuple[int, int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """All-padding `input_ids`, `labels`, `segment_ids`, `position_ids`, `attention_mask` of `shape`, to fill in."""
+    return {
+        "input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+        "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+        "segment_ids": torch.full(shape, SEGMENT_PAD, dtype=torch.long),
+        "position_ids": torch.zeros(shape, dtype=torch.long),
+        "attention_mask": torch.zeros(shape, dtype=torch.long),
+    }
+
+
 @dataclass
 class PrefixSharedCollator:
     """Prefix-shared batches: one packed row per pair (module docstring).
@@ -102,15 +113,8 @@ class PrefixSharedCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         packed = [pack_pair(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]) for f in features]
         length = _round_up(max(len(p["input_ids"]) for p in packed), self.pad_to_multiple_of)
-        shape = (len(packed), length)
-        batch = {
-            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
-            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
-            "segment_ids": torch.full(shape, SEGMENT_PAD, dtype=torch.long),
-            "position_ids": torch.zeros(shape, dtype=torch.long),
-            "attention_mask": torch.zeros(shape, dtype=torch.long),
-            "layout": BatchLayout.PREFIX_SHARED,
-        }
+        batch = padded_rows((len(packed), length), self.pad_token_id)
+        batch["layout"] = BatchLayout.PREFIX_SHARED
         for i, p in enumerate(packed):
             n = len(p["input_ids"])
             for key in ("input_ids", "labels", "segment_ids", "position_ids"):
@@ -121,10 +125,21 @@ class PrefixSharedCollator:
         return batch
 
 
-def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, pad_to_multiple_of: int | None = None):
-    """The collator for a run: prefix-shared or concatenated."""
+def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: bool = False, packing_length: int = 0,
+                  pad_to_multiple_of: int | None = None):
+    """The collator for a run: packed (data/packing.py), prefix-shared or concatenated."""
+    if packing:
+        from prefalign.data.packing import PackedCollator
+
+        return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of)
     cls = PrefixSharedCollator if prefix_sharing else PairCollator
     return cls(pad_token_id, pad_to_multiple_of)
+
+
+def run_collator(finetuning, pad_token_id: int):
+    """The collator a run's `FinetuningArguments` ask for: training, precomputing and eval share it."""
+    return make_collator(pad_token_id, prefix_sharing=finetuning.prefix_sharing, packing=finetuning.packing,
+                         packing_length=finetuning.packing_length)
 
 
 def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, *, prefix_sharing: bool = False) -> int:

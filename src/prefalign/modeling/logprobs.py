@@ -13,9 +13,10 @@ Two kernels compute the projection + log-softmax (`response_token_logps` picks o
   per-chunk  any other head (a LoRA-wrapped head, a ZeRO-3 / FSDP-sharded one, one with hooks):
              the head module is called on chunks of positions, each chunk checkpointed.
 
-Batches come in the two layouts of `contracts.BatchLayout`, named by `batch["layout"]`:
-concatenated (rows [0, B) chosen, [B, 2B) rejected) and prefix-shared (one packed row per pair,
-with `segment_ids`; see modeling/prefix.py).
+Batches come in the three layouts of `contracts.BatchLayout`, named by `batch["layout"]`:
+concatenated (rows [0, B) chosen, [B, 2B) rejected), prefix-shared (one packed row per pair, with
+`segment_ids`; see modeling/prefix.py) and packed (several pairs per row, attention confined by
+spans; see modeling/packed_attention.py).
 
 Wrapped models (DDP, DeepSpeed, FSDP, PEFT): the whole computation runs inside the wrapped model's
 own forward call (the causal LM's `forward` is swapped for the duration of the call), so the
@@ -297,16 +298,16 @@ def _head_logps(head, softcap, scale, selected, targets, chunk_size, want_sqnorm
     return torch.cat(columns[0]), torch.cat(columns[1]), (torch.cat(columns[2]) if want_sqnorm else None)
 
 
-def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, **kwargs):
+def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, **kwargs):
     """The body of `response_token_logps`, run as the causal LM's forward (see the module docstring).
 
     `kwargs` are what the wrappers pass on (input_ids, attention_mask, position_ids, and Nones
-    such as labels=None from PEFT); the decoder gets the non-None ones.
+    such as labels=None from PEFT); the decoder gets the non-None ones, and `decoder_kwargs`.
     """
     skip = ("labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
     inputs = {k: v for k, v in kwargs.items() if v is not None and k not in skip}
     decoder, head = _decoder_and_head(lm)
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder(**inputs, **decoder_kwargs, use_cache=False).last_hidden_state
     shifted = scored_labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     selected = hidden[:, :-1][mask]  # (N, H): only the positions that predict a response token
@@ -321,11 +322,13 @@ def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, **kwargs
 
 
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                         *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None):
+                         *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None,
+                         decoder_kwargs: dict | None = None):
     """Log-probs of the labelled tokens of each row.
 
     Args: input_ids, labels: (R, T); labels are -100 where not scored. attention_mask: (R, T), or a
-    prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None.
+    prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None; `decoder_kwargs`
+    go to the decoder's forward (the spans of a packed batch).
     Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
     t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
     (mean over the vocabulary, detached) and optionally `sqnorm` (N,).
@@ -336,7 +339,7 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
     def forward(*args, **kwargs):
         if args:
             raise TypeError("prefalign calls the model with keyword arguments only")
-        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, **kwargs)
+        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, **kwargs)
 
     with _forward_replaced(lm, forward):
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -346,6 +349,10 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
 def _segments(mask: torch.Tensor, batch: dict[str, torch.Tensor], layout: BatchLayout) -> tuple[torch.Tensor, int]:
     """For each scored token (row-major over `mask`), its sequence in [0, 2B): b chosen, B + b rejected."""
     rows, cols = mask.nonzero(as_tuple=True)
+    if layout is BatchLayout.PACKED:  # each token carries its pair's place in the batch
+        b = int(batch["pair_ids"].max()) + 1
+        rejected = batch["segment_ids"][:, 1:][rows, cols] == SEGMENT_REJECTED
+        return batch["pair_ids"][:, 1:][rows, cols] + b * rejected.long(), b
     if layout is BatchLayout.CONCATENATED:  # rows [0, B) chosen, [B, 2B) rejected
         return rows, mask.shape[0] // 2
     b = mask.shape[0]
@@ -368,17 +375,23 @@ def _left_aligned(values: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor)
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                token_level: bool = False, want_sqnorm: bool = False) -> PairLogps:
-    """Policy (or reference) log-probs of a batch from `PairCollator` or `PrefixSharedCollator`.
+    """Policy (or reference) log-probs of a batch from `PairCollator`, `PrefixSharedCollator` or `PackedCollator`.
 
     Concatenated batches: rows [0, B) are chosen and [B, 2B) rejected. Prefix-shared batches
-    (`batch["layout"]` is BatchLayout.PREFIX_SHARED): one row per pair, the (R, 1, T, T) attention mask is built here for
-    the model's attention implementation (modeling/prefix.py). With `token_level`, `extras` holds
-    the per-token `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO),
-    and with `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
+    (`batch["layout"]` is BatchLayout.PREFIX_SHARED): one row per pair, the (R, 1, T, T) attention
+    mask is built here for the model's attention implementation (modeling/prefix.py). Packed
+    batches: the pairs' tokens carry `pair_ids`, attention follows the batch's spans
+    (modeling/packed_attention.py). With `token_level`, `extras` holds the per-token
+    `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO), and with
+    `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
     """
     layout = batch_layout(batch)
-    attention_mask = batch["attention_mask"]
-    if layout is BatchLayout.PREFIX_SHARED:
+    attention_mask, decoder_kwargs = batch["attention_mask"], {}
+    if layout is BatchLayout.PACKED:
+        from prefalign.modeling.packed_attention import packed_model_inputs
+
+        attention_mask, decoder_kwargs = packed_model_inputs(causal_lm(model), batch)
+    elif layout is BatchLayout.PREFIX_SHARED:
         from prefalign.modeling.prefix import shared_prefix_attention_mask
 
         lm = causal_lm(model)
@@ -386,7 +399,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
             batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
     out = response_token_logps(model, batch["input_ids"], attention_mask, batch["labels"],
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
-                               position_ids=batch.get("position_ids"))
+                               position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs)
     mask = out["mask"]
     seq, b = _segments(mask, batch, layout)
     counts = torch.bincount(seq, minlength=2 * b)

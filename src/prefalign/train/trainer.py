@@ -10,6 +10,9 @@ checkpoints and resume; this class only says how a batch becomes a loss:
 Two additions to the Trainer's machinery: every step's loss and gradient norm go to `RunWatch`
 (guard.py: divergence halts, signal stops, whole-run totals), and a checkpoint counts only once
 its completeness marker is written (checkpoints.py).
+
+Each training log also says how fast the run goes (modeling/throughput.py): tokens/s, the fraction of
+computed positions that are padding, and the MFU-style figure.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics
+from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.reference import Reference
 from prefalign.scoring import score_batch
 from prefalign.train.checkpoints import clear_for_save, mark_complete
@@ -43,6 +47,7 @@ class PreferenceTrainer(Trainer):
         self.watch = RunWatch()
         self.add_callback(self.watch)
         self.resume_settings: dict = {}  # recorded in every checkpoint's marker (set by the workflow)
+        self._throughput: ThroughputMeter | None = None
 
     # -- the loss -------------------------------------------------------------------------
     def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:
@@ -54,6 +59,7 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, out, policy = self.batch_loss(model, inputs)
         self._store_metrics(out, policy, "train")
+        self.throughput_meter(model).add(inputs)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -103,9 +109,25 @@ class PreferenceTrainer(Trainer):
         for key, value in pair_metrics(out, policy).items():
             store[key].append(torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)]))
 
+    def throughput_meter(self, model) -> ThroughputMeter:
+        """The training meter, made at the first batch: the model's shape, its passes per step, the device's rate."""
+        if self._throughput is None:
+            params = [p for p in model.parameters()]
+            trains_weights = sum(p.numel() for p in params if p.requires_grad) > 0.5 * sum(p.numel() for p in params)
+            passes = forward_passes(backward=True, trains_weights=trains_weights,
+                                    live_reference=self.reference.model is not None)
+            dtype = next(p for p in params).dtype
+            if self.args.bf16 or self.args.fp16:
+                dtype = torch.bfloat16 if self.args.bf16 else torch.float16
+            self._throughput = ThroughputMeter(ModelShape.of(model), passes, matmul_rate(self.args.device, dtype))
+        return self._throughput
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "train" if "loss" in logs else "eval"
         prefix = "eval_" if split == "eval" else ""
+        if split == "train" and self._throughput is not None and self._throughput.start is not None:
+            totals = self.accelerator.reduce(self._throughput.totals().to(self.args.device), reduction="sum")
+            logs.update(self._throughput.report(totals.cpu(), processes=self.accelerator.num_processes))
         store = self._metric_sums[split]
         if store:
             keys = sorted(store)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from prefalign.config import RunConfig
-from prefalign.data.collate import PairCollator, make_collator, with_lengths
+from prefalign.data.collate import PairCollator, run_collator, with_lengths
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import reporting_disk_full
@@ -59,7 +59,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     set_seed(args.seed)
     dtype = compute_dtype(args)
     policy = load_policy(config.model, ft, dtype)
-    collator = make_collator(tokenizer.pad_token_id, prefix_sharing=ft.prefix_sharing)
+    collator = run_collator(ft, tokenizer.pad_token_id)
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute)

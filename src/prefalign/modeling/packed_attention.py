@@ -1,0 +1,132 @@
+"""Attention confined to the spans of a packed batch (layout: data/packing.py), on any device.
+
+transformers picks a model's attention function by name (its `AttentionInterface`). A model that
+scores packed batches is switched to PACKED_ATTENTION, registered here: given the batch's spans
+(passed by modeling/logprobs.py as the decoder keyword `packed_spans`, which transformers hands
+down to every attention call, also when a checkpointed layer is recomputed in the backward pass)
+it runs torch's scaled-dot-product attention once per span:
+
+  a sequence (no prefix)      causal attention over its own positions
+  a prefix-shared reply       the reply's queries attend to the whole shared prompt and causally
+                              to the reply itself: keys = [prompt | reply], one small mask
+
+so each position attends to exactly what it would in its own padded row, and nothing is computed
+for another pair or for padding: the cost is Σ L² over sequences instead of R · T². (One dense
+sdpa call with a block mask over the packed row, which transformers builds from restarting
+`position_ids`, costs T² per row: measured slower on long rows in benchmarks/RESULTS.md.)
+
+Without spans (a batch in another layout, generation) the function is transformers' sdpa, with
+sdpa's masks. With flash-attention (GPU) and no prefix sharing, the packed batch goes through
+transformers' own padding-free path instead: no mask, `position_ids` restarting per sequence,
+from which flash-attention's varlen kernel takes the sequence boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prefalign.errors import ConfigError
+
+PACKED_ATTENTION = "prefalign_packed"
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+_registered = False
+
+
+class PackedSpans:
+    """The spans of one packed batch as Python ints, with the prefix masks built once per forward.
+
+    `spans`: (row, q_start, q_end, p_start, p_end) tuples (data/packing.py), row after row, each
+    row's spans end to end from position 0 (the attention output is their concatenation).
+    """
+
+    def __init__(self, spans: torch.Tensor):
+        self.spans = [tuple(s) for s in spans.tolist()]
+        self._masks: dict = {}
+        ends: dict[int, int] = {}
+        for row, q0, q1, *_ in self.spans:
+            if q0 != ends.get(row, 0) or q1 <= q0 or row < max(ends, default=0):
+                raise ValueError(f"packed spans must cover each row end to end, in order; got {self.spans}")
+            ends[row] = q1
+
+    def prefix_mask(self, prefix: int, length: int, device) -> torch.Tensor:
+        """(length, prefix + length) bool: every prefix key, then causal over the reply's own keys."""
+        key = (prefix, length, device)
+        if key not in self._masks:
+            own = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            self._masks[key] = torch.cat([torch.ones(length, prefix, dtype=torch.bool, device=device), own], 1)
+        return self._masks[key]
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     packed_spans: PackedSpans | None = None, **kwargs):
+    """query (R, H, T, D), key / value (R, H_kv, T, D) -> (R, T, H, D), as transformers' sdpa returns."""
+    if packed_spans is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise ConfigError("packing: the model uses sliding-window or soft-capped attention, which packed "
+                          "batches do not support; set packing: false")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    for row, q0, q1, p0, p1 in packed_spans.spans:
+        q = query[row:row + 1, :, q0:q1]
+        if p1 > p0:
+            k = torch.cat([key[row:row + 1, :, p0:p1], key[row:row + 1, :, q0:q1]], 2)
+            v = torch.cat([value[row:row + 1, :, p0:p1], value[row:row + 1, :, q0:q1]], 2)
+            mask = packed_spans.prefix_mask(p1 - p0, q1 - q0, query.device)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        else:
+            o = F.scaled_dot_product_attention(q, key[row:row + 1, :, q0:q1], value[row:row + 1, :, q0:q1],
+                                               dropout_p=dropout, is_causal=True, scale=scaling)
+        rows[row].append(o)
+    length = query.shape[2]
+    for parts in rows:  # padding at the row's end: zeros, attending nowhere
+        used = sum(part.shape[2] for part in parts)
+        if used < length:
+            parts.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
+    out = torch.cat([torch.cat(parts, 2) for parts in rows], 0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+        _registered = True
+
+
+def packed_model_inputs(lm, batch: dict) -> tuple[torch.Tensor | None, dict]:
+    """(attention_mask, extra decoder kwargs) for scoring a packed `batch` with the causal LM `lm`.
+
+    Switches `lm` to PACKED_ATTENTION for good (not just for this call: a checkpointed layer is
+    recomputed after the call returns, and must attend the same way).
+    """
+    implementation = getattr(lm.config, "_attn_implementation", None)
+    spans = PackedSpans(batch["spans"])
+    if implementation in FLASH_ATTENTION:
+        if any(p1 > p0 for *_, p0, p1 in spans.spans):
+            raise ConfigError(
+                f"packing with prefix_sharing: the model uses attn_implementation={implementation!r}, whose "
+                "padding-free path cannot share a prompt between two replies; set flash_attn: sdpa, or "
+                "prefix_sharing: false")
+        return None, {}  # transformers' padding-free path: sequence boundaries from position_ids
+    if implementation != PACKED_ATTENTION:
+        if implementation not in (None, "sdpa", "eager"):
+            raise ConfigError(f"packing: the model uses attn_implementation={implementation!r}; set flash_attn: "
+                              "sdpa (or fa2 on a GPU), or packing: false")
+        _register()
+        lm.set_attn_implementation(PACKED_ATTENTION)
+    # A 4D mask is passed through by transformers' mask creation untouched; this one is empty
+    # (the spans say what attends to what) and stops transformers from building a dense mask.
+    rows = batch["input_ids"].shape[0]
+    empty_mask = torch.ones(rows, 1, 0, 0, dtype=torch.bool, device=batch["input_ids"].device)
+    return empty_mask, {"packed_spans": spans}
