@@ -77,7 +77,7 @@ def build_workload(args, workdir: Path, shape: dict) -> dict:
 
     small = argparse.Namespace(vocab=shape["vocab_size"], layers=1, hidden=64, intermediate=128, heads=1,
                                pairs=max(64, args.batch_size * args.steps), prompt_len=args.prompt_len,
-                               response_len=args.response_len)
+                               response_len=args.response_len, real_shaped=None, cutoff_len=None)
     workload = tokenizer_and_pairs(small, workdir)
     torch.manual_seed(0)
     config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=None, eos_token_id=1, pad_token_id=0)

@@ -319,8 +319,6 @@ def test_model_code_refused_without_trust_remote_code_is_one_line(cli, tiny_mode
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("PREFALIGN_TEST_TORCHRUN"),
-                    reason="a 2-process torchrun run costs ~1 min of CPU; set PREFALIGN_TEST_TORCHRUN=1 to run it")
 def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tiny_model_dir, tmp_path):
     """Two gloo processes; SIGTERM reaches rank 1 only; both stop after the same step and one checkpoint is saved."""
     import re
