@@ -140,10 +140,8 @@ def _metrics_section(metrics: dict) -> str:
     return f'<table id="metrics"><thead><tr><th>metric</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
 
 
-def _curves_section(out: Path) -> str:
-    try:
-        history = load_history(out)
-    except PrefalignError:
+def _curves_section(history: list[dict] | None) -> str:
+    if history is None:
         return '<p class="muted">No trainer_state.json, so no curves.</p>'
     figures = []
     for key, fig in metric_figures(history):
@@ -159,10 +157,8 @@ def _curves_section(out: Path) -> str:
             f'<div class="curves">{"".join(figures)}</div>')
 
 
-def _speed_section(out: Path) -> str:
-    try:
-        history = load_history(out)
-    except PrefalignError:
+def _speed_section(history: list[dict] | None) -> str:
+    if history is None:
         return '<p class="muted">No trainer_state.json, so no speed figures.</p>'
     rows = []
     for key in SPEED:
@@ -244,10 +240,14 @@ def write_report(output_dir: str | Path, samples: dict | None = None) -> Path:
         if line.startswith("model_name_or_path:"):
             model = line.split(":", 1)[1].strip()
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    try:
+        history = load_history(out)  # read once: the curves and the speed table both show it
+    except PrefalignError:
+        history = None
     sections = [
         ("metrics", "Final metrics", _metrics_section(_final_metrics(out))),
-        ("curves", "Curves", _curves_section(out)),
-        ("speed", "Speed", _speed_section(out)),
+        ("curves", "Curves", _curves_section(history)),
+        ("speed", "Speed", _speed_section(history)),
         ("pairs", "Pairs, policy against reference", _samples_section(samples)),
         ("data", "Data", _data_section(DataSummary.read(out))),
         ("config", "Configuration (run_config.yaml)",

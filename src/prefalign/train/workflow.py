@@ -149,7 +149,7 @@ def save_final_model(trainer, out: Path) -> list[str]:
     (it stays loaded: the final evaluation and the report still need it).
     """
     staging = out / ".prefalign-final-save"  # one name for all processes; the lock keeps other runs out
-    main = trainer.accelerator.is_main_process  # (on CPUs `args.should_save` is true on every process)
+    main = is_main_process()  # (on CPUs `args.should_save` is true on every process)
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
@@ -219,7 +219,7 @@ def write_run_report(config: RunConfig, trainer) -> Path:
         samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id),
                                  trainer.processing_class, device=trainer.args.device,
                                  split="eval" if held_out else "train")
-    if not trainer.is_world_process_zero():
+    if not is_main_process():
         return out / REPORT_FILE
     write_samples(out, samples, held_out=held_out)
     path = write_report(out)
