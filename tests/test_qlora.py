@@ -20,16 +20,22 @@ def _linear4bit(model):
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
-def test_qlora_trains_from_ln2_with_the_quantized_base_as_reference(tiny_model_dir, tmp_path):
+QUANTIZED_LINEAR = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_from_ln2_with_the_quantized_base_as_reference(tiny_model_dir, tmp_path, bits):
     from prefalign.train.workflow import build_trainer
 
-    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, quantization_bit=4))
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, quantization_bit=bits))
     assert trainer.reference.name == "adapter-disabled" and trainer.reference.model is trainer.model  # no copy
-    assert len(_linear4bit(trainer.model)) == 2 * 7  # every linear layer of both decoder layers is 4-bit
+    quantized = [m for m in trainer.model.modules() if isinstance(m, QUANTIZED_LINEAR[bits])]
+    assert len(quantized) == 2 * 7  # every linear layer of both decoder layers is quantized
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     batch = first_batch(trainer)
-    loss, out, _ = trainer.batch_loss(trainer.model, batch)
+    trainer.model.train()  # the policy's forward in training mode, the reference's in eval mode:
+    loss, out, _ = trainer.batch_loss(trainer.model, batch)  # the same kernel (8 bits: pin_8bit_kernels)
     assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)  # policy == reference
     ref_before = trainer.reference.logps(batch)
     trainer.train()

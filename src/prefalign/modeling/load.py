@@ -80,6 +80,9 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     except ValueError as exc:
         raise _remote_code_refusal(path, exc) from None
     model.config.use_cache = False
+    from prefalign.modeling.quantize import pin_8bit_kernels
+
+    pin_8bit_kernels(model)  # quantized at load or saved quantized
     return model
 
 

@@ -26,6 +26,32 @@ def device_map() -> dict:
     return {"": "cpu"}
 
 
+def pin_8bit_kernels(model) -> None:
+    """Make bitsandbytes' 8-bit layers compute the same way in training and in eval mode.
+
+    On the CPU, `Linear8bitLt` picks its matmul by `module.training`: in training it multiplies by
+    the dequantized weights, in eval mode it also quantizes the activations to int8. The policy
+    trains in training mode and the reference reads the same base in eval mode (no dropout), so the
+    two would score the same weights differently (a step-0 DPO loss 4e-5 off ln 2 on a tiny model)
+    and `prefalign eval` would not score as training did. A pre-forward hook keeps each such layer
+    on the dequantized kernel, which is also the more exact one. On a GPU both modes take the same
+    int8 kernel, and those layers are left alone.
+    """
+    if not is_quantized(model):
+        return
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear8bitLt) and module.weight.device.type in ("cpu", "xpu"):
+            module.register_forward_pre_hook(_dequantized_kernel)
+
+
+def _dequantized_kernel(module, _args) -> None:
+    module.training = True  # read by Linear8bitLt.forward only to pick its kernel; it has no dropout
+
+
 def is_quantized(model) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None),
                                                                   "quantization_config", None))
