@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py                         # all runs, 2 processes, 2 steps
     python benchmarks/bench_scale.py --runs ddp,zero3 --steps 1
+    python benchmarks/bench_scale.py --runs ddp,zero3 --hidden 1024 --intermediate 2816   # ~220M parameters
 
 Sharding (full DPO of the proportioned model: 12 layers, hidden 512, intermediate 1408, vocabulary
 32,000; ~71M parameters): each run is one `torchrun` launch of N processes on this machine (gloo
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=96)
     p.add_argument("--response-len", type=int, default=32)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -135,7 +139,8 @@ def main(argv=None) -> None:
     from bench_dpo import build_workload
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prefalign-scale-"))
-    shape = argparse.Namespace(vocab=32000, layers=12, hidden=512, intermediate=1408, heads=8, pairs=args.pairs,
+    shape = argparse.Namespace(vocab=32000, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+                               heads=max(1, args.hidden // 64), pairs=args.pairs,
                                prompt_len=args.prompt_len, response_len=args.response_len)
     workload = build_workload(shape, workdir)
     common = {**workload, "cutoff_len": args.prompt_len + args.response_len, "steps": args.steps}

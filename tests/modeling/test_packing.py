@@ -156,6 +156,31 @@ def _logged(trainer):
     return [h for h in trainer.state.log_history if "loss" in h]
 
 
+def test_logged_throughput_counts_the_time_of_the_forwards(tiny_model_dir, tmp_path):
+    """The meter's clock covers each step's forwards: with every decoder forward slowed by 0.1 s (the
+    policy's and the adapter-off reference's, 2 per micro-batch), the logged tokens/s is at most the
+    step's tokens over that time, and the MFU-style figure below 1."""
+    import time
+
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, max_steps=2, per_device_train_batch_size=2,
+                                       gradient_accumulation_steps=2, max_samples=8,
+                                       train_sampling_strategy="sequential"))
+    pause = 0.1
+    decoder = trainer.model.get_base_model().get_decoder()
+    decoder.register_forward_pre_hook(lambda module, args, kwargs: time.sleep(pause), with_kwargs=True)
+    collate = trainer.data_collator
+    step_tokens = [sum(batch_counts(collate([trainer.train_dataset[i] for i in range(j, j + 2)]))["tokens"]
+                       for j in (start, start + 2)) for start in (0, 4)]
+    trainer.train()
+    logs = _logged(trainer)
+    assert len(logs) == 2
+    for log, tokens in zip(logs, step_tokens):
+        assert 0 < log["throughput/tokens_per_second"] <= tokens / (2 * 2 * pause)
+        assert 0 < log["throughput/mfu"] < 1
+
+
 @pytest.mark.slow
 def test_packed_training_logs_the_padded_losses_under_accumulation(tiny_model_dir, tmp_path):
     """Full tuning, 2 pairs x accumulation 2, packed (with prefix sharing) vs padded: the same logged

@@ -57,9 +57,9 @@ class PreferenceTrainer(Trainer):
         return out.losses.mean(), out, policy
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.throughput_meter(model).add(inputs)  # before the forward: the meter's clock starts at its first batch
         loss, out, policy = self.batch_loss(model, inputs)
         self._store_metrics(out, policy, "train")
-        self.throughput_meter(model).add(inputs)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
