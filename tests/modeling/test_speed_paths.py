@@ -70,7 +70,7 @@ def naive(hidden, weight, bias, targets, softcap=None, scale=None):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_kernel_equals_naive_values_and_gradients(monkeypatch, transform, with_bias):
     """Tiles of 5 rows x 7 vocabulary columns over V=30 (a partial last tile) against autograd on full logits."""
-    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", 7)
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", {"cpu": 7})
     torch.manual_seed(0)
     hidden = torch.randn(13, 16, requires_grad=True)
     weight = torch.randn(30, 16, requires_grad=True)
