@@ -3,6 +3,7 @@ real-shaped pairs (benchmarks/bench_dpo.py's length generator) through a random 
 
     python benchmarks/bench_layouts.py                      # 12 x 512 body, 8 pairs, 2 repeats
     python benchmarks/bench_layouts.py --layers 4 --hidden 256 --pairs 4
+    python benchmarks/bench_layouts.py --padding --pairs 512   # padding share by batch size, no model
 
 Layouts (all score the same pairs; the log-probs agree, tests/test_packing.py):
   padded           chosen and rejected rows, padded to the longest (PairCollator), sdpa + padding mask
@@ -43,6 +44,36 @@ def features(n: int, cutoff: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def padding_table(feats: list[dict], cutoff: int, batch_sizes=(2, 4, 8)) -> None:
+    """The share of computed positions that are padding, per layout and pairs per micro-batch, over
+    consecutive micro-batches of `feats` (what the training logs report as throughput/padding_fraction)."""
+    from prefalign.data.collate import PairCollator, PrefixSharedCollator
+    from prefalign.data.packing import PackedCollator
+    from prefalign.modeling.throughput import batch_counts
+
+    collators = {
+        "padded (PairCollator)": PairCollator(0),
+        "prefix sharing": PrefixSharedCollator(0),
+        "packing, one row per micro-batch (packing_length 0, the default)": PackedCollator(0),
+        "packing + prefix sharing, one row": PackedCollator(0, prefix_sharing=True),
+    }
+    for budget in (cutoff, 4 * cutoff):
+        collators[f"packing, rows of at most {budget} tokens"] = PackedCollator(0, packing_length=budget)
+        collators[f"packing + prefix sharing, rows of at most {budget}"] = PackedCollator(
+            0, prefix_sharing=True, packing_length=budget)
+    print(f"| layout ({len(feats)} pairs) | " + " | ".join(f"{b} pairs" for b in batch_sizes) + " |")
+    print("|---|" + "---:|" * len(batch_sizes))
+    for name, collate in collators.items():
+        cells = []
+        for size in batch_sizes:
+            tokens = positions = 0.0
+            for start in range(0, len(feats) - size + 1, size):
+                counts = batch_counts(collate(feats[start:start + size]))
+                tokens, positions = tokens + counts["tokens"], positions + counts["positions"]
+            cells.append(f"{100 * (1 - tokens / positions):.1f} %")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def time_once(decoder, parts: list[dict]) -> float:
     decoder.zero_grad(set_to_none=True)
     start = time.perf_counter()
@@ -60,7 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--padding", action="store_true", help="only the padding share by batch size (no model)")
     args = p.parse_args(argv)
+    if args.padding:
+        return padding_table(features(args.pairs, args.cutoff_len), args.cutoff_len)
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
