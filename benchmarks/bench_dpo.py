@@ -56,6 +56,7 @@ RUNS = {
     "pa-full-precompute": {"impl": "prefalign", "mode": "full", "precompute": True},
     "pa-full-prefix": {"impl": "prefalign", "mode": "full", "prefix_sharing": True},
     "pa-full-fast": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True},
+    "pa-full-gc": {"impl": "prefalign", "mode": "full", "gradient_checkpointing": True},
     # the least memory: no reference model in memory, one prompt per pair, activations recomputed
     "pa-full-lowmem": {"impl": "prefalign", "mode": "full", "precompute": True, "prefix_sharing": True,
                        "gradient_checkpointing": True},
@@ -183,8 +184,9 @@ def build_workload(args, workdir: Path) -> dict:
         data_path.write_text(json.dumps(pairs))
         ids = tokenizer(tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0]["chosen"], tokenize=False))
         assert tokenizer.unk_token_id not in ids["input_ids"], "the tokenizer must not split words"
-        return {"model": str(model_dir), "data": str(data_path), "stats": pair_token_stats(tokenizer, pairs,
-                                                                                           args.cutoff_len)}
+        trained = args.steps * args.batch_size * args.grad_accum  # sequential sampling: the first pairs
+        return {"model": str(model_dir), "data": str(data_path),
+                "stats": pair_token_stats(tokenizer, pairs, args.cutoff_len, trained)}
 
     def words(n: int) -> str:
         return " ".join(f"w{rng.randrange(len(SPECIALS), args.vocab)}" for _ in range(n))
@@ -234,10 +236,11 @@ def real_shaped_pairs(rng: random.Random, n: int, first_word: int, vocab: int) -
     return records
 
 
-def pair_token_stats(tokenizer, records: list[dict], cutoff: int) -> dict:
+def pair_token_stats(tokenizer, records: list[dict], cutoff: int, trained: int | None = None) -> dict:
     """Token counts of the pairs: `pair_tokens` = prompt+chosen + prompt+rejected with each sequence cut
-    at `cutoff` (what an unshared, unpadded layout computes; the tokens/s of every run count these),
-    and percentiles of the pair length (prompt + longer reply) before truncation."""
+    at `cutoff` (what an unshared, unpadded layout computes), over all pairs and over the first
+    `trained` (the pairs the runs train on; the tokens/s of every run count these), and percentiles
+    of the pair length (prompt + longer reply) before truncation."""
     cut, lengths = [], []
     for r in records:
         sides = [len(tokenizer(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=False))["input_ids"])
@@ -245,7 +248,9 @@ def pair_token_stats(tokenizer, records: list[dict], cutoff: int) -> dict:
         cut.append(sum(min(cutoff, n) for n in sides))
         lengths.append(max(sides))
     lengths.sort()
-    return {"mean_pair_tokens": sum(cut) / len(cut), "p50_pair": lengths[len(lengths) // 2],
+    used = cut[:trained] if trained else cut
+    return {"mean_pair_tokens": sum(cut) / len(cut), "trained_pair_tokens": sum(used) / len(used),
+            "trained_pairs": len(used), "p50_pair": lengths[len(lengths) // 2],
             "p90_pair": lengths[int(0.9 * len(lengths))], "max_pair": lengths[-1],
             "truncated_share": sum(n > cutoff for n in lengths) / len(lengths)}
 
@@ -285,6 +290,9 @@ def _train_settings(spec: dict) -> dict:
         max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
         dataloader_num_workers=0,
+        # the same pairs in the same order for every trainer: on long-tailed lengths two random
+        # orders give the runs different work (the real-shaped steps vary 4-46 s with the pairs drawn)
+        train_sampling_strategy="sequential",
     )
 
 
@@ -469,7 +477,9 @@ def report(args, results: dict[str, dict], stats: dict | None = None) -> str:
         lines.insert(0, (f"real-shaped data ({args.real_shaped}): pair length (prompt + longer reply) p50 "
                          f"{stats['p50_pair']}, p90 {stats['p90_pair']}, max {stats['max_pair']}; "
                          f"{stats['truncated_share']:.0%} of pairs cut at cutoff_len {args.cutoff_len}; "
-                         f"{stats['mean_pair_tokens']:.0f} tokens per pair after the cut (both sequences)"))
+                         f"{stats['mean_pair_tokens']:.0f} tokens per pair after the cut (both sequences); "
+                         f"the {stats['trained_pairs']} pairs trained on (the first, in file order): "
+                         f"{stats['trained_pair_tokens']:.0f} per pair, what the pair tokens/s column counts"))
 
     def fmt(value, pattern):
         return pattern.format(value) if value is not None else "-"
@@ -480,7 +490,7 @@ def report(args, results: dict[str, dict], stats: dict | None = None) -> str:
         losses = r["losses"]
         loss = f"{losses[0]:.4f} / {losses[-1]:.4f}" if losses else "-"
         steady = f"{r['steady_pairs_per_s']:.2f}" if r["steady_pairs_per_s"] else "-"
-        tokens = fmt(r["loop_pairs_per_s"] * stats["mean_pair_tokens"] if stats else None, "{:.0f}")
+        tokens = fmt(r["loop_pairs_per_s"] * stats["trained_pair_tokens"] if stats else None, "{:.0f}")
         lines.append(f"| {name} | {r['loop_pairs_per_s']:.2f} | {steady} | {r['e2e_pairs_per_s']:.2f} | "
                      f"{r['setup_s']:.1f} | {r['peak_rss_mib']:.0f} | {loss} | {tokens} | "
                      f"{fmt(r.get('padding_fraction'), '{:.1%}')} | {fmt(r.get('mfu'), '{:.1%}')} |")
