@@ -140,8 +140,8 @@ def main(argv=None) -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prefalign-scale-"))
     shape = argparse.Namespace(vocab=32000, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                               heads=max(1, args.hidden // 64), pairs=args.pairs,
-                               prompt_len=args.prompt_len, response_len=args.response_len)
+                               heads=max(1, args.hidden // 64), pairs=args.pairs, prompt_len=args.prompt_len,
+                               response_len=args.response_len, real_shaped=None, cutoff_len=None)
     workload = build_workload(shape, workdir)
     common = {**workload, "cutoff_len": args.prompt_len + args.response_len, "steps": args.steps}
     results = {}
