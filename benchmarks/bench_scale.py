@@ -137,11 +137,13 @@ def main(argv=None) -> None:
         return child(json.loads(args.child))
     sys.path.insert(0, str(HERE))
     from bench_dpo import build_workload
+    from bench_dpo import parse_args as workload_args
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prefalign-scale-"))
-    shape = argparse.Namespace(vocab=32000, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
-                               heads=max(1, args.hidden // 64), pairs=args.pairs, prompt_len=args.prompt_len,
-                               response_len=args.response_len, real_shaped=None, cutoff_len=None)
+    # bench_dpo's own arguments, so every field its workload builder reads has its default
+    shape = workload_args(["--vocab", "32000", "--layers", str(args.layers), "--hidden", str(args.hidden),
+                           "--intermediate", str(args.intermediate), "--pairs", str(args.pairs),
+                           "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)])
     workload = build_workload(shape, workdir)
     common = {**workload, "cutoff_len": args.prompt_len + args.response_len, "steps": args.steps}
     results = {}

@@ -8,6 +8,7 @@ import torch
 
 from prefalign.config.args import FinetuningArguments, ModelArguments
 from prefalign.errors import ConfigError, PrefalignError
+from prefalign.modeling.quantize import device_map, pin_8bit_kernels, quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,6 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
     if quantization_bit is not None:
-        from prefalign.modeling.quantize import device_map, quantization_config
-
         kwargs.update(quantization_config=quantization_config(quantization_bit, model_args, dtype),
                       device_map=device_map())
     attn = _attn_implementation(model_args.flash_attn)
@@ -80,8 +79,6 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     except ValueError as exc:
         raise _remote_code_refusal(path, exc) from None
     model.config.use_cache = False
-    from prefalign.modeling.quantize import pin_8bit_kernels
-
     pin_8bit_kernels(model)  # quantized at load or saved quantized
     return model
 
