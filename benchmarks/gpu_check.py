@@ -68,9 +68,9 @@ def parse_args(argv=None):
 
 
 def build_workload(args, workdir: Path, shape: dict) -> dict:
-    """bench_dpo's word-level tokenizer and random pairs, with a random Qwen2 model of `shape`."""
+    """bench_dpo's word-level tokenizer and random pairs, with a random model of Qwen2's `shape`."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(HERE))
     from bench_dpo import build_workload as tokenizer_and_pairs
@@ -80,8 +80,11 @@ def build_workload(args, workdir: Path, shape: dict) -> dict:
                                response_len=args.response_len, real_shaped=None, cutoff_len=None)
     workload = tokenizer_and_pairs(small, workdir)
     torch.manual_seed(0)
-    config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=None, eos_token_id=1, pad_token_id=0)
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(workload["model"])  # replaces the small one
+    # Qwen2's architecture (attention biases, grouped-query attention, tied embeddings) as a Llama config:
+    # transformers 5 gives a `qwen2` config its BPE tokenizer class, which drops the word-level vocabulary.
+    config = LlamaConfig(**shape, attention_bias=True, max_position_embeddings=4096, bos_token_id=None,
+                         eos_token_id=1, pad_token_id=0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(workload["model"])  # replaces the small one
     return workload
 
 

@@ -163,3 +163,31 @@ def test_preprocessing_batch_size_does_not_change_the_encoding(tiny_tokenizer, t
     whole, _ = encode_pairs(pairs, renderer, 64, cache_dir=tmp_path / "a")
     batched, _ = encode_pairs(pairs, renderer, 64, batch_size=2, cache_dir=tmp_path / "b")
     assert whole["chosen_ids"] == batched["chosen_ids"] and whole["prompt_ids"] == batched["prompt_ids"]
+
+
+def _tokenizer_without_unknowns():
+    """A character-level BPE over ASCII letters with no unknown token: any other character is dropped,
+    as a tokenizer read by the wrong class (or without byte fallback) drops text it does not cover."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, " ": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz?.!")}}
+    backend = Tokenizer(models.BPE(vocab, merges=[], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen"])
+def test_text_the_tokenizer_drops_is_a_data_error_not_an_empty_pair(field):
+    """A pair whose prompt, or reply, encodes to nothing (the reply: to its end-of-turn token alone) would
+    train on nothing scored; it is refused, naming the record and the field."""
+    from prefalign.errors import PairError
+
+    tokenizer = _tokenizer_without_unknowns()
+    renderer = ChatRenderer(tokenizer, "empty")
+    assert encode_pair(make_pair(prompt=[{"role": "user", "content": "where is paris?"}], chosen="in france.",
+                                 rejected="no idea."), renderer, 64)["chosen_ids"][:-1] != []
+    dropped = {"prompt": [{"role": "user", "content": "где Париж"}], "chosen": "во Франции"}
+    kwargs = {"prompt": [{"role": "user", "content": "where is paris?"}], "chosen": "in france.", **{field: dropped[field]}}
+    with pytest.raises(PairError, match=rf"mem.json record 0, field {field}: .*encodes to no tokens.*drops this text"):
+        encode_pair(make_pair(rejected="no idea.", **kwargs), renderer, 64)

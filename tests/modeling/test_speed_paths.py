@@ -68,15 +68,17 @@ def naive(hidden, weight, bias, targets, softcap=None, scale=None):
 
 @pytest.mark.parametrize("transform", [{}, {"softcap": 3.0}, {"scale": 0.5}])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_kernel_equals_naive_values_and_gradients(monkeypatch, transform, with_bias):
-    """Tiles of 5 rows x 7 vocabulary columns over V=30 (a partial last tile) against autograd on full logits."""
+@pytest.mark.parametrize("rows", [13, 0])
+def test_fused_kernel_equals_naive_values_and_gradients(monkeypatch, transform, with_bias, rows):
+    """Tiles of 5 rows x 7 vocabulary columns over V=30 (a partial last tile) against autograd on full logits;
+    with no rows at all, every gradient is zero (as autograd's), not whatever the weight's buffer held."""
     monkeypatch.setattr(logprobs, "VOCAB_BLOCK", {"cpu": 7})
     torch.manual_seed(0)
-    hidden = torch.randn(13, 16, requires_grad=True)
+    hidden = torch.randn(rows, 16, requires_grad=True)
     weight = torch.randn(30, 16, requires_grad=True)
     bias = torch.randn(30, requires_grad=True) if with_bias else None
-    targets = torch.randint(0, 30, (13,))
-    upstream = torch.randn(13)
+    targets = torch.randint(0, 30, (rows,))
+    upstream = torch.randn(rows)
     inputs = [hidden, weight] + ([bias] if with_bias else [])
 
     token, sums, sqnorm = _FusedResponseLogps.apply(hidden, weight, bias, targets, 5, transform.get("softcap"),

@@ -27,7 +27,7 @@ from prefalign.integrity import damaged_files, folder_checksums, replace_folder,
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "3"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "4"  # bump when the encoding rule changes, to invalidate caches
 MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
@@ -61,12 +61,23 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], cut
     return prompt, chosen[:budget], rejected[:budget]
 
 
+_DROPPED = ("{what} encodes to no tokens but whitespace and special tokens: the tokenizer drops this text (is it "
+            "the tokenizer the model was trained with, loaded as its own class? a word-level vocabulary read by a "
+            "BPE class loses every word)")
+
+
+def _blank(tokenizer, ids: list[int]) -> bool:
+    return not tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -> dict:
     """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", and flags for the counts};
     a `PairError` naming the stage when it cannot be encoded."""
     tokenizer = renderer.tokenizer
     rendered = renderer.split(pair)
     prompt_ids = _tokenize(tokenizer, rendered.prompt)
+    if _blank(tokenizer, prompt_ids):  # the formats refuse an empty prompt, so the tokenizer dropped its text
+        raise PairError("tokenize", str(pair.source), "prompt", _DROPPED.format(what="the prompt"))
     responses = []
     for field, text in (("chosen", rendered.chosen), ("rejected", rendered.rejected)):
         full = _tokenize(tokenizer, rendered.prompt + text)
@@ -79,6 +90,8 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
         response = full[len(prompt_ids):]
         if not response:
             raise PairError("tokenize", str(pair.source), field, "the reply encodes to no tokens")
+        if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
+            raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
         responses.append(response)
     prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
     return {

@@ -194,7 +194,9 @@ class _FusedResponseLogps(torch.autograd.Function):
         vocab = weight.shape[0]
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         # the first row chunk writes grad_w's blocks, later ones add to them: no zero-fill of a (V, H) tensor
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # (unless there are no rows, and so no first chunk)
+        alloc = torch.empty if hidden.shape[0] else torch.zeros
+        grad_w = alloc(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
