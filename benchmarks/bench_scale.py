@@ -90,11 +90,11 @@ def child(spec: dict) -> None:
     if spec.get("footprint"):
         base_bytes = {"all": trainer.model.get_memory_footprint(), "decoder_linear": _decoder_linear_bytes(trainer.model)}
     loaded_peak_mb = _peak_mb()  # models, data and reference loaded, before the first step
-    trainer.train()
+    seconds = trainer.train().metrics["train_runtime"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(spec["out"], f"memory-{rank()}.json").write_text(json.dumps(
         {"rank": rank(), "peak_rss_mb": _peak_mb(), "loaded_peak_rss_mb": loaded_peak_mb, "baseline_rss_mb": baseline_mb,
-         "final_rss_mb": _rss_mb(), "losses": losses, "base_bytes": base_bytes}))
+         "final_rss_mb": _rss_mb(), "train_seconds": seconds, "losses": losses, "base_bytes": base_bytes}))
 
 
 def _peak_mb() -> float:
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
         top = max(rows, key=lambda r: r["peak_rss_mb"])
         print(f"{name:<15} peak RSS per process {top['peak_rss_mb']:6.0f} MB (libraries alone: "
               f"{top['baseline_rss_mb']:5.0f} MB; before step 1: {top['loaded_peak_rss_mb']:6.0f} MB; "
-              f"after training: {top['final_rss_mb']:6.0f} MB)   "
+              f"after training: {top['final_rss_mb']:6.0f} MB; {top.get('train_seconds', float('nan')):5.1f} s)   "
               f"losses {[round(x, 5) for x in rows[0]['losses']]}", flush=True)
     _summary(results)
     if args.json_out:

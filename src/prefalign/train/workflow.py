@@ -24,6 +24,7 @@ from prefalign.modeling.load import (
     load_policy,
     load_tokenizer,
 )
+from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
 from prefalign.train.lock import LOCK_NAME, OutputDirLock
@@ -58,6 +59,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     # Step 4: policy and reference
     set_seed(args.seed)
     dtype = compute_dtype(args)
+    return_gathered_memory_on_cpu()
     policy = load_policy(config.model, ft, dtype)
     collator = run_collator(ft, tokenizer.pad_token_id)
     plan = reference_plan(config, "train")
