@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--bf16", action="store_true", help="bf16: true in every run (what ZeRO-3 users run)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -73,7 +74,7 @@ def _values(spec: dict) -> dict:
         "cutoff_len": spec["cutoff_len"], "output_dir": spec["out"], "overwrite_output_dir": True,
         "per_device_train_batch_size": 1, "max_steps": spec["steps"], "learning_rate": 1e-5, "logging_steps": 1,
         "save_strategy": "no", "report_to": "none", "seed": 0, "disable_tqdm": True, "lora_target": "all",
-        **spec["overrides"],
+        "bf16": spec["bf16"], **spec["overrides"],
     }
 
 
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
                            "--intermediate", str(args.intermediate), "--pairs", str(args.pairs),
                            "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len)])
     workload = build_workload(shape, workdir)
-    common = {**workload, "cutoff_len": args.prompt_len + args.response_len, "steps": args.steps}
+    common = {**workload, "cutoff_len": args.prompt_len + args.response_len, "steps": args.steps, "bf16": args.bf16}
     results = {}
     for name in args.runs.split(","):
         sharded = name in SHARDED

@@ -124,6 +124,8 @@ DEEPSPEED_RUNS = {
     "z3-separate": dict(deepspeed=Z3, finetuning_type="full", ref_model="{model}", ref_model_adapters="{sft}"),
     "z3-lora-precomputed": dict(deepspeed=Z3, precompute_ref_log_probs=True),  # 8 pairs per rank
 }
+# Launched with them, checked apart: bf16 ZeRO-3 (16-bit weights in the engine, so not equal to 1e-5)
+BF16_RUN = {"z3-full-bf16": dict(deepspeed=Z3, finetuning_type="full", bf16=True)}
 # The one-process twin of each (the precomputed reference equals the live one).
 TWINS = {"fsdp2-full": "full", "z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
          "z3-separate": "separate", "z3-lora-precomputed": "lora"}
@@ -142,7 +144,7 @@ def launched(tiny_model_dir, tmp_path_factory):
     # eval with the training config's ZeRO-3 key: it still scores whole models, data-parallel
     runs = [_argv("eval", tiny_model_dir, root / "eval", adapter_name_or_path=sft, per_device_eval_batch_size=3,
                   deepspeed=Z3)]
-    for name, overrides in DEEPSPEED_RUNS.items():
+    for name, overrides in {**DEEPSPEED_RUNS, **BF16_RUN}.items():
         runs.append(_argv("train", tiny_model_dir, root / name, **{k: fill.get(v, v) if isinstance(v, str) else v
                                                                  for k, v in overrides.items()}))
     proc = _launch(runs, root)
@@ -181,3 +183,16 @@ def test_eval_scores_a_shard_per_process_and_writes_every_pair_once(tiny_model_d
 def test_deepspeed_run_equals_one_process(name, launched, twins):
     """FSDP2; ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
     _assert_same_run(launched["root"] / name, twins[TWINS[name]], full=DEEPSPEED_RUNS[name].get("finetuning_type") == "full")
+
+
+def test_bf16_zero3_on_the_cpu_trains_what_fp32_one_process_trains(tiny_model_dir, launched, twins):
+    """`bf16: true` with ZeRO-3 on a machine without a GPU (transformers alone refuses it there): DeepSpeed
+    trains in bf16 with fp32 master weights, to the fp32 twin's losses and weights within bf16 rounding."""
+    out, single = launched["root"] / "z3-full-bf16", twins["full"]
+    assert _losses(out) == pytest.approx(_losses(single), abs=2e-3) and len(_losses(out)) == 3
+    trained, twin = _weights(out), _weights(single)
+    initial = _weights(tiny_model_dir)
+    moved = max((twin[n] - initial[n]).abs().max().item() for n in twin)
+    assert moved > 0.05  # the steps move weights far more than the tolerance below
+    for name in twin:
+        assert torch.allclose(trained[name].float(), twin[name], atol=1e-2), name

@@ -83,12 +83,15 @@ def cpu_launch_arguments(train_values: dict) -> dict:
       - DeepSpeed (its CPU accelerator): the shared process state is set up first, through
         DeepSpeed with gloo, and the training arguments are told to use it; without that,
         transformers fills DeepSpeed's `train_batch_size` for one process and DeepSpeed refuses it.
+        `use_cpu: true` too, or transformers refuses `bf16: true` without a GPU (DeepSpeed still
+        trains: its partitioned engine, on its CPU accelerator).
     On a GPU, or without a launcher, the values are returned as they are.
     """
     if not under_launcher() or torch.cuda.is_available():
         return train_values
+    train_values = {"use_cpu": True, **train_values}
     if not train_values.get("deepspeed"):
-        return {"use_cpu": True, **train_values}
+        return train_values
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
