@@ -167,10 +167,7 @@ def build_workload(args, workdir: Path) -> dict:
                  bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=0, dtype="float32")
     torch.manual_seed(0)
     if args.real_shaped == "a":
-        # Qwen2's shape (grouped-query attention, tied embeddings, attention biases) as a Llama config:
-        # transformers 5 gives a `qwen2` config its BPE tokenizer class, which drops a word-level vocabulary.
-        model = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=max(1, args.heads // 2),
-                                             tie_word_embeddings=True, attention_bias=True))
+        model = qwen2_as_llama(**shape, num_key_value_heads=max(1, args.heads // 2))
     else:
         model = LlamaForCausalLM(LlamaConfig(**shape, num_key_value_heads=args.heads, tie_word_embeddings=False))
     model_dir = workdir / "model"
@@ -204,6 +201,15 @@ def build_workload(args, workdir: Path) -> dict:
 
 
 # -- the real-shaped workload --------------------------------------------------------------------
+def qwen2_as_llama(**config):
+    """A random model of Qwen2's architecture (grouped-query attention, tied embeddings, attention biases)
+    as a Llama config: transformers 5 gives a `qwen2` config its BPE tokenizer class, which drops a
+    word-level vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": True, **config}, attention_bias=True))
+
+
 def real_shaped_lengths(rng: random.Random, n: int, median: int = 600, p90: int = 1600, cap: int = 4000,
                         floor: int = 60) -> list[int]:
     """Tokens per pair, log-normal: median `median`, 90th percentile `p90` (z = 1.2816), in [floor, cap]."""

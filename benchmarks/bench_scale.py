@@ -155,11 +155,12 @@ def main(argv=None) -> None:
         spec = {**common, "out": str(workdir / name), "overrides": overrides, "footprint": not sharded}
         results[name] = launch(name, spec, args.nproc if sharded else 1)
         rows = results[name] or [{"peak_rss_mb": float("nan"), "loaded_peak_rss_mb": float("nan"),
-                                  "final_rss_mb": float("nan"), "baseline_rss_mb": float("nan"), "losses": []}]
+                                  "final_rss_mb": float("nan"), "baseline_rss_mb": float("nan"), "train_seconds": float("nan"),
+                                  "losses": []}]
         top = max(rows, key=lambda r: r["peak_rss_mb"])
         print(f"{name:<15} peak RSS per process {top['peak_rss_mb']:6.0f} MB (libraries alone: "
               f"{top['baseline_rss_mb']:5.0f} MB; before step 1: {top['loaded_peak_rss_mb']:6.0f} MB; "
-              f"after training: {top['final_rss_mb']:6.0f} MB; {top.get('train_seconds', float('nan')):5.1f} s)   "
+              f"after training: {top['final_rss_mb']:6.0f} MB; {top['train_seconds']:5.1f} s)   "
               f"losses {[round(x, 5) for x in rows[0]['losses']]}", flush=True)
     _summary(results)
     if args.json_out:

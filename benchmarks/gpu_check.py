@@ -70,21 +70,18 @@ def parse_args(argv=None):
 def build_workload(args, workdir: Path, shape: dict) -> dict:
     """bench_dpo's word-level tokenizer and random pairs, with a random model of Qwen2's `shape`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(HERE))
     from bench_dpo import build_workload as tokenizer_and_pairs
+    from bench_dpo import qwen2_as_llama
 
     small = argparse.Namespace(vocab=shape["vocab_size"], layers=1, hidden=64, intermediate=128, heads=1,
                                pairs=max(64, args.batch_size * args.steps), prompt_len=args.prompt_len,
                                response_len=args.response_len, real_shaped=None, cutoff_len=None)
     workload = tokenizer_and_pairs(small, workdir)
     torch.manual_seed(0)
-    # Qwen2's architecture (attention biases, grouped-query attention, tied embeddings) as a Llama config:
-    # transformers 5 gives a `qwen2` config its BPE tokenizer class, which drops the word-level vocabulary.
-    config = LlamaConfig(**shape, attention_bias=True, max_position_embeddings=4096, bos_token_id=None,
-                         eos_token_id=1, pad_token_id=0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(workload["model"])  # replaces the small one
+    model = qwen2_as_llama(**shape, max_position_embeddings=4096, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    model.to(torch.bfloat16).save_pretrained(workload["model"])  # replaces the small one
     return workload
 
 

@@ -7,6 +7,7 @@ With the default policy they came from the heap, where the pins keep them from b
 prefalign's ZeRO-3 setting they were mapped, and are unmapped when freed.
 """
 
+import os
 import platform
 import subprocess
 import sys
@@ -40,8 +41,6 @@ print(f"{held:.0f} {rss_mb() - before:.0f}")
 
 
 def _probe(stage: int, **env) -> tuple[str, float, float]:
-    import os
-
     clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
                          env={**clean, "PROBE_ZERO_STAGE": str(stage), **env})

@@ -88,8 +88,6 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
                 "merges across the boundary); use a template that ends the assistant header with a special token "
                 "or a newline")
         response = full[len(prompt_ids):]
-        if not response:
-            raise PairError("tokenize", str(pair.source), field, "the reply encodes to no tokens")
         if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
             raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
         responses.append(response)
