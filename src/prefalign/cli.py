@@ -117,12 +117,20 @@ COMMANDS = {
 
 
 def resume_command(ns, checkpoint: str) -> str:
-    """The command line that continues an interrupted run: the same config and overrides, from `checkpoint`."""
+    """The command line that continues an interrupted run: the same config and overrides, from `checkpoint`.
+
+    Under a launcher, the same number of processes: `--nproc N` on one machine (what prefalign's own
+    `--nproc` launcher and a one-machine torchrun or accelerate launch started); on several machines,
+    each machine's launcher runs it again.
+    """
     from pathlib import Path
 
     kept = [o for o in ns.overrides if o.partition("=")[0].strip() != "resume_from_checkpoint"]
-    return shlex.join(["prefalign", ns.command, ns.config, *kept,
-                       f"resume_from_checkpoint={Path(checkpoint).resolve()}"])
+    command = ["prefalign", ns.command, ns.config, *kept, f"resume_from_checkpoint={Path(checkpoint).resolve()}"]
+    nproc, several_machines = distributed.launcher_processes()
+    if several_machines:
+        return f"your launcher, on every machine, with: {shlex.join(command[1:])}"
+    return shlex.join(command + (["--nproc", str(nproc)] if nproc > 1 else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[ns.command][0](ns)
     except Interrupted as exc:  # exit status 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell reports it
-        resume = f"; resume with: {resume_command(ns, exc.checkpoint)}" if exc.checkpoint else ""
-        print(f"prefalign {ns.command}: {exc}{resume}", file=sys.stderr, flush=True)
+        if main_process:  # one resume command for the whole run; every process stopped after the same step
+            resume = f"; resume with: {resume_command(ns, exc.checkpoint)}" if exc.checkpoint else ""
+            print(f"prefalign {ns.command}: {exc}{resume}", file=sys.stderr, flush=True)
         return exc.exit_code
     except PrefalignError as exc:
         print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)

@@ -54,19 +54,41 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     `--standalone` picks a free rendezvous port; several machines use torchrun's own flags
     (`--nnodes`, `--node_rank`, `--rdzv_endpoint`), see the README. A failed process has printed
-    its own one-line error; torchrun's traceback about it is replaced by one line.
+    its own one-line error; torchrun's traceback about it is replaced by one line. A signal to this
+    launcher (SIGTERM from `kill` or a scheduler, SIGINT) is passed by torchrun to every process,
+    which checkpoint and exit (the main one prints the resume command); the launcher then exits
+    with 128 + the signal number, as a single process does, without torchrun's traceback.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "prefalign", *argv]))
+    except SignalException as exc:  # raised by torchrun's handler once the processes have been stopped
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        if all(code > 128 for code in codes):  # 128 + a signal it handled: stopped, not failed (the main
+            return min(codes)                  # process printed how to resume); a killed one has -signal
         rank, failure = min(exc.failures.items())
         print(f"prefalign: {len(exc.failures)} of {nproc} processes failed (first: rank {rank}, exit code "
               f"{failure.exitcode}); their messages are above", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     return 0
+
+
+def launcher_processes() -> tuple[int, bool]:
+    """(processes on this machine, True if the run spans several machines) under a launcher; (1, False) without.
+
+    What a command that repeats this run needs: `--nproc N` on one machine; on several, each
+    machine's launcher again.
+    """
+    if not under_launcher():
+        return 1, False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return local, local != world
 
 
 def under_launcher() -> bool:

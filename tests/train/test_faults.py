@@ -346,3 +346,45 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
     assert all(s == step for s in re.findall(r"interrupted by SIGTERM after step (\d+)", stderr))
     assert (out / f"checkpoint-{step}" / MARKER).is_file()
     assert "[rank1]: Traceback" not in stderr and "[rank0]: Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_ends_on_the_whole_run(
+        tiny_model_dir, tmp_path):
+    """`prefalign train --nproc 2` and SIGTERM to that command (what `kill PID` or a scheduler sends): torchrun
+    passes it to both processes, which checkpoint; the launcher exits 143 with no traceback, one line says how
+    to resume (with `--nproc 2`), and that command ends on the uninterrupted 2-process run's weights."""
+    common = dict(max_steps=40, per_device_train_batch_size=2, save_strategy="no")
+    whole = tmp_path / "whole"
+    done = subprocess.run([sys.executable, "-m", "prefalign", "train", QUICKSTART,
+                           *overrides(tiny_model_dir, whole, **common), "--nproc", "2"],
+                          cwd=ROOT, capture_output=True, text=True, env=env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    out = tmp_path / "run"
+    proc = start("train", QUICKSTART, *overrides(tiny_model_dir, out, **common), "--nproc", "2",
+                 stderr_path=tmp_path / "err")
+    try:
+        wait_for_step(proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()
+        assert proc.wait(timeout=300) == 143
+    finally:
+        proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert "Traceback" not in stderr and "SignalException" not in stderr
+    assert stderr.count("prefalign: SIGTERM received") == 2  # passed on to both processes
+    [line] = [text for text in stderr.splitlines() if "resume with:" in text]
+    assert line.startswith("prefalign train: interrupted by SIGTERM after step ")
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert 2 <= step < 40 and (out / f"checkpoint-{step}" / MARKER).is_file()
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command[:3] == ["prefalign", "train", QUICKSTART] and command[-2:] == ["--nproc", "2"]
+
+    resumed = subprocess.run([sys.executable, "-m", "prefalign", *command[1:]], cwd=ROOT, capture_output=True,
+                             text=True, env=env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(losses(out)) == list(range(1, 41))
+    assert losses(out) == pytest.approx(losses(whole), abs=1e-6)
+    for name, value in weights(whole).items():
+        assert torch.allclose(weights(out)[name], value, atol=1e-6), name
