@@ -62,30 +62,75 @@ def did_you_mean(value: object, choices) -> str:
     return f"did you mean {match!r}?" if match is not None else ""
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for 'no space left on device' however it surfaces (OSError, or a library's own error)."""
+# How a write cut short by the disk surfaces: an OSError (ENOSPC, EDQUOT; EFBIG past a file-size
+# limit, `ulimit -f`), safetensors' own error carrying the OS's text, or torch.save's zip writer, which
+# loses the errno and raises RuntimeError ("basic_ios::clear: iostream error", then "unexpected pos"
+# from its end-of-file check; "PytorchStreamWriter failed writing file" in other versions).
+_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_TOO_LARGE = ("File too large", "os error 27")
+_TORCH_WRITER = ("basic_ios::clear", "unexpected pos", "PytorchStreamWriter failed writing file")
+
+
+def _disk_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(what happened, how to fix it) for a write the disk cut short; None if it is no disk failure.
+
+    The exception and those it was raised from or during (torch.save raises its "unexpected pos"
+    while handling the write error itself) are read.
+    """
     import errno
 
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "os error 28" in text
+    elsewhere = "set output_dir to a folder on another disk"
+    seen = set()
+    while exc is not None and id(exc) not in seen and not isinstance(exc, PrefalignError):  # already said
+        seen.add(id(exc))
+        code, text = getattr(exc, "errno", None), str(exc)
+        if code in (errno.ENOSPC, errno.EDQUOT) or any(m in text for m in _FULL):
+            return "no space left on device", f"free some space or {elsewhere}"
+        if code == errno.EFBIG or any(m in text for m in _TOO_LARGE):
+            return ("a file too large for this disk or for the file-size limit",
+                    f"raise the limit (ulimit -f) or {elsewhere}")
+        if isinstance(exc, RuntimeError) and any(m in text for m in _TORCH_WRITER):
+            return ("torch.save could not finish its file (a full disk or a file-size limit)",
+                    f"free some space, raise the limit (ulimit -f) or {elsewhere}")
+        exc = exc.__cause__ if exc.__suppress_context__ else exc.__cause__ or exc.__context__
+    return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for a write cut short by the disk however it surfaces (see `_disk_failure`)."""
+    return _disk_failure(exc) is not None
+
+
+def _free_space(where) -> str:
+    """"N MiB free" on the disk holding `where` (its nearest existing folder); "" if that cannot be read."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(where)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"{free / 2**20:.1f} MiB free there"
 
 
 def unwritable_error(exc: BaseException, target=None) -> "PrefalignError | None":
     """The one-line error for a full, read-only or forbidden disk while writing `target`; None for any other error.
 
-    The one wording of every disk error, used by `reporting_disk_full` (which knows the output dir)
-    and by the CLI (for a write outside it).
+    The one wording of every disk error, used by `reporting_disk_full` (which knows the folder being
+    written) and by the CLI (for a write outside it).
     """
     import errno
 
     if isinstance(exc, PrefalignError):
         return None
     where = target or getattr(exc, "filename", None) or "the output"
-    if is_disk_full(exc):
-        return PrefalignError(f"no space left on device while writing to {where}; free some space or set "
-                              "output_dir to a folder on another disk")
+    failure = _disk_failure(exc)
+    if failure is not None:
+        (what, fix), free = failure, _free_space(where) if where != "the output" else ""
+        return PrefalignError(f"{what} while writing to {where}{f' ({free})' if free else ''}; {fix}")
     if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EROFS):
         return PrefalignError(f"cannot write to {where}: {exc.strerror}; choose a folder you can write to")
     return None

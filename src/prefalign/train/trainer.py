@@ -25,6 +25,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from prefalign.contracts import LossOutput, PairLogps
+from prefalign.errors import reporting_disk_full
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
@@ -93,7 +94,8 @@ class PreferenceTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
-            super()._save_checkpoint(model, trial)
+            with reporting_disk_full(folder):  # cut short: no marker, so the last complete checkpoint is resumed
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
