@@ -133,6 +133,19 @@ def resume_command(ns, checkpoint: str) -> str:
     return shlex.join(command + (["--nproc", str(nproc)] if nproc > 1 else []))
 
 
+def _say(line: str) -> None:
+    """Print `line` to stderr as the run's last line, on a line of its own.
+
+    Progress bars still open (the Trainer's, a save's) are closed first: each ends its own line, and
+    none is redrawn after the message (an open bar is redrawn when it is garbage-collected at exit).
+    """
+    tqdm = sys.modules.get("tqdm.std")  # imported by whatever drew a bar; no bar without it
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefalign",
@@ -185,18 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:  # exit status 128 + signal number (130 SIGINT, 143 SIGTERM), as a shell reports it
         if main_process:  # one resume command for the whole run; every process stopped after the same step
             resume = f"; resume with: {resume_command(ns, exc.checkpoint)}" if exc.checkpoint else ""
-            print(f"prefalign {ns.command}: {exc}{resume}", file=sys.stderr, flush=True)
+            _say(f"prefalign {ns.command}: {exc}{resume}")
         return exc.exit_code
     except PrefalignError as exc:
-        print(f"prefalign {ns.command}: error: {exc}", file=sys.stderr)
+        _say(f"prefalign {ns.command}: error: {exc}")
         return 2
     except Exception as exc:  # a full or read-only disk is the user's to fix; anything else is a bug
         error = unwritable_error(exc)
         if error is None:
             raise
-        print(f"prefalign {ns.command}: error: {error}", file=sys.stderr)
+        _say(f"prefalign {ns.command}: error: {error}")
         return 2
     except KeyboardInterrupt:
-        print("prefalign: interrupted", file=sys.stderr)
+        _say("prefalign: interrupted")
         return 130
     return 0

@@ -231,6 +231,20 @@ def test_divergence_halts_at_the_step_and_saves_no_final_model(cli, tiny_model_d
 
 
 @pytest.mark.slow
+def test_the_divergence_error_is_the_last_line_after_the_progress_bars(tiny_model_dir, tmp_path):
+    """With tqdm's bars on (a terminal's default), the error starts a line of its own and no bar is redrawn after it."""
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", QUICKSTART,
+                          *overrides(tiny_model_dir, tmp_path / "run", learning_rate=1e6, max_grad_norm=0,
+                                     save_strategy="steps", save_steps=1, max_steps=8, disable_tqdm="false")],
+                         cwd=ROOT, capture_output=True, text=True, env=env(), timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "it/s]" in run.stderr  # the training bar was drawn
+    assert run.stderr.endswith("\n")
+    last = run.stderr[:-1].split("\n")[-1]  # a bar draws with "\r"; only "\n" starts a line
+    assert last.startswith("prefalign train: error: step ") and "the gradient norm is nan" in last, last[-300:]
+
+
+@pytest.mark.slow
 def test_a_run_that_does_not_learn_ends_with_a_warning(cli, tiny_model_dir, tmp_path):
     """lr 1e-30 cannot move fp32 weights: every pair's loss stays ln 2, exactly, as at step 0."""
     run = cli("train", QUICKSTART, *overrides(tiny_model_dir, tmp_path / "run", learning_rate=1e-30, pref_ftx=0,
