@@ -52,3 +52,47 @@ def test_missing_model_is_a_clean_error(tmp_path):
                     env={"HF_HUB_OFFLINE": "1", "PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "nothing" in run.stderr
+
+
+# What a run prints and imports for the optional engines it does not use.
+ENGINE_NOISE = ("Failed to load CPU gemm_4bit_forward", "Setting accelerator to CPU")
+
+
+def test_a_run_without_deepspeed_or_quantization_imports_neither_and_prints_none_of_their_lines(
+        tiny_model_dir, tmp_path):
+    """The quickstart on the tiny model: peft would import bitsandbytes and accelerate deepspeed, both installed."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("bitsandbytes")
+    report = ("import sys; from prefalign.cli import main; code = main(); "
+              "print('IMPORTED', sorted(m for m in ('deepspeed', 'bitsandbytes') if sys.modules.get(m))); "
+              "sys.exit(code)")
+    run = subprocess.run([sys.executable, "-c", report, "train", "examples/quickstart.yaml",
+                          f"model_name_or_path={tiny_model_dir}", "build_demo_model=false",
+                          f"output_dir={tmp_path / 'run'}", "max_samples=16", "max_steps=2", "eval_dataset="],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "IMPORTED []" in run.stdout
+    for line in ENGINE_NOISE:
+        assert line not in run.stdout + run.stderr, line
+
+
+def test_the_engines_a_config_uses():
+    """Hand-made configs: what each needs of bitsandbytes and deepspeed (an unknown model may be pre-quantized)."""
+    from prefalign.config.scale import engines_used
+
+    plain = {"model_name_or_path": "models/demo", "build_demo_model": True}
+    assert engines_used(plain) == set()
+    assert engines_used({**plain, "deepspeed": "examples/deepspeed/ds_z3_config.json"}) == {"deepspeed"}
+    assert engines_used({**plain, "quantization_bit": 4}) == {"bitsandbytes"}
+    assert engines_used({**plain, "optim": "paged_adamw_8bit"}) == {"bitsandbytes"}
+    assert engines_used({"model_name_or_path": "Qwen/Qwen2.5-0.5B"}) == {"bitsandbytes"}  # a hub id: unknown
+
+
+def test_a_local_model_counts_as_quantized_by_its_config(tmp_path):
+    from prefalign.config.scale import engines_used
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert engines_used({"model_name_or_path": str(tmp_path)}) == set()
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert engines_used({"model_name_or_path": str(tmp_path)}) == {"bitsandbytes"}

@@ -15,11 +15,17 @@ def _load(ns):
     """The config of a command; the demo model is built first when the config asks for it (build_demo_model).
 
     The demo (a tokenizer, a tiny Llama and its SFT warm-up) is not part of any command: only the CLI
-    asks for it, so the DPO path never imports it.
+    asks for it, so the DPO path never imports it. A command run from the command line (one per
+    process) hides the optional engines its config does not use before any model library is imported.
     """
-    from prefalign.config import load_config
+    from prefalign.config import build_config
+    from prefalign.config.loader import read_values
+    from prefalign.config.scale import hide_unused_engines
 
-    config = load_config(ns.config, ns.overrides)
+    values = read_values(ns.config, ns.overrides)
+    if ns.own_process:
+        hide_unused_engines(values)
+    config = build_config(values)
     if config.model.build_demo_model:
         from pathlib import Path
 
@@ -184,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return distributed.launch(ns.nproc, _without_nproc(list(sys.argv[1:] if argv is None else argv)))
     if getattr(ns, "nproc", 1) < 1:
         parser.error(f"--nproc {ns.nproc}: give at least 1 process")
+    ns.own_process = argv is None  # the command line's one command (not a test's or a runner's call)
     main_process = distributed.is_main_process()
     if not main_process and not hasattr(ns, "nproc"):
         return 0  # a command that does not run in parallel: the main process does it alone

@@ -98,9 +98,14 @@ def _yaml(text: str):
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read `path` (YAML), apply `key=value` overrides, and return a validated `RunConfig`."""
+    return build_config(read_values(path, overrides))
+
+
+def read_values(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The flat key/values of `path` (YAML) with `key=value` overrides applied, not yet checked (imports no model library)."""
     values: dict[str, Any] = _read_yaml(path) if path is not None else {}
     values.update(parse_overrides(overrides))
-    return build_config(values)
+    return values
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

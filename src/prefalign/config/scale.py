@@ -24,6 +24,60 @@ def _missing(package: str) -> str | None:
     return None
 
 
+def engines_used(values: dict) -> set[str]:
+    """The optional packages (EXTRAS) a config's raw `values` may need; when unsure, the package counts as used.
+
+    bitsandbytes: quantized loading (`quantization_bit`, `ref_model_quantization_bit`), an 8-bit or
+    paged optimizer, or a model or `ref_model` that is not a local folder free of a quantization_config
+    (a hub id or a pre-quantized checkpoint). deepspeed: a `deepspeed:` value, or accelerate told to use it.
+    """
+    import os
+
+    used = set()
+    if values.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        used.add("deepspeed")
+    optim = str(values.get("optim") or "")
+    models = [values.get(k) for k in ("model_name_or_path", "ref_model") if values.get(k)]
+    if (values.get("quantization_bit") or values.get("ref_model_quantization_bit") or "bnb" in optim
+            or "8bit" in optim or "paged" in optim
+            or not all(_unquantized(m, built_here=values.get("build_demo_model")) for m in models)):
+        used.add("bitsandbytes")
+    return used
+
+
+def _unquantized(name, *, built_here) -> bool:
+    """True for a local model folder whose config.json declares no quantization (or the demo model, to be built)."""
+    config = Path(str(name)) / "config.json"
+    if not config.is_file():
+        return bool(built_here)  # else a hub id (or a typo, reported later): it may be pre-quantized
+    try:
+        return "quantization_config" not in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def hide_unused_engines(values: dict) -> list[str]:
+    """Make the optional packages a config does not use look absent to the libraries that import them eagerly.
+
+    peft imports bitsandbytes whenever it is installed (`peft.helpers`), and accelerate imports
+    deepspeed while unwrapping any model; each import prints its own lines (bitsandbytes' kernel
+    search on AVX512-BF16 CPUs, DeepSpeed's "Setting accelerator to CPU") and costs seconds. All of
+    them (transformers, accelerate, peft) decide availability through the import system
+    (`importlib.util.find_spec`, or `import` in a try), so a `None` in `sys.modules`, the import
+    system's own "not importable" mark, hides a package from all three alike without patching them.
+    It is only set before any of them is imported (some cache the answer), so one process keeps one
+    answer; the CLI calls it once per process, with the command's config. Returns the names hidden.
+    """
+    import sys
+
+    if any(name in sys.modules for name in ("transformers", "peft", "accelerate", *EXTRAS)):
+        return []
+    hidden = sorted(set(EXTRAS) - engines_used(values))
+    for name in hidden:
+        sys.modules[name] = None
+    return hidden
+
+
 def deepspeed_settings(value) -> dict:
     """The DeepSpeed config of a `deepspeed:` value: a mapping, or the path of a JSON file. Raises ValueError."""
     if isinstance(value, dict):
