@@ -35,7 +35,7 @@ def test_qlora_trains_from_ln2_with_the_quantized_base_as_reference(tiny_model_d
     assert trainable and all("lora_" in n for n in trainable)
     batch = first_batch(trainer)
     trainer.model.train()  # the policy's forward in training mode, the reference's in eval mode:
-    loss, out, _ = trainer.batch_loss(trainer.model, batch)  # the same kernel (8 bits: pin_8bit_kernels)
+    loss, out, _ = trainer.batch_loss(trainer.model, batch)  # the same kernel (pin_cpu_kernels)
     assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6)  # policy == reference
     ref_before = trainer.reference.logps(batch)
     trainer.train()
@@ -58,9 +58,12 @@ def test_qlora_adapter_loads_on_the_4bit_and_on_the_fp32_base(tiny_model_dir, ql
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from prefalign.modeling.quantize import pin_cpu_kernels
+
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     four_bit = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    pin_cpu_kernels(four_bit)  # bitsandbytes' AVX512 repack refuses the tiny model's 32-wide layers
     for base in (four_bit, AutoModelForCausalLM.from_pretrained(tiny_model_dir)):
         model = PeftModel.from_pretrained(base, qlora_run)
         with torch.no_grad(), model.disable_adapter():

@@ -8,7 +8,7 @@ import torch
 
 from prefalign.config.args import FinetuningArguments, ModelArguments
 from prefalign.errors import ConfigError, PrefalignError
-from prefalign.modeling.quantize import device_map, pin_8bit_kernels, quantization_config
+from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     except ValueError as exc:
         raise _remote_code_refusal(path, exc) from None
     model.config.use_cache = False
-    pin_8bit_kernels(model)  # quantized at load or saved quantized
+    pin_cpu_kernels(model)  # quantized at load or saved quantized
     return model
 
 

@@ -26,26 +26,37 @@ def device_map() -> dict:
     return {"": "cpu"}
 
 
-def pin_8bit_kernels(model) -> None:
-    """Make bitsandbytes' 8-bit layers compute the same way in training and in eval mode.
+def pin_cpu_kernels(model) -> None:
+    """Make bitsandbytes' quantized layers compute the same way in training and in eval mode, on every CPU.
 
-    On the CPU, `Linear8bitLt` picks its matmul by `module.training`: in training it multiplies by
-    the dequantized weights, in eval mode it also quantizes the activations to int8. The policy
-    trains in training mode and the reference reads the same base in eval mode (no dropout), so the
-    two would score the same weights differently (a step-0 DPO loss 4e-5 off ln 2 on a tiny model)
-    and `prefalign eval` would not score as training did. A pre-forward hook keeps each such layer
-    on the dequantized kernel, which is also the more exact one. On a GPU both modes take the same
-    int8 kernel, and those layers are left alone.
+    On the CPU, bitsandbytes picks a layer's kernel by the layer's mode and by the CPU:
+      - `Linear8bitLt`: in training it multiplies by the dequantized weights, in eval mode it also
+        quantizes the activations to int8. The policy trains in training mode and the reference reads
+        the same base in eval mode, so the two would score the same weights differently (a step-0 DPO
+        loss 4e-5 off ln 2 on a tiny model) and `prefalign eval` would not score as training did. A
+        pre-forward hook keeps each such layer on the dequantized kernel, the more exact one.
+      - `Linear4bit`: on a CPU with AVX512-BF16, the first eval-mode forward without gradients (the
+        reference's) repacks the weights in place for an AVX512 kernel and stores the block scales in
+        bf16; saving a checkpoint unpacks them again. So the kernel, and the numbers, of every later
+        training step depend on whether a save or a reference pass came last: a resumed run did not
+        end on the uninterrupted run's weights (1.4e-3 apart), results differed between CPU kinds, and
+        the repack refuses layers whose input size is not a multiple of its 64-wide block. Every
+        `Linear4bit` is kept on bitsandbytes' portable kernel, which every CPU runs alike.
+    On a GPU both modes take the same kernels, and the layers are left alone.
     """
     if not is_quantized(model):
         return
     try:
-        from bitsandbytes.nn import Linear8bitLt
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
     except ImportError:
         return
     for module in model.modules():
-        if isinstance(module, Linear8bitLt) and module.weight.device.type in ("cpu", "xpu"):
+        weight = getattr(module, "weight", None)
+        on_cpu = weight is not None and weight.device.type in ("cpu", "xpu")
+        if isinstance(module, Linear8bitLt) and on_cpu:
             module.register_forward_pre_hook(_dequantized_kernel)
+        elif isinstance(module, Linear4bit) and on_cpu:
+            module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward only to choose the repack
 
 
 def _dequantized_kernel(module, _args) -> None:
