@@ -112,6 +112,30 @@ def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):
     _assert_same_run(out, _single(tiny_model_dir, tmp_path / "one", finetuning_type="full", val_size=4), full=True)
 
 
+def test_bf16_without_a_gpu_trains_alike_in_one_process_and_in_two(tiny_model_dir, tmp_path):
+    """`bf16: true` on a machine without a GPU, no `use_cpu` written (transformers alone refuses that):
+    one process and `--nproc 2` (DDP) both train under bf16 autocast, to the losses of the fp32 run
+    within bf16 rounding (2e-3; each step moves the loss by more), and to each other's."""
+    if torch.cuda.is_available():
+        pytest.skip("the rule under test is for machines without a GPU")
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    losses = {}
+    for name, nproc, batch in (("one", [], 4), ("two", ["--nproc", "2"], 2)):
+        argv = _argv("train", tiny_model_dir, tmp_path / name, finetuning_type="full", bf16=True,
+                     per_device_train_batch_size=batch)
+        argv[1] = str(tmp_path / "empty.yaml")
+        run = subprocess.run([sys.executable, "-m", "prefalign", *argv, *nproc], capture_output=True, text=True,
+                             env=env, timeout=900)
+        assert run.returncode == 0, run.stderr[-4000:]
+        losses[name] = _losses(tmp_path / name)
+    fp32 = _losses(_single(tiny_model_dir, tmp_path / "fp32", finetuning_type="full"))
+    assert len(fp32) == 3 and abs(fp32[2] - fp32[0]) > 2e-2  # training moves the loss far beyond the tolerance
+    assert losses["one"] == pytest.approx(fp32, abs=2e-3)
+    assert losses["two"] == pytest.approx(losses["one"], abs=2e-3)
+    assert losses["one"][1:] != fp32[1:]  # it did run in bf16: not the fp32 numbers
+
+
 # One launch for the rest: a sharded eval, then FSDP2 and DeepSpeed runs (name -> overrides).
 DEEPSPEED_RUNS = {
     "fsdp2-full": dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, finetuning_type="full"),  # FSDP first:

@@ -91,28 +91,37 @@ def launcher_processes() -> tuple[int, bool]:
     return local, local != world
 
 
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
+
+
 def under_launcher() -> bool:
     """True inside a process started by torchrun / accelerate launch / deepspeed."""
     return "LOCAL_RANK" in os.environ
 
 
 def cpu_launch_arguments(train_values: dict) -> dict:
-    """The training arguments of a multi-process run on a machine without a GPU, so that it really is one.
+    """The training arguments of a run on a machine without a GPU, one process or many: the one rule.
 
+    `use_cpu: true` unless the config says otherwise: transformers refuses `bf16: true` without an
+    accelerator unless told the run is on the CPU (it then trains under CPU autocast), in one
+    process as under a launcher. Under a launcher it is also what makes the run a real one:
     accelerate (1.x) only finds a CPU communication backend when told the run is on the CPU;
     otherwise it counts one process, and every process trains alone on the same batches.
-      - plain data parallelism: `use_cpu: true` (gloo; the data is sharded, gradients all-reduced);
+      - plain data parallelism: `use_cpu` alone (gloo; the data is sharded, gradients all-reduced);
       - DeepSpeed (its CPU accelerator): the shared process state is set up first, through
         DeepSpeed with gloo, and the training arguments are told to use it; without that,
         transformers fills DeepSpeed's `train_batch_size` for one process and DeepSpeed refuses it.
-        `use_cpu: true` too, or transformers refuses `bf16: true` without a GPU (DeepSpeed still
-        trains: its partitioned engine, on its CPU accelerator).
-    On a GPU, or without a launcher, the values are returned as they are.
+        (DeepSpeed still trains with its partitioned engine, on its CPU accelerator.)
+    On a machine with an accelerator the values are returned as they are.
     """
-    if not under_launcher() or torch.cuda.is_available():
+    if _has_accelerator():
         return train_values
     train_values = {"use_cpu": True, **train_values}
-    if not train_values.get("deepspeed"):
+    if not under_launcher() or not train_values.get("deepspeed"):
         return train_values
     from accelerate import PartialState
     from accelerate.state import AcceleratorState

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from prefalign.config.args import is_adapter as is_adapter_type
 from prefalign.data.summary import DataSummary
 from prefalign.scoring import reference_plan
 
@@ -27,7 +28,7 @@ def _front_matter(config, is_adapter: bool) -> dict:
         "base_model": config.model.model_name_or_path,
         "library_name": "peft" if is_adapter else "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["dpo", "prefalign"] + (["lora"] if is_adapter else []),
+        "tags": ["dpo", "prefalign"] + ([config.finetuning.finetuning_type] if is_adapter else []),
     }
     if datasets:
         meta["datasets"] = list(dict.fromkeys(datasets))
@@ -39,7 +40,7 @@ def _method(config, is_adapter: bool) -> list[str]:
     lines = []
     adapters = list(model.adapter_name_or_path or [])
     if adapters:
-        if ft.finetuning_type != "lora":
+        if not is_adapter_type(ft.finetuning_type):
             what = " (merged into the weights before training)"
         elif ft.create_new_adapter:
             what = " (merged; a new adapter was trained on top)"
@@ -49,7 +50,11 @@ def _method(config, is_adapter: bool) -> list[str]:
     if ft.finetuning_type == "lora":
         lines.append(f"- Method: LoRA, rank {ft.lora_rank}, alpha {ft.lora_alpha or 2 * ft.lora_rank}, "
                      f"dropout {ft.lora_dropout}, target `{','.join(ft.lora_target)}`"
-                     + (", rsLoRA" if ft.use_rslora else "") + (", DoRA" if ft.use_dora else ""))
+                     + (", rsLoRA" if ft.use_rslora else "") + (", DoRA" if ft.use_dora else "")
+                     + (f", LoRA+ ratio {ft.loraplus_lr_ratio:g}" if ft.loraplus_lr_ratio else ""))
+    elif ft.finetuning_type == "oft":
+        size = f"{ft.oft_rank} blocks" if ft.oft_rank else f"blocks of {ft.oft_block_size}"
+        lines.append(f"- Method: OFT, {size}, module dropout {ft.module_dropout}, target `{','.join(ft.oft_target)}`")
     elif ft.finetuning_type == "freeze":
         lines.append(f"- Method: freeze tuning, trainable layers {ft.freeze_trainable_layers}, "
                      f"modules `{','.join(ft.freeze_trainable_modules)}`")

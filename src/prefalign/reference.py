@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefalign.config.args import is_adapter
 from prefalign.contracts import PairLogps
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import REFERENCE_ADAPTER, load_causal_lm, merge_adapters
@@ -239,7 +240,7 @@ def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = 
         earlier = f" with {_listed(adapters[:-1])} merged" if adapters[:-1] else ""
         return ReferencePlan("adapter-disabled",
                              f"the base model{earlier} (the policy with its adapter `{adapters[-1]}` disabled)")
-    if finetuning_type == "lora":
+    if is_adapter(finetuning_type):
         if adapters and not create_new_adapter:
             earlier = f", {_listed(adapters[:-1])} merged," if adapters[:-1] else ""
             return ReferencePlan("sft-adapter", f"the base model{earlier} with the starting adapter `{adapters[-1]}` "

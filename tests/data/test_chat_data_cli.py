@@ -51,11 +51,6 @@ def with_llama3_tokens(model_dir: str, path: Path) -> str:
     return str(path)
 
 
-# The configs set bf16: true, which transformers refuses on a machine without an accelerator unless
-# use_cpu is set: the one key the CPU test machine adds.
-ON_CPU = [] if __import__("torch").cuda.is_available() else ["use_cpu=true"]
-
-
 def example(tmp_path: Path, name: str, pref_loss: str = "sigmoid") -> Path:
     """LLaMA-Factory's example config in a LLaMA-Factory-like working directory; ORPO and SimPO runs of
     it differ only in pref_loss (the choice its own comment lists)."""
@@ -66,19 +61,20 @@ def example(tmp_path: Path, name: str, pref_loss: str = "sigmoid") -> Path:
 
 
 @pytest.mark.parametrize("name, pref_loss", [("qwen3_lora_dpo.yaml", "sigmoid"), ("qwen3_lora_dpo.yaml", "orpo"),
-                                             ("qwen3_lora_dpo.yaml", "simpo"), ("llama3_lora_dpo.yaml", "sigmoid")])
+                                             ("qwen3_lora_dpo.yaml", "simpo"), ("llama3_lora_dpo.yaml", "sigmoid"),
+                                             ("llama3_oft_dpo.yaml", "sigmoid")])
 def test_llamafactory_example_configs_load_unchanged(tmp_path, name, pref_loss):
     from prefalign.config import load_config
 
-    config = load_config(example(tmp_path, name, pref_loss), ["model_name_or_path=m", *ON_CPU])
+    config = load_config(example(tmp_path, name, pref_loss), ["model_name_or_path=m"])
     assert config.finetuning.pref_loss == [pref_loss] and config.data.dataset == ["dpo_en_demo"]
-    implied = {"qwen3_lora_dpo.yaml": {"enable_thinking": False}, "llama3_lora_dpo.yaml": {}}[name]
+    implied = {"qwen3_lora_dpo.yaml": {"enable_thinking": False}}.get(name, {})
     assert resolve_template(config.data.template).kwargs == implied
 
 
 def test_llamafactory_qwen3_example_runs_prefalign_data_unchanged(tiny_model_dir, tmp_path):
     config = example(tmp_path, "qwen3_lora_dpo.yaml")
-    run = prefalign("data", str(config), f"model_name_or_path={tiny_model_dir}", *ON_CPU, cwd=tmp_path,
+    run = prefalign("data", str(config), f"model_name_or_path={tiny_model_dir}", cwd=tmp_path,
                     env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dpo_en_demo: 12 pairs" in run.stdout
@@ -93,7 +89,7 @@ def test_llamafactory_llama3_example_uses_the_builtin_llama3_format(tiny_model_d
     model = with_llama3_tokens(tiny_model_dir, tmp_path / "model")
     config = example(tmp_path, "llama3_lora_dpo.yaml")
     monkeypatch.chdir(tmp_path)
-    assert main(["data", str(config), f"model_name_or_path={model}", *ON_CPU]) == 0
+    assert main(["data", str(config), f"model_name_or_path={model}"]) == 0
     out = capsys.readouterr().out
     assert "template: llama3 (built-in, LLaMA-Factory's format)" in out
     # LLaMA-Factory's llama3 format, the system turn first
@@ -106,13 +102,33 @@ def test_llamafactory_llama3_example_uses_the_builtin_llama3_format(tiny_model_d
 def test_llamafactory_example_trains_unchanged(tiny_model_dir, tmp_path):
     """A whole (short: 12 pairs, 3 epochs of 8-pair accumulation) run of LLaMA-Factory's config, as SimPO."""
     config = example(tmp_path, "qwen3_lora_dpo.yaml", "simpo")
-    run = prefalign("train", str(config), f"model_name_or_path={tiny_model_dir}", *ON_CPU, cwd=tmp_path,
+    run = prefalign("train", str(config), f"model_name_or_path={tiny_model_dir}", cwd=tmp_path,
                     env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "saves" / "qwen3-4b" / "lora" / "dpo"
     assert (out / "adapter_model.safetensors").is_file()
     summary = json.loads((out / "data_summary.json").read_text())
     assert summary["train"]["pairs"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, adapter", [("llama3_lora_dpo.yaml", "LORA"), ("qwen3_lora_dpo.yaml", "LORA"),
+                                           ("llama3_oft_dpo.yaml", "OFT")])
+def test_llamafactory_dpo_examples_train_unchanged_on_the_cpu(tiny_model_dir, tmp_path, name, adapter):
+    """LF's own DPO example configs (bf16: true, LoRA or OFT) train with only the model path changed and
+    max_steps shortened; no use_cpu, no other key added. The Llama 3 ones get a model with Llama 3's markup."""
+    model = with_llama3_tokens(tiny_model_dir, tmp_path / "model") if name.startswith("llama3") else tiny_model_dir
+    config = example(tmp_path, name)
+    run = prefalign("train", str(config), f"model_name_or_path={model}", "max_steps=2", cwd=tmp_path,
+                    env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    import yaml
+
+    out = tmp_path / yaml.safe_load(config.read_text())["output_dir"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == adapter
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert saved["bf16"] is True and saved["finetuning_type"] == adapter.lower()
 
 
 # A template of our own that fails each stage for a different record: a tool turn cannot be rendered;

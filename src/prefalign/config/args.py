@@ -12,7 +12,13 @@ from typing import Any
 from prefalign.errors import did_you_mean
 
 ATTENTION = ("auto", "disabled", "sdpa", "fa2")
-FINETUNING_TYPES = ("lora", "full", "freeze")
+FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
+ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
+
+
+def is_adapter(finetuning_type: str) -> bool:
+    """True when `finetuning_type` trains a peft adapter (LoRA, OFT) on a frozen base."""
+    return finetuning_type in ADAPTER_TYPES
 ON_BAD_RECORD = ("error", "skip")
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
@@ -200,7 +206,11 @@ class DataArguments:
 @dataclass
 class FinetuningArguments:
     stage: str = _help("Training stage; prefalign runs `dpo` (the DPO family of losses).", "dpo")
-    finetuning_type: str = _help("`lora`, `full` or `freeze`.", "lora")
+    finetuning_type: str = _help(
+        "`lora`, `oft` (orthogonal fine-tuning, peft's OFT), `full` or `freeze`. LoRA and OFT are adapters: "
+        "the reference is the policy with its adapter switched off.",
+        "lora",
+    )
     # freeze tuning
     freeze_trainable_layers: int = _help(
         "Freeze tuning: train the last N layers (negative: the first N).", 2
@@ -219,9 +229,25 @@ class FinetuningArguments:
         "Module names to adapt (a list), or `all` for every linear layer but the output head.",
         ["all"],
     )
-    additional_target: list[str] | None = _help("Modules trained fully beside LoRA, e.g. `embed_tokens`.")
+    additional_target: list[str] | None = _help("Modules trained fully beside LoRA or OFT, e.g. `embed_tokens`.")
     use_rslora: bool = _help("Rank-stabilised LoRA scaling.", False)
     use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
+    loraplus_lr_ratio: float | None = _help(
+        "LoRA+: the learning rate of the B matrices is `learning_rate` x this ratio (A matrices keep "
+        "`learning_rate`; peft's LoRA+ optimizer). LoRA only; LoRA+'s paper suggests 16."
+    )
+    loraplus_lr_embedding: float = _help("LoRA+: the learning rate of LoRA embedding layers' B matrices.", 1e-6)
+    # OFT
+    oft_rank: int = _help(
+        "OFT: the number of orthogonal blocks per adapted layer (0: derived from `oft_block_size`). Give one "
+        "of oft_rank and oft_block_size, the other 0.",
+        0,
+    )
+    oft_block_size: int = _help("OFT: the size of each orthogonal block (0: derived from `oft_rank`).", 32)
+    oft_target: list[str] = _help(
+        "OFT: module names to adapt (a list), or `all` for every linear layer but the output head.", ["all"]
+    )
+    module_dropout: float = _help("OFT: the probability of dropping a whole block's rotation in training.", 0.0)
     create_new_adapter: bool = _help(
         "With an SFT adapter in `adapter_name_or_path`: train a new adapter on top of the merged SFT "
         "adapter instead of a trainable copy of it.",
@@ -294,6 +320,7 @@ class FinetuningArguments:
             problems.append(f"lora_rank: {self.lora_rank} must be at least 1")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
+        problems += self._adapter_type_problems()
         if self.ref_model_adapters and not self.ref_model:
             problems.append("ref_model_adapters is set without ref_model; name the reference model in ref_model")
         if self.ref_model_quantization_bit is not None:
@@ -314,6 +341,28 @@ class FinetuningArguments:
                 and not needs_reference(self.pref_loss, settings):
             problems.append(f"precompute_ref_log_probs: pref_loss={','.join(self.pref_loss)} uses no reference; "
                             "remove precompute_ref_log_probs")
+        return problems
+
+
+    def _adapter_type_problems(self) -> list[str]:
+        """The keys of one adapter type set for another (LF refuses the same combinations)."""
+        problems = []
+        if self.loraplus_lr_ratio is not None:
+            if self.finetuning_type != "lora":
+                problems.append(f"loraplus_lr_ratio is LoRA+ and needs finetuning_type: lora, not "
+                                f"{self.finetuning_type}; remove loraplus_lr_ratio")
+            elif self.loraplus_lr_ratio <= 0:
+                problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
+        if self.finetuning_type == "oft":
+            if (self.oft_rank == 0) == (self.oft_block_size == 0):
+                problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
+                                "one of them, the other 0 (e.g. oft_rank: 0, oft_block_size: 32)")
+            if self.oft_rank < 0 or self.oft_block_size < 0:
+                problems.append("oft_rank and oft_block_size must not be negative")
+            if not 0 <= self.module_dropout < 1:
+                problems.append(f"module_dropout: {self.module_dropout} must be in [0, 1)")
+            if self.use_dora or self.use_rslora:
+                problems.append("use_dora / use_rslora are LoRA variants and need finetuning_type: lora; remove them")
         return problems
 
 

@@ -20,64 +20,13 @@ from prefalign.config.args import (
     ModelArguments,
     RunConfig,
 )
-from prefalign.config import scale
+from prefalign.config import lf_keys, scale
 from prefalign.config.checks import cross_group_problems
 from prefalign.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
 _GROUPS = (ModelArguments, DataArguments, FinetuningArguments, ExportArguments, GenerationArguments)
-
-# Old or LLaMA-Factory spellings of keys that transformers 5 renamed: old key -> (new key, convert).
-_RENAMED: dict[str, tuple[str, Any]] = {
-    "warmup_ratio": ("warmup_steps", float),  # transformers 5 reads a float < 1 as a ratio
-    "evaluation_strategy": ("eval_strategy", str),
-    "group_by_length": ("train_sampling_strategy", lambda v: "group_by_length" if v else "random"),
-    "disable_shuffling": ("train_sampling_strategy", lambda v: "sequential" if v else "random"),
-    "disable_gradient_checkpointing": ("gradient_checkpointing", lambda v: not v),
-    "neat_packing": ("packing", bool),  # prefalign's packing never attends across sequences
-}
-
-# Keys that only choose an implementation detail or a cache: accepted, and said to be ignored.
-_IGNORED = {
-    "enable_liger_kernel": "prefalign computes log-probs in its own chunked kernel",
-    "use_unsloth": "unsloth is not used; prefalign's own response-only log-probs apply",
-    "use_unsloth_gc": "unsloth is not used",
-    "upcast_layernorm": "layer norms run in the model's dtype",
-    "upcast_lmhead_output": "prefalign always accumulates log-probs in fp32",
-    "low_cpu_mem_usage": "transformers 5 always loads lazily",
-    "print_param_status": "trainable parameter counts are always printed",
-    "tokenized_path": "prefalign caches encoded data itself, keyed by data, tokenizer, template and cutoff",
-    "logging_dir": "set TENSORBOARD_LOGGING_DIR instead (transformers 5)",
-    "include_effective_tokens_per_second": "pairs/s and tokens/s are always logged",
-    "infer_backend": "chat uses transformers' generate",
-    "infer_dtype": "the model's own dtype is used",
-    "use_cache": "the KV cache is off during training and on for chat",
-    "ddp_timeout": None,  # a TrainingArguments field in transformers 4, dropped in 5
-    "plot_loss_steps": "plots use every logged step",
-}
-
-# LLaMA-Factory features prefalign does not have yet: an error that says so.
-_UNSUPPORTED = {
-    "rope_scaling": "RoPE scaling",
-    "shift_attn": "shift short attention (LongLoRA)",
-    "mixture_of_depths": "mixture of depths",
-    "use_galore": "GaLore", "use_apollo": "APOLLO", "use_badam": "BAdam", "use_adam_mini": "Adam-mini",
-    "use_muon": "Muon",
-    "pissa_init": "PiSSA initialisation", "pissa_convert": "PiSSA conversion",
-    "loraplus_lr_ratio": "LoRA+",
-    "use_llama_pro": "LLaMA Pro",
-    "streaming": "streaming datasets",
-    "mask_history": "history masking",
-    "new_special_tokens": "adding special tokens",
-    "resize_vocab": "resizing the vocabulary",
-    "moe_aux_loss_coef": "the MoE auxiliary loss",
-    "reward_model": "reward models (prefalign needs none)",
-    "freeze_vision_tower": "multimodal models", "train_mm_proj_only": "multimodal models",
-    "image_max_pixels": "multimodal models", "video_max_pixels": "multimodal models",
-    "kto_chosen_weight": "unpaired KTO", "kto_rejected_weight": "unpaired KTO",
-    "use_swanlab": "SwanLab logging", "ray_run_name": "Ray", "ray_num_workers": "Ray",
-}
 
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 booleans: only true/false are booleans, so `save_strategy: no` stays "no"."""
@@ -157,27 +106,16 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     values = dict(values)
     training_fields = _training_fields()
 
-    for old, (new, convert) in _RENAMED.items():
-        if old in values:
-            if new in values and new not in _RENAMED:
-                problems.append(f"{old} and {new} both given: {old} is the older name of {new}; keep one")
-            value = values.pop(old)
-            if not (old == "warmup_ratio" and not value):
-                values[new] = convert(value)
-    for key in [k for k in values if k in _IGNORED]:
-        reason = _IGNORED[key]
-        values.pop(key)
-        if reason:
-            logger.info("config: %s is accepted and has no effect here (%s)", key, reason)
+    values, lf_problems, notes = lf_keys.translate(values)  # every LLaMA-Factory key has its answer there
+    problems += lf_problems
+    for note in notes:
+        logger.info("config: %s", note)
 
     group_fields = {cls: {f.name: f for f in dataclasses.fields(cls)} for cls in _GROUPS}
-    known = set(training_fields).union(*[set(f) for f in group_fields.values()])
+    known = set(training_fields).union(*[set(f) for f in group_fields.values()], lf_keys.LF_KEYS)
     group_values: dict[type, dict[str, Any]] = {cls: {} for cls in _GROUPS}
     train_values: dict[str, Any] = {}
     for key, value in values.items():
-        if key in _UNSUPPORTED:
-            problems.append(f"{key}: {_UNSUPPORTED[key]} is a LLaMA-Factory feature prefalign does not support yet; remove the key")
-            continue
         owner = next((cls for cls in _GROUPS if key in group_fields[cls]), None)
         if owner is None and key not in training_fields:
             hint = did_you_mean(key, sorted(known))

@@ -1,4 +1,4 @@
-"""Load the tokenizer, the policy (LoRA, full or freeze tuning) and any separate reference model."""
+"""Load the tokenizer, the policy (LoRA or OFT adapter, full or freeze tuning) and any separate reference model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from prefalign.config.args import FinetuningArguments, ModelArguments
+from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapter
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 
@@ -116,12 +116,12 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
                            quantization_bit=model_args.quantization_bit)
     adapters = list(model_args.adapter_name_or_path or [])
-    if ft.finetuning_type == "lora":
+    if is_adapter(ft.finetuning_type):
         if model_args.quantization_bit is not None:  # QLoRA: frozen quantized base, norms and head in fp32
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = _attach_lora(model, adapters, ft)
+        model = _attach_adapter(model, adapters, ft)
     else:
         model = merge_adapters(model, adapters)
         if ft.finetuning_type == "freeze":
@@ -140,8 +140,8 @@ def _numel(param) -> int:
     return getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partitioned parameter is empty here
 
 
-def _attach_lora(model, adapters: list[str], ft: FinetuningArguments):
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments):
+    from peft import PeftModel, get_peft_model
 
     if adapters and not ft.create_new_adapter:
         model = merge_adapters(model, adapters[:-1])
@@ -150,16 +150,31 @@ def _attach_lora(model, adapters: list[str], ft: FinetuningArguments):
         model.set_adapter("default")
         return model
     model = merge_adapters(model, adapters)
-    targets = "all-linear" if ft.lora_target == ["all"] else list(ft.lora_target)
-    config = LoraConfig(
-        task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
-        lora_dropout=ft.lora_dropout, target_modules=targets, use_rslora=ft.use_rslora, use_dora=ft.use_dora,
-        modules_to_save=list(ft.additional_target or []) or None,
-    )
+    key = "oft_target" if ft.finetuning_type == "oft" else "lora_target"
     try:
-        return get_peft_model(model, config)
+        return get_peft_model(model, peft_config(ft))
     except ValueError as exc:
-        raise ConfigError(f"lora_target: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
+
+
+def peft_config(ft: FinetuningArguments):
+    """The peft config of a new adapter of `ft.finetuning_type` (lora or oft), as LLaMA-Factory builds it."""
+    from peft import LoraConfig, OFTConfig
+
+    modules_to_save = list(ft.additional_target or []) or None
+    if ft.finetuning_type == "oft":
+        return OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
+                         target_modules=_targets(ft.oft_target), module_dropout=ft.module_dropout,
+                         modules_to_save=modules_to_save)
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
+        lora_dropout=ft.lora_dropout, target_modules=_targets(ft.lora_target), use_rslora=ft.use_rslora,
+        use_dora=ft.use_dora, modules_to_save=modules_to_save,
+    )
+
+
+def _targets(names: list[str]):
+    return "all-linear" if names == ["all"] else list(names)
 
 
 def _freeze(model, ft: FinetuningArguments) -> None:

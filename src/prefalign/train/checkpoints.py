@@ -37,7 +37,8 @@ _FIX = "set overwrite_output_dir: true to start over, or choose another output_d
 # The keys whose values determine the trained weights, by where they live.
 _PREFALIGN_KEYS = (
     "model_name_or_path", "adapter_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout",
-    "lora_target", "additional_target", "use_rslora", "use_dora", "create_new_adapter", "freeze_trainable_layers",
+    "lora_target", "additional_target", "use_rslora", "use_dora", "loraplus_lr_ratio", "loraplus_lr_embedding",
+    "oft_rank", "oft_block_size", "oft_target", "module_dropout", "create_new_adapter", "freeze_trainable_layers",
     "freeze_trainable_modules", "freeze_extra_modules", "ref_model", "ref_model_adapters", "template", "cutoff_len",
     "pref_loss", "pref_loss_weights", "pref_beta", "pref_ftx", "pref_bco_weight", "dpo_label_smoothing",
     "simpo_gamma", "discopop_tau", "ld_alpha", "use_weighting", "f_divergence_type", "f_alpha_divergence_coef",

@@ -36,7 +36,9 @@ from prefalign.train.guard import RunWatch
 
 
 class PreferenceTrainer(Trainer):
-    def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024, **kwargs):
+    def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024,
+                 loraplus: tuple[float, float] | None = None, **kwargs):
+        self.loraplus = loraplus  # (loraplus_lr_ratio, loraplus_lr_embedding), or None: the Trainer's groups
         super().__init__(*args, **kwargs)
         self.reference = reference.to(self.args.device)
         self.objective = objective
@@ -49,6 +51,23 @@ class PreferenceTrainer(Trainer):
         self.add_callback(self.watch)
         self.resume_settings: dict = {}  # recorded in every checkpoint's marker (set by the workflow)
         self._throughput: ThroughputMeter | None = None
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with LoRA+, peft's LoRA+ parameter groups (peft.optimizers): A matrices
+        at learning_rate, B matrices and 1-D parameters at learning_rate x ratio, the parameters of LoRA
+        embedding layers at loraplus_lr_embedding; weight decay the Trainer's `weight_decay`."""
+        if self.loraplus is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt_model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        ratio, embedding_lr = self.loraplus
+        self.optimizer = create_loraplus_optimizer(
+            opt_model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
+            loraplus_lr_embedding=embedding_lr, loraplus_weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     # -- the loss -------------------------------------------------------------------------
     def batch_loss(self, model, inputs, split: str = "train") -> tuple[torch.Tensor, LossOutput, PairLogps]:

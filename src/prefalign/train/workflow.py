@@ -89,6 +89,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
+        loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
     )
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
