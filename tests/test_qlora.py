@@ -163,3 +163,34 @@ def test_a_missing_package_names_the_extra_to_install(tmp_path, package, key, ex
     assert run.returncode == 2
     assert f'needs the {package} package, which is not installed; pip install "prefalign[{extra}]"' in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_qlora_trains_the_same_losses_on_every_cpu_capability(tiny_model_dir, tmp_path):
+    """torch's default and AVX2 kernels (ATEN_CPU_CAPABILITY, read when torch is imported, so each in its own
+    process) and this machine's own: the same QLoRA losses, whatever CPU the run lands on."""
+    import yaml
+
+    values = {"model_name_or_path": str(tiny_model_dir), "stage": "dpo", "finetuning_type": "lora",
+              "quantization_bit": 4, "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"),
+              "max_samples": 8, "cutoff_len": 96, "per_device_train_batch_size": 4, "max_steps": 3,
+              "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+              "overwrite_output_dir": True, "seed": 0, "disable_tqdm": True, "eval_dataset": ""}
+    losses, capabilities = {}, {}
+    for capability in ("default", "avx2", None):  # None: this machine's own (AVX512 with bf16 where CI ran)
+        out = tmp_path / str(capability)
+        config = tmp_path / f"{capability}.yaml"
+        config.write_text(yaml.safe_dump({**values, "output_dir": str(out)}))
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        run = subprocess.run([sys.executable, "-c", "import sys, torch; from prefalign.cli import main; "
+                              "print('capability', torch.backends.cpu.get_cpu_capability()); "
+                              "sys.exit(main(sys.argv[1:]))", "train", str(config)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        capabilities[capability] = run.stdout.split("capability ")[1].split()[0]
+        state = json.loads((out / "trainer_state.json").read_text())
+        losses[capability] = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert capabilities["default"] == "DEFAULT" and capabilities["avx2"] == "AVX2"  # the paths really were taken
+    for capability, found in losses.items():
+        assert found == pytest.approx(losses[None], abs=1e-5), capability
