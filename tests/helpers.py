@@ -51,6 +51,32 @@ def make_random_adapter(model_dir, path, *, seed=1, target_modules="all-linear",
     return str(path)
 
 
+def qwen2_shaped_model(model_dir, path, *, hidden_size=64, num_layers=2, heads=4, seed=0) -> str:
+    """A tiny random `Qwen2ForCausalLM` (q/k/v with biases, drawn non-zero) with `model_dir`'s tokenizer.
+
+    hidden 64: every layer's input size is a multiple of bitsandbytes' 4-bit block (64), a shape
+    every CPU kernel path takes.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, dtype="float32")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    param.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 # Chat templates of our own, in the tiny tokenizer's ChatML markup, for the rules real templates need.
 
 # Tools-capable (Qwen2.5-like): tool definitions in the system turn, tool calls as <tool_call> JSON,

@@ -1,5 +1,6 @@
 """QLoRA: a 4-bit (NF4, bitsandbytes on the CPU) base, a LoRA adapter trained on it, the base with the
-adapter off as the reference; and the config errors around quantization and DeepSpeed."""
+adapter off as the reference, the same on every CPU kernel path; and the config errors around
+quantization and DeepSpeed."""
 
 import json
 import math
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import EXAMPLES, config_for, first_batch
+from helpers import EXAMPLES, ROOT, config_for, first_batch, qwen2_shaped_model
 
 from prefalign.errors import ConfigError
 
@@ -43,6 +44,86 @@ def test_qlora_trains_from_ln2_with_the_quantized_base_as_reference(tiny_model_d
     assert after.item() < math.log(2) - 1e-4  # it learned
     ref_after = trainer.reference.logps(batch)
     assert torch.equal(ref_before.chosen, ref_after.chosen)  # the quantized base never changed
+
+
+@pytest.fixture(scope="module")
+def qwen2_model_dir(tiny_model_dir, tmp_path_factory):
+    """Qwen2's shape: q/k/v projections with biases (hidden 64)."""
+    return qwen2_shaped_model(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama64_model_dir(tmp_path_factory, demo_data_dir):
+    """The tiny Llama at hidden 64: no biases, a shape every 4-bit CPU kernel takes."""
+    from prefalign.demo import build_tiny_model, demo_texts
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama64", texts=demo_texts(demo_data_dir),
+                            hidden_size=64, num_layers=2, heads=4, seed=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("model", ["tiny_model_dir", "llama64_model_dir", "qwen2_model_dir"])  # biases: Qwen2
+def test_a_reference_forward_changes_neither_the_policys_scores_nor_its_gradients(request, tmp_path, model, bits):
+    """The adapter-disabled reference reads the base in eval mode, without grad. On a CPU with
+    AVX512-BF16 that forward used to repack bitsandbytes' 4-bit weights for good (pin_cpu_kernels):
+    afterwards the policy took a bf16 kernel without a backward, so its scores moved and the
+    gradient through the frozen base was silently dropped (hidden-64 Llama); with q/k/v biases it
+    raised; on the hidden-32 Llama it raised at once (input size 32 is not a multiple of the 4-bit
+    block, 64)."""
+    from prefalign.modeling.logprobs import pair_logps
+    from prefalign.train.workflow import build_trainer
+
+    trainer = build_trainer(config_for(request.getfixturevalue(model), tmp_path, quantization_bit=bits))
+    batch = first_batch(trainer)
+    lora = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def policy():
+        trainer.model.train()
+        logps = pair_logps(trainer.model, batch)
+        return logps.chosen.detach(), torch.autograd.grad((logps.chosen - logps.rejected).sum(), lora)
+
+    scores, grads = policy()
+    assert sum(bool(g.any()) for g in grads) >= len(grads) // 2  # lora_B's gradients (lora_A's are 0 while B is)
+    trainer.reference.logps(batch)
+    scores_after, grads_after = policy()
+    assert torch.equal(scores, scores_after)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_after, strict=True))
+
+
+def _prequantized(model_dir, path, bits: int) -> str:
+    """`model_dir` saved in `bits` bits, as prefalign quantizes it (NF4, double quantization, fp32 compute)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    settings = (BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32))
+    AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", quantization_config=settings).save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return str(path)
+
+
+def _losses(out) -> list[float]:
+    return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def _adapter(out) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_training_on_a_base_quantized_at_load_or_saved_quantized_is_the_same(qwen2_model_dir, tmp_path, bits):
+    """The same quantized weights either way, one kernel (pin_cpu_kernels): identical losses and adapters."""
+    from prefalign.train.workflow import run_train
+
+    saved = _prequantized(qwen2_model_dir, tmp_path / "base", bits)
+    at_load, loaded = tmp_path / "at-load", tmp_path / "saved"
+    run_train(config_for(qwen2_model_dir, at_load, quantization_bit=bits, learning_rate=1e-2))
+    run_train(config_for(saved, loaded, learning_rate=1e-2))
+    assert len(_losses(at_load)) == 3 and _losses(at_load) == _losses(loaded)
+    assert _losses(at_load)[-1] < _losses(at_load)[0]  # it learned
+    assert all(torch.equal(t, _adapter(loaded)[n]) for n, t in _adapter(at_load).items())
 
 
 @pytest.fixture(scope="module")
