@@ -70,6 +70,9 @@ def test_oft_keys_mean_what_peft_and_llamafactory_say(tiny_model_dir, tmp_path):
     assert trainer.reference.name == "adapter-disabled"
     with pytest.raises(ConfigError, match="give exactly one of them"):
         build_config({"model_name_or_path": "m", "dataset": "d", "finetuning_type": "oft", "oft_rank": 4})
+    with pytest.raises(ConfigError, match="quantization_bit with finetuning_type: oft: prefalign trains adapters on "
+                                          "quantized weights with LoRA only"):
+        build_config({"model_name_or_path": "m", "dataset": "d", "finetuning_type": "oft", "quantization_bit": 4})
 
 
 def test_loraplus_groups_are_peft_s_definition(tiny_model_dir, tmp_path):
