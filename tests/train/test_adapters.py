@@ -70,6 +70,9 @@ def test_oft_keys_mean_what_peft_and_llamafactory_say(tiny_model_dir, tmp_path):
     assert trainer.reference.name == "adapter-disabled"
     with pytest.raises(ConfigError, match="give exactly one of them"):
         build_config({"model_name_or_path": "m", "dataset": "d", "finetuning_type": "oft", "oft_rank": 4})
+    with pytest.raises(ConfigError, match="quantization_bit with finetuning_type: oft: prefalign trains adapters on "
+                                          "quantized weights with LoRA only"):
+        build_config({"model_name_or_path": "m", "dataset": "d", "finetuning_type": "oft", "quantization_bit": 4})
 
 
 def test_loraplus_groups_are_peft_s_definition(tiny_model_dir, tmp_path):
@@ -101,3 +104,14 @@ def test_loraplus_groups_are_peft_s_definition(tiny_model_dir, tmp_path):
 def test_loraplus_is_lora_only():
     with pytest.raises(ConfigError, match="loraplus_lr_ratio is LoRA\\+ and needs finetuning_type: lora"):
         build_config({"model_name_or_path": "m", "dataset": "d", "finetuning_type": "full", "loraplus_lr_ratio": 16})
+
+
+def test_a_checkpoint_from_before_the_adapter_keys_resumes_when_they_are_at_their_defaults():
+    """A marker written before oft_* / loraplus_* were resume settings lacks them: that run had their defaults."""
+    from prefalign.train.checkpoints import changed_keys
+
+    new = {"lora_rank": 8, "oft_block_size": 32, "oft_rank": 0, "oft_target": ["all"], "loraplus_lr_ratio": None}
+    old = {"lora_rank": 8}
+    assert changed_keys(old, new) == []
+    assert changed_keys(old, {**new, "oft_block_size": 16}) == ["oft_block_size (32 -> 16)"]
+    assert changed_keys({**old, "oft_block_size": 32}, {**new, "lora_rank": 4}) == ["lora_rank (8 -> 4)"]

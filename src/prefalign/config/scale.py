@@ -123,8 +123,10 @@ def problems(model, ft, train: dict) -> list[str]:
     if quantized and (reason := _missing("bitsandbytes")):
         found.append(f"{quantized[0]}: {reason}")
     if model.quantization_bit is not None and ft.finetuning_type != "lora":
-        found.append(f"quantization_bit with finetuning_type: {ft.finetuning_type}: quantized weights cannot be "
-                     "trained; use finetuning_type: lora (QLoRA) or remove quantization_bit")
+        why = ("prefalign trains adapters on quantized weights with LoRA only (QLoRA; LLaMA-Factory's quantized "
+               "OFT is not here yet)" if ft.finetuning_type == "oft" else "quantized weights cannot be trained")
+        found.append(f"quantization_bit with finetuning_type: {ft.finetuning_type}: {why}; use finetuning_type: "
+                     "lora (QLoRA) or remove quantization_bit")
     if train.get("deepspeed"):
         if (reason := _missing("deepspeed")):
             found.append(f"deepspeed: {reason}")

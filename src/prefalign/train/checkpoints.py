@@ -66,8 +66,23 @@ def resume_settings(config, train_dataset) -> dict:
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    """`key (old -> new)` for every resume setting that differs."""
+    """`key (old -> new)` for every resume setting that differs. A setting a marker does not record (one
+    added to prefalign since it was written, e.g. oft_block_size) had its default in that run."""
+    defaults = _default_settings()
+    old = {**{k: v for k, v in defaults.items() if k in new}, **old}
     return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _default_settings() -> dict:
+    """The prefalign resume settings at their defaults, JSON-normalised as `resume_settings` records them."""
+    import dataclasses
+
+    from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments
+
+    values = {}
+    for group in (ModelArguments(), DataArguments(), FinetuningArguments()):
+        values.update(dataclasses.asdict(group))
+    return json.loads(json.dumps({k: values.get(k) for k in _PREFALIGN_KEYS}, default=str))
 
 
 # -- the marker ------------------------------------------------------------------------------------
