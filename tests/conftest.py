@@ -27,6 +27,16 @@ def tiny_model_dir(tmp_path_factory, demo_data_dir) -> str:
     return build_tiny_model(path, texts=demo_texts(demo_data_dir), hidden_size=32, num_layers=2, heads=4, seed=0)
 
 
+@pytest.fixture(scope="session")
+def llama64_model_dir(tmp_path_factory, demo_data_dir) -> str:
+    """The tiny Llama at hidden 64: every layer's input size a multiple of bitsandbytes' 4-bit block (64),
+    a shape every CPU kernel path takes. Shared like `tiny_model_dir`: do not write into it."""
+    from prefalign.demo import build_tiny_model, demo_texts
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama64"
+    return build_tiny_model(path, texts=demo_texts(demo_data_dir), hidden_size=64, num_layers=2, heads=4, seed=0)
+
+
 @pytest.fixture
 def tiny_tokenizer(tiny_model_dir):
     """A fresh copy of the tiny model's tokenizer per test, so a test may change it (e.g. its chat template)."""

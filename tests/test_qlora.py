@@ -52,15 +52,6 @@ def qwen2_model_dir(tiny_model_dir, tmp_path_factory):
     return qwen2_shaped_model(tiny_model_dir, tmp_path_factory.mktemp("models") / "tiny-qwen2")
 
 
-@pytest.fixture(scope="module")
-def llama64_model_dir(tmp_path_factory, demo_data_dir):
-    """The tiny Llama at hidden 64: no biases, a shape every 4-bit CPU kernel takes."""
-    from prefalign.demo import build_tiny_model, demo_texts
-
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama64", texts=demo_texts(demo_data_dir),
-                            hidden_size=64, num_layers=2, heads=4, seed=0)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("model", ["tiny_model_dir", "llama64_model_dir", "qwen2_model_dir"])  # biases: Qwen2
 def test_a_reference_forward_changes_neither_the_policys_scores_nor_its_gradients(request, tmp_path, model, bits):
@@ -270,8 +261,7 @@ def test_qlora_trains_the_same_losses_on_every_cpu_capability(tiny_model_dir, tm
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         capabilities[capability] = run.stdout.split("capability ")[1].split()[0]
-        state = json.loads((out / "trainer_state.json").read_text())
-        losses[capability] = [h["loss"] for h in state["log_history"] if "loss" in h]
+        losses[capability] = _losses(out)
     assert capabilities["default"] == "DEFAULT" and capabilities["avx2"] == "AVX2"  # the paths really were taken
     for capability, found in losses.items():
         assert found == pytest.approx(losses[None], abs=1e-5), capability

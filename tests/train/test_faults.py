@@ -211,28 +211,20 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted
     assert results["train_runtime"] > session > 0
 
 
-@pytest.fixture(scope="module")
-def model_64_wide(tmp_path_factory, demo_data_dir):
-    """A tiny Llama whose layers are 64 wide: bitsandbytes' 4-bit block, so every CPU kernel path can take it."""
-    from prefalign.demo import build_tiny_model, demo_texts
-
-    return build_tiny_model(tmp_path_factory.mktemp("wide") / "tiny-64", texts=demo_texts(demo_data_dir),
-                            hidden_size=64, num_layers=2, heads=4, seed=0)
-
-
 @pytest.mark.slow
-def test_qlora_resumed_after_sigkill_ends_on_the_uninterrupted_weights_bit_for_bit(cli, model_64_wide, tmp_path):
+def test_qlora_resumed_after_sigkill_ends_on_the_uninterrupted_weights_bit_for_bit(cli, llama64_model_dir, tmp_path):
     """QLoRA, SIGKILL once checkpoint-3 is complete, the same command again: the adapter of the whole run.
 
     On an AVX512-BF16 CPU bitsandbytes repacked the 4-bit weights at the reference's first forward and
     unpacked them at every checkpoint save, so the resumed run took other kernels (1.4e-3 apart)."""
     pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
-    common = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2)
+    common = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps", save_steps=3,
+                  learning_rate=1e-2)
     whole = tmp_path / "whole"
-    run_train(load_config(ROOT / QUICKSTART, overrides(model_64_wide, whole, **common)))
+    run_train(load_config(ROOT / QUICKSTART, overrides(llama64_model_dir, whole, **common)))
 
     out = tmp_path / "run"
-    args = overrides(model_64_wide, out, **common)
+    args = overrides(llama64_model_dir, out, **common)
     proc = start("train", QUICKSTART, *args, stderr_path=tmp_path / "err")
     while not (out / "checkpoint-3" / MARKER).is_file() and proc.poll() is None:
         time.sleep(0.05)

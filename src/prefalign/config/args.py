@@ -14,13 +14,13 @@ from prefalign.errors import did_you_mean
 ATTENTION = ("auto", "disabled", "sdpa", "fa2")
 FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
 ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
+ON_BAD_RECORD = ("error", "skip")
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
 
 def is_adapter(finetuning_type: str) -> bool:
     """True when `finetuning_type` trains a peft adapter (LoRA, OFT) on a frozen base."""
     return finetuning_type in ADAPTER_TYPES
-ON_BAD_RECORD = ("error", "skip")
-MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
 
 def _one_of(key: str, value, allowed) -> list[str]:
@@ -342,7 +342,6 @@ class FinetuningArguments:
             problems.append(f"precompute_ref_log_probs: pref_loss={','.join(self.pref_loss)} uses no reference; "
                             "remove precompute_ref_log_probs")
         return problems
-
 
     def _adapter_type_problems(self) -> list[str]:
         """The keys of one adapter type set for another (LF refuses the same combinations)."""
