@@ -70,8 +70,12 @@ class LFTemplate:
 
     @property
     def end_of_turn(self) -> str | None:
-        """The token that ends an assistant turn: the first stop word, else (None) the tokenizer's EOS."""
-        return self.stop_words[0] if self.stop_words else None
+        """The token that ends an assistant turn: the stop word that becomes the EOS (`replace_eos`) or that
+        the assistant slot writes; None: the tokenizer's EOS."""
+        if self.replace_eos and self.stop_words:
+            return self.stop_words[0]
+        written = "".join(e if isinstance(e, str) else getattr(e, "text", "") for e in self.assistant)
+        return next((word for word in self.stop_words if word in written), None)
 
 
 # Names LLaMA-Factory 0.9.5 no longer defines, kept so configs that use them still load: their slots as
