@@ -111,7 +111,7 @@ class LFEncoder:
             if role == "system" and at == 0:
                 system = message["content"]
                 continue
-            if role == "assistant" and message.get("tool_calls"):
+            if message.get("tool_calls"):
                 raise UnsupportedRecord(
                     f"template: {self.name}: assistant tool calls are not encoded with LLaMA-Factory's slots yet; "
                     "leave template unset to use the tokenizer's own chat template for data with tools")

@@ -67,7 +67,7 @@ class TemplateChoice:
         """For the data report and model card: what encodes the records."""
         if self.builtin is not None:
             return f"{self.builtin.name} ({self.builtin.rules})"
-        return "the tokenizer's own chat template (rendered as text, then tokenized)"
+        return "the tokenizer's own chat template"
 
 
 # The rules for the tokenizer's own templates that refuse a record (data/chat.py applies them): a
