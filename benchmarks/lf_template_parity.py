@@ -144,6 +144,10 @@ def run_lf(args) -> None:
     families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
     result = {"llamafactory": version("llamafactory"), "transformers": version("transformers"),
               "tokenizers_dir": str(args.tokenizers), "families": families, "ids": {}}
+    if args.add:  # encode these families only, into the existing result
+        result = json.loads((out / "lf_ids.json").read_text())
+        result["families"] = sorted(set(result["families"]) | set(args.add))
+        families = args.add
     for family in families:
         tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizers) / family)
         for name in prefalign_names():
@@ -280,6 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("lf", "compare", "freeze", "shrink"))
     parser.add_argument("--families", nargs="*", default=["llama-bpe", "llama-spm", "phi-3", "qwen2"])
+    parser.add_argument("--add", nargs="*", help="lf: encode only these tokenizer folders, added to lf_ids.json")
     parser.add_argument("--keep", type=int, default=2000, help="shrink: the BPE merges kept")
     parser.add_argument("--lf-data", help="LLaMA-Factory's data/ folder (its sdist has it)")
     parser.add_argument("--tokenizers", default="/work/artifacts/tokenizers")

@@ -229,5 +229,8 @@ def fixed_tokenizer(name: str, template: LFTemplate, tokenizer) -> tuple[object,
     ordinary = [word for word in words if word not in added]
     if ordinary:
         tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.add_special_tokens({"additional_special_tokens": ordinary}, replace_additional_special_tokens=False)
+        try:
+            tokenizer.add_special_tokens({"additional_special_tokens": ordinary}, replace_additional_special_tokens=False)
+        except TypeError:  # transformers 5 has no such argument (LLaMA-Factory falls back the same way)
+            tokenizer.add_special_tokens({"additional_special_tokens": ordinary})
     return tokenizer, tokenizer.convert_tokens_to_ids(eos)
