@@ -188,7 +188,9 @@ def first_difference(tokenizer, ours: list[int], theirs: list[int]) -> str:
 
 
 def compare_one(tokenizer, lf: dict, ours: dict) -> tuple[str, str]:
-    """(verdict, detail): equal / differs / refused (prefalign) / lf-refuses / both-refuse."""
+    """(verdict, detail): equal / differs / refused (prefalign) / LF refuses / both refuse / not in LF."""
+    if lf.get("error", "").startswith("LLaMA-Factory has no template"):
+        return "not in LF", lf["error"]
     if "error" in lf and "error" in ours:
         return "both refuse", ours["error"]
     if "error" in lf:
