@@ -188,14 +188,14 @@ def build_workload(args, workdir: Path) -> dict:
     def words(n: int) -> str:
         return " ".join(f"w{rng.randrange(len(SPECIALS), args.vocab)}" for _ in range(n))
 
-    # Responses end with the eos token (both trainers then count exactly response_len tokens:
-    # prefalign's `empty` template appends eos, TRL appends it only where it is missing).
+    # Responses end with the eos token, written in the data (both trainers then count exactly
+    # response_len tokens: LLaMA-Factory's `empty` template adds none, TRL adds it only where missing).
     pairs = [{"prompt": words(args.prompt_len),
-              "chosen": " " + words(args.response_len - 1),
-              "rejected": " " + words(args.response_len - 1)} for _ in range(args.pairs)]
+              "chosen": " " + words(args.response_len - 1) + "</s>",
+              "rejected": " " + words(args.response_len - 1) + "</s>"} for _ in range(args.pairs)]
     data_path = workdir / "pairs.json"
     data_path.write_text(json.dumps(pairs))
-    ids = tokenizer(pairs[0]["prompt"] + pairs[0]["chosen"] + "</s>")["input_ids"]
+    ids = tokenizer(pairs[0]["prompt"] + pairs[0]["chosen"])["input_ids"]
     assert len(ids) == args.prompt_len + args.response_len and 2 not in ids, "the tokenizer must not split words"
     return {"model": str(model_dir), "data": str(data_path)}
 

@@ -16,7 +16,6 @@ import torch
 
 from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
-from prefalign.data.templates import stop_token_ids
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import build_planned_reference, reference_plan
@@ -53,9 +52,7 @@ class ChatSession:
 
         speaker.history.append({"role": "user", "content": user_text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + speaker.history
-        text = self.renderer.render(messages, add_generation_prompt=True)
-        # The template writes every special token itself, as in training's encoding.
-        input_ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]], device=self.device)
+        input_ids = torch.tensor([self.renderer.prompt_ids(messages)], device=self.device)
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         set_seed(self.seed)  # the same seed for every speaker: differences come from the weights alone
         with torch.no_grad(), speaker.context():
@@ -84,7 +81,7 @@ def _generate_kwargs(config: RunConfig, tokenizer, renderer: ChatRenderer) -> di
     gen = config.generation
     kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
               "repetition_penalty": gen.repetition_penalty, "use_cache": True,
-              "eos_token_id": stop_token_ids(tokenizer, renderer.end_of_turn),
+              "eos_token_id": renderer.stop_ids,
               "pad_token_id": tokenizer.pad_token_id}
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)

@@ -69,8 +69,8 @@ def run_export(config: RunConfig) -> Path:
     """Merge `adapter_name_or_path` into `model_name_or_path` and save a standalone model to `export_dir`."""
     from transformers import AutoTokenizer
 
-    from prefalign.data.chat import template_arguments
-    from prefalign.data.templates import end_of_turn_token, resolve_template, stop_token_ids
+    from prefalign.data.chat import ChatRenderer
+    from prefalign.data.templates import resolve_template, stop_token_ids
 
     out = check_export(config)
     adapters = list(config.model.adapter_name_or_path or [])
@@ -87,9 +87,9 @@ def run_export(config: RunConfig) -> Path:
     builtin = resolve_template(template).builtin
     if builtin is not None:
         tokenizer.chat_template = builtin.jinja
-    end_of_turn = (end_of_turn_token(tokenizer, template, template_arguments(config.data))
-                   if builtin is not None or tokenizer.chat_template else None)
-    stop_ids = stop_token_ids(tokenizer, end_of_turn)
+    # the ids chat stops at (LLaMA-Factory's stop words for a built-in), or the eos alone without a template
+    stop_ids = (ChatRenderer.from_config(tokenizer, config.data).stop_ids
+                if builtin is not None or tokenizer.chat_template else stop_token_ids(tokenizer, None))
     generation = model.generation_config
     eos = generation.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

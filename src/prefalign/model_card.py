@@ -94,9 +94,9 @@ def _data(config, summary: DataSummary | None) -> list[str]:
     from prefalign.data.templates import resolve_template
 
     choice = resolve_template(config.data.template)
-    kwargs = {**choice.kwargs, **template_arguments(config.data)}
+    kwargs = template_arguments(config.data)
     args = f" with {kwargs}" if kwargs else ""
-    lines.append(f"- Chat template: {choice.description}{args if choice.builtin is not None else ''}; "
+    lines.append(f"- Chat template: {choice.description}{args}; "
                  f"cutoff_len {config.data.cutoff_len} tokens")
     return lines
 
@@ -119,8 +119,8 @@ def _usage(config, out: Path, is_adapter: bool) -> str:
             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
     notes = []
     if resolve_template(config.data.template).builtin is not None:
-        notes.append(f"The model was trained with prefalign's built-in `{config.data.template}` chat template, which "
-                     "may differ from the tokenizer's own: `prefalign export` writes it into the exported tokenizer.")
+        notes.append(f"The model was trained with LLaMA-Factory's `{config.data.template}` template (its slots, "
+                     "encoded slot by slot), which may differ from the tokenizer's own: `prefalign export` writes it into the exported tokenizer.")
     if is_adapter and len(config.model.adapter_name_or_path or []) > 1:
         notes.append("This adapter was trained on the base with the earlier starting adapters merged; merge them "
                      "first (or use `prefalign export` with all of them in adapter_name_or_path).")

@@ -115,14 +115,17 @@ def test_template_arguments_are_checked_with_the_other_problems():
         build_config({**BASE, "template": "qwen3_nothink", "on_unsupported_system": "drop",
                       "on_prompt_not_prefix": "guess", "chat_template_kwargs": {"tokenize": True, "enable_thinking": True}})
     text = "\n".join(info.value.problems)
-    assert "qwen3_nothink means enable_thinking: false, but enable_thinking is set to true" in text
+    assert ("chat_template_kwargs: tokenize are arguments of a tokenizer's own chat template, but template: "
+            "qwen3_nothink encodes with LLaMA-Factory's slots, which read only enable_thinking") in text
     assert "on_unsupported_system: 'drop' is not one of fold, error" in text
     assert "on_prompt_not_prefix: 'guess' is not one of error, append" in text
     assert "chat_template_kwargs: tokenize are set by prefalign itself" in text
     # enable_thinking: true alone is LLaMA-Factory's default (the template's own behaviour): nothing to refuse
     assert build_config({**BASE, "template": "qwen3_nothink", "enable_thinking": True}).data.enable_thinking is None
-    config = build_config({**BASE, "template": "qwen3", "chat_template_kwargs": {"reasoning_effort": "low"}})
+    config = build_config({**BASE, "chat_template_kwargs": {"reasoning_effort": "low"}})  # the tokenizer's own
     assert config.data.chat_template_kwargs == {"reasoning_effort": "low"} and config.data.enable_thinking is None
+    config = build_config({**BASE, "template": "qwen3", "chat_template_kwargs": {"enable_thinking": False}})
+    assert config.data.chat_template_kwargs == {"enable_thinking": False}
 
 
 def test_saved_resolved_config_reloads_to_the_same_run(tmp_path):

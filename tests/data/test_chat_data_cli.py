@@ -43,7 +43,7 @@ def with_llama3_tokens(model_dir: str, path: Path) -> str:
     shutil.copytree(model_dir, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
-                                                                "<|eot_id|>"]})
+                                                                "<|eot_id|>", "<|eom_id|>"]})
     model = AutoModelForCausalLM.from_pretrained(path)
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(path)
@@ -68,8 +68,9 @@ def test_llamafactory_example_configs_load_unchanged(tmp_path, name, pref_loss):
 
     config = load_config(example(tmp_path, name, pref_loss), ["model_name_or_path=m"])
     assert config.finetuning.pref_loss == [pref_loss] and config.data.dataset == ["dpo_en_demo"]
-    implied = {"qwen3_lora_dpo.yaml": {"enable_thinking": False}}.get(name, {})
-    assert resolve_template(config.data.template).kwargs == implied
+    assert resolve_template(config.data.template).builtin.name == {"qwen3_lora_dpo.yaml": "qwen3_nothink",
+                                                                    "llama3_lora_dpo.yaml": "llama3",
+                                                                    "llama3_oft_dpo.yaml": "llama3"}[name]
 
 
 def test_llamafactory_qwen3_example_runs_prefalign_data_unchanged(tiny_model_dir, tmp_path):
@@ -78,9 +79,10 @@ def test_llamafactory_qwen3_example_runs_prefalign_data_unchanged(tiny_model_dir
                     env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "dpo_en_demo: 12 pairs" in run.stdout
-    assert ("template: qwen3_nothink → the tokenizer's own chat template with enable_thinking: false"
-            in run.stdout)
-    assert "[chosen: trained, " in run.stdout and "the last is the end-of-turn token '<|im_end|>'" in run.stdout
+    assert "template: qwen3_nothink (LLaMA-Factory 0.9.5's slots, encoded slot by slot (EOS replaced by <|im_end|>))" \
+        in run.stdout
+    assert "<think>" not in run.stdout  # Qwen3 Instruct-2507: no think block, as LLaMA-Factory writes it
+    assert "[chosen: trained, " in run.stdout and "the end-of-turn token '<|im_end|>', then '\\n'" in run.stdout
 
 
 def test_llamafactory_llama3_example_uses_the_builtin_llama3_format(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -91,7 +93,7 @@ def test_llamafactory_llama3_example_uses_the_builtin_llama3_format(tiny_model_d
     monkeypatch.chdir(tmp_path)
     assert main(["data", str(config), f"model_name_or_path={model}"]) == 0
     out = capsys.readouterr().out
-    assert "template: llama3 (built-in, LLaMA-Factory's format)" in out
+    assert "template: llama3 (LLaMA-Factory 0.9.5's slots, encoded slot by slot" in out
     # LLaMA-Factory's llama3 format, the system turn first
     assert (f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|><|start_header_id|>user<|end_header_id|>"
             "\n\nWhat is 0 plus 0?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n") in out

@@ -89,23 +89,27 @@ def test_append_keeps_the_generation_prompt_and_appends_reply_and_end_of_turn(ti
     assert rows(data.train)[1]["chosen_ids"] == ids(tiny_tokenizer, "Good answer 1.<|im_end|>")
 
 
-@pytest.mark.parametrize("keys, thinking_off", [
-    ({"template": "qwen3_nothink"}, True),
-    ({"template": "qwen3"}, False),
-    ({}, False),
-    ({"enable_thinking": False}, True),
-    ({"chat_template_kwargs": {"enable_thinking": False}}, True),
+@pytest.mark.parametrize("keys, in_prompt, in_reply", [
+    # LLaMA-Factory's templates: qwen3_nothink writes no thought block at all; qwen3 (enable_thinking true by
+    # default, as in LLaMA-Factory) trains the empty block at the start of a reply without one, and with
+    # thinking off puts it in the (untrained) prompt; both train the newline after <|im_end|>, as LF does
+    ({"template": "qwen3_nothink"}, "", "Good answer 0.<|im_end|>\n"),
+    ({"template": "qwen3"}, "", EMPTY_THOUGHT + "Good answer 0.<|im_end|>\n"),
+    ({"template": "qwen3", "enable_thinking": False}, EMPTY_THOUGHT, "Good answer 0.<|im_end|>\n"),
+    # the tokenizer's own template gets the switch as a template argument
+    ({}, "", "Good answer 0.<|im_end|>"),
+    ({"enable_thinking": False}, EMPTY_THOUGHT, "Good answer 0.<|im_end|>"),
+    ({"chat_template_kwargs": {"enable_thinking": False}}, EMPTY_THOUGHT, "Good answer 0.<|im_end|>"),
 ])
-def test_thinking_switch_reaches_the_template(tiny_tokenizer, tmp_path, keys, thinking_off):
+def test_thinking_switch_reaches_the_template(tiny_tokenizer, tmp_path, keys, in_prompt, in_reply):
     tiny_tokenizer.chat_template = THINKING_CHATML
     data = prepare(tiny_tokenizer, tmp_path, records(n=2, with_system=()), **keys)
     row = rows(data.train)[0]
     header = "<|im_start|>user\nQuestion 0?<|im_end|>\n<|im_start|>assistant\n"
-    # the empty thought is part of the prompt: masked, never trained
-    assert tiny_tokenizer.decode(row["prompt_ids"]) == header + (EMPTY_THOUGHT if thinking_off else "")
-    assert tiny_tokenizer.decode(row["chosen_ids"]) == "Good answer 0.<|im_end|>"
+    assert tiny_tokenizer.decode(row["prompt_ids"]) == header + in_prompt
+    assert tiny_tokenizer.decode(row["chosen_ids"]) == in_reply
     if "template" in keys:
-        assert "tokenizer's own chat template" in data.summary.template
+        assert "LLaMA-Factory 0.9.5's slots, encoded slot by slot" in data.summary.template
 
 
 def test_a_records_own_chat_template_kwargs_go_on_top_of_the_configs(tiny_tokenizer, tmp_path):
@@ -122,13 +126,15 @@ def test_chat_and_eval_render_with_the_same_template_arguments(tiny_tokenizer, t
     from prefalign.chat import ChatSession
 
     tiny_tokenizer.chat_template = THINKING_CHATML
-    config = build_config({"model_name_or_path": "unused", "template": "qwen3_nothink"})
-    session = ChatSession(config, tiny_tokenizer, [], seed=0, device="cpu")
-    assert session.renderer.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True).endswith(
-        "<|im_start|>assistant\n" + EMPTY_THOUGHT)
-    data = prepare(tiny_tokenizer, tmp_path, [], dataset=None, template="qwen3_nothink",
-                   eval_dataset=write_json(tmp_path / "eval.json", records(n=2, with_system=())))
-    assert tiny_tokenizer.decode(data.eval[0]["prompt_ids"]).endswith(EMPTY_THOUGHT)
+    for keys, ending in (({"template": "qwen3_nothink"}, "<|im_start|>assistant\n"),
+                         ({"template": "qwen3", "enable_thinking": False}, "<|im_start|>assistant\n" + EMPTY_THOUGHT)):
+        config = build_config({"model_name_or_path": "unused", **keys})
+        session = ChatSession(config, tiny_tokenizer, [], seed=0, device="cpu")
+        prompt = tiny_tokenizer.decode(session.renderer.prompt_ids([{"role": "user", "content": "Hi"}]))
+        assert prompt == "<|im_start|>user\nHi<|im_end|>\n" + ending
+        data = prepare(tiny_tokenizer, tmp_path, [], dataset=None, **keys,
+                       eval_dataset=write_json(tmp_path / "eval.json", records(n=2, with_system=())))
+        assert tiny_tokenizer.decode(data.eval[0]["prompt_ids"]).endswith(ending)
 
 
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
@@ -194,7 +200,7 @@ def test_tool_data_with_a_builtin_template_is_refused_per_record(tiny_tokenizer,
     data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES["trl"], {"prompt": "Hi", "chosen": "a", "rejected": "b"}],
                    template="chatml", on_bad_record="skip")
     assert data.summary.skipped_by_stage == {"render": 1} and len(data.train) == 1
-    assert "renders no tool definitions or tool calls" in data.rejects[0]["reason"]
+    assert "records with tool definitions are not encoded with LLaMA-Factory's slots" in data.rejects[0]["reason"]
 
 
 def test_a_split_whose_every_pair_fails_is_an_error_naming_the_first(tiny_tokenizer, tmp_path):

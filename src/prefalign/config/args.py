@@ -93,12 +93,12 @@ class DataArguments:
     eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
-        "qwen3_nothink, gemma, mistral, ...) picks LLaMA-Factory's format for it, or the tokenizer's own "
-        "template with the arguments the name implies (see the README's template table)."
+        "qwen3_nothink, gemma, mistral, ...) encodes with LLaMA-Factory's slots for it, token for token as "
+        "LLaMA-Factory's DPO stage does (see the README's template table)."
     )
     enable_thinking: bool | None = _help(
-        "Passed to the chat template as `enable_thinking` (Qwen3-style thinking models); unset: what the "
-        "template name implies, else the template's default."
+        "Thinking on or off: LLaMA-Factory's enable_thinking for its reasoning templates (qwen3, ...; unset: "
+        "true, as in LLaMA-Factory), else passed to the tokenizer's own chat template (unset: its default)."
     )
     chat_template_kwargs: dict[str, Any] | None = _help(
         "Extra arguments for the chat template, e.g. `{reasoning_effort: low}`, for training, eval and chat; "
@@ -172,6 +172,7 @@ class DataArguments:
     def _template_problems(self) -> list[str]:
         """The chat-template settings: the name, its arguments, the rules for templates that refuse a record."""
         from prefalign.data.templates import (  # the template registry: pure definitions
+            LF_TEMPLATE_ARGUMENTS,
             NOT_PREFIX,
             RESERVED_TEMPLATE_KWARGS,
             UNSUPPORTED_SYSTEM,
@@ -191,15 +192,14 @@ class DataArguments:
         if self.enable_thinking is not None and kwargs.get("enable_thinking", self.enable_thinking) != self.enable_thinking:
             problems.append("enable_thinking and chat_template_kwargs.enable_thinking disagree; keep one")
         try:
-            implied = resolve_template(self.template).kwargs
+            builtin = resolve_template(self.template).builtin
         except ConfigError as exc:
             return problems + [f"template: {exc}"]
-        given = {**kwargs, **({} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking})}
-        for key, value in implied.items():
-            if key in given and given[key] != value:
-                problems.append(f"template: {self.template} means {key}: {str(value).lower()}, but {key} is set to "
-                                f"{str(given[key]).lower()}; use the template name that matches (e.g. qwen3 or "
-                                "qwen3_nothink) or drop the setting")
+        extra = sorted(set(kwargs) - set(LF_TEMPLATE_ARGUMENTS))
+        if builtin is not None and extra:
+            problems.append(f"chat_template_kwargs: {', '.join(extra)} are arguments of a tokenizer's own chat "
+                            f"template, but template: {self.template} encodes with LLaMA-Factory's slots, which read "
+                            "only enable_thinking; remove them, or leave template unset")
         return problems
 
 

@@ -1,8 +1,10 @@
-"""Render a preference pair with a chat template and find the prompt/response boundary.
+"""Turn a preference pair into token ids with the run's chat template: one place for both rule sets.
 
-The boundary is found by rendering, never by guessing: the prompt rendered with the generation
-prompt must be a prefix of the prompt rendered with the reply, as text and as tokens. Two
-documented rules cover templates that refuse that:
+A built-in (LLaMA-Factory) template encodes slot by slot as LLaMA-Factory does (data/lf_encoding.py).
+The tokenizer's own chat template (`template` unset) renders text, and the boundary is found by
+rendering, never by guessing: the prompt rendered with the generation prompt must be a prefix of the
+prompt rendered with the reply, as text and as tokens. Two documented rules cover templates that
+refuse that:
 
 - a system turn the template cannot render (it raises, as Gemma 2's own template does) is folded
   into the first user turn ("system\\n\\nuser", as LLaMA-Factory's gemma template writes it) with
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from prefalign.contracts import Message, PreferencePair
-from prefalign.data.templates import TemplateChoice, end_of_turn_token, resolve_template
+from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
+from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
+                                      stop_token_ids)
 from prefalign.errors import ConfigError, PairError
 
 
@@ -61,32 +65,32 @@ class ChatRenderer:
 
     def __post_init__(self):
         choice = self.choice
-        if choice.builtin is None and not getattr(self.tokenizer, "chat_template", None):
-            which = f"template: {self.template} uses the tokenizer's own chat template, but" if self.template \
-                else "template:"
+        if choice.builtin is not None:
+            extra = sorted(set(self.template_kwargs) - set(LF_TEMPLATE_ARGUMENTS))
+            if extra:
+                raise ConfigError(
+                    f"chat_template_kwargs {', '.join(extra)} are arguments of a tokenizer's own chat template, but "
+                    f"template: {self.template} encodes with LLaMA-Factory's slots, which read only enable_thinking; "
+                    "remove them, or leave template unset to use the tokenizer's own template")
+            self.lf_encoder  # noqa: B018 - refuses here a template that would add tokens to the tokenizer
+        elif not getattr(self.tokenizer, "chat_template", None):
             raise ConfigError(
-                f"{which} the tokenizer has no chat template of its own; set template: to a built-in one "
+                "template: the tokenizer has no chat template of its own; set template: to a built-in one "
                 "(e.g. chatml, llama3, qwen, mistral, gemma, empty)"
             )
-        if choice.builtin is not None:
-            # Markup tokens the model never saw would be split into pieces: a silent mis-rendering.
-            vocab = self.tokenizer.get_vocab()
-            missing = [t for t in choice.builtin.special_tokens if t not in vocab]
-            if missing:
-                raise ConfigError(
-                    f"template: {self.template} writes {', '.join(missing)}, which this tokenizer does not have as "
-                    "tokens; the model was not trained on that format. Leave template unset to use the "
-                    "tokenizer's own chat template, or pick the template the model was fine-tuned with"
-                )
 
     @property
     def choice(self) -> TemplateChoice:
         return resolve_template(self.template)
 
-    @property
-    def jinja(self) -> str | None:
+    @cached_property
+    def lf_encoder(self) -> LFEncoder | None:
+        """LLaMA-Factory's encoder for a built-in template (None for the tokenizer's own); LLaMA-Factory's
+        default for enable_thinking is true."""
         builtin = self.choice.builtin
-        return builtin.jinja if builtin is not None else None
+        if builtin is None:
+            return None
+        return LFEncoder(builtin.name, builtin.lf, self.tokenizer, self.template_kwargs.get("enable_thinking", True))
 
     @property
     def name(self) -> str:
@@ -95,7 +99,7 @@ class ChatRenderer:
     @property
     def kwargs(self) -> dict:
         """The template arguments every record is rendered with (a record's own go on top)."""
-        return {**self.choice.kwargs, **self.template_kwargs}
+        return dict(self.template_kwargs)
 
     @cached_property
     def end_of_turn(self) -> str:
@@ -108,6 +112,38 @@ class ChatRenderer:
         return json.dumps([self.template, self.kwargs, self.on_unsupported_system, self.on_prompt_not_prefix],
                           sort_keys=True, default=str)
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The token ids generation stops at (LLaMA-Factory's stop words too, for a built-in template)."""
+        ids = stop_token_ids(self.tokenizer, self.end_of_turn)
+        if self.lf_encoder is not None:
+            ids += [i for i in self.lf_encoder.stop_token_ids if i not in ids]
+        return ids
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The ids a reply to `messages` is generated after (chat), by the same rules as training's prompts."""
+        if self.lf_encoder is not None:
+            return self.lf_encoder.encode_prompt(messages)
+        text = self.render(messages, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes every special token
+
+    def encode_lf(self, pair: PreferencePair) -> tuple[list[int], list[int], list[int]]:
+        """(prompt, chosen, rejected) ids of a pair under a built-in template, as LLaMA-Factory encodes them;
+        a record's own enable_thinking goes on top of the config's."""
+        encoder = self.lf_encoder
+        own = pair.template_kwargs or {}
+        extra = sorted(set(own) - set(LF_TEMPLATE_ARGUMENTS))
+        if extra:
+            raise PairError("render", str(pair.source), "chat_template_kwargs",
+                            f"{', '.join(extra)} are arguments of a tokenizer's own chat template; {self.name} "
+                            "reads only enable_thinking")
+        if "enable_thinking" in own:
+            encoder = encoder.thinking(own["enable_thinking"])
+        try:
+            return encoder.encode_pair(pair.prompt, pair.chosen, pair.rejected, pair.tools)
+        except UnsupportedRecord as exc:
+            raise PairError("render", str(pair.source), "prompt", str(exc)) from None
+
     def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None,
                record_kwargs: dict | None = None) -> str:
         """`messages` as text; `tools` is a JSON list of tool definitions, `record_kwargs` a record's
@@ -115,9 +151,10 @@ class ChatRenderer:
         kwargs = {**self.kwargs, **(record_kwargs or {})}
         if tools:
             kwargs["tools"] = json.loads(tools)
+        builtin = self.choice.builtin  # its slots' text: for display, never for training's ids
         return self.tokenizer.apply_chat_template(
             messages,
-            chat_template=self.jinja,
+            chat_template=builtin.jinja if builtin is not None else None,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
             **kwargs,
@@ -145,7 +182,8 @@ class ChatRenderer:
         return folded, self._render_pair(pair, folded, "prompt", add_generation_prompt=True), True
 
     def split(self, pair: PreferencePair) -> RenderedPair:
-        """Render a pair: the prompt with the generation prompt, and each reply after it."""
+        """Render a pair with the tokenizer's own template: the prompt with the generation prompt, and each
+        reply after it."""
         messages, prompt_text, folded = self._prompt(pair)
         end_of_turn = self.end_of_turn
         replies, appended = [], False

@@ -27,7 +27,7 @@ from prefalign.integrity import damaged_files, folder_checksums, replace_folder,
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "4"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "5"  # bump when the encoding rule changes, to invalidate caches
 MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
@@ -74,10 +74,33 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
     """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", and flags for the counts};
     a `PairError` naming the stage when it cannot be encoded."""
     tokenizer = renderer.tokenizer
-    rendered = renderer.split(pair)
-    prompt_ids = _tokenize(tokenizer, rendered.prompt)
+    if renderer.lf_encoder is not None:  # a LLaMA-Factory template: its ids, slot by slot
+        prompt_ids, *responses = renderer.encode_lf(pair)
+        folded = appended = False
+    else:
+        prompt_ids, responses, folded, appended = _encode_rendered(pair, renderer)
     if _blank(tokenizer, prompt_ids):  # the formats refuse an empty prompt, so the tokenizer dropped its text
         raise PairError("tokenize", str(pair.source), "prompt", _DROPPED.format(what="the prompt"))
+    for field, response in zip(("chosen", "rejected"), responses):
+        if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
+            raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
+    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "truncated_prompt": len(prompt) < len(prompt_ids),
+        "truncated_response": len(chosen) < len(responses[0]) or len(rejected) < len(responses[1]),
+        "folded_system": folded,
+        "appended": appended,
+    }
+
+
+def _encode_rendered(pair: PreferencePair, renderer: ChatRenderer) -> tuple[list[int], list[list[int]], bool, bool]:
+    """The tokenizer's own template: render as text, tokenize, and split where the prompt's tokens end."""
+    tokenizer = renderer.tokenizer
+    rendered = renderer.split(pair)
+    prompt_ids = _tokenize(tokenizer, rendered.prompt)
     responses = []
     for field, text in (("chosen", rendered.chosen), ("rejected", rendered.rejected)):
         full = _tokenize(tokenizer, rendered.prompt + text)
@@ -87,20 +110,8 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
                 f"the tokenized prompt is not a prefix of the tokenized prompt + reply with {renderer.name} (a token "
                 "merges across the boundary); use a template that ends the assistant header with a special token "
                 "or a newline")
-        response = full[len(prompt_ids):]
-        if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
-            raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
-        responses.append(response)
-    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
-    return {
-        "prompt_ids": prompt,
-        "chosen_ids": chosen,
-        "rejected_ids": rejected,
-        "truncated_prompt": len(prompt) < len(prompt_ids),
-        "truncated_response": len(chosen) < len(responses[0]) or len(rejected) < len(responses[1]),
-        "folded_system": rendered.folded_system,
-        "appended": rendered.appended,
-    }
+        responses.append(full[len(prompt_ids):])
+    return prompt_ids, responses, rendered.folded_system, rendered.appended
 
 
 def reject_entry(error: PairError, pair: PreferencePair) -> dict:

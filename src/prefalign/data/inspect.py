@@ -32,8 +32,11 @@ def _trained(tokenizer, side: str, ids: list[int], end_of_turn: str | None) -> l
     """A response as the loss sees it: its text between ⟦ ⟧ and its tokens, the end-of-turn token named."""
     tokens = [tokenizer.decode([i]) for i in ids]
     ends = end_of_turn is not None and tokens and tokens[-1] == end_of_turn
-    last = f"the last is the end-of-turn token {end_of_turn!r}" if ends else \
-        "no end-of-turn token (cut by cutoff_len)"
+    # LLaMA-Factory's templates train what the assistant slot writes after the end of turn (a newline)
+    trails = end_of_turn is not None and len(tokens) > 1 and tokens[-2] == end_of_turn and not tokens[-1].strip()
+    last = (f"the last is the end-of-turn token {end_of_turn!r}" if ends else
+            f"the end-of-turn token {end_of_turn!r}, then {tokens[-1]!r} (as LLaMA-Factory trains it)" if trails else
+            "no end-of-turn token (cut by cutoff_len)")
     shown = tokens if len(tokens) <= 12 else tokens[:8] + ["…"] + tokens[-3:]
     return [f"[{side}: trained, {len(ids)} tokens, {last}]",
             "⟦" + tokenizer.decode(ids) + "⟧",

@@ -1,70 +1,77 @@
 """What `template: NAME` means, and the end-of-turn token of a template.
 
-Every LLaMA-Factory template name resolves (`resolve_template`), to one of:
+Every LLaMA-Factory template name resolves (`resolve_template`) to a built-in template: the name's
+LLaMA-Factory slots and rules (data/lf_templates.py, generated from LLaMA-Factory's own registry;
+data/template_formats.py for names it has dropped), which data/lf_encoding.py encodes slot by slot
+exactly as LLaMA-Factory's DPO stage does. Leaving `template` unset uses the tokenizer's own chat
+template (rendered as text, then tokenized; data/chat.py).
 
-- a built-in template: the name's LLaMA-Factory slots (`data/template_formats.py`) turned into a
-  Jinja string for `tokenizer.apply_chat_template(..., chat_template=...)`, so it renders the text
-  LLaMA-Factory renders for that name: a default system message where the record has none, the
-  system text in the first user turn for Llama-2-style formats, tool results in the observation
-  slot. Message contents are inserted verbatim, `{bos}`/`{eos}` only where the tokenizer has them,
-  and the prompt is always a string prefix of prompt + reply (each user slot ends with the
-  assistant header);
-- the tokenizer's own chat template with the arguments the name implies (reasoning templates:
-  `qwen3` → enable_thinking true, `qwen3_nothink` → enable_thinking false).
-
-Leaving `template` unset uses the tokenizer's own template with no implied arguments.
+`jinja` is the same slots as a Jinja chat template (the text they write, thinking markup aside), for
+`prefalign export` to save with the model so a server renders what training encoded.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from prefalign.data.template_formats import LLAMA_FACTORY_TEMPLATES, Format, Own
+from prefalign.data.lf_templates import LF_TEMPLATES, LF_VERSION
+from prefalign.data.template_formats import OLDER_TEMPLATES, LFTemplate, Special, Token
 from prefalign.errors import ConfigError, closest
+
+LLAMA_FACTORY_TEMPLATES: dict[str, LFTemplate] = dict(sorted({**OLDER_TEMPLATES, **LF_TEMPLATES}.items()))
 
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A built-in chat template.
+    """A built-in (LLaMA-Factory) template: its slots and rules (`lf`), where they come from (`origin`),
+    the Jinja equivalent of its slots, and a one-line `description` for listings and the data report.
 
-    `end_of_turn` is the string that closes an assistant turn, the token training ends each reply
-    with and generation stops at; None means the tokenizer's eos token. `special_tokens` are the
-    markup strings that must be single tokens of the vocabulary; `description` is one line for
-    listings and the data report.
+    `end_of_turn` is the string that closes an assistant turn, the token generation stops at; None
+    means the tokenizer's eos token.
     """
 
     name: str
+    lf: LFTemplate
     jinja: str
-    end_of_turn: str | None
-    special_tokens: tuple[str, ...] = ()
+    origin: str
     description: str = ""
+
+    @property
+    def end_of_turn(self) -> str | None:
+        return self.lf.end_of_turn
+
+    @property
+    def rules(self) -> str:
+        """Which rule set encodes it, in words (for `prefalign data` and the README table)."""
+        notes = {"llama2": "system text inside the first user turn",
+                 "reasoning": "thinking rules (enable_thinking)",
+                 "reasoning_closing_only": "thinking rules (enable_thinking; empty thought = closing word)"}
+        extra = [notes[self.lf.rules]] if self.lf.rules in notes else []
+        if self.lf.efficient_eos:
+            extra.append("EOS appended to each response")
+        if self.lf.replace_eos:
+            extra.append(f"EOS replaced by {self.lf.stop_words[0]}")
+        return f"{self.origin}'s slots, encoded slot by slot" + (f" ({'; '.join(extra)})" if extra else "")
 
 
 @dataclass(frozen=True)
 class TemplateChoice:
-    """What a `template:` value resolves to: a built-in template, or (builtin None) the tokenizer's
-    own, rendered with `kwargs` on top of the config's chat_template_kwargs."""
+    """What a `template:` value resolves to: a built-in template, or (builtin None) the tokenizer's own."""
 
     name: str | None
     builtin: ChatTemplate | None
-    kwargs: dict = field(default_factory=dict)
-    note: str = ""
 
     @property
     def description(self) -> str:
-        """For the data report and model card: what renders the records, and with which arguments."""
+        """For the data report and model card: what encodes the records."""
         if self.builtin is not None:
-            return f"{self.builtin.name} (built-in, LLaMA-Factory's format)"
-        own = "the tokenizer's own chat template"
-        if self.name is None:
-            return own
-        args = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in self.kwargs.items())
-        return f"{self.name} → {own}" + (f" with {args}" if args else "") + (f" ({self.note})" if self.note else "")
+            return f"{self.builtin.name} ({self.builtin.rules})"
+        return "the tokenizer's own chat template"
 
 
-# The rules for templates that refuse a record (data/chat.py applies them): a system turn the
-# template cannot render, a prompt that is not a prefix of prompt + reply.
+# The rules for the tokenizer's own templates that refuse a record (data/chat.py applies them): a
+# system turn the template cannot render, a prompt that is not a prefix of prompt + reply.
 UNSUPPORTED_SYSTEM = ("fold", "error")
 NOT_PREFIX = ("error", "append")
 
@@ -72,31 +79,35 @@ NOT_PREFIX = ("error", "append")
 RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
                             "continue_final_message", "tokenize", "return_dict", "return_tensors", "padding",
                             "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask")
+# The template arguments LLaMA-Factory's templates read (the reasoning ones); other chat_template_kwargs
+# are for the tokenizer's own template only.
+LF_TEMPLATE_ARGUMENTS = ("enable_thinking",)
 
 
 # ---------------------------------------------------------------------------------------------
-# Slots → Jinja
-
-_MARKER = re.compile(r"\{(content|bos|eos|idx)\}")
-_MARKER_EXPRESSIONS = {"bos": "(bos_token or '')", "eos": "(eos_token or '')", "idx": "((loop.index0 // 2) | string)"}
-# Markup that is one token in every model that uses it: `<|...|>`, DeepSeek's `<｜...｜>`, Gemma's turns.
-_MARKUP_TOKEN = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>｜]+｜>|<(?:start|end)_of_turn>")
+# Slots → Jinja (for export)
 
 
 def _literal(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def _expression(slot: str, content: str = "content") -> str:
-    """A slot as a Jinja expression, `{content}` standing for the variable `content`."""
-    parts, at = [], 0
-    for marker in _MARKER.finditer(slot):
-        if marker.start() > at:
-            parts.append(_literal(slot[at:marker.start()]))
-        parts.append(content if marker.group(1) == "content" else _MARKER_EXPRESSIONS[marker.group(1)])
-        at = marker.end()
-    if at < len(slot):
-        parts.append(_literal(slot[at:]))
+def _expression(slot, content: str = "content") -> str:
+    """A slot as a Jinja expression, `{{content}}` standing for the variable `content`."""
+    parts = []
+    for element in slot:
+        if isinstance(element, Special):
+            parts.append(f"({element.attribute} or '')")
+            continue
+        text = element.text if isinstance(element, Token) else element
+        pieces = re.split(r"(\{\{content\}\}|\{\{idx\}\})", text)
+        for piece in pieces:
+            if piece == "{{content}}":
+                parts.append(content)
+            elif piece == "{{idx}}":
+                parts.append("((loop.index0 // 2) | string)")
+            elif piece:
+                parts.append(_literal(piece))
     return " + ".join(parts) or "''"
 
 
@@ -104,16 +115,15 @@ def _raise(text: str) -> str:
     return "{{ raise_exception(" + text + ") }}"
 
 
-def format_to_jinja(name: str, fmt: Format) -> str:
-    """The Jinja chat template that renders LLaMA-Factory's `fmt` for a list of messages.
+def format_to_jinja(name: str, fmt: LFTemplate) -> str:
+    """The Jinja chat template that writes the text of `fmt`'s slots for a list of messages.
 
-    As in LLaMA-Factory: the prefix, then (if the record or the format has a system message) the
-    system slot, before the first turn or, for `system_in_first_user`, inside it; then each turn's
-    slot. A tool call or a tool list has no built-in format: the record needs the tokenizer's own
-    template.
+    As in LLaMA-Factory: the prefix, then (if the record or the template has a system message) the
+    system slot, before the first turn or, for llama2 rules, inside it; then each turn's slot.
     """
     no_tools = (f"'The {name} template renders no tool definitions or tool calls; leave template unset to "
                 "use the tokenizer\\'s own chat template for data with tools.'")
+    llama2 = fmt.rules == "llama2"
     system = _expression(fmt.system, "system_message")
     parts = [
         "{% if tools %}" + _raise(no_tools) + "{% endif %}",
@@ -122,10 +132,10 @@ def format_to_jinja(name: str, fmt: Format) -> str:
         "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = '' %}"
         "{% set loop_messages = messages %}{% endif %}",
         "{% if not system_message %}{% set system_message = " + _literal(fmt.default_system) + " %}{% endif %}",
-        "" if fmt.system_in_first_user else "{% if system_message %}{{ " + system + " }}{% endif %}",
+        "" if llama2 else "{% if system_message %}{{ " + system + " }}{% endif %}",
         "{% for message in loop_messages %}{% set content = message['content'] %}",
         "{% if loop.first and system_message %}{% set content = " + system + " + content %}{% endif %}"
-        if fmt.system_in_first_user else "",
+        if llama2 else "",
         "{% if message['tool_calls'] %}" + _raise(no_tools) + "{% endif %}",
         "{% if message['role'] == 'user' %}{{ " + _expression(fmt.user) + " }}",
         "{% elif message['role'] == 'assistant' %}{{ " + _expression(fmt.assistant) + " }}",
@@ -136,23 +146,27 @@ def format_to_jinja(name: str, fmt: Format) -> str:
     return "".join(parts)
 
 
-def _builtin(name: str, fmt: Format) -> ChatTemplate:
-    slots = fmt.prefix + fmt.system + fmt.user + fmt.assistant + (fmt.observation or "")
-    tokens = tuple(dict.fromkeys(_MARKUP_TOKEN.findall(slots)))
-    return ChatTemplate(name=name, jinja=format_to_jinja(name, fmt), end_of_turn=fmt.end_of_turn,
-                        special_tokens=tokens, description=turn_layout(fmt))
-
-
-def turn_layout(fmt: Format) -> str:
-    """One user turn and its reply as the format writes them, e.g. `[INST] {user}[/INST] {reply}{eos}`."""
-    def show(slot: str, content: str) -> str:
-        return slot.replace("{content}", content).replace("\n", "\\n")
+def turn_layout(fmt: LFTemplate) -> str:
+    """One user turn and its reply as the slots write them, e.g. `<bos>[INST] {user} [/INST]{reply}<eos>`."""
+    def show(slot, content: str) -> str:
+        out = []
+        for element in slot:
+            if isinstance(element, Special):
+                out.append("<" + element.attribute.split("_")[0] + ">")
+            else:
+                text = element.text if isinstance(element, Token) else element
+                out.append(text.replace("{{content}}", content).replace("{{idx}}", "0"))
+        return "".join(out).replace("\n", "\\n")
     return show(fmt.prefix, "") + show(fmt.user, "{user}") + show(fmt.assistant, "{reply}")
 
 
-BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {
-    name: _builtin(name, fmt) for name, fmt in LLAMA_FACTORY_TEMPLATES.items() if isinstance(fmt, Format)
-}
+def _builtin(name: str, fmt: LFTemplate) -> ChatTemplate:
+    origin = f"LLaMA-Factory {LF_VERSION}" if name in LF_TEMPLATES else "an earlier LLaMA-Factory"
+    return ChatTemplate(name=name, lf=fmt, jinja=format_to_jinja(name, fmt), origin=origin,
+                        description=turn_layout(fmt))
+
+
+BUILTIN_TEMPLATES: dict[str, ChatTemplate] = {name: _builtin(name, fmt) for name, fmt in LLAMA_FACTORY_TEMPLATES.items()}
 CHATML = BUILTIN_TEMPLATES["chatml"]
 KNOWN_NAMES = tuple(LLAMA_FACTORY_TEMPLATES)
 
@@ -162,11 +176,8 @@ def resolve_template(name: str | None) -> TemplateChoice:
     if name is None:
         return TemplateChoice(None, None)
     key = name.strip().lower()
-    meaning = LLAMA_FACTORY_TEMPLATES.get(key)
-    if isinstance(meaning, Format):
+    if key in BUILTIN_TEMPLATES:
         return TemplateChoice(key, BUILTIN_TEMPLATES[key])
-    if isinstance(meaning, Own):
-        return TemplateChoice(key, None, dict(meaning.kwargs), meaning.why)
     match = closest(key, KNOWN_NAMES)
     hint = f" Did you mean `template: {match}`?" if match else ""
     raise ConfigError(
@@ -176,11 +187,8 @@ def resolve_template(name: str | None) -> TemplateChoice:
 
 
 def get_template(name: str) -> ChatTemplate:
-    """The built-in template called `name`; a ConfigError if the name is unknown or means the tokenizer's own."""
-    choice = resolve_template(name)
-    if choice.builtin is None:
-        raise ConfigError(f"`template: {name}` has no built-in template: it uses the tokenizer's own ({choice.note})")
-    return choice.builtin
+    """The built-in template called `name`; a ConfigError if the name is unknown."""
+    return resolve_template(name).builtin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def end_of_turn_token(tokenizer, template_name: str | None, template_kwargs: dic
         {"role": "user", "content": _PROBE_USER},
         {"role": "assistant", "content": _PROBE_REPLY},
     ]
-    kwargs = {**(template_kwargs or {}), **choice.kwargs}
+    kwargs = dict(template_kwargs or {})
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
     at = rendered.rfind(_PROBE_REPLY)
     if at < 0:

@@ -1,0 +1,300 @@
+"""Token-for-token parity of `template: NAME` with LLaMA-Factory's own DPO data path.
+
+Two halves, one script, two Pythons (LLaMA-Factory cannot be installed into prefalign's environment):
+
+1. With LLaMA-Factory's venv it writes the records (LF's dpo_en_demo / dpo_zh_demo: the shortest
+   single-turn and multi-turn ones, plus a system-prompt record and one whose reply thinks) as an LF
+   data folder and LF's ids for every template name prefalign accepts x every tokenizer folder:
+   `get_template_and_fix_tokenizer` + LF's sharegpt converter + `PairwiseDatasetProcessor`:
+       /work/venvs/lf/bin/python benchmarks/lf_template_parity.py lf --lf-data LF_SRC/data \\
+           --tokenizers /work/artifacts/tokenizers --out /work/artifacts/lf_parity
+2. With prefalign's Python it reads the same data folder through prefalign's own reader, encodes with
+   prefalign's ChatRenderer + encode_pair, and reports per name: equal, differing (with the first
+   differing token), or refused (with prefalign's reason):
+       PYTHONPATH=src python benchmarks/lf_template_parity.py compare --out /work/artifacts/lf_parity
+
+`shrink` writes the tests' small tokenizers (tests/fixtures/lf_parity/tokenizers: real ones, their
+vocabulary cut to its first ids), and `freeze` (run with LF's venv, like `lf`) writes the small frozen
+set of LF's ids the tests check (tests/fixtures/lf_parity/frozen.json) for the most used names:
+    PYTHONPATH=src python benchmarks/lf_template_parity.py shrink
+    /work/venvs/lf/bin/python benchmarks/lf_template_parity.py freeze --lf-data LF_SRC/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+CUTOFF = 100_000  # no truncation: the encodings are compared whole
+SYSTEM_RECORD = {"conversations": [{"from": "human", "value": "Name one prime number."}],
+                 "chosen": {"from": "gpt", "value": "7 is a prime number."},
+                 "rejected": {"from": "gpt", "value": "Nine."},
+                 "system": "You are a terse math tutor. Answer in one sentence."}
+THINKING_RECORD = {"conversations": [{"from": "human", "value": "What is 12 * 3?"},
+                                     {"from": "gpt", "value": "<think>\nEasy.\n</think>\n\n36."},
+                                     {"from": "human", "value": "And 12 * 4?"}],
+                   "chosen": {"from": "gpt", "value": "<think>\n12 * 4 = 48.\n</think>\n\n48."},
+                   "rejected": {"from": "gpt", "value": "44."},
+                   "system": ""}
+DATASET = "lf_parity"
+
+
+def pick_records(lf_data: Path, per_kind: int = 2) -> list[dict]:
+    """The shortest single-turn and multi-turn records of each demo file, and the two hand-made ones."""
+    records = []
+    for name in ("dpo_en_demo", "dpo_zh_demo"):
+        rows = json.loads((lf_data / f"{name}.json").read_text())
+        size = lambda r: len(json.dumps(r, ensure_ascii=False))  # noqa: E731
+        single = sorted((r for r in rows if len(r["conversations"]) == 1), key=size)[:per_kind]
+        multi = sorted((r for r in rows if len(r["conversations"]) > 1), key=size)[:1]
+        records += [{**r, "system": ""} for r in single + multi]
+    return records + [SYSTEM_RECORD, THINKING_RECORD]
+
+
+def write_data(folder: Path, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{DATASET}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    (folder / "dataset_info.json").write_text(json.dumps({DATASET: {
+        "file_name": f"{DATASET}.json", "ranking": True, "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"}}}))
+
+
+def prefalign_names() -> list[str]:
+    """The names prefalign accepts (read from its source: this half runs without prefalign installed)."""
+    import ast
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "src" / "prefalign" / "data"
+    names = re.findall(r"^    '([^']+)': LFTemplate\(", (src / "lf_templates.py").read_text(), re.M)
+    names += re.findall(r"^    '([^']+)': LFTemplate\(", (src / "template_formats.py").read_text(), re.M)
+    ast.literal_eval(repr(names))
+    return sorted(set(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaMA-Factory's half
+
+
+_COPIES: dict = {}
+
+
+def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True) -> dict:
+    """LF's ids for every record of the data folder with (a copy of) the tokenizer `original`, or
+    {"error": ...} where LF refuses or would add tokens.
+
+    LF fixes the tokenizer in place; the fix depends only on replace_eos and the stop words, and fixing
+    twice the same way changes nothing, so names that fix alike share one copy (copying is slow)."""
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory.data.processor.pairwise import PairwiseDatasetProcessor
+    from llamafactory.data.template import TEMPLATES, get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    if name not in TEMPLATES:
+        return {"error": f"LLaMA-Factory has no template {name}"}
+    key = (id(original), TEMPLATES[name].replace_eos, tuple(TEMPLATES[name].stop_words))
+    if key not in _COPIES:
+        _COPIES.clear() if len(_COPIES) > 64 else None
+        _COPIES[key] = copy.deepcopy(original)
+    tokenizer = _COPIES[key]
+    size = len(original)
+    data_args = DataArguments(template=name, cutoff_len=CUTOFF, enable_thinking=enable_thinking,
+                              dataset=DATASET, dataset_dir=str(data_dir))
+    saved = copy.deepcopy(TEMPLATES[name])  # get_template_and_fix_tokenizer writes into the registry
+    try:
+        template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    except Exception as exc:  # noqa: BLE001 - LF's own refusal is a result
+        return {"error": f"LLaMA-Factory refuses: {type(exc).__name__}: {exc}"}
+    finally:
+        TEMPLATES[name] = saved
+    if len(tokenizer) != size:
+        _COPIES.pop(key)
+        added = sorted(set(tokenizer.get_vocab()) - set(original.get_vocab()))
+        return {"error": f"LLaMA-Factory adds tokens {added} (resize_vocab)", "added": added}
+    attr = get_dataset_list([DATASET], str(data_dir))[0]
+    converter = get_dataset_converter("sharegpt", attr, data_args)
+    rows = [converter(r) for r in json.loads((data_dir / f"{DATASET}.json").read_text())]
+    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    processor = PairwiseDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+    try:
+        out = processor.preprocess_dataset(batch)
+    except Exception as exc:  # noqa: BLE001 - e.g. a multimodal plugin that wants the model's processor
+        return {"error": f"LLaMA-Factory refuses: {type(exc).__name__}: {exc}"}
+    results = []
+    for chosen, chosen_labels, rejected, rejected_labels in zip(
+            out["chosen_input_ids"], out["chosen_labels"], out["rejected_input_ids"], out["rejected_labels"]):
+        n_prompt = sum(1 for label in chosen_labels if label == -100)
+        results.append({"prompt": chosen[:n_prompt], "chosen": chosen[n_prompt:], "rejected": rejected[n_prompt:],
+                        "chosen_trained": [label != -100 for label in chosen_labels][n_prompt:],
+                        "rejected_prompt_equal": rejected[:n_prompt] == chosen[:n_prompt]})
+    return {"records": results}
+
+
+def run_lf(args) -> None:
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    records = pick_records(Path(args.lf_data))
+    write_data(out / "data", records)
+    families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
+    result = {"llamafactory": version("llamafactory"), "transformers": version("transformers"),
+              "tokenizers_dir": str(args.tokenizers), "families": families, "ids": {}}
+    if args.add:  # encode these families only, into the existing result
+        result = json.loads((out / "lf_ids.json").read_text())
+        result["families"] = sorted(set(result["families"]) | set(args.add))
+        families = args.add
+    for family in families:
+        tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizers) / family)
+        for name in prefalign_names():
+            result["ids"][f"{family}/{name}"] = lf_encode(tokenizer, name, out / "data")
+        print(f"{family}: done", file=sys.stderr, flush=True)
+    (out / "lf_ids.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# prefalign's half
+
+
+def prefalign_encode(tokenizer, name: str, pairs) -> dict:
+    from prefalign.data.chat import ChatRenderer
+    from prefalign.data.encode import encode_pair
+    from prefalign.errors import ConfigError, PairError
+
+    try:
+        renderer = ChatRenderer(tokenizer, name)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    results = []
+    for pair in pairs:
+        try:
+            encoded = encode_pair(pair, renderer, CUTOFF)
+        except PairError as exc:
+            results.append({"error": str(exc)})
+            continue
+        results.append({"prompt": encoded["prompt_ids"], "chosen": encoded["chosen_ids"],
+                        "rejected": encoded["rejected_ids"]})
+    return {"records": results}
+
+
+def first_difference(tokenizer, ours: list[int], theirs: list[int]) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    show = lambda ids: repr(tokenizer.convert_ids_to_tokens(ids[at:at + 1])[0]) if at < len(ids) else "end"  # noqa: E731
+    return f"at token {at}: prefalign {show(ours)}, LLaMA-Factory {show(theirs)}"
+
+
+def compare_one(tokenizer, lf: dict, ours: dict) -> tuple[str, str]:
+    """(verdict, detail): equal / differs / refused (prefalign) / LF refuses / both refuse / not in LF."""
+    if lf.get("error", "").startswith("LLaMA-Factory has no template"):
+        return "not in LF", lf["error"]
+    if "error" in lf and "error" in ours:
+        return "both refuse", ours["error"]
+    if "error" in lf:
+        return "LF refuses", lf["error"]
+    if "error" in ours:
+        return "refused", ours["error"]
+    for index, (a, b) in enumerate(zip(ours["records"], lf["records"])):
+        if "error" in a:
+            return "refused", f"record {index}: {a['error']}"
+        for part in ("prompt", "chosen", "rejected"):
+            if a[part] != b[part]:
+                return "differs", f"record {index} {part} {first_difference(tokenizer, a[part], b[part])}"
+        if not all(b["chosen_trained"]):
+            return "differs", f"record {index}: LF leaves part of the response untrained"
+    return "equal", ""
+
+
+def run_compare(args) -> None:
+    from transformers import AutoTokenizer
+
+    from prefalign.data.sources import load_preference_pairs
+
+    out = Path(args.out)
+    lf = json.loads((out / "lf_ids.json").read_text())
+    pairs, _ = load_preference_pairs([DATASET], str(out / "data"))
+    rows, counts = [], {}
+    for family in lf["families"]:
+        tokenizer = AutoTokenizer.from_pretrained(Path(lf["tokenizers_dir"]) / family)
+        for key, theirs in sorted(lf["ids"].items()):
+            if not key.startswith(family + "/"):
+                continue
+            name = key.split("/", 1)[1]
+            verdict, detail = compare_one(tokenizer, theirs, prefalign_encode(tokenizer, name, pairs))
+            counts[verdict] = counts.get(verdict, 0) + 1
+            rows.append({"family": family, "name": name, "verdict": verdict, "detail": detail})
+    (out / "compare.json").write_text(json.dumps({"llamafactory": lf["llamafactory"], "counts": counts, "rows": rows},
+                                                 ensure_ascii=False, indent=1))
+    print(f"LLaMA-Factory {lf['llamafactory']} vs prefalign, {len(pairs)} records, {len(lf['families'])} tokenizers: "
+          + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())))
+    for row in rows:
+        if row["verdict"] != "equal":
+            print(f"{row['family']:>14} {row['name']:<24} {row['verdict']:<12} {row['detail'][:220]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests' frozen set
+
+FROZEN_NAMES = ("qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral", "phi", "alpaca", "vicuna",
+                "default", "zephyr", "chatml", "smollm2", "gemma")
+
+
+def run_freeze(args) -> None:
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    fixtures = Path(args.fixtures)
+    records = pick_records(Path(args.lf_data), per_kind=1)
+    write_data(fixtures / "data", records)
+    frozen = {"llamafactory": version("llamafactory"), "transformers": version("transformers"), "ids": {}}
+    for family in sorted(p.name for p in (fixtures / "tokenizers").iterdir()):
+        tokenizer = AutoTokenizer.from_pretrained(fixtures / "tokenizers" / family)
+        for name in FROZEN_NAMES:
+            for thinking in ((True, False) if name == "qwen3" else (True,)):
+                key = f"{family}/{name}" + ("" if thinking else "/enable_thinking=false")
+                frozen["ids"][key] = lf_encode(tokenizer, name, fixtures / "data", thinking)
+    (fixtures / "frozen.json").write_text(json.dumps(frozen, separators=(",", ":")))
+
+
+def run_shrink(args) -> None:
+    """Small copies of real tokenizers for the tests: their first `--keep` BPE merges, with the tokens those
+    make, every single character and byte token and every added token (a BPE with fewer merges), so the
+    pre-tokenizer, normalizer and special tokens stay the real ones."""
+    import shutil
+
+    for family in args.families:
+        source, target = Path(args.tokenizers) / family, Path(args.fixtures) / "tokenizers" / family
+        target.mkdir(parents=True, exist_ok=True)
+        spec = json.loads((source / "tokenizer.json").read_text())
+        model = spec["model"]
+        added = {token["content"] for token in spec["added_tokens"]}
+        merges = [m if isinstance(m, list) else m.split(" ") for m in model["merges"]][:args.keep]
+        keep = added | {t for t, i in model["vocab"].items() if i < 259 or len(t) == 1}
+        keep |= {piece for a, b in merges for piece in (a, b, a + b)}
+        model["vocab"] = {t: i for t, i in model["vocab"].items() if t in keep}
+        model["merges"] = [m for m in merges if all(p in model["vocab"] for p in (m[0], m[1], m[0] + m[1]))]
+        (target / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, separators=(",", ":")))
+        shutil.copy(source / "tokenizer_config.json", target / "tokenizer_config.json")
+        print(f"{family}: {len(model['vocab'])} tokens, {len(model['merges'])} merges", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("lf", "compare", "freeze", "shrink"))
+    parser.add_argument("--families", nargs="*", default=["llama-bpe", "llama-spm", "phi-3", "qwen2"])
+    parser.add_argument("--add", nargs="*", help="lf: encode only these tokenizer folders, added to lf_ids.json")
+    parser.add_argument("--keep", type=int, default=2000, help="shrink: the BPE merges kept")
+    parser.add_argument("--lf-data", help="LLaMA-Factory's data/ folder (its sdist has it)")
+    parser.add_argument("--tokenizers", default="/work/artifacts/tokenizers")
+    parser.add_argument("--out", default="/work/artifacts/lf_parity")
+    parser.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lf_parity"))
+    args = parser.parse_args()
+    {"lf": run_lf, "compare": run_compare, "freeze": run_freeze, "shrink": run_shrink}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

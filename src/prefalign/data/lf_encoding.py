@@ -1,0 +1,236 @@
+"""Encode conversations with a LLaMA-Factory template exactly as LLaMA-Factory's DPO stage does.
+
+LLaMA-Factory never tokenizes a whole rendered conversation: it fills each slot element of its
+template (data/template_formats.py) and encodes the elements one by one (text with
+`tokenizer.encode(..., add_special_tokens=False)`, a named token by its id, BOS / EOS by the
+tokenizer's ids), then concatenates the ids. The prompt is every message before the reply; the
+response is the reply's assistant slot. No token can merge across that boundary, so there is no
+prefix check to fail. The rules, as LLaMA-Factory 0.9.5 applies them (template.py, pairwise.py):
+
+- turn 0 starts with the prefix slot, then the system slot with the record's system text or the
+  template's default system; `llama2` rules write the system slot's text inside the first user
+  turn instead; the user slot gets the turn number `{{idx}}` (= message index // 2);
+- the tokenizer is fixed first (`fixed_tokenizer`): `replace_eos` makes the first stop word the EOS,
+  the other stop words become special tokens, a missing EOS becomes `<|endoftext|>`. Where that
+  would add a token to the vocabulary (LLaMA-Factory then resizes the model's embeddings), the
+  template is refused: prefalign does not resize policy and reference;
+- `efficient_eos`: each response gets the EOS id appended;
+- reasoning templates: a history reply loses its thought block (unless preserve_thinking); with
+  enable_thinking false the reply loses it too; a reply with no thought words gets the empty
+  thought block, in the prompt (untrained) when enable_thinking is not true, else at the start of
+  the response (trained).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from prefalign.contracts import Message
+from prefalign.data.template_formats import LFTemplate, Special, Token
+from prefalign.errors import ConfigError
+
+_LF_ROLES = {"user": "user", "assistant": "assistant", "tool": "observation"}
+
+
+class UnsupportedRecord(ValueError):
+    """A record these rules do not encode (tool definitions or calls); the message says why."""
+
+
+@dataclass
+class LFEncoder:
+    """LLaMA-Factory's encoding of `template` (named `name`) with `tokenizer`.
+
+    `enable_thinking` / `preserve_thinking` are LLaMA-Factory's data arguments of the same names
+    (its defaults: true / false); only reasoning templates read them.
+    """
+
+    name: str
+    template: LFTemplate
+    tokenizer: object
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    _fixed: object = field(default=None, repr=False)
+    _eos: int | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self._fixed, self._eos = fixed_tokenizer(self.name, self.template, self.tokenizer)
+
+    def thinking(self, enable_thinking: bool | None) -> "LFEncoder":
+        """The same encoder with another enable_thinking (a record's own), sharing the fixed tokenizer."""
+        other = copy.copy(self)
+        other.enable_thinking = enable_thinking
+        other.__dict__.pop("stop_token_ids", None)
+        return other
+
+    # -- what LLaMA-Factory's get_template_and_fix_tokenizer changes ---------------------------
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos
+
+    @cached_property
+    def stop_token_ids(self) -> list[int]:
+        """LLaMA-Factory's stop ids: the (possibly replaced) EOS and every stop word."""
+        ids = [self._eos]
+        for word in self.template.stop_words:
+            token_id = self._fixed.convert_tokens_to_ids(word)
+            if token_id not in ids:
+                ids.append(token_id)
+        return [i for i in ids if i is not None]
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def encode_pair(self, prompt: list[Message], chosen: str, rejected: str, tools: str | None = None
+                    ) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, chosen ids, rejected ids) as LLaMA-Factory's pairwise processor makes them
+        (before truncation); the prompt is the one encoded with the chosen reply."""
+        system, messages = self._split(prompt, tools)
+        prompt_ids, chosen_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": chosen}], system)
+        _, rejected_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": rejected}], system)
+        if self.template.efficient_eos:
+            chosen_ids, rejected_ids = chosen_ids + [self.eos_token_id], rejected_ids + [self.eos_token_id]
+        return prompt_ids, chosen_ids, rejected_ids
+
+    def encode_prompt(self, prompt: list[Message], tools: str | None = None) -> list[int]:
+        """The ids generation continues from: LLaMA-Factory's chat encodes the prompt with an empty reply."""
+        system, messages = self._split(prompt, tools)
+        return self._encode_oneturn(messages + [{"role": "assistant", "content": ""}], system)[0]
+
+    def _split(self, prompt: list[Message], tools: str | None) -> tuple[str, list[dict]]:
+        if tools:
+            raise UnsupportedRecord(
+                f"template: {self.name}: records with tool definitions are not encoded with LLaMA-Factory's slots "
+                f"yet (its tool format {self.template.tool_format!r}); leave template unset to use the tokenizer's "
+                "own chat template for data with tools")
+        system, messages = "", []
+        for at, message in enumerate(prompt):
+            role = message["role"]
+            if role == "system" and at == 0:
+                system = message["content"]
+                continue
+            if message.get("tool_calls"):
+                raise UnsupportedRecord(
+                    f"template: {self.name}: assistant tool calls are not encoded with LLaMA-Factory's slots yet; "
+                    "leave template unset to use the tokenizer's own chat template for data with tools")
+            if role not in _LF_ROLES:
+                raise UnsupportedRecord(f"template: {self.name} has no {role} turns after the first message")
+            messages.append({"role": _LF_ROLES[role], "content": message["content"]})
+        return system, messages
+
+    def _encode_oneturn(self, messages: list[dict], system: str) -> tuple[list[int], list[int]]:
+        template = self.template
+        if not template.reasoning:
+            encoded = self._encode(messages, system)
+            return [i for ids in encoded[:-1] for i in ids], encoded[-1]
+        messages = [dict(m) for m in messages]
+        if not self.preserve_thinking:
+            for i in range(1, len(messages) - 2, 2):
+                messages[i]["content"] = self._remove_thought(messages[i]["content"])
+        if self.enable_thinking is False:
+            messages[-1]["content"] = self._remove_thought(messages[-1]["content"])
+        encoded = self._encode(messages, system)
+        prompt_ids, response_ids = [i for ids in encoded[:-1] for i in ids], encoded[-1]
+        reply = messages[-1]["content"]
+        opening, closing = template.thought_words
+        if opening.strip() not in reply and closing.strip() not in reply:
+            empty = self._ids([self._empty_thought()])
+            if not self.enable_thinking:
+                prompt_ids = prompt_ids + empty
+            else:
+                response_ids = empty + response_ids
+        return prompt_ids, response_ids
+
+    def _empty_thought(self) -> str:
+        opening, closing = self.template.thought_words
+        return closing if self.template.rules == "reasoning_closing_only" else opening + closing
+
+    def _remove_thought(self, content: str) -> str:
+        opening, closing = self.template.thought_words
+        pattern = re.compile(f"{re.escape(opening)}(.*?){re.escape(closing)}", re.DOTALL)
+        return pattern.sub("", content).lstrip("\n")
+
+    def _encode(self, messages: list[dict], system: str) -> list[list[int]]:
+        """Each message's ids (turn 0 with the prefix and the system slot), as LLaMA-Factory's _encode."""
+        template = self.template
+        system = system or template.default_system
+        llama2 = template.rules == "llama2"
+        encoded = []
+        for i, message in enumerate(messages):
+            elements, system_text = [], ""
+            if i == 0:
+                elements += list(template.prefix)
+                if system:
+                    filled = _fill(template.system, content=system)
+                    if llama2:
+                        system_text = filled[0]
+                    else:
+                        elements += filled
+            role, content = message["role"], message["content"]
+            if role == "user":
+                elements += (_fill(template.user, content=system_text + content) if llama2
+                             else _fill(template.user, content=content, idx=str(i // 2)))
+            elif role == "assistant":
+                elements += _fill(template.assistant, content=content)
+            else:  # observation
+                elements += _fill(template.observation or template.user, content=content)
+            encoded.append(self._ids(elements))
+        return encoded
+
+    def _ids(self, elements) -> list[int]:
+        tokenizer, ids = self._fixed, []
+        for element in elements:
+            if isinstance(element, str):
+                if element:
+                    ids += tokenizer.encode(element, add_special_tokens=False)
+            elif isinstance(element, Token):
+                ids.append(tokenizer.convert_tokens_to_ids(element.text))
+            elif isinstance(element, Special):
+                token_id = self._eos if element.attribute == "eos_token" else tokenizer.bos_token_id
+                if token_id is not None:
+                    ids.append(token_id)
+        return ids
+
+
+def _fill(slot, **values: str) -> list:
+    """The slot with each `{{key}}` in its text elements replaced once, in LLaMA-Factory's order (content, then idx)."""
+    out = []
+    for element in slot:
+        if isinstance(element, str):
+            for key, value in values.items():
+                element = element.replace("{{" + key + "}}", value, 1)
+        out.append(element)
+    return out
+
+
+def fixed_tokenizer(name: str, template: LFTemplate, tokenizer) -> tuple[object, int | None]:
+    """The tokenizer to encode with and the EOS id, after LLaMA-Factory's fix_special_tokens; a ConfigError
+    where that fix would add a token to the vocabulary.
+
+    The fix makes the first stop word the EOS (`replace_eos`), a missing EOS `<|endoftext|>`, and every
+    stop word a special token. Only the last changes how text encodes, and only for a word the vocabulary
+    has as an ordinary token: then (alone) the encoding uses a copy with it added, as LLaMA-Factory's is.
+    """
+    vocab = tokenizer.get_vocab()
+    words = list(template.stop_words)
+    eos = words[0] if template.replace_eos else tokenizer.eos_token
+    if eos is None:
+        eos = "<|endoftext|>"
+        words.append(eos)
+    missing = [word for word in words if word not in vocab]
+    if missing:
+        raise ConfigError(
+            f"template: {name}: LLaMA-Factory adds {', '.join(missing)} to this tokenizer (as a stop or "
+            "end-of-sequence token) and resizes the model's embeddings, which prefalign does not do; use the "
+            "tokenizer the model was fine-tuned with (it has the token) or another template")
+    added = set(getattr(tokenizer, "added_tokens_encoder", {}))
+    ordinary = [word for word in words if word not in added]
+    if ordinary:
+        tokenizer = copy.deepcopy(tokenizer)
+        try:
+            tokenizer.add_special_tokens({"additional_special_tokens": ordinary}, replace_additional_special_tokens=False)
+        except TypeError:  # transformers 5 has no such argument (LLaMA-Factory falls back the same way)
+            tokenizer.add_special_tokens({"additional_special_tokens": ordinary})
+    return tokenizer, tokenizer.convert_tokens_to_ids(eos)
