@@ -75,7 +75,6 @@ _UNSUPPORTED = {
     "reward_model": "reward models (prefalign needs none)",
     "freeze_vision_tower": "multimodal models", "train_mm_proj_only": "multimodal models",
     "image_max_pixels": "multimodal models", "video_max_pixels": "multimodal models",
-    "kto_chosen_weight": "unpaired KTO", "kto_rejected_weight": "unpaired KTO",
     "use_swanlab": "SwanLab logging", "ray_run_name": "Ray", "ray_num_workers": "Ray",
 }
 
