@@ -166,8 +166,10 @@ def test_trl_unpaired_rows_and_paired_rows_split_in_two(tmp_path):
 
 
 def prefalign(*args, cwd, env=None):
+    """`python -m prefalign ...` in a subprocess, importing this checkout's code from any working directory."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "prefalign", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, "PYTHONPATH": path, **(env or {})}, timeout=600)
 
 
 @pytest.mark.parametrize("record, found", [({"prompt": "Q?", "completion": "A."}, "is missing"),
@@ -206,8 +208,9 @@ def test_prepared_kto_data_carries_labels_and_kl_completions(tiny_tokenizer, tmp
 def kto_losses(tiny_model_dir, out, **overrides) -> list[float]:
     from prefalign.train.workflow import run_train
 
-    config = config_for(tiny_model_dir, out, stage="kto", max_samples=8, max_steps=3,
-                        train_sampling_strategy="sequential", **overrides)
+    values = {"stage": "kto", "max_samples": 8, "max_steps": 3, "train_sampling_strategy": "sequential",
+              **overrides}
+    config = config_for(tiny_model_dir, out, **values)
     run_train(config)
     history = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
     return [h["loss"] for h in history if "loss" in h]
