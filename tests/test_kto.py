@@ -1,10 +1,9 @@
-"""stage: kto: the KTO loss against the paper's formula worked by hand, LLaMA-Factory's and TRL's unpaired
+"""stage: kto (the losses: tests/test_losses.py): LLaMA-Factory's and TRL's unpaired
 data, paired data split in two, the KL completions, per-example eval rows, LLaMA-Factory's two KTO
 example configs through the CLI, and the speed paths (precompute, prefix sharing, packing) against
 the plain path. (TRL parity: benchmarks/kto_trl_parity.py, run from a venv with TRL.)"""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,85 +13,9 @@ import pytest
 import torch
 from helpers import ROOT, config_for, with_llama3_tokens, write_json
 
-from prefalign.contracts import PairLogps
-from prefalign.losses import LOSSES, LossSettings, Objective, weight_balance_warning
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamafactory"
 ON_CPU = [] if torch.cuda.is_available() else ["use_cpu=true"]
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
-def logps(chosen, rejected, desirable=None) -> PairLogps:
-    t = torch.tensor
-    n = len(chosen)
-    return PairLogps(t(chosen), t(rejected), torch.full((n,), 4.0), torch.full((n,), 4.0),
-                     desirable=None if desirable is None else t(desirable))
-
-
-# Three examples. The chosen side holds each reply's log-prob, the rejected side its KL completion's.
-POLICY = logps([-4.0, -6.0, -5.0], [-7.0, -9.0, -8.0], [True, False, True])
-REFERENCE = logps([-5.0, -5.0, -5.0], [-8.0, -8.5, -8.2], [True, False, True])
-
-
-def test_kto_loss_matches_the_paper_formula_by_hand():
-    """KTO eq. 8 with β = 0.5, λ_D = 1, λ_U = 1.5.
-
-    log-ratios r = (-4+5, -6+5, -5+5) = (1, -1, 0); KL pairs (-7+8, -9+8.5, -8+8.2) = (1, -0.5, 0.2),
-    z_ref = max(0, 0.7/3) = 0.23333;
-    example 0 (desirable):   1 - σ(0.5 (1 - z))            = 1 - σ(0.38333)
-    example 1 (undesirable): 1.5 (1 - σ(0.5 (z - (-1))))   = 1.5 (1 - σ(0.61667))
-    example 2 (desirable):   1 - σ(0.5 (0 - z))            = 1 - σ(-0.11667)
-    rewards β r = (0.5, -0.5, 0): chosen on examples 0 and 2, rejected on example 1.
-    """
-    s = LossSettings(beta=0.5, kto_chosen_weight=1.0, kto_rejected_weight=1.5)
-    out = LOSSES["kto"].fn(POLICY, REFERENCE, s)
-    z = 0.7 / 3
-    expected = [1 - sigmoid(0.5 * (1 - z)), 1.5 * (1 - sigmoid(0.5 * (z + 1))), 1 - sigmoid(0.5 * (0 - z))]
-    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
-    assert out.metrics["kl"].tolist() == pytest.approx([z] * 3, abs=1e-6)
-    assert out.chosen_rewards[[0, 2]].tolist() == pytest.approx([0.5, 0.0]) and out.chosen_rewards[1].isnan()
-    assert out.rejected_rewards[1].item() == pytest.approx(-0.5) and out.rejected_rewards[[0, 2]].isnan().all()
-
-
-def test_kto_reference_point_is_clamped_at_zero_and_detached():
-    """KL pairs (-9+8, -9+8.5, -9+8.2) = (-1, -0.5, -0.8): mean < 0, so z_ref = 0, and with β = 1, λ = 1:
-    losses (1 - σ(1), 1 - σ(0 - (-1)), 1 - σ(0)) = (1 - σ(1), 1 - σ(1), 0.5). The reference point takes no gradient."""
-    policy = logps([-4.0, -6.0, -5.0], [-9.0, -9.0, -9.0], [True, False, True])
-    policy.rejected.requires_grad_(True)
-    policy.chosen.requires_grad_(True)
-    out = LOSSES["kto"].fn(policy, REFERENCE, LossSettings(beta=1.0))
-    assert out.losses.tolist() == pytest.approx([1 - sigmoid(1), 1 - sigmoid(1), 0.5], abs=1e-6)
-    out.losses.sum().backward()
-    assert policy.rejected.grad is None or not policy.rejected.grad.any()
-    assert policy.chosen.grad.abs().sum() > 0
-
-
-def test_apo_zero_unpaired_by_hand():
-    """APO-zero unpaired, β = 0.5, λ_D = 2, λ_U = 1, r = (1, -1, 0): (2 (1 - σ(0.5)), σ(-0.5), 2 (1 - σ(0)))."""
-    out = LOSSES["apo_zero_unpaired"].fn(POLICY, REFERENCE, LossSettings(beta=0.5, kto_chosen_weight=2.0))
-    assert out.losses.tolist() == pytest.approx([2 * (1 - sigmoid(0.5)), sigmoid(-0.5), 2 * (1 - sigmoid(0))],
-                                                abs=1e-6)
-
-
-def test_sft_term_of_kto_reads_desirable_replies_only():
-    """pref_ftx = 0.5: + 0.5 × (NLL per token = -logp / 4 tokens) on desirable examples 0 and 2 only:
-    0.5 × 4/4 = 0.5 on example 0, 0 on example 1, 0.5 × 5/4 = 0.625 on example 2."""
-    s = LossSettings(beta=0.5, kto_rejected_weight=1.5)
-    plain = Objective(("kto",), (1.0,), s)(POLICY, REFERENCE).losses
-    with_sft = Objective(("kto",), (1.0,), LossSettings(beta=0.5, kto_rejected_weight=1.5, ftx=0.5))(POLICY, REFERENCE)
-    assert (with_sft.losses - plain).tolist() == pytest.approx([0.5, 0.0, 0.625], abs=1e-6)
-
-
-def test_weight_balance_warning_follows_the_papers_range():
-    """λ_D n_D / (λ_U n_U): 1·6/(1·2) = 3 > 4/3 warns and suggests λ_D in [2/6, 8/18]; 0.4·6/2 = 1.2 does not;
-    6 desirable and none undesirable warns that one label is missing."""
-    warning = weight_balance_warning(6, 2, LossSettings())
-    assert "= 3" in warning and "[0.333, 0.444]" in warning
-    assert weight_balance_warning(6, 2, LossSettings(kto_chosen_weight=0.4)) is None
-    assert "no undesirable examples" in weight_balance_warning(6, 0, LossSettings())
 
 
 # -- data ---------------------------------------------------------------------------------------
