@@ -137,6 +137,23 @@ def model_with_template(model_dir, path, chat_template: str) -> str:
     return str(path)
 
 
+def with_llama3_tokens(model_dir: str, path) -> str:
+    """The tiny model with Llama 3's markup tokens added (and its embeddings resized), so `template: llama3` fits."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(model_dir, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|eot_id|>", "<|eom_id|>"]})
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def write_json(path, records) -> str:
     import json
 

@@ -29,10 +29,12 @@ from prefalign.losses import (
     F_DIVERGENCES,
     LOSSES,
     LossSettings,
+    Objective,
     compute_preference_loss,
     get_loss,
     length_desensitize,
     needs_reference,
+    weight_balance_warning,
     wpo_weights,
 )
 
@@ -84,6 +86,9 @@ REFERENCE = logps(-12, -13)
 #   pair 1: policy -21, -19; reference -18, -21  ->  s+ = -3, s- = 2,  π-diff = -2, ref-diff = 3
 BATCH_POLICY = logps([-10, -21], [-14, -19])
 BATCH_REFERENCE = logps([-12, -18], [-13, -21])
+
+# The properties of pairs hold for the losses that read pairs; the unpaired ones (stage: kto) have their own.
+PAIR_LOSSES = sorted(name for name, spec in LOSSES.items() if not spec.unpaired)
 
 # Settings a loss needs to be valid at all (exo_pair takes log ε).
 REQUIRED_SETTINGS = {"exo_pair": {"label_smoothing": 0.1}}
@@ -408,6 +413,98 @@ def test_sft_swap():
     assert swapped_value("sft") == pytest.approx(2.8)
 
 
+# Unpaired losses (stage: kto)
+
+
+def examples(chosen, rejected, desirable) -> PairLogps:
+    """Unpaired (KTO) examples: each reply's log-prob on the chosen side, its KL completion's on the rejected."""
+    return dataclasses.replace(logps(chosen, rejected), desirable=torch.tensor(desirable))
+
+
+UNPAIRED_POLICY = examples([-4.0, -6.0, -5.0], [-7.0, -9.0, -8.0], [True, False, True])
+UNPAIRED_REFERENCE = examples([-5.0, -5.0, -5.0], [-8.0, -8.5, -8.2], [True, False, True])
+
+
+def flip(p: PairLogps) -> PairLogps:
+    """The same examples with every label flipped."""
+    return dataclasses.replace(p, desirable=~p.desirable)
+
+
+def test_kto_value():
+    """KTO eq. 8 with β = 0.5, λ_D = 1, λ_U = 1.5.
+
+    log-ratios r = (-4+5, -6+5, -5+5) = (1, -1, 0); KL pairs (-7+8, -9+8.5, -8+8.2) = (1, -0.5, 0.2),
+    z_ref = max(0, 0.7/3) = 0.23333;
+    example 0 (desirable):   1 - σ(0.5 (1 - z))            = 1 - σ(0.38333)
+    example 1 (undesirable): 1.5 (1 - σ(0.5 (z - (-1))))   = 1.5 (1 - σ(0.61667))
+    example 2 (desirable):   1 - σ(0.5 (0 - z))            = 1 - σ(-0.11667)
+    rewards β r = (0.5, -0.5, 0): chosen on examples 0 and 2, rejected on example 1.
+    """
+    s = LossSettings(beta=0.5, kto_chosen_weight=1.0, kto_rejected_weight=1.5)
+    out = LOSSES["kto"].fn(UNPAIRED_POLICY, UNPAIRED_REFERENCE, s)
+    z = 0.7 / 3
+    expected = [1 - sigma(0.5 * (1 - z)), 1.5 * (1 - sigma(0.5 * (z + 1))), 1 - sigma(0.5 * (0 - z))]
+    assert out.losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert out.metrics["kl"].tolist() == pytest.approx([z] * 3, abs=1e-6)
+    assert out.chosen_rewards[[0, 2]].tolist() == pytest.approx([0.5, 0.0]) and out.chosen_rewards[1].isnan()
+    assert out.rejected_rewards[1].item() == pytest.approx(-0.5) and out.rejected_rewards[[0, 2]].isnan().all()
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_detached():
+    """KL pairs (-9+8, -9+8.5, -9+8.2) = (-1, -0.5, -0.8): mean < 0, so z_ref = 0, and with β = 1, λ = 1:
+    losses (1 - σ(1), 1 - σ(0 - (-1)), 1 - σ(0)) = (1 - σ(1), 1 - σ(1), 0.5). The reference point takes no gradient."""
+    policy = examples([-4.0, -6.0, -5.0], [-9.0, -9.0, -9.0], [True, False, True])
+    policy.rejected.requires_grad_(True)
+    policy.chosen.requires_grad_(True)
+    out = LOSSES["kto"].fn(policy, UNPAIRED_REFERENCE, LossSettings(beta=1.0))
+    assert out.losses.tolist() == pytest.approx([1 - sigma(1), 1 - sigma(1), 0.5], abs=1e-6)
+    out.losses.sum().backward()
+    assert policy.rejected.grad is None or not policy.rejected.grad.any()
+    assert policy.chosen.grad.abs().sum() > 0
+
+
+def test_apo_zero_unpaired_value():
+    """APO-zero unpaired, β = 0.5, λ_D = 2, λ_U = 1, r = (1, -1, 0): (2 (1 - σ(0.5)), σ(-0.5), 2 (1 - σ(0)))."""
+    out = LOSSES["apo_zero_unpaired"].fn(UNPAIRED_POLICY, UNPAIRED_REFERENCE, LossSettings(beta=0.5, kto_chosen_weight=2.0))
+    assert out.losses.tolist() == pytest.approx([2 * (1 - sigma(0.5)), sigma(-0.5), 2 * (1 - sigma(0))],
+                                                abs=1e-6)
+
+
+def test_sft_term_of_kto_reads_desirable_replies_only():
+    """pref_ftx = 0.5: + 0.5 × (NLL per token = -logp / 4 tokens) on desirable examples 0 and 2 only:
+    0.5 × 4/4 = 0.5 on example 0, 0 on example 1, 0.5 × 5/4 = 0.625 on example 2."""
+    s = LossSettings(beta=0.5, kto_rejected_weight=1.5)
+    plain = Objective(("kto",), (1.0,), s)(UNPAIRED_POLICY, UNPAIRED_REFERENCE).losses
+    with_sft = Objective(("kto",), (1.0,), LossSettings(beta=0.5, kto_rejected_weight=1.5, ftx=0.5))(
+        UNPAIRED_POLICY, UNPAIRED_REFERENCE)
+    assert (with_sft.losses - plain).tolist() == pytest.approx([0.5, 0.0, 0.625], abs=1e-6)
+
+
+def test_weight_balance_warning_follows_the_papers_range():
+    """λ_D n_D / (λ_U n_U): 1·6/(1·2) = 3 > 4/3 warns and suggests λ_D in [2/6, 8/18]; 0.4·6/2 = 1.2 does not;
+    6 desirable and none undesirable warns that one label is missing."""
+    warning = weight_balance_warning(6, 2, LossSettings())
+    assert "= 3" in warning and "[0.333, 0.444]" in warning
+    assert weight_balance_warning(6, 2, LossSettings(kto_chosen_weight=0.4)) is None
+    assert "no undesirable examples" in weight_balance_warning(6, 0, LossSettings())
+
+
+def test_kto_swap():
+    """Flipped labels with λ_D = λ_U = 1: each example's two losses sum to [1 - σ(a)] + [1 - σ(-a)] = 1,
+    and its reward moves from the chosen to the rejected side."""
+    forward = run("kto", UNPAIRED_POLICY, UNPAIRED_REFERENCE, beta=0.5)
+    flipped = run("kto", flip(UNPAIRED_POLICY), flip(UNPAIRED_REFERENCE), beta=0.5)
+    assert (forward.losses + flipped.losses).tolist() == pytest.approx([1.0] * 3)
+    torch.testing.assert_close(flipped.rejected_rewards, forward.chosen_rewards, equal_nan=True)
+
+
+def test_apo_zero_unpaired_swap():
+    """Flipped labels, λ = 1: [1 - σ(βr)] + σ(βr) = 1 per example."""
+    forward = run("apo_zero_unpaired", UNPAIRED_POLICY, UNPAIRED_REFERENCE, beta=0.5)
+    flipped = run("apo_zero_unpaired", flip(UNPAIRED_POLICY), flip(UNPAIRED_REFERENCE), beta=0.5)
+    assert (forward.losses + flipped.losses).tolist() == pytest.approx([1.0] * 3)
+
+
 def test_every_loss_has_a_value_and_a_swap_test():
     """A newly registered loss fails here until it gets its hand-computed tests."""
     missing = [
@@ -420,7 +517,7 @@ def test_every_loss_has_a_value_and_a_swap_test():
 # Properties of every registered loss
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_swapping_swaps_rewards_and_flips_margins(name):
     """Rewards follow their reply: swapped, chosen_rewards are the former rejected_rewards, margins flip sign."""
     settings = REQUIRED_SETTINGS.get(name, {})
@@ -432,7 +529,7 @@ def test_swapping_swaps_rewards_and_flips_margins(name):
     assert not forward.chosen_rewards.requires_grad
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_registry_declares_summed_or_averaged_correctly(name):
     """Doubling sums and token counts keeps averages: averaged losses must not change. Doubling only token
     counts keeps sums: summed losses must not change."""
@@ -511,7 +608,7 @@ def model_logps(model) -> PairLogps:
     )
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_one_sgd_step_raises_the_margin(tiny_model, name):
     """Chosen and rejected have equal lengths, so summed and averaged margins move together."""
     model = copy.deepcopy(tiny_model)

@@ -43,6 +43,12 @@ class PreferencePair:
     preferred and dispreferred assistant replies (plain text). `tools`: the tool definitions as a
     JSON list of `{"type": "function", "function": {...}}`; `template_kwargs`: the record's own
     chat-template arguments (its `chat_template_kwargs` column).
+
+    An unpaired example (KTO: one reply with a thumbs-up or thumbs-down) is the same record with
+    `desirable` set (True or False; None for a preference pair): `chosen` is its reply, and
+    `rejected` the reply of another example that serves as its KL completion (data/feedback.py).
+    So a KTO example travels through rendering, encoding, batching, log-probs and the reference
+    cache exactly as a pair does, the mismatched pair taking the rejected side.
     """
 
     prompt: list[Message]
@@ -51,6 +57,7 @@ class PreferencePair:
     source: RecordSource
     tools: str | None = None
     template_kwargs: dict | None = None
+    desirable: bool | None = None
 
 
 # An encoded pair is a plain dict (it lives in a `datasets.Dataset`) with these keys:
@@ -58,6 +65,8 @@ class PreferencePair:
 #   "chosen_ids":   list[int]  the chosen reply, ending with the end-of-turn token
 #   "rejected_ids": list[int]  the rejected reply, ending with the end-of-turn token
 #   "index":        int        position of the pair in the loaded data (for eval output, caches)
+#   "desirable":    bool       KTO examples only: the label (chosen_ids is the reply, rejected_ids the
+#                              KL completion, another example's reply, after the same prompt)
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -78,7 +87,8 @@ class BatchLayout(str, enum.Enum):
     PACKED:        the same keys (R, T) plus `pair_ids` (R, T) and `spans` (K, 5): the pairs'
                    sequences end to end in R rows, attention confined to each sequence by the
                    spans, padding only at row ends (data/packing.py).
-    All carry `index` (B,), each pair's position in its dataset.
+    All carry `index` (B,), each pair's position in its dataset; batches of KTO examples carry
+    `desirable` (B,) bool as well (the chosen side is the reply, the rejected side the KL completion).
     """
 
     CONCATENATED = "concatenated"
@@ -109,6 +119,8 @@ class PairLogps:
     `chosen_mean_logit` / `rejected_mean_logit`: mean logit over response tokens and vocabulary,
     shape (B,), detached, for the `logits/*` metrics; None where not computed.
     `extras`: per-token values some modifiers need (see modeling/logprobs.pair_logps).
+    `desirable`: (B,) bool for a batch of KTO examples (then `chosen` is each example's reply and
+    `rejected` its KL completion's log-prob); None for pairs. Set by scoring.score_batch.
     """
 
     chosen: torch.Tensor
@@ -118,6 +130,7 @@ class PairLogps:
     chosen_mean_logit: torch.Tensor | None = None
     rejected_mean_logit: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    desirable: torch.Tensor | None = None
 
     @property
     def chosen_avg(self) -> torch.Tensor:
@@ -140,6 +153,8 @@ class LossOutput:
     """What a loss returns, per pair: `losses`, `chosen_rewards`, `rejected_rewards`, each shape (B,).
 
     `metrics` holds extra per-pair values (shape (B,)) logged as their batch mean, e.g. `sft_loss`.
+    A NaN value means "not defined for this pair" and is left out of the mean: the rewards of a KTO
+    loss are NaN on the other label's examples, so `rewards/chosen` is the mean over desirable ones.
     """
 
     losses: torch.Tensor

@@ -40,6 +40,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over all processes (itself with one process); every process must call it."""
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM)
+        value = value / world_size()
+    return value
+
+
 def gather_objects(obj) -> list:
     """Every process's `obj`, in rank order (on every process); `[obj]` in a single process."""
     if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -55,7 +55,8 @@ def load_eval_data(config: RunConfig, tokenizer):
             logger.info("eval: val_size is not applied; scoring all of dataset. To score only held-out pairs, "
                         "give them as eval_dataset")
         data_args = dataclasses.replace(data_args, val_size=0.0)
-    data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False)
+    data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False,
+                        unpaired=config.objective.unpaired)
     if is_main_process():
         print(data.summary.describe(), flush=True)
     dataset = data.eval if data_args.eval_dataset else data.train

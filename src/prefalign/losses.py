@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from prefalign.contracts import LossOutput, PairLogps
+from prefalign.distributed import mean_across_processes
 from prefalign.errors import ConfigError, did_you_mean
 
 
@@ -62,6 +63,12 @@ class LossSettings:
     f_alpha_divergence_coef: float = 1.0
     """`f_alpha_divergence_coef`: α of the alpha divergence (f_divergence_type=alpha_divergence), > 0."""
 
+    kto_chosen_weight: float = 1.0
+    """`kto_chosen_weight`: λ_D, the weight of a desirable example's loss (unpaired losses, stage: kto)."""
+
+    kto_rejected_weight: float = 1.0
+    """`kto_rejected_weight`: λ_U, the weight of an undesirable example's loss (unpaired losses, stage: kto)."""
+
 
 LossFn = Callable[[PairLogps, "PairLogps | None", LossSettings], LossOutput]
 
@@ -81,6 +88,9 @@ class LossSpec:
     """losses[i] belongs to pair i. False for AOT, whose losses are per quantile of the batch."""
     constraints: tuple["Constraint", ...] = ()
     """What this loss needs of the settings beyond their general ranges (checked with the config)."""
+    unpaired: bool = False
+    """Reads unpaired examples (stage: kto): `PairLogps.desirable`, each example's reply on the chosen
+    side and its KL completion on the rejected side; it cannot read pairs, nor a pair loss examples."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +362,98 @@ def sigmoid_norm_loss(policy: PairLogps, reference: PairLogps | None, s: LossSet
 
 
 # --------------------------------------------------------------------------------------------------
+# Unpaired losses (stage: kto). Each example i has a reply y_i and a label; r_i = log π(y_i|x_i) -
+# log π_ref(y_i|x_i) is read from the chosen side. The rejected side holds the KL completion y'_i
+# (another example's reply after x_i, data/feedback.py). Rewards are β·r_i, reported as
+# `chosen_rewards` on desirable examples and `rejected_rewards` on undesirable ones (NaN elsewhere).
+
+
+def _desirable(policy: PairLogps) -> torch.Tensor:
+    if policy.desirable is None:
+        raise ValueError("an unpaired loss needs PairLogps.desirable (the examples' labels); scoring.score_batch "
+                         "sets it from batch['desirable'], which the collators copy from KTO examples")
+    return policy.desirable.bool()
+
+
+def kl_reference_point(policy: PairLogps, reference: PairLogps) -> torch.Tensor:
+    """KTO's reference point z_ref (Ethayarajh et al. 2024, §4.1; TRL's KTOTrainer), a detached scalar:
+
+        z_ref = max(0, mean_i [log π(y'_i|x_i) - log π_ref(y'_i|x_i)])
+
+    over the batch's KL completions y'_i (mismatched pairs: an estimate of KL(π || π_ref) that carries
+    no gradient). While training (gradients on), the batch mean is averaged across processes before
+    the clamp, as TRL does, so every process uses the same z_ref; scoring without gradients (eval,
+    which may run on one process alone) uses its own batch's.
+    """
+    kl = (policy.rejected - reference.rejected).detach().mean()
+    if torch.is_grad_enabled():
+        kl = mean_across_processes(kl)
+    return kl.clamp(min=0)
+
+
+def _unpaired_output(losses: torch.Tensor, logratios: torch.Tensor, desirable: torch.Tensor, s: LossSettings,
+                     metrics: dict[str, torch.Tensor]) -> LossOutput:
+    """Weighted per-example losses (λ_D on desirable, λ_U on undesirable) and the rewards split by label."""
+    weights = torch.where(desirable, s.kto_chosen_weight, s.kto_rejected_weight).to(losses.dtype)
+    rewards = s.beta * logratios.detach()
+    nan = torch.full_like(rewards, float("nan"))
+    return LossOutput(weights * losses, torch.where(desirable, rewards, nan), torch.where(desirable, nan, rewards),
+                      metrics)
+
+
+def kto_loss(policy: PairLogps, reference: PairLogps | None, s: LossSettings) -> LossOutput:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8, as λ_y - v(x, y)), per example:
+
+        desirable:   λ_D · [1 - σ(β(r - z_ref))]
+        undesirable: λ_U · [1 - σ(β(z_ref - r))]
+
+    with z_ref = `kl_reference_point` and λ_D, λ_U = kto_chosen_weight, kto_rejected_weight. The mean
+    over the batch is TRL's loss (TRL concatenates the weighted desirable and undesirable losses and
+    takes their mean). Metric `kl`: z_ref.
+    """
+    desirable = _desirable(policy)
+    logratios = policy.chosen - reference.chosen
+    z = kl_reference_point(policy, reference)
+    losses = torch.where(desirable, 1 - torch.sigmoid(s.beta * (logratios - z)),
+                         1 - torch.sigmoid(s.beta * (z - logratios)))
+    return _unpaired_output(losses, logratios, desirable, s, {"kl": z.expand_as(logratios)})
+
+
+def apo_zero_unpaired_loss(policy: PairLogps, reference: PairLogps | None, s: LossSettings) -> LossOutput:
+    """APO-zero for unpaired data (D'Oosterlinck et al. 2024, arXiv:2408.06266; TRL's `apo_zero_unpaired`):
+
+        desirable:   λ_D · [1 - σ(βr)]
+        undesirable: λ_U · σ(βr)
+
+    Raises the likelihood of desirable replies and lowers that of undesirable ones, with no reference
+    point (the KL completions are not read).
+    """
+    desirable = _desirable(policy)
+    logratios = policy.chosen - reference.chosen
+    losses = torch.where(desirable, 1 - torch.sigmoid(s.beta * logratios), torch.sigmoid(s.beta * logratios))
+    return _unpaired_output(losses, logratios, desirable, s, {})
+
+
+def weight_balance_warning(desirable: int, undesirable: int, s: LossSettings) -> str | None:
+    """The warning KTO's authors (§4.2) and TRL give when λ_D·n_D / (λ_U·n_U) is outside [1, 4/3]; None inside.
+
+    The ratio keeps the desirable examples' share of the loss at or slightly above the undesirable
+    ones'. `desirable` / `undesirable`: the training examples of each label.
+    """
+    if not desirable or not undesirable:
+        missing = "desirable" if not desirable else "undesirable"
+        return (f"stage: kto: the training data has no {missing} examples, so KTO learns from one label only; "
+                f"add {missing} examples (a thumbs-{'up' if missing == 'desirable' else 'down'} reply)")
+    ratio = s.kto_chosen_weight * desirable / (s.kto_rejected_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return None
+    low = undesirable * s.kto_rejected_weight / desirable
+    return (f"stage: kto: kto_chosen_weight * {desirable} desirable / (kto_rejected_weight * {undesirable} undesirable) "
+            f"= {ratio:.3g}, outside [1, 4/3] where the KTO paper recommends it; set kto_chosen_weight in "
+            f"[{low:.3g}, {low * 4 / 3:.3g}] (with kto_rejected_weight={s.kto_rejected_weight:g})")
+
+
+# --------------------------------------------------------------------------------------------------
 # Reference-free losses (the reference argument is ignored and may be None)
 
 
@@ -393,6 +495,7 @@ def sft_loss(policy: PairLogps, reference: PairLogps | None, s: LossSettings) ->
 # Registry
 
 _EPS = frozenset({"label_smoothing"})
+_KTO_WEIGHTS = frozenset({"kto_chosen_weight", "kto_rejected_weight"})
 _REF, _FREE = True, False  # needs_reference
 _SUM, _AVG = False, True  # averaged
 
@@ -436,6 +539,10 @@ LOSSES: dict[str, LossSpec] = {
     ),
     "sigmoid_norm": LossSpec(sigmoid_norm_loss, _REF, _AVG, "Lambert et al. 2024 (Tülu 3), arXiv:2411.15124"),
     "sft": LossSpec(sft_loss, _FREE, _AVG, "negative log-likelihood of the chosen reply"),
+    "kto": LossSpec(kto_loss, _REF, _SUM, "Ethayarajh et al. 2024 (KTO), arXiv:2402.01306", reads=_KTO_WEIGHTS,
+                    unpaired=True),
+    "apo_zero_unpaired": LossSpec(apo_zero_unpaired_loss, _REF, _SUM, "D'Oosterlinck et al. 2024 (APO), "
+                                  "arXiv:2408.06266", reads=_KTO_WEIGHTS, unpaired=True),
 }
 
 
@@ -534,6 +641,8 @@ def compute_preference_loss(
       3. WPO (`use_weighting`): the sum is multiplied by `wpo_weights(policy)`; metric `wpo_weight`.
       4. The BCO mix (`bco_weight` w > 0, LLaMA-Factory's): (loss + w·bco_pair) / (1 + w); metric `bco_loss`.
       5. The SFT term (`ftx` > 0, RPO, Pang et al. 2024): + ftx · chosen NLL; metric `sft_loss`.
+         For unpaired examples the term is the reply's NLL on desirable examples only (LLaMA-Factory's
+         KTO `pref_ftx`), 0 on undesirable ones.
     Rewards are those of the first named loss.
     """
     weights = [1.0] * len(names) if weights is None else list(weights)
@@ -570,6 +679,8 @@ def compute_preference_loss(
         metrics["bco_loss"] = bco.detach()
     if settings.ftx > 0:
         sft = policy.chosen_nll
+        if policy.desirable is not None:
+            sft = torch.where(policy.desirable.bool(), sft, 0.0)
         total = total + settings.ftx * sft
         metrics["sft_loss"] = sft.detach()
     return LossOutput(total, first.chosen_rewards, first.rejected_rewards, metrics)
@@ -586,6 +697,11 @@ class Objective:
     @property
     def needs_reference(self) -> bool:
         return needs_reference(list(self.names), self.settings)
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the objective reads unpaired examples (stage: kto) rather than pairs."""
+        return any(get_loss(name).unpaired for name in self.names)
 
     @property
     def per_pair(self) -> bool:

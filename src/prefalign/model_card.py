@@ -73,18 +73,24 @@ def _changed_loss_settings(config) -> dict:
 
     defaults = FinetuningArguments()
     keys = ("pref_ftx", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
-            "use_weighting", "f_divergence_type", "f_alpha_divergence_coef")
+            "use_weighting", "f_divergence_type", "f_alpha_divergence_coef", "kto_chosen_weight", "kto_rejected_weight")
     return {k: getattr(config.finetuning, k) for k in keys if getattr(config.finetuning, k) != getattr(defaults, k)}
 
 
 def _data(config, summary: DataSummary | None) -> list[str]:
     lines = []
     if summary:
+        unit = "examples" if summary.unpaired else "pairs"
         for name, count in summary.datasets.items():
             skipped = summary.skipped.get(name, 0)
-            lines.append(f"- `{name}`: {count} pairs" + (f" ({skipped} records skipped)" if skipped else ""))
+            split = summary.split_pairs.get(name)
+            lines.append(f"- `{name}`: {count} {unit}" + (f" ({skipped} records skipped)" if skipped else "")
+                         + (f" ({split} preference pairs, each split into a desirable and an undesirable example)"
+                            if split else ""))
         for split, stats in summary.splits():
-            lines.append(f"- {split}: {stats.pairs} pairs, {stats.truncated_prompts} prompts and "
+            labels = (f" ({stats.desirable} desirable, {stats.undesirable} undesirable)"
+                      if stats.desirable is not None else "")
+            lines.append(f"- {split}: {stats.pairs} {unit}{labels}, {stats.truncated_prompts} prompts and "
                          f"{stats.truncated_responses} responses truncated")
     else:
         data = config.data
@@ -162,8 +168,9 @@ def model_card(config, out: str | Path) -> str:
         f"# {out.resolve().name}",
         "",
         f"This is {what} `{config.model.model_name_or_path}`, aligned to human preferences with "
-        f"`{','.join(config.finetuning.pref_loss)}` (preference optimisation in the DPO family) by "
-        "prefalign.",
+        f"`{','.join(config.finetuning.pref_loss)}` ("
+        + ("KTO-style alignment on unpaired desirable/undesirable feedback" if config.objective.unpaired
+           else "preference optimisation in the DPO family") + ") by prefalign.",
         "",
         "## Training",
         "",

@@ -207,6 +207,8 @@ def _samples_section(samples: dict | None) -> str:
     if not samples or not samples.get("pairs"):
         return '<p class="muted">No pairs were scored for this report.</p>'
     which = "held-out" if samples.get("held_out") else "training (the run had no held-out data)"
+    if "label" in samples["pairs"][0]:
+        return _examples_section(samples["pairs"], which)
     rows = []
     for s in samples["pairs"]:
         margin = s.get("margin")
@@ -223,6 +225,26 @@ def _samples_section(samples: dict | None) -> str:
             "A positive reward margin means the training moved the policy towards the chosen reply.</p>"
             '<table id="pairs"><thead><tr><th>#</th><th>prompt (as the model reads it)</th><th>chosen</th>'
             "<th>rejected</th><th>policy margin</th><th>reference margin</th><th>reward margin</th><th>loss</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _examples_section(examples: list[dict], which: str) -> str:
+    """The samples of a KTO run: one reply per example, its label and reward."""
+    rows = []
+    for s in examples:
+        reward, label = s.get("reward"), s["label"]
+        good = reward is not None and (reward > 0) == label
+        cls = "" if reward is None else (' class="num good"' if good else ' class="num bad"')
+        rows.append(
+            f"<tr><td>{_esc(s['index'])}</td><td><pre>{_esc(s['prompt'])}</pre></td><td><pre>{_esc(s['reply'])}</pre>"
+            f"</td><td>{'desirable' if label else 'undesirable'}</td>"
+            + (f"<td{cls} title=\"{reward!r}\">{reward:.4g}</td>" if reward is not None else _num(None))
+            + f"{_num(s.get('kl'))}{_num(s.get('loss'))}</tr>")
+    return (f"<p>The first {len(examples)} {which} examples. Reward = β × (log π(reply) − log π_ref(reply)) "
+            "summed over response tokens; it should grow positive for desirable replies and negative for "
+            "undesirable ones. KL: the reference point z_ref of the batch.</p>"
+            '<table id="pairs"><thead><tr><th>#</th><th>prompt (as the model reads it)</th><th>reply</th>'
+            "<th>label</th><th>reward</th><th>kl</th><th>loss</th>"
             f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 

@@ -13,7 +13,7 @@ import torch
 
 from prefalign.contracts import LossOutput, PairLogps, batch_to
 from prefalign.losses import Objective
-from prefalign.metrics import pair_metrics
+from prefalign.metrics import pair_metrics, reduced, sum_and_count
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.reference import Reference, ReferencePlan, build_reference, plan_reference
@@ -47,12 +47,44 @@ def score_batch(model, reference: Reference, objective: Objective, batch: dict, 
     policy = pair_logps(model, batch, chunk_size=chunk_size, token_level=s.ld_alpha is not None,
                         want_sqnorm=s.use_weighting)
     ref = reference.logps(batch, split=split)
+    if objective.unpaired:  # KTO examples: the labels say which side of the loss each one is on
+        if "desirable" not in batch:
+            raise ValueError(f"the objective {','.join(objective.names)} reads unpaired examples, but the batch has "
+                             "no 'desirable' labels; encode the data with stage: kto")
+        policy = dataclasses.replace(policy, desirable=batch["desirable"])
+        if ref is not None:
+            ref = dataclasses.replace(ref, desirable=batch["desirable"])
     return objective(policy, ref), policy, ref
 
 
 def metric_values(out: LossOutput, policy: PairLogps) -> dict[str, torch.Tensor]:
     """Per-pair values (B,) of the metrics `PreferenceTrainer` logs, under its names, plus `loss`."""
     return {"loss": out.losses.detach().float(), **pair_metrics(out, policy)}
+
+
+def example_rows(index: torch.Tensor, out: LossOutput, policy: PairLogps, reference: PairLogps | None,
+                 *, per_pair_loss: bool = True) -> list[dict]:
+    """One dict per KTO example: `index`, `label` (true: desirable), policy/reference log-probs of the
+    reply and of its KL completion, the reply's tokens, `reward` (β·log-ratio), `kl` (the batch's
+    reference point, where the loss has one) and `loss`."""
+
+    def column(t: torch.Tensor | None) -> list:
+        return [None] * len(index) if t is None else t.detach().float().cpu().tolist()
+
+    rewards = torch.where(policy.desirable.bool(), out.chosen_rewards, out.rejected_rewards)
+    cols = {
+        "index": index.tolist(),
+        "label": policy.desirable.bool().tolist(),
+        "policy_logps": column(policy.chosen),
+        "reference_logps": column(reference.chosen if reference is not None else None),
+        "policy_kl_logps": column(policy.rejected),
+        "reference_kl_logps": column(reference.rejected if reference is not None else None),
+        "tokens": [int(n) for n in policy.chosen_tokens.tolist()],
+        "reward": column(rewards),
+        "kl": column(out.metrics.get("kl")),
+        "loss": column(out.losses if per_pair_loss else None),
+    }
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 def pair_rows(index: torch.Tensor, out: LossOutput, policy: PairLogps, reference: PairLogps | None,
@@ -66,6 +98,8 @@ def pair_rows(index: torch.Tensor, out: LossOutput, policy: PairLogps, reference
     def column(t: torch.Tensor | None) -> list:
         return [None] * len(index) if t is None else t.detach().float().cpu().tolist()
 
+    if policy.desirable is not None:
+        return example_rows(index, out, policy, reference, per_pair_loss=per_pair_loss)
     cols = {
         "index": index.tolist(),
         "policy_chosen_logps": column(policy.chosen),
@@ -105,7 +139,7 @@ class Scorer:
         was_training = getattr(self.policy, "training", False)
         self.policy.eval()
         rows: list[dict] = []
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
         meter = self.throughput_meter(device)
         try:
             with torch.no_grad():
@@ -116,11 +150,12 @@ class Scorer:
                                                          split=split, chunk_size=self.chunk_size)
                     rows += pair_rows(batch["index"], out, policy, reference, per_pair_loss=self.objective.per_pair)
                     for key, value in metric_values(out, policy).items():
-                        sums[key] += value.double().sum().item()
+                        sums[key] += sum_and_count(value.double()).cpu()
         finally:
             self.policy.train(was_training)
-        count = max(len(rows), 1)
-        return rows, {**{key: total / count for key, total in sums.items()}, **meter.report()}
+        means = {key: value for key, (total, count) in sums.items()
+                 if (value := reduced(key, total.item(), count.item())) is not None}
+        return rows, {**means, **meter.report()}
 
     def throughput_meter(self, device) -> ThroughputMeter:
         """Forward passes only: the policy's, and the reference's when it runs (modeling/throughput.py)."""
@@ -129,9 +164,17 @@ class Scorer:
         return ThroughputMeter(ModelShape.of(self.policy), passes, matmul_rate(device, dtype))
 
     def samples(self, dataset, collator, tokenizer, *, device, split: str = "eval", count: int = 5) -> list[dict]:
-        """The first `count` pairs of `dataset`, decoded, with their rows and policy / reference margins."""
+        """The first `count` pairs of `dataset`, decoded, with their rows and policy / reference margins.
+
+        KTO examples: each with its label, reply and reward (`example_rows`); a batch of all of them, so
+        their reference point is the samples' own.
+        """
         subset = dataset.select(range(min(count, len(dataset))))
         rows, _ = self.score(subset, collator, batch_size=len(subset), device=device, split=split)
+        if "desirable" in subset.column_names:
+            return [{**row, "prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=False),
+                     "reply": tokenizer.decode(pair["chosen_ids"], skip_special_tokens=True)}
+                    for row, pair in zip(rows, subset)]
         samples = []
         for row, pair in zip(rows, subset):
             ref_c, ref_r = row["reference_chosen_logps"], row["reference_rejected_logps"]

@@ -14,7 +14,7 @@ BASE = {"model_name_or_path": "m", "dataset": "d", "output_dir": "out"}
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_config_loads(path):
     config = load_config(path)
-    assert config.finetuning.stage == "dpo"
+    assert config.finetuning.stage == ("kto" if "kto" in path.name else "dpo")
     assert config.model.model_name_or_path
 
 

@@ -96,7 +96,6 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
     ("reward_model", "rm", "reward_model: only LLaMA-Factory's ppo (its reward model) stage reads it"),
     ("train_on_prompt", True, "train_on_prompt: only LLaMA-Factory's sft stage reads it"),
-    ("kto_chosen_weight", 2.0, "kto_chosen_weight: only LLaMA-Factory's kto stage reads it"),
 ])
 def test_a_key_off_lfs_default_gets_the_tables_answer(key, value, words):
     with pytest.raises(ConfigError) as info:

@@ -3,13 +3,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, ROOT, model_with_template, write_json
+from helpers import EXAMPLES, ROOT, model_with_template, with_llama3_tokens, write_json
 
 from prefalign.data.templates import resolve_template
 
@@ -36,19 +35,6 @@ def dpo_en_demo(folder: Path, n: int = 12) -> None:
          "rejected": {"from": "gpt", "value": "I do not know."}} for i in range(n)])
 
 
-def with_llama3_tokens(model_dir: str, path: Path) -> str:
-    """The tiny model with Llama 3's markup tokens added (and its embeddings resized), so `template: llama3` fits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    shutil.copytree(model_dir, path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
-                                                                "<|eot_id|>", "<|eom_id|>"]})
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def example(tmp_path: Path, name: str, pref_loss: str = "sigmoid") -> Path:

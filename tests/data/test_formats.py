@@ -253,7 +253,7 @@ def test_registry_openai_formatting_reads_messages_with_role_and_content():
     ("alpaca", {"choosen": "x"}, None, "unknown key \"columns\".\"choosen\" (did you mean 'chosen'?)"),
     ("sharegpt", None, {"role": "x"}, "unknown key \"tags\".\"role\""),
     ("alpaca", {"images": "img"}, None, "text-only"),
-    ("alpaca", {"kto_tag": "label"}, None, "KTO"),
+    ("alpaca", {"kto_tag": 3}, None, "\"columns\".\"kto_tag\" is a number (3); expected a name"),
     ("alpaca", {"chosen": 3}, None, "expected a name"),
     ("alpaca", {"chosen": None}, None, "is null"),
     ("alpaca", "chosen", None, "expected an object"),

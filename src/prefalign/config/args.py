@@ -16,6 +16,9 @@ FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
 ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
 ON_BAD_RECORD = ("error", "skip")
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
+STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
+"""The stages prefalign runs, each with its default `pref_loss`: dpo trains on preference pairs, kto
+on unpaired examples (one reply with a thumbs-up or down; paired data is split in two)."""
 
 
 def is_adapter(finetuning_type: str) -> bool:
@@ -205,7 +208,8 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: str = _help("Training stage; prefalign runs `dpo` (the DPO family of losses).", "dpo")
+    stage: str = _help("Training stage: `dpo` (preference pairs, the DPO family of losses) or `kto` (unpaired "
+                       "examples with a desirable/undesirable label; paired data is split in two).", "dpo")
     finetuning_type: str = _help(
         "`lora`, `oft` (orthogonal fine-tuning, peft's OFT), `full` or `freeze`. LoRA and OFT are adapters: "
         "the reference is the policy with its adapter switched off.",
@@ -255,9 +259,9 @@ class FinetuningArguments:
     )
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
-    pref_loss: list[str] = _help(
-        "Loss name, or a list (YAML list or comma-separated) combined with `pref_loss_weights` (see the loss table).",
-        ["sigmoid"],
+    pref_loss: list[str] | None = _help(
+        "Loss name, or a list (YAML list or comma-separated) combined with `pref_loss_weights` (see the loss table). "
+        "Default: `sigmoid` with stage: dpo, `kto` with stage: kto (`apo_zero_unpaired` is the other unpaired loss).",
     )
     pref_loss_weights: list[float] | None = _help("Weights, one per `pref_loss` entry (a list).")
     pref_ftx: float = _help("Weight of an SFT (NLL) term on the chosen responses (RPO).", 0.0)
@@ -271,6 +275,8 @@ class FinetuningArguments:
         "f-DPO divergence: reverse_kl, forward_kl, js_divergence or alpha_divergence.", "reverse_kl"
     )
     f_alpha_divergence_coef: float = _help("α of the alpha divergence.", 1.0)
+    kto_chosen_weight: float = _help("stage: kto: λ_D, the weight of the desirable examples' losses.", 1.0)
+    kto_rejected_weight: float = _help("stage: kto: λ_U, the weight of the undesirable examples' losses.", 1.0)
     # reference
     ref_model: str | None = _help("A separate reference model (default: see reference strategies).")
     ref_model_adapters: list[str] | None = _help("Adapter(s) merged into `ref_model` (a list).")
@@ -307,14 +313,20 @@ class FinetuningArguments:
         "Allow writing into a non-empty output dir (otherwise: resume or stop).", False
     )
 
+    def __post_init__(self):
+        if self.pref_loss is None:
+            self.pref_loss = list(STAGE_LOSSES.get(self.stage, STAGE_LOSSES["dpo"]))
+
     def problems(self) -> list[str]:
-        from prefalign.config.checks import loss_problems, loss_settings_of
+        from prefalign.config.checks import loss_problems, loss_settings_of, stage_problems
         from prefalign.losses import needs_reference
 
         problems = []
-        if self.stage != "dpo":
-            problems.append(f"stage: prefalign runs preference optimization (stage: dpo), not {self.stage!r}; "
-                            "set stage: dpo")
+        if self.stage not in STAGE_LOSSES:
+            problems.append(f"stage: prefalign runs preference optimization (stage: dpo, or kto for unpaired "
+                            f"feedback), not {self.stage!r}; set stage: dpo or stage: kto")
+        else:
+            problems += stage_problems(self)
         problems += _one_of("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
         if self.lora_rank < 1:
             problems.append(f"lora_rank: {self.lora_rank} must be at least 1")

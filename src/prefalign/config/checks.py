@@ -67,7 +67,39 @@ def loss_settings_of(ft) -> LossSettings:
         use_weighting=ft.use_weighting,
         f_divergence_type=ft.f_divergence_type,
         f_alpha_divergence_coef=ft.f_alpha_divergence_coef,
+        kto_chosen_weight=ft.kto_chosen_weight,
+        kto_rejected_weight=ft.kto_rejected_weight,
     )
+
+
+def stage_problems(ft) -> list[str]:
+    """The losses and settings `stage` allows: kto reads unpaired examples, dpo pairs; [] if they agree."""
+    known = [name for name in ft.pref_loss or [] if name in LOSSES]
+    problems = []
+    if ft.stage == "kto":
+        paired = [name for name in known if not LOSSES[name].unpaired]
+        if paired:
+            problems.append(f"pref_loss={_names_list(paired)} compares preference pairs, but stage: kto trains on "
+                            "unpaired examples; use pref_loss: kto or apo_zero_unpaired (or stage: dpo)")
+        for key, value, off in (("ld_alpha", ft.ld_alpha, None), ("use_weighting", ft.use_weighting, False),
+                                ("pref_bco_weight", ft.pref_bco_weight, 0.0)):
+            if value != off:
+                problems.append(f"{key} weighs a pair's two replies against each other; stage: kto has one reply per "
+                                f"example, so remove {key}")
+        for key in ("kto_chosen_weight", "kto_rejected_weight"):
+            if getattr(ft, key) <= 0:
+                problems.append(f"{key}={getattr(ft, key)} must be > 0 (it weighs the "
+                                f"{'desirable' if 'chosen' in key else 'undesirable'} examples' losses); e.g. 1.0")
+    else:
+        unpaired = [name for name in known if LOSSES[name].unpaired]
+        if unpaired:
+            problems.append(f"pref_loss={_names_list(unpaired)} trains on unpaired examples (a reply with a label); "
+                            "set stage: kto, or use a pair loss such as sigmoid (or kto_pair)")
+        for key in ("kto_chosen_weight", "kto_rejected_weight"):
+            if getattr(ft, key) != 1.0:
+                problems.append(f"{key} weighs the examples of stage: kto, but stage is {ft.stage}; set stage: kto "
+                                f"or remove {key}")
+    return problems
 
 
 

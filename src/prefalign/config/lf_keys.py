@@ -61,7 +61,6 @@ _SGLANG = "chat generates with transformers' generate, not SGLang"
 _PPO = "ppo"
 _RM = "ppo (its reward model)"
 _SFT = "sft"
-_KTO = "kto"
 
 # Section -> {key: answer}, in the order of LF's dataclasses (a key LF defines twice is listed once).
 SECTIONS: dict[str, dict[str, LFKey]] = {
@@ -212,8 +211,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "pref_bco_weight": _impl(0.0),
         "pref_loss": _impl("sigmoid"),
         "dpo_label_smoothing": _impl(0.0),
-        "kto_chosen_weight": _stage(1.0, _KTO),
-        "kto_rejected_weight": _stage(1.0, _KTO),
+        "kto_chosen_weight": _impl(1.0),
+        "kto_rejected_weight": _impl(1.0),
         "simpo_gamma": _impl(0.5),
         "ppo_buffer_size": _stage(1, _PPO),
         "ppo_epochs": _stage(4, _PPO),
@@ -258,7 +257,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
     },
     "FinetuningArguments": {
         "pure_bf16": _not_here(False, "pure bf16 training (bf16 weights, no mixed precision)"),
-        "stage": _impl("sft", "prefalign runs `stage: dpo`; any other stage is refused"),
+        "stage": _impl("sft", "prefalign runs `stage: dpo` and `stage: kto`; any other stage is refused"),
         "finetuning_type": _impl("lora", "lora, oft, full, freeze"),
         "use_llama_pro": _not_here(False, "LLaMA Pro"),
         "use_adam_mini": _not_here(False, "the Adam-mini optimizer"),

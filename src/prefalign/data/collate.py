@@ -69,9 +69,18 @@ class PairCollator:
             attention_mask[i, : len(row)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
                  "layout": BatchLayout.CONCATENATED}
-        if "index" in features[0]:
-            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        batch.update(per_pair_columns(features))
         return batch
+
+
+def per_pair_columns(features: list[dict]) -> dict[str, torch.Tensor]:
+    """The per-pair tensors every layout carries: `index` (B,) long and, for KTO examples, `desirable` (B,) bool."""
+    columns = {}
+    if "index" in features[0]:
+        columns["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    if "desirable" in features[0]:
+        columns["desirable"] = torch.tensor([bool(f["desirable"]) for f in features], dtype=torch.bool)
+    return columns
 
 
 def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, list[int]]:
@@ -120,8 +129,7 @@ class PrefixSharedCollator:
             for key in ("input_ids", "labels", "segment_ids", "position_ids"):
                 batch[key][i, :n] = torch.tensor(p[key])
             batch["attention_mask"][i, :n] = 1
-        if "index" in features[0]:
-            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        batch.update(per_pair_columns(features))
         return batch
 
 

@@ -141,8 +141,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(json.dumps([pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs],
-                                 sort_keys=True).encode())
+        fields = [pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs]
+        if pair.desirable is not None:  # a KTO example (a pair's fingerprint is unchanged)
+            fields.append(pair.desirable)
+        digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -176,9 +178,11 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
                 raise PairError(first["stage"], f"{first['file']} record {first['index']}", first["field"], first["reason"])
             return cached
 
+    unpaired = bool(pairs) and pairs[0].desirable is not None  # KTO examples carry their label through
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
-         "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i}
+         "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i,
+         **({"desirable": bool(p.desirable)} if unpaired else {})}
         for i, p in enumerate(pairs)
     ])
 

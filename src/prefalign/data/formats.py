@@ -13,6 +13,11 @@ Shapes (the column names are the defaults; a `dataset_info.json` entry can renam
                shapes, and UltraFeedback-binarized (chosen/rejected repeat the prompt)
     implicit   chosen, rejected only: two whole conversations sharing all but the last message,
                or two Anthropic-HH transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...")
+    unpaired   prompt, completion, label: TRL's unpaired (KTO) shape, one reply and its label
+
+KTO data (`to_example`: one reply with a true/false label) also comes as LLaMA-Factory's: a
+`dataset_info.json` entry with a `kto_tag` column, its records alpaca (instruction, input, output)
+or sharegpt/openai (the conversation's last assistant message is the reply).
 
 A reply (`chosen`/`rejected`) may be a string, one assistant message, a list holding one assistant
 message, or the whole conversation (the prompt's messages, then one assistant message).
@@ -83,6 +88,10 @@ class Columns:
     chosen: str = "chosen"
     rejected: str = "rejected"
     chat_template_kwargs: str | None = "chat_template_kwargs"
+    response: str | None = None
+    """Unpaired records: the column of the one reply (alpaca's `output`, TRL's `completion`)."""
+    kto_tag: str | None = None
+    """Unpaired records: the column of the label (true: desirable, false: undesirable); set for KTO data only."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,11 @@ class RecordFormat:
     columns: Columns = field(default_factory=Columns)
     tags: Tags = AUTO_TAGS
 
+    @property
+    def unpaired(self) -> bool:
+        """Whether a record holds one labelled reply (KTO data) rather than a preference pair."""
+        return self.columns.kto_tag is not None
+
 
 # ---------------------------------------------------------------------------------------------
 # Converting one record
@@ -155,13 +169,60 @@ def to_pair(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferenceP
                           _template_kwargs(record, fmt.columns.chat_template_kwargs))
 
 
-def _read_alpaca(record: dict, fmt: RecordFormat) -> Parts:
+def to_example(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferencePair:
+    """Convert one unpaired record (a prompt, one reply, its label) to a KTO example: a `PreferencePair`
+    with `desirable` set, the reply as `chosen` and no `rejected` yet (data/feedback.py pairs it with
+    its KL completion); raise `RecordError` naming the field if it is not usable."""
+    if not isinstance(record, dict):
+        raise RecordError(WHOLE_RECORD, f"expected an object with named fields, found {_kind(record)}")
     cols = fmt.columns
+    desirable = _label(record, cols.kto_tag)
+    if fmt.shape == "alpaca":
+        turns = _alpaca_turns(record, cols)
+        system, reply = _optional_text(record, cols.system), _text(_required(record, cols.response), cols.response)
+    elif fmt.shape in ("sharegpt", "openai"):
+        # LLaMA-Factory's KTO records: the conversation's last (assistant) message is the reply.
+        turns = _messages(_required(record, cols.messages), cols.messages, fmt.tags)
+        system = _leading_system(turns, record, cols.system)
+        if not turns:
+            raise RecordError(cols.messages, "is an empty list: expected a conversation ending with the reply")
+        reply = _assistant(turns.pop(), "the last message (the labelled reply)")
+    else:  # TRL's unpaired shape: prompt, completion, label
+        turns = _prompt_turns(record, fmt)
+        system = _leading_system(turns, record, cols.system)
+        reply = _reply(_required(record, cols.response), cols.response, turns, fmt.tags)
+    _check_prompt(turns, fmt)
+    if not reply.strip():
+        raise RecordError(cols.response or cols.messages, "the reply is empty or whitespace only: expected the "
+                                                          "assistant's reply")
+    prompt: list[Message] = [{"role": SYSTEM, "content": system}] if system else []
+    prompt += [{"role": turn.role, "content": turn.content, **(turn.extra or {})} for turn in turns]
+    return PreferencePair(prompt, reply, "", source, _tools(record, cols.tools),
+                          _template_kwargs(record, cols.chat_template_kwargs), desirable=desirable)
+
+
+def _label(record: dict, column: str) -> bool:
+    """A KTO label: a boolean, or the strings "true" / "false" (any case)."""
+    value = _required(record, column)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise RecordError(column, f"expected the label true (a desirable reply) or false (an undesirable one), "
+                                  f"found {_kind(value)}")
+    return value
+
+
+def _alpaca_turns(record: dict, cols: Columns) -> list[Turn]:
     turns = _history(record, cols.history)
     # LLaMA-Factory's rule: the user turn is "instruction\ninput", leaving out an empty part.
     parts = [_text(_required(record, cols.prompt), cols.prompt), _optional_text(record, cols.query)]
     turns.append(Turn(USER, "\n".join(part for part in parts if part), cols.prompt))
-    return (turns, _optional_text(record, cols.system), *_replies(record, fmt, turns))
+    return turns
+
+
+def _read_alpaca(record: dict, fmt: RecordFormat) -> Parts:
+    turns = _alpaca_turns(record, fmt.columns)
+    return (turns, _optional_text(record, fmt.columns.system), *_replies(record, fmt, turns))
 
 
 def _read_conversation(record: dict, fmt: RecordFormat) -> Parts:
@@ -171,14 +232,17 @@ def _read_conversation(record: dict, fmt: RecordFormat) -> Parts:
     return (turns, system, *_replies(record, fmt, turns))
 
 
-def _read_prompt(record: dict, fmt: RecordFormat) -> Parts:
+def _prompt_turns(record: dict, fmt: RecordFormat) -> list[Turn]:
     column = fmt.columns.prompt
     value = _required(record, column)
     if isinstance(value, list):
-        turns = _messages(value, column, fmt.tags)
-    else:
-        # A prompt string is one user message (TRL's standard shape).
-        turns = [Turn(USER, _text(value, column, "a string or a list of messages"), column)]
+        return _messages(value, column, fmt.tags)
+    # A prompt string is one user message (TRL's standard shape).
+    return [Turn(USER, _text(value, column, "a string or a list of messages"), column)]
+
+
+def _read_prompt(record: dict, fmt: RecordFormat) -> Parts:
+    turns = _prompt_turns(record, fmt)
     system = _leading_system(turns, record, fmt.columns.system)
     return (turns, system, *_replies(record, fmt, turns))
 
@@ -273,6 +337,10 @@ SHAPES: dict[str, Shape] = {
                     Columns(prompt="prompt", query=None, system="system", tools="tools")),
     "implicit": Shape(("chosen", "rejected"), _read_implicit,
                       Columns(prompt=None, query=None, messages=None, tools="tools")),
+    # TRL's unpaired (KTO) shape; records are read by `to_example`, never as pairs
+    "unpaired": Shape(("prompt", "completion", "label"), _read_prompt,
+                      Columns(prompt="prompt", query=None, system="system", tools="tools", response="completion",
+                              kto_tag="label")),
 }
 
 
@@ -542,7 +610,7 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
         if isinstance(record, dict):
             keys.update(record)
     fits = [name for name, shape in SHAPES.items() if set(shape.keys) <= keys]
-    if len(fits) > 1:
+    if len(fits) > 1 and "implicit" in fits:
         fits.remove("implicit")  # any prompt column means the prompt is explicit
     if fits == ["openai", "prompt"]:
         # UltraFeedback-binarized keeps the chosen conversation in `messages` beside `prompt`.
@@ -552,7 +620,8 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
     considered = "; ".join(f"{name} ({', '.join(shape.keys)})" for name, shape in SHAPES.items())
     problem = (f"fit several shapes ({', '.join(fits)})" if fits
                else "fit no preference record shape")
-    hint = (" (a preference dataset needs 'chosen' and 'rejected' columns)"
+    hint = (" (a preference dataset needs 'chosen' and 'rejected' columns; KTO data 'prompt', 'completion' and "
+            "'label')"
             if not {"chosen", "rejected"} <= keys else "")
     raise DataError(f"{where}: cannot tell the record format: its columns {sorted(keys)} {problem}"
                     f"{hint}. Shapes considered: {considered}. Rename the columns, or register the "
@@ -561,12 +630,11 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
 
 REGISTRY_FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen",
-               "rejected", "chat_template_kwargs")
+               "rejected", "chat_template_kwargs", "kto_tag")
 UNSUPPORTED_COLUMNS = {
     "images": "prefalign trains text-only models",
     "videos": "prefalign trains text-only models",
     "audios": "prefalign trains text-only models",
-    "kto_tag": "it marks a KTO dataset (single labelled replies), not preference pairs",
 }
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
             "function_tag", "system_tag")
@@ -584,7 +652,11 @@ def format_from_registry(formatting: Any, columns: Any, tags: Any, where: str) -
                         f"{', '.join(REGISTRY_FORMATTINGS)}")
     defaults = Columns(messages="messages") if formatting == "openai" else Columns()
     renamed = _names_map(columns, "columns", COLUMN_KEYS, where, UNSUPPORTED_COLUMNS)
-    renamed.pop("response", None)  # the SFT answer; a preference dataset's replies are chosen/rejected
+    if renamed.get("kto_tag"):  # a KTO dataset: one reply per record (alpaca's `output`, or the last message)
+        renamed.setdefault("response", "output")
+    else:
+        renamed.pop("kto_tag", None)
+        renamed.pop("response", None)  # the SFT answer; a preference dataset's replies are chosen/rejected
     tag_names = {**(OPENAI_TAG_NAMES if formatting == "openai" else SHAREGPT_TAG_NAMES),
                  **_names_map(tags, "tags", TAG_KEYS, where, {})}
     for key in ("chosen", "rejected", "prompt" if formatting == "alpaca" else "messages"):

@@ -47,7 +47,8 @@ def run_data(config: RunConfig, examples: int = 2) -> str:
     from prefalign.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
-    data = prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=bool(config.data.dataset))
+    data = prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=bool(config.data.dataset),
+                        unpaired=config.objective.unpaired)
     report = format_report(data, tokenizer, examples)
     print(report, flush=True)
     return report

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from prefalign.contracts import IGNORE_INDEX, SEGMENT_CHOSEN, SEGMENT_REJECTED, BatchLayout
-from prefalign.data.collate import _round_up, pack_pair, padded_rows
+from prefalign.data.collate import _round_up, pack_pair, padded_rows, per_pair_columns
 
 
 def pair_block(prompt: list[int], chosen: list[int], rejected: list[int], *, prefix_sharing: bool) -> dict:
@@ -107,6 +107,5 @@ class PackedCollator:
             batch["attention_mask"][r, :offset] = 1
         batch["spans"] = torch.tensor(spans, dtype=torch.long)
         batch["layout"] = BatchLayout.PACKED
-        if "index" in features[0]:
-            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        batch.update(per_pair_columns(features))
         return batch

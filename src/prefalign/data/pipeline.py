@@ -16,6 +16,7 @@ from pathlib import Path
 from prefalign.config.args import DataArguments
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pairs
+from prefalign.data.feedback import label_counts, with_kl_completions
 from prefalign.data.sources import load_preference_pairs
 from prefalign.data.summary import DataSummary, SplitSummary, token_lengths
 from prefalign.errors import STAGES, ConfigError, DataError
@@ -54,12 +55,16 @@ def split_held_out(pairs: list, val_size: float, seed: int) -> tuple[list, list]
 
 
 def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: bool = True,
-                 cache_dir: str | None = None) -> PreparedData:
-    """Load, split and encode the training and evaluation data of a config."""
+                 cache_dir: str | None = None, unpaired: bool = False) -> PreparedData:
+    """Load, split and encode the training and evaluation data of a config.
+
+    `unpaired` (stage: kto, `Objective.unpaired`): the data is KTO examples (data/feedback.py), each
+    split's examples paired with their KL completions after the held-out split.
+    """
     renderer = ChatRenderer.from_config(tokenizer, data_args)
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
-                  interleave_probs=data_args.interleave_probs or None)
+                  interleave_probs=data_args.interleave_probs or None, unpaired=unpaired)
     summary = DataSummary(template=renderer.name, cutoff_len=data_args.cutoff_len, end_of_turn=renderer.end_of_turn)
     rejects: list[dict] = []
     splits: dict[str, list] = {}
@@ -69,6 +74,7 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         pairs, report = load_preference_pairs(data_args.dataset, data_args.dataset_dir, **common)
         summary.datasets.update(report.used)
         summary.skipped.update(report.skipped)
+        summary.split_pairs.update(report.split_pairs)
         rejects += report.rejects
         splits["train"], splits["eval"] = split_held_out(pairs, data_args.val_size, seed)
         summary.held_out = len(splits["eval"])
@@ -78,8 +84,11 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         pairs, report = load_preference_pairs(data_args.eval_dataset, data_args.dataset_dir, **eval_common)
         summary.datasets.update({f"{k} (eval)": v for k, v in report.used.items()})
         summary.skipped.update({f"{k} (eval)": v for k, v in report.skipped.items()})
+        summary.split_pairs.update({f"{k} (eval)": v for k, v in report.split_pairs.items()})
         rejects += report.rejects
         splits["eval"] = pairs
+    if unpaired:
+        splits = {name: with_kl_completions(examples) for name, examples in splits.items()}
     encoded = {}
     for name, pairs in splits.items():
         if not pairs:
@@ -96,6 +105,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
                             f"record {first['index']} ({first['stage']}), field {first['field']}: {first['reason']}")
         rejects += split_rejects
         encoded[name] = dataset
+        if unpaired:
+            stats["desirable"], stats["undesirable"] = label_counts(dataset)
         setattr(summary, name, SplitSummary(**stats, token_lengths=token_lengths(dataset)))
     summary.skipped_by_stage = {stage: n for stage in STAGES if (n := sum(r["stage"] == stage for r in rejects))}
     if need_train and not encoded.get("train"):

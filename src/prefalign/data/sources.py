@@ -30,8 +30,10 @@ from prefalign.data.formats import (
     detect_format,
     hint_in_parentheses,
     format_from_registry,
+    to_example,
     to_pair,
 )
+from prefalign.data.feedback import unpair
 from prefalign.errors import ConfigError, DataError
 
 REGISTRY_FILE = "dataset_info.json"
@@ -45,12 +47,14 @@ class DataReport:
     `loaded`: pairs kept; `skipped`: records left out as bad (on_bad_record: skip); `rejects`: one
     entry per skipped record ({"dataset", "file", "index", "line", "stage", "field", "reason", "record"});
     `used`: pairs each dataset contributes after mixing (differs from `loaded` when interleaving).
+    `split_pairs`: with `unpaired`, the preference pairs of each paired dataset split into two KTO examples.
     """
 
     loaded: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
     used: dict[str, int] = field(default_factory=dict)
+    split_pairs: dict[str, int] = field(default_factory=dict)
 
 
 def load_preference_pairs(
@@ -62,6 +66,7 @@ def load_preference_pairs(
     mix_strategy: str = "concat",
     interleave_probs: list[float] | None = None,
     seed: int = 42,
+    unpaired: bool = False,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Read each named dataset, convert its records, and mix them into one list of pairs.
 
@@ -79,8 +84,15 @@ def load_preference_pairs(
     for name in names:
         spec = resolve_dataset(name, dataset_dir, registry)
         records, fmt = read_dataset(spec)
+        if fmt.unpaired and not unpaired:
+            raise DataError(f"{spec.where}: holds unpaired records (one reply with a label, KTO data), not "
+                            "preference pairs; train on it with stage: kto")
         records = sample_records(records, spec.num_samples, max_samples, seed, name)
-        per_dataset.append(convert_records(records, fmt, spec, on_bad_record, report))
+        converted = convert_records(records, fmt, spec, on_bad_record, report)
+        if unpaired and not fmt.unpaired:
+            report.split_pairs[name] = len(converted)
+            converted = unpair(converted)
+        per_dataset.append(converted)
     pairs = mix(per_dataset, mix_strategy, interleave_probs, seed)
     for name in names:
         report.used[name] = 0
@@ -157,10 +169,14 @@ class Registry:
         for key in entry:
             if key not in REGISTRY_KEYS:
                 raise DataError(f"{where}: unknown key \"{key}\"{hint_in_parentheses(key, REGISTRY_KEYS)}")
-        if entry.get("ranking", False) is not True:
+        kto = isinstance(entry.get("columns"), dict) and bool(entry["columns"].get("kto_tag"))
+        if kto and entry.get("ranking", False) is not False:
+            raise DataError(f"{where}: \"ranking\" is true but \"columns\" names a \"kto_tag\": a KTO dataset "
+                            "holds one labelled reply per record; set \"ranking\": false (or remove it)")
+        if not kto and entry.get("ranking", False) is not True:
             raise DataError(f"{where} is not a preference dataset: add \"ranking\": true to its entry "
-                            "if its records hold chosen and rejected replies (prefalign trains on "
-                            "preference pairs only)")
+                            "if its records hold chosen and rejected replies, or name the label column of "
+                            "KTO data (one reply with a thumbs-up or down) in \"columns\": {\"kto_tag\": ...}")
         fmt = format_from_registry(entry.get("formatting", "alpaca"), entry.get("columns"),
                                    entry.get("tags"), where)
         num_samples = entry.get("num_samples")
@@ -481,7 +497,7 @@ def convert_records(records: list[RawRecord], fmt: RecordFormat, spec: DatasetSp
         try:
             if raw.error is not None:
                 raise raw.error
-            pairs.append(to_pair(raw.value, fmt, raw.source))
+            pairs.append((to_example if fmt.unpaired else to_pair)(raw.value, fmt, raw.source))
         except RecordError as err:
             if on_bad_record == "error":
                 raise DataError(f"{raw.source}, field '{err.field}': {err.reason}; {SKIP_HINT}") from None

@@ -31,6 +31,9 @@ class SplitSummary:
     """Pairs that failed to render or tokenize (on_bad_record: skip)."""
     token_lengths: dict[str, dict[str, float]] = field(default_factory=dict)
     """part -> {"min", "p50", "p90", "p99", "max"} (numpy's linear-interpolation percentiles)."""
+    desirable: int | None = None
+    """KTO examples (stage: kto): how many are desirable (their `pairs` count examples); None for pairs."""
+    undesirable: int | None = None
 
 
 @dataclass
@@ -46,6 +49,8 @@ class DataSummary:
     skipped_by_stage: dict[str, int] = field(default_factory=dict)
     """stage (errors.STAGES) -> records skipped there, over all datasets and splits."""
     held_out: int = 0
+    split_pairs: dict[str, int] = field(default_factory=dict)
+    """stage: kto: dataset name -> preference pairs split into a desirable and an undesirable example each."""
     train: SplitSummary | None = None
     eval: SplitSummary | None = None
 
@@ -54,7 +59,11 @@ class DataSummary:
 
     def describe(self) -> str:
         """The summary as the lines printed before training, eval and by `prefalign data`."""
-        lines = [f"{name}: {count} pairs" for name, count in self.datasets.items()]
+        unit = "examples" if self.unpaired else "pairs"
+        lines = [f"{name}: {count} {unit}" for name, count in self.datasets.items()]
+        for name, count in self.split_pairs.items():
+            lines.append(f"{name}: {count} preference pairs split into {count} desirable (chosen) and {count} "
+                         "undesirable (rejected) KTO examples")
         if self.held_out:
             lines.append(f"val_size: {self.held_out} of those pairs held out for evaluation")
         for name, count in self.skipped.items():
@@ -64,8 +73,11 @@ class DataSummary:
         lines.append(f"skipped records by stage: {by_stage} (see rejected_records.jsonl)" if by_stage
                      else "skipped records by stage: none")
         for split, stats in self.splits():
-            lines.append(f"{split}: {stats.pairs} pairs, {stats.truncated_prompts} prompts and "
+            lines.append(f"{split}: {stats.pairs} {unit}, {stats.truncated_prompts} prompts and "
                          f"{stats.truncated_responses} responses truncated to cutoff_len={self.cutoff_len}")
+            if stats.desirable is not None:
+                lines.append(f"{split}: {stats.desirable} desirable and {stats.undesirable} undesirable examples; "
+                             "each one's KL completion is the previous example's reply")
             if stats.folded_system_turns:
                 lines.append(f"{split}: {stats.folded_system_turns} system turns folded into the first user turn "
                              "(the template cannot render them; on_unsupported_system: fold)")
@@ -73,6 +85,11 @@ class DataSummary:
                 lines.append(f"{split}: {stats.appended_replies} pairs whose prompt is not a prefix of prompt + "
                              "reply, reply appended to the prompt (on_prompt_not_prefix: append)")
         return "\n".join(lines)
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the data is KTO examples rather than pairs."""
+        return any(s.desirable is not None for _, s in self.splits())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from prefalign.contracts import LossOutput, PairLogps
 from prefalign.errors import reporting_disk_full
 from prefalign.losses import Objective
-from prefalign.metrics import pair_metrics
+from prefalign.metrics import pair_metrics, reduced, sum_and_count
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.reference import Reference
 from prefalign.scoring import score_batch
@@ -128,7 +128,7 @@ class PreferenceTrainer(Trainer):
     def _store_metrics(self, out: LossOutput, policy: PairLogps, split: str) -> None:
         store = self._metric_sums[split]
         for key, value in pair_metrics(out, policy).items():
-            store[key].append(torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)]))
+            store[key].append(sum_and_count(value))
 
     def throughput_meter(self, model) -> ThroughputMeter:
         """The training meter, made at the first batch: the model's shape, its passes per step, the device's rate."""
@@ -155,6 +155,7 @@ class PreferenceTrainer(Trainer):
             totals = torch.stack([torch.stack(store[k]).sum(0) for k in keys])  # (K, 2): sum, count
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
             for key, (total, count) in zip(keys, totals.tolist()):
-                logs[prefix + key] = total / max(count, 1.0)
+                if (value := reduced(key, total, count)) is not None:
+                    logs[prefix + key] = value
             store.clear()
         super().log(logs, start_time)

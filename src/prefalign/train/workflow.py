@@ -14,10 +14,12 @@ import yaml
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator, run_collator, with_lengths
+from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import reporting_disk_full
 from prefalign.integrity import write_text_atomic
+from prefalign.losses import weight_balance_warning
 from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
     compute_dtype,
@@ -37,7 +39,8 @@ def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, Pr
     """Step 3: the tokenizer and the encoded data (nothing is written to the output dir yet)."""
     with config.training.main_process_first(desc="data encoding"):  # the other processes read its cache
         tokenizer = load_tokenizer(config.model)
-        return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train)
+        return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train,
+                                        unpaired=config.objective.unpaired)
 
 
 def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
@@ -55,6 +58,10 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     if is_main_process():
         data.write(args.output_dir)
         print(data.summary.describe(), flush=True)
+        if config.objective.unpaired and data.train is not None:
+            balance = weight_balance_warning(*label_counts(data.train), config.objective.settings)
+            if balance:
+                logger.warning(balance)
 
     # Step 4: policy and reference
     set_seed(args.seed)
