@@ -211,31 +211,57 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted
     assert results["train_runtime"] > session > 0
 
 
+QLORA_CHECKPOINTED = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps",
+                          save_steps=3, learning_rate=1e-2, gradient_accumulation_steps=4)  # ~0.5 s a step
+
+
+def cli_subprocess(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefalign", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def qlora_whole_run(llama64_model_dir, tmp_path_factory):
+    """The uninterrupted QLoRA run, a subprocess like the interrupted ones (the same threads, the same kernels)."""
+    pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
+    out = tmp_path_factory.mktemp("qlora") / "whole"
+    run = cli_subprocess("train", QUICKSTART, *overrides(llama64_model_dir, out, **QLORA_CHECKPOINTED))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_qlora_resumed_after_sigkill_ends_on_the_uninterrupted_weights_bit_for_bit(cli, llama64_model_dir, tmp_path):
-    """QLoRA, SIGKILL once checkpoint-3 is complete, the same command again: the adapter of the whole run.
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_qlora_interrupted_resumes_to_the_uninterrupted_adapter_bit_for_bit(llama64_model_dir, qlora_whole_run,
+                                                                           tmp_path, signum):
+    """QLoRA, SIGKILL once checkpoint-3 is complete (or SIGTERM after step 2: it saves where it stops, exit 143),
+    the same command again: the losses and adapter of the uninterrupted run, bit for bit.
 
     On an AVX512-BF16 CPU bitsandbytes repacked the 4-bit weights at the reference's first forward and
     unpacked them at every checkpoint save, so the resumed run took other kernels (1.4e-3 apart)."""
-    pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
-    common = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps", save_steps=3,
-                  learning_rate=1e-2)
-    whole = tmp_path / "whole"
-    run_train(load_config(ROOT / QUICKSTART, overrides(llama64_model_dir, whole, **common)))
-
     out = tmp_path / "run"
-    args = overrides(llama64_model_dir, out, **common)
+    args = overrides(llama64_model_dir, out, **QLORA_CHECKPOINTED)
     proc = start("train", QUICKSTART, *args, stderr_path=tmp_path / "err")
-    while not (out / "checkpoint-3" / MARKER).is_file() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert not (out / "adapter_model.safetensors").exists()  # killed mid-run, not after it
-    resumed = cli("train", QUICKSTART, *args)
+    try:
+        wait_for_step(proc, 3 if signum == signal.SIGKILL else 2)
+        while signum == signal.SIGKILL and not (out / "checkpoint-3" / MARKER).is_file() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        proc.stdout.read()
+        assert proc.wait(timeout=120) == (-signal.SIGKILL if signum == signal.SIGKILL else 143)
+    finally:
+        proc.kill()
+    assert not (out / "checkpoint-6").exists() and not (out / "adapter_model.safetensors").exists()  # mid-run
+    if signum == signal.SIGTERM:
+        [line] = error_lines((tmp_path / "err").read_text())
+        assert "interrupted by SIGTERM after step" in line
+    resumed = cli_subprocess("train", QUICKSTART, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
-    assert losses(out) == losses(whole)
-    for name, value in weights(whole).items():
+    assert losses(out) == losses(qlora_whole_run) and sorted(losses(out)) == list(range(1, 7))
+    expected = weights(qlora_whole_run)
+    assert expected.keys() == weights(out).keys()
+    for name, value in expected.items():
         assert torch.equal(weights(out)[name], value), name
 
 
@@ -398,7 +424,7 @@ def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_en
     traceback, one line says how to resume (with `--nproc 2`), and that command ends on the uninterrupted
     2-process run's weights. (Plain DDP under a launcher: the hand-started launcher test below.)"""
     pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "prefalign[deepspeed]"')
-    common = dict(max_steps=40, per_device_train_batch_size=2, save_strategy="no",
+    common = dict(max_steps=20, per_device_train_batch_size=2, save_strategy="no",
                   deepspeed=ROOT / "examples" / "deepspeed" / "ds_z3_config.json")
     whole = tmp_path / "whole"
     done = subprocess.run([sys.executable, "-m", "prefalign", "train", QUICKSTART,
@@ -422,14 +448,14 @@ def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_en
     [line] = [text for text in stderr.splitlines() if "resume with:" in text]
     assert line.startswith("prefalign train: interrupted by SIGTERM after step ")
     step = int(line.split("after step ")[1].split(";")[0])
-    assert 2 <= step < 40 and (out / f"checkpoint-{step}" / MARKER).is_file()
+    assert 2 <= step < 20 and (out / f"checkpoint-{step}" / MARKER).is_file()
     command = shlex.split(line.split("resume with: ")[1])
     assert command[:3] == ["prefalign", "train", QUICKSTART] and command[-2:] == ["--nproc", "2"]
 
     resumed = subprocess.run([sys.executable, "-m", "prefalign", *command[1:]], cwd=ROOT, capture_output=True,
                              text=True, env=env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(losses(out)) == list(range(1, 41))
+    assert sorted(losses(out)) == list(range(1, 21))
     assert losses(out) == pytest.approx(losses(whole), abs=1e-6)
     for name, value in weights(whole).items():
         assert torch.allclose(weights(out)[name], value, atol=1e-6), name
