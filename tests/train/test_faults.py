@@ -211,31 +211,57 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_equals_the_uninterrupted
     assert results["train_runtime"] > session > 0
 
 
+QLORA_CHECKPOINTED = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps",
+                          save_steps=3, learning_rate=1e-2, gradient_accumulation_steps=4)  # ~0.5 s a step
+
+
+def cli_subprocess(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefalign", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env(), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def qlora_whole_run(llama64_model_dir, tmp_path_factory):
+    """The uninterrupted QLoRA run, a subprocess like the interrupted ones (the same threads, the same kernels)."""
+    pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
+    out = tmp_path_factory.mktemp("qlora") / "whole"
+    run = cli_subprocess("train", QUICKSTART, *overrides(llama64_model_dir, out, **QLORA_CHECKPOINTED))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_qlora_resumed_after_sigkill_ends_on_the_uninterrupted_weights_bit_for_bit(cli, llama64_model_dir, tmp_path):
-    """QLoRA, SIGKILL once checkpoint-3 is complete, the same command again: the adapter of the whole run.
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_qlora_interrupted_resumes_to_the_uninterrupted_adapter_bit_for_bit(llama64_model_dir, qlora_whole_run,
+                                                                           tmp_path, signum):
+    """QLoRA, SIGKILL once checkpoint-3 is complete (or SIGTERM after step 2: it saves where it stops, exit 143),
+    the same command again: the losses and adapter of the uninterrupted run, bit for bit.
 
     On an AVX512-BF16 CPU bitsandbytes repacked the 4-bit weights at the reference's first forward and
     unpacked them at every checkpoint save, so the resumed run took other kernels (1.4e-3 apart)."""
-    pytest.importorskip("bitsandbytes", reason='QLoRA needs bitsandbytes: pip install "prefalign[qlora]"')
-    common = dict(finetuning_type="lora", quantization_bit=4, max_steps=6, save_strategy="steps", save_steps=3,
-                  learning_rate=1e-2)
-    whole = tmp_path / "whole"
-    run_train(load_config(ROOT / QUICKSTART, overrides(llama64_model_dir, whole, **common)))
-
     out = tmp_path / "run"
-    args = overrides(llama64_model_dir, out, **common)
+    args = overrides(llama64_model_dir, out, **QLORA_CHECKPOINTED)
     proc = start("train", QUICKSTART, *args, stderr_path=tmp_path / "err")
-    while not (out / "checkpoint-3" / MARKER).is_file() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=60)
-    assert not (out / "adapter_model.safetensors").exists()  # killed mid-run, not after it
-    resumed = cli("train", QUICKSTART, *args)
+    try:
+        wait_for_step(proc, 3 if signum == signal.SIGKILL else 2)
+        while signum == signal.SIGKILL and not (out / "checkpoint-3" / MARKER).is_file() and proc.poll() is None:
+            time.sleep(0.002)
+        proc.send_signal(signum)
+        proc.stdout.read()
+        assert proc.wait(timeout=120) == (-signal.SIGKILL if signum == signal.SIGKILL else 143)
+    finally:
+        proc.kill()
+    assert not (out / "checkpoint-6").exists() and not (out / "adapter_model.safetensors").exists()  # mid-run
+    if signum == signal.SIGTERM:
+        [line] = error_lines((tmp_path / "err").read_text())
+        assert "interrupted by SIGTERM after step" in line
+    resumed = cli_subprocess("train", QUICKSTART, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
-    assert losses(out) == losses(whole)
-    for name, value in weights(whole).items():
+    assert losses(out) == losses(qlora_whole_run) and sorted(losses(out)) == list(range(1, 7))
+    expected = weights(qlora_whole_run)
+    assert expected.keys() == weights(out).keys()
+    for name, value in expected.items():
         assert torch.equal(weights(out)[name], value), name
 
 
@@ -393,10 +419,13 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
 @pytest.mark.slow
 def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_ends_on_the_whole_run(
         tiny_model_dir, tmp_path):
-    """`prefalign train --nproc 2` and SIGTERM to that command (what `kill PID` or a scheduler sends): torchrun
-    passes it to both processes, which checkpoint; the launcher exits 143 with no traceback, one line says how
-    to resume (with `--nproc 2`), and that command ends on the uninterrupted 2-process run's weights."""
-    common = dict(max_steps=40, per_device_train_batch_size=2, save_strategy="no")
+    """`prefalign train --nproc 2 deepspeed=<ZeRO-3>` and SIGTERM to that command (what `kill PID` or a scheduler
+    sends): torchrun passes it to both processes, which checkpoint their shards; the launcher exits 143 with no
+    traceback, one line says how to resume (with `--nproc 2`), and that command ends on the uninterrupted
+    2-process run's weights. (Plain DDP under a launcher: the hand-started launcher test below.)"""
+    pytest.importorskip("deepspeed", reason='needs DeepSpeed: pip install "prefalign[deepspeed]"')
+    common = dict(max_steps=20, per_device_train_batch_size=2, save_strategy="no",
+                  deepspeed=ROOT / "examples" / "deepspeed" / "ds_z3_config.json")
     whole = tmp_path / "whole"
     done = subprocess.run([sys.executable, "-m", "prefalign", "train", QUICKSTART,
                            *overrides(tiny_model_dir, whole, **common), "--nproc", "2"],
@@ -419,14 +448,60 @@ def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_en
     [line] = [text for text in stderr.splitlines() if "resume with:" in text]
     assert line.startswith("prefalign train: interrupted by SIGTERM after step ")
     step = int(line.split("after step ")[1].split(";")[0])
-    assert 2 <= step < 40 and (out / f"checkpoint-{step}" / MARKER).is_file()
+    assert 2 <= step < 20 and (out / f"checkpoint-{step}" / MARKER).is_file()
     command = shlex.split(line.split("resume with: ")[1])
     assert command[:3] == ["prefalign", "train", QUICKSTART] and command[-2:] == ["--nproc", "2"]
 
     resumed = subprocess.run([sys.executable, "-m", "prefalign", *command[1:]], cwd=ROOT, capture_output=True,
                              text=True, env=env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(losses(out)) == list(range(1, 41))
+    assert sorted(losses(out)) == list(range(1, 21))
     assert losses(out) == pytest.approx(losses(whole), abs=1e-6)
     for name, value in weights(whole).items():
         assert torch.allclose(weights(out)[name], value, atol=1e-6), name
+
+
+HAND_STARTED = {
+    # torchrun's agent re-raises the signal as SignalException after stopping the processes: its own traceback
+    # and exit status 1 (prefalign does not run in that process)
+    "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], None),
+    # accelerate's CPU flag (`--cpu --num_processes 2`) starts one process (several need mpirun); `--multi_gpu`
+    # starts torchrun's processes, which train on the CPU with gloo; accelerate exits 128 + signal itself
+    "accelerate": ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--main_process_port", "0"], 143),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", sorted(HAND_STARTED))
+def test_sigterm_to_a_hand_started_launcher_checkpoints_every_rank_and_prints_a_resume_command_with_nproc(
+        tiny_model_dir, tmp_path, launcher):
+    """`torchrun --nproc_per_node 2 -m prefalign train ...` / `accelerate launch --multi_gpu --num_processes 2 -m
+    prefalign train ...` and SIGTERM to the launcher only: both ranks get it from the launcher, stop after the same
+    step and save one complete checkpoint; the main rank's one line resumes with `--nproc 2`; no rank traceback."""
+    launch, exit_code = HAND_STARTED[launcher]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*launch, "-m", "prefalign", "train", QUICKSTART,
+                             *overrides(tiny_model_dir, out, max_steps=100000, per_device_train_batch_size=2)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(tmp_path / "err", "w"), text=True, env=env())
+    try:
+        wait_for_step(proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    stderr = (tmp_path / "err").read_text()
+    assert code != 0 and (exit_code is None or code == exit_code), (code, stderr[-3000:])
+    assert stderr.count("prefalign: SIGTERM received") == 2  # passed on to both ranks
+    [line] = [text for text in stderr.splitlines() if "resume with:" in text]
+    assert line.startswith("prefalign train: interrupted by SIGTERM after step ")
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert (out / f"checkpoint-{step}" / MARKER).is_file() and not (out / "model.safetensors").exists()
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command[:3] == ["prefalign", "train", QUICKSTART] and command[-2:] == ["--nproc", "2"]
+    # the only traceback is the launcher's own (torchrun's SignalException), none from prefalign's processes
+    tracebacks = stderr.split("Traceback (most recent call last):")[1:]
+    assert all("SignalException: Process" in t and "prefalign" not in t.split("SignalException")[0]
+               for t in tracebacks), stderr[-3000:]
+    assert exit_code is None or not tracebacks
