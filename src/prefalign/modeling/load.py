@@ -109,8 +109,8 @@ def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch
     merged and the last kept switchable (so it can be disabled for the reference); eval mode, frozen."""
     from peft import PeftModel
 
-    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, quantization_bit=model_args.quantization_bit,
-                           vocab=vocab)
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
+                           quantization_bit=model_args.quantization_bit, vocab=vocab)
     adapters = list(model_args.adapter_name_or_path or [])
     model = merge_adapters(model, adapters[:-1])
     if adapters:
