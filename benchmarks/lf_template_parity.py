@@ -82,8 +82,8 @@ _COPIES: dict = {}
 
 
 def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True) -> dict:
-    """LF's ids for every record of the data folder with (a copy of) the tokenizer `original`, or
-    {"error": ...} where LF refuses or would add tokens.
+    """LF's ids for every record of the data folder with (a copy of) the tokenizer `original` (with
+    "added": the tokens LF's template fix adds to it), or {"error": ...} where LF refuses.
 
     LF fixes the tokenizer in place; the fix depends only on replace_eos and the stop words, and fixing
     twice the same way changes nothing, so names that fix alike share one copy (copying is slow)."""
@@ -110,10 +110,10 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True)
         return {"error": f"LLaMA-Factory refuses: {type(exc).__name__}: {exc}"}
     finally:
         TEMPLATES[name] = saved
-    if len(tokenizer) != size:
+    added = []
+    if len(tokenizer) != size:  # LF adds tokens (and, with resize_vocab, resizes); the ids are still its ids
         _COPIES.pop(key)
         added = sorted(set(tokenizer.get_vocab()) - set(original.get_vocab()))
-        return {"error": f"LLaMA-Factory adds tokens {added} (resize_vocab)", "added": added}
     attr = get_dataset_list([DATASET], str(data_dir))[0]
     converter = get_dataset_converter("sharegpt", attr, data_args)
     rows = [converter(r) for r in json.loads((data_dir / f"{DATASET}.json").read_text())]
@@ -130,7 +130,7 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True)
         results.append({"prompt": chosen[:n_prompt], "chosen": chosen[n_prompt:], "rejected": rejected[n_prompt:],
                         "chosen_trained": [label != -100 for label in chosen_labels][n_prompt:],
                         "rejected_prompt_equal": rejected[:n_prompt] == chosen[:n_prompt]})
-    return {"records": results}
+    return {"records": results, "added": added} if added else {"records": results}
 
 
 def run_lf(args) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from prefalign.config import RunConfig
 from prefalign.data.chat import ChatRenderer
-from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import build_planned_reference, reference_plan
 
@@ -96,12 +96,12 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
 
     plan = reference_plan(config, "chat") if compare_reference else None
     args = config.training
-    tokenizer = load_tokenizer(config.model)
+    tokenizer, vocab = load_run_tokenizer(config)
     dtype = compute_dtype(args)
     device = args.device
     with loaded_whole():  # one process generates: whole models, whatever `deepspeed:` says
-        policy = load_inference_policy(config.model, dtype).to(device)
-        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device) if plan else None
+        policy = load_inference_policy(config.model, dtype, vocab).to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype, vocab=vocab).to(device) if plan else None
     speakers = [Speaker("Policy" if compare_reference else "Assistant", policy, contextlib.nullcontext)]
     if compare_reference:
         # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.

@@ -36,7 +36,7 @@ from prefalign.config import RunConfig
 from prefalign.data.collate import run_collator
 from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
-from prefalign.modeling.load import compute_dtype, load_inference_policy, load_tokenizer
+from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
@@ -74,14 +74,14 @@ def run_eval(config: RunConfig) -> dict:
     args = config.training
     plan = reference_plan(config, "eval")  # before loading anything: a config with no reference fails fast
     with args.main_process_first(desc="data encoding"):  # the other processes read its cache
-        tokenizer = load_tokenizer(config.model)
+        tokenizer, vocab = load_run_tokenizer(config)
         dataset, data = load_eval_data(config, tokenizer)
 
     dtype = compute_dtype(args)
     device = args.device
     with loaded_whole():  # eval is data-parallel: whole models in every process, whatever `deepspeed:` says
-        policy = load_inference_policy(config.model, dtype).to(device)
-        reference = build_planned_reference(config, plan, policy, dtype=dtype).to(device)
+        policy = load_inference_policy(config.model, dtype, vocab).to(device)
+        reference = build_planned_reference(config, plan, policy, dtype=dtype, vocab=vocab).to(device)
     logger.info("eval: policy %s%s, reference: %s", config.model.model_name_or_path,
                 f" + {','.join(config.model.adapter_name_or_path)}" if config.model.adapter_name_or_path else "",
                 plan.description)

@@ -71,18 +71,22 @@ def run_export(config: RunConfig) -> Path:
 
     from prefalign.data.chat import ChatRenderer
     from prefalign.data.templates import resolve_template, stop_token_ids
+    from prefalign.data.vocab import extend_tokenizer
 
     out = check_export(config)
     adapters = list(config.model.adapter_name_or_path or [])
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config),
+                                              trust_remote_code=config.model.trust_remote_code)
+    # the tokens training added (already in a run's saved tokenizer: nothing is added twice), and the base
+    # resized to them before the adapter, whose saved embedding and head have the new rows, is merged
+    vocab = extend_tokenizer(tokenizer, config.model, config.data, seed=config.training.seed)
     # "auto": the dtype the base was saved in; the adapter's fp32 delta is added in that dtype.
-    model = load_causal_lm(config.model.model_name_or_path, config.model, "auto")
+    model = load_causal_lm(config.model.model_name_or_path, config.model, "auto", vocab=vocab)
     model = merge_adapters(model, adapters)
     if not adapters:
         logger.info("export: no adapter_name_or_path; the model is re-saved as it is (resharded, with its tokenizer)")
     model.config.use_cache = True  # load_causal_lm turns it off for training; generation wants it
 
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(config),
-                                              trust_remote_code=config.model.trust_remote_code)
     template = config.data.template
     builtin = resolve_template(template).builtin
     if builtin is not None:

@@ -258,24 +258,26 @@ def _listed(paths: list[str]) -> str:
 
 
 def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dtype = torch.float32,
-                    chunk_size: int = 1024, token_level: bool = False, for_precompute: bool = False) -> Reference:
+                    chunk_size: int = 1024, token_level: bool = False, for_precompute: bool = False,
+                    vocab=None) -> Reference:
     """The `Reference` that `plan` describes (see the module docstring); `model_args` loads a separate model.
 
     `for_precompute`: the reference is read once, before training (reference_cache.py), so a frozen
-    copy reads the initial policy instead of copying it.
+    copy reads the initial policy instead of copying it. `vocab` (data/vocab.VocabChange): a separately
+    loaded model is resized as the policy was, so it sees the same embeddings.
     """
     kwargs = {"chunk_size": chunk_size, "token_level": token_level}
     if plan.strategy == "none":
         return Reference(**kwargs)
     if plan.strategy == "separate-model":
         return _frozen_model(plan.model, list(plan.adapters), model_args, dtype, "separate-model",
-                             quantization_bit=plan.quantization_bit, **kwargs)
+                             quantization_bit=plan.quantization_bit, vocab=vocab, **kwargs)
     if zero3_enabled() and (for_precompute or plan.strategy == "frozen-copy"):
         # The policy's weights are partitioned and, before training, have no engine to gather them:
         # the initial policy (model + every starting adapter merged, whatever the strategy) is loaded
         # again, in its own inference engine.
         return _frozen_model(model_args.model_name_or_path, list(model_args.adapter_name_or_path or []),
-                             model_args, dtype, plan.strategy, **kwargs)
+                             model_args, dtype, plan.strategy, vocab=vocab, **kwargs)
     if plan.strategy == "sft-adapter":
         if REFERENCE_ADAPTER not in getattr(policy, "peft_config", {}):
             raise RuntimeError("the sft-adapter reference needs the policy's frozen copy of the starting adapter")
@@ -288,11 +290,11 @@ def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dty
 
 
 def _frozen_model(path: str, adapters: list[str], model_args, dtype, name: str, *, quantization_bit=None,
-                  **kwargs) -> FrozenModelReference:
+                  vocab=None, **kwargs) -> FrozenModelReference:
     """`path` with `adapters` merged, frozen; under ZeRO-3, partitioned in an inference engine."""
     if not zero3_enabled():
-        model = load_causal_lm(path, model_args, dtype, quantization_bit=quantization_bit)
+        model = load_causal_lm(path, model_args, dtype, quantization_bit=quantization_bit, vocab=vocab)
         return FrozenModelReference(merge_adapters(model, adapters), name, **kwargs)
     with loaded_whole() if adapters else contextlib.nullcontext():  # merging needs whole weights
-        model = merge_adapters(load_causal_lm(path, model_args, dtype), adapters)
+        model = merge_adapters(load_causal_lm(path, model_args, dtype, vocab=vocab), adapters)
     return FrozenModelReference(partition_for_inference(model), name, partitioned=True, **kwargs)

@@ -96,7 +96,7 @@ def reference_identity(sources: dict, reference: Reference, dtype: torch.dtype) 
     """What makes the reference's log-probs what they are (the first half of the cache key).
 
     `sources`: the config values naming the models and adapters (model_name_or_path,
-    adapter_name_or_path, ref_model, ref_model_adapters).
+    adapter_name_or_path, ref_model, ref_model_adapters) and the vocabulary change (data/vocab.py).
     """
     model = reference.model
     lm_config = getattr(model, "config", None)
@@ -106,7 +106,7 @@ def reference_identity(sources: dict, reference: Reference, dtype: torch.dtype) 
     return {
         "strategy": reference.name,
         **{key: sources.get(key) for key in ("model_name_or_path", "adapter_name_or_path", "ref_model",
-                                             "ref_model_adapters")},
+                                             "ref_model_adapters", "vocabulary")},
         "model_config": hashlib.sha256(config_json.encode()).hexdigest(),
         "dtype": str(dtype),
         "weights": weights_fingerprint(reference.named_weights()),

@@ -30,10 +30,11 @@ def reference_plan(config, phase: str) -> ReferencePlan:
 
 
 def build_planned_reference(config, plan: ReferencePlan, policy, *, dtype: torch.dtype = torch.float32,
-                            for_precompute: bool = False) -> Reference:
-    """`build_reference` with the model-loading and log-prob settings of `config`."""
+                            for_precompute: bool = False, vocab=None) -> Reference:
+    """`build_reference` with the model-loading and log-prob settings of `config` (and the run's `vocab` change)."""
     return build_reference(plan, policy, config.model, dtype=dtype, chunk_size=config.finetuning.logits_chunk_size,
-                           token_level=config.objective.settings.ld_alpha is not None, for_precompute=for_precompute)
+                           token_level=config.objective.settings.ld_alpha is not None, for_precompute=for_precompute,
+                           vocab=vocab)
 
 
 def score_batch(model, reference: Reference, objective: Objective, batch: dict, *, split: str = "train",

@@ -91,7 +91,7 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
     ("use_galore", True, "use_galore: the GaLore optimizer is a LLaMA-Factory feature"),
     ("galore_rank", 8, "galore_rank: the GaLore optimizer is a LLaMA-Factory feature"),
     ("swanlab_project", "mine", "swanlab_project: SwanLab logging is a LLaMA-Factory feature"),
-    ("resize_vocab", True, "resize_vocab: resizing the vocabulary is a LLaMA-Factory feature"),
+    ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature"),
     ("image_max_pixels", 1024, "image_max_pixels: multimodal models"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
     ("reward_model", "rm", "reward_model: only LLaMA-Factory's ppo (its reward model) stage reads it"),
@@ -109,7 +109,7 @@ def test_a_key_off_lfs_default_gets_the_tables_answer(key, value, words):
 
 def test_the_same_keys_at_lfs_default_are_accepted_in_any_spelling():
     """2 is 2.0, "false" is false: a default written as a string or an integer is still the default."""
-    config = build_config({**BASE, "rope_scaling": None, "galore_scale": 2, "resize_vocab": "false",
+    config = build_config({**BASE, "rope_scaling": None, "galore_scale": 2, "shift_attn": "false",
                            "ppo_epochs": 4.0, "kto_rejected_weight": 1, "swanlab_project": "llamafactory"})
     assert config.raw == build_config(dict(BASE)).raw
 

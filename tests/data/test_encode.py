@@ -148,12 +148,15 @@ def test_prefalign_data_runs_on_every_example_config(path, tiny_model_dir, tmp_p
     assert "chosen tokens: min" in out
 
 
-def test_a_template_llama_factory_would_add_tokens_for_is_refused_naming_them(tiny_tokenizer):
-    """LLaMA-Factory adds llama3's stop words the tiny tokenizer lacks (and resizes the model): prefalign
-    refuses instead. Markup that is not a stop word (zephyr's <|user|>) is encoded as text, as LF does."""
-    with pytest.raises(ConfigError, match=r"^template: llama3: LLaMA-Factory adds <\|eot_id\|>, <\|eom_id\|> to this "
-                                          r"tokenizer .* resizes the model's embeddings"):
-        ChatRenderer(tiny_tokenizer, "llama3")
+def test_a_template_llama_factory_adds_tokens_for_encodes_with_them(tiny_tokenizer):
+    """LLaMA-Factory adds llama3's stop words the tiny tokenizer lacks (<|eot_id|> as the EOS, then <|eom_id|>):
+    the responses end with the first new id, len(tokenizer); the tokenizer given is left as it was (a run's is
+    extended when loaded, data/vocab.py). Markup that is not a stop word (zephyr's <|user|>) is encoded as
+    text, as LF does."""
+    size = len(tiny_tokenizer)
+    enc = encode_pair(make_pair(), ChatRenderer(tiny_tokenizer, "llama3"), 1024)
+    assert enc["chosen_ids"][-1] == size and enc["rejected_ids"][-1] == size
+    assert len(tiny_tokenizer) == size and "<|eot_id|>" not in tiny_tokenizer.get_vocab()
     enc = encode_pair(make_pair(), ChatRenderer(tiny_tokenizer, "zephyr"), 1024)
     assert tiny_tokenizer.decode(enc["prompt_ids"]).endswith("<|assistant|>\n")
 

@@ -5,7 +5,7 @@ most used names, each of the small real-family tokenizers under tests/fixtures/l
 the records of tests/fixtures/lf_parity/data (LF's dpo_en_demo / dpo_zh_demo plus a system-prompt and a
 thinking multi-turn record), written by `benchmarks/lf_template_parity.py freeze` run with LLaMA-Factory's
 venv (`get_template_and_fix_tokenizer` + its sharegpt converter + `PairwiseDatasetProcessor`). Where
-LLaMA-Factory would add a token to the tokenizer, prefalign must refuse, naming it.
+LLaMA-Factory adds a token to the tokenizer (its template fix), prefalign adds the same one (data/vocab.py).
 """
 
 import json
@@ -18,7 +18,6 @@ from transformers import AutoTokenizer
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pair
 from prefalign.data.sources import load_preference_pairs
-from prefalign.errors import ConfigError
 
 PARITY = ROOT / "tests" / "fixtures" / "lf_parity"
 FROZEN = json.loads((PARITY / "frozen.json").read_text())
@@ -63,14 +62,14 @@ def test_prompt_and_response_ids_equal_llama_factorys(key):
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in FROZEN["ids"].items() if "added" in v))
-def test_where_llama_factory_adds_a_token_prefalign_refuses_naming_it(key):
-    added = FROZEN["ids"][key]["added"]
-    with pytest.raises(ConfigError) as error:
-        renderer(key)
-    message = str(error.value)
-    assert message.startswith(f"template: {key.split('/')[1]}: LLaMA-Factory adds ") and "\n" not in message
-    for token in added:
-        assert token in message
+def test_where_llama_factory_adds_a_token_prefalign_adds_the_same_ids(key):
+    """Where LF's template fix adds tokens to the tokenizer, they get LF's ids (their ids are in the records
+    the test above compares) and the tokenizer prefalign encodes with has each of them."""
+    family, added = key.split("/")[0], FROZEN["ids"][key]["added"]
+    fixed = renderer(key).lf_encoder._fixed
+    assert len(fixed) == len(tokenizer(family)) + len(added)
+    assert all(token in fixed.get_vocab() for token in added)
+    assert all(token not in tokenizer(family).get_vocab() for token in added)  # the shared one is untouched
 
 
 def test_qwen3_nothink_writes_no_think_block_and_qwen3_writes_lf_s_empty_one():

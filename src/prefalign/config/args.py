@@ -52,6 +52,24 @@ class ModelArguments:
     cache_dir: str | None = _help("Where downloaded models are cached.")
     model_revision: str = _help("Model revision (branch, tag or commit) to load.", "main")
     use_fast_tokenizer: bool = _help("Use the fast (Rust) tokenizer.", True)
+    split_special_tokens: bool = _help(
+        "Tokenize special tokens' text as ordinary text (transformers' `split_special_tokens`), as LLaMA-Factory.",
+        False)
+    resize_vocab: bool = _help(
+        "Resize the model's embeddings (and an untied head) when the tokenizer outgrew them, to a multiple of 64, "
+        "the new rows initialised by `init_special_tokens`; with LoRA/OFT the embedding and head are then trained "
+        "and saved in full (unless `additional_target` is set). As LLaMA-Factory; turned on by `add_tokens` / "
+        "`add_special_tokens` when they add a token (a template's added stop word needs it set).", False)
+    add_tokens: list[str] | None = _help("Ordinary tokens to add to the tokenizer (a list or comma-separated).")
+    add_special_tokens: list[str] | None = _help(
+        "Special tokens to add to the tokenizer (a list or comma-separated).")
+    new_special_tokens_config: str | None = _help(
+        "A YAML file of `token: description`: its tokens are the special tokens to add (instead of "
+        "`add_special_tokens`), the descriptions initialise them with `init_special_tokens: desc_init`.")
+    init_special_tokens: str = _help(
+        "How new embedding rows start: `noise_init` (mean of the old rows + N(0, 1/sqrt(hidden)) noise, seeded by "
+        "`seed`), `desc_init` (mean embedding of the token's description in `new_special_tokens_config`), "
+        "`desc_init_w_noise` (that + the noise).", "noise_init")
     flash_attn: str = _help(
         "Attention kernel: `auto` (sdpa where available), `disabled` (eager), `sdpa`, `fa2` "
         "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
@@ -79,6 +97,11 @@ class ModelArguments:
             problems += _quantization_problems("quantization_bit", self.quantization_bit)
             problems += _one_of("quantization_method", self.quantization_method, ("bnb",))
             problems += _one_of("quantization_type", self.quantization_type, ("nf4", "fp4"))
+        if self.quantization_bit is not None and self.resize_vocab:
+            problems.append("resize_vocab: the embedding layers of a quantized model cannot be resized; remove "
+                            "quantization_bit or resize_vocab")
+        problems += _one_of("init_special_tokens", self.init_special_tokens,
+                            ("noise_init", "desc_init", "desc_init_w_noise"))
         return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)
 
 

@@ -44,9 +44,9 @@ def _trained(tokenizer, side: str, ids: list[int], end_of_turn: str | None) -> l
 
 
 def run_data(config: RunConfig, examples: int = 2) -> str:
-    from prefalign.modeling.load import load_tokenizer
+    from prefalign.modeling.load import load_run_tokenizer
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer, _ = load_run_tokenizer(config)
     data = prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=bool(config.data.dataset),
                         unpaired=config.objective.unpaired)
     report = format_report(data, tokenizer, examples)

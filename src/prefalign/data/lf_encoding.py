@@ -10,10 +10,9 @@ prefix check to fail. The rules, as LLaMA-Factory 0.9.5 applies them (template.p
 - turn 0 starts with the prefix slot, then the system slot with the record's system text or the
   template's default system; `llama2` rules write the system slot's text inside the first user
   turn instead; the user slot gets the turn number `{{idx}}` (= message index // 2);
-- the tokenizer is fixed first (`fixed_tokenizer`): `replace_eos` makes the first stop word the EOS,
-  the other stop words become special tokens, a missing EOS becomes `<|endoftext|>`. Where that
-  would add a token to the vocabulary (LLaMA-Factory then resizes the model's embeddings), the
-  template is refused: prefalign does not resize policy and reference;
+- the tokenizer is fixed first (`fixed_tokenizer`, data/vocab.py): `replace_eos` makes the first stop
+  word the EOS, the other stop words become special tokens, a missing EOS becomes `<|endoftext|>`;
+  a token that adds to the vocabulary is resized into the models as LLaMA-Factory does (vocab.py);
 - `efficient_eos`: each response gets the EOS id appended;
 - reasoning templates: a history reply loses its thought block (unless preserve_thinking); with
   enable_thinking false the reply loses it too; a reply with no thought words gets the empty
@@ -30,7 +29,7 @@ from functools import cached_property
 
 from prefalign.contracts import Message
 from prefalign.data.template_formats import LFTemplate, Special, Token
-from prefalign.errors import ConfigError
+from prefalign.data.vocab import fixed_copy
 
 _LF_ROLES = {"user": "user", "assistant": "assistant", "tool": "observation"}
 
@@ -206,31 +205,9 @@ def _fill(slot, **values: str) -> list:
 
 
 def fixed_tokenizer(name: str, template: LFTemplate, tokenizer) -> tuple[object, int | None]:
-    """The tokenizer to encode with and the EOS id, after LLaMA-Factory's fix_special_tokens; a ConfigError
-    where that fix would add a token to the vocabulary.
+    """The tokenizer to encode with and the EOS id, after LLaMA-Factory's fix_special_tokens (data/vocab.py).
 
-    The fix makes the first stop word the EOS (`replace_eos`), a missing EOS `<|endoftext|>`, and every
-    stop word a special token. Only the last changes how text encodes, and only for a word the vocabulary
-    has as an ordinary token: then (alone) the encoding uses a copy with it added, as LLaMA-Factory's is.
-    """
-    vocab = tokenizer.get_vocab()
-    words = list(template.stop_words)
-    eos = words[0] if template.replace_eos else tokenizer.eos_token
-    if eos is None:
-        eos = "<|endoftext|>"
-        words.append(eos)
-    missing = [word for word in words if word not in vocab]
-    if missing:
-        raise ConfigError(
-            f"template: {name}: LLaMA-Factory adds {', '.join(missing)} to this tokenizer (as a stop or "
-            "end-of-sequence token) and resizes the model's embeddings, which prefalign does not do; use the "
-            "tokenizer the model was fine-tuned with (it has the token) or another template")
-    added = set(getattr(tokenizer, "added_tokens_encoder", {}))
-    ordinary = [word for word in words if word not in added]
-    if ordinary:
-        tokenizer = copy.deepcopy(tokenizer)
-        try:
-            tokenizer.add_special_tokens({"additional_special_tokens": ordinary}, replace_additional_special_tokens=False)
-        except TypeError:  # transformers 5 has no such argument (LLaMA-Factory falls back the same way)
-            tokenizer.add_special_tokens({"additional_special_tokens": ordinary})
-    return tokenizer, tokenizer.convert_tokens_to_ids(eos)
+    A run's tokenizer is fixed in place when it is loaded (`vocab.extend_tokenizer`), so this is that
+    tokenizer; one given unfixed (the parity checks) is fixed in a copy."""
+    tokenizer = fixed_copy(tokenizer, template)
+    return tokenizer, tokenizer.eos_token_id

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapter
+from prefalign.data.vocab import VocabChange, embedding_module_names, extend_tokenizer, resize_embeddings
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 
@@ -24,6 +25,7 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(
             path, trust_remote_code=model_args.trust_remote_code, use_fast=model_args.use_fast_tokenizer,
             revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+            split_special_tokens=model_args.split_special_tokens,
         )
     except OSError as exc:
         raise PrefalignError(f"model_name_or_path: cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
@@ -33,6 +35,13 @@ def load_tokenizer(model_args: ModelArguments, path: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def load_run_tokenizer(config, path: str | None = None) -> tuple[object, VocabChange]:
+    """A run's tokenizer with the tokens LLaMA-Factory adds (data/vocab.py), and that change, which every
+    model the run loads is given (`vocab=`), so policy and reference have the same embeddings."""
+    tokenizer = load_tokenizer(config.model, path)
+    return tokenizer, extend_tokenizer(tokenizer, config.model, config.data, seed=config.training.seed)
 
 
 def _remote_code_refusal(path: str, exc: ValueError) -> Exception:
@@ -60,8 +69,9 @@ def compute_dtype(training_args) -> torch.dtype:
 
 
 def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32, *,
-                   quantization_bit: int | None = None):
-    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load)."""
+                   quantization_bit: int | None = None, vocab: VocabChange | None = None):
+    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load),
+    its embeddings resized for `vocab` (before any adapter is loaded on it: a saved resized embedding fits)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
@@ -79,6 +89,7 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     except ValueError as exc:
         raise _remote_code_refusal(path, exc) from None
     model.config.use_cache = False
+    resize_embeddings(model, vocab)
     pin_cpu_kernels(model)  # quantized at load or saved quantized
     return model
 
@@ -92,12 +103,14 @@ def merge_adapters(model, adapters: list[str]):
     return model
 
 
-def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch.float32):
+def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch.float32,
+                          vocab: VocabChange | None = None):
     """After training (eval, chat): `model_name_or_path` + `adapter_name_or_path`, all adapters but the last
     merged and the last kept switchable (so it can be disabled for the reference); eval mode, frozen."""
     from peft import PeftModel
 
-    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype, quantization_bit=model_args.quantization_bit)
+    model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
+                           quantization_bit=model_args.quantization_bit, vocab=vocab)
     adapters = list(model_args.adapter_name_or_path or [])
     model = merge_adapters(model, adapters[:-1])
     if adapters:
@@ -105,23 +118,26 @@ def load_inference_policy(model_args: ModelArguments, dtype: torch.dtype = torch
     return model.eval().requires_grad_(False)
 
 
-def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torch.dtype = torch.float32):
+def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torch.dtype = torch.float32,
+                vocab: VocabChange | None = None):
     """The model to train, with exactly the parameters `finetuning_type` trains requiring grad.
 
     LoRA with an existing adapter (e.g. from SFT): every adapter but the last is merged; the last
     becomes the trainable adapter, and a frozen copy of it is loaded as the adapter named
     `reference`, so the reference is base + SFT adapter, never the bare base. With
-    `create_new_adapter` all adapters are merged and a fresh one is trained on top.
+    `create_new_adapter` all adapters are merged and a fresh one is trained on top. With `vocab.resize`
+    (and no `additional_target`), a new adapter trains and saves the embedding and head in full, as LF.
     """
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
-                           quantization_bit=model_args.quantization_bit)
+                           quantization_bit=model_args.quantization_bit, vocab=vocab)
     adapters = list(model_args.adapter_name_or_path or [])
     if is_adapter(ft.finetuning_type):
         if model_args.quantization_bit is not None:  # QLoRA: frozen quantized base, norms and head in fp32
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model = _attach_adapter(model, adapters, ft)
+        extra = embedding_module_names(model) if vocab is not None and vocab.resize and not ft.additional_target else []
+        model = _attach_adapter(model, adapters, ft, extra)
     else:
         model = merge_adapters(model, adapters)
         if ft.finetuning_type == "freeze":
@@ -140,7 +156,7 @@ def _numel(param) -> int:
     return getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partitioned parameter is empty here
 
 
-def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments):
+def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments, modules_to_save: list[str] = ()):
     from peft import PeftModel, get_peft_model
 
     if adapters and not ft.create_new_adapter:
@@ -152,16 +168,17 @@ def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments):
     model = merge_adapters(model, adapters)
     key = "oft_target" if ft.finetuning_type == "oft" else "lora_target"
     try:
-        return get_peft_model(model, peft_config(ft))
+        return get_peft_model(model, peft_config(ft, modules_to_save))
     except ValueError as exc:
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
 
 
-def peft_config(ft: FinetuningArguments):
-    """The peft config of a new adapter of `ft.finetuning_type` (lora or oft), as LLaMA-Factory builds it."""
+def peft_config(ft: FinetuningArguments, modules_to_save: list[str] = ()):
+    """The peft config of a new adapter of `ft.finetuning_type` (lora or oft), as LLaMA-Factory builds it;
+    `modules_to_save`: trained in full when `additional_target` is unset (the resized embeddings)."""
     from peft import LoraConfig, OFTConfig
 
-    modules_to_save = list(ft.additional_target or []) or None
+    modules_to_save = list(ft.additional_target or modules_to_save or []) or None
     if ft.finetuning_type == "oft":
         return OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
                          target_modules=_targets(ft.oft_target), module_dropout=ft.module_dropout,

@@ -24,7 +24,7 @@ from prefalign.modeling.load import (
     REFERENCE_ADAPTER,
     compute_dtype,
     load_policy,
-    load_tokenizer,
+    load_run_tokenizer,
 )
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
@@ -35,12 +35,13 @@ from prefalign.train.signals import Interrupted, StopSignals
 logger = logging.getLogger(__name__)
 
 
-def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, PreparedData]:
-    """Step 3: the tokenizer and the encoded data (nothing is written to the output dir yet)."""
+def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, PreparedData, object]:
+    """Step 3: the tokenizer, the encoded data and the vocabulary change (data/vocab.py) the models get
+    (nothing is written to the output dir yet)."""
     with config.training.main_process_first(desc="data encoding"):  # the other processes read its cache
-        tokenizer = load_tokenizer(config.model)
+        tokenizer, vocab = load_run_tokenizer(config)
         return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train,
-                                        unpaired=config.objective.unpaired)
+                                        unpaired=config.objective.unpaired), vocab
 
 
 def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
@@ -54,7 +55,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     from prefalign.train.trainer import PreferenceTrainer
 
     args, ft = config.training, config.finetuning
-    tokenizer, data = prepared or load_data(config, need_train=need_train)
+    tokenizer, data, vocab = prepared or load_data(config, need_train=need_train)
     if is_main_process():
         data.write(args.output_dir)
         print(data.summary.describe(), flush=True)
@@ -67,17 +68,18 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     set_seed(args.seed)
     dtype = compute_dtype(args)
     return_gathered_memory_on_cpu()
-    policy = load_policy(config.model, ft, dtype)
+    policy = load_policy(config.model, ft, dtype, vocab)
     collator = run_collator(ft, tokenizer.pad_token_id)
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
-    reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute)
+    reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
         sources = {"model_name_or_path": config.model.model_name_or_path,
                    "adapter_name_or_path": config.model.adapter_name_or_path,
-                   "ref_model": ft.ref_model, "ref_model_adapters": ft.ref_model_adapters}
+                   "ref_model": ft.ref_model, "ref_model_adapters": ft.ref_model_adapters,
+                   "vocabulary": vocab.identity}
         reference = precompute_reference(
             reference, {"train": data.train, "eval": data.eval}, collator, sources=sources,
             template=config.data.template, cutoff_len=config.data.cutoff_len, device=args.device, dtype=dtype,
