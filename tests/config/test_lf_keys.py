@@ -96,6 +96,8 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
     ("reward_model", "rm", "reward_model: only LLaMA-Factory's ppo (its reward model) stage reads it"),
     ("train_on_prompt", True, "train_on_prompt: only LLaMA-Factory's sft stage reads it"),
+    # LF 0.9.5 (hparams/parser.py): "`train_on_prompt` or `mask_history` cannot be set as True except SFT"
+    ("mask_history", True, "mask_history: only LLaMA-Factory's sft stage reads it"),
 ])
 def test_a_key_off_lfs_default_gets_the_tables_answer(key, value, words):
     with pytest.raises(ConfigError) as info:

@@ -154,7 +154,9 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "media_dir": _not_here(None, _MULTIMODAL),
         "cutoff_len": _impl(2048),
         "train_on_prompt": _stage(False, _SFT),
-        "mask_history": _not_here(False, "history masking (mask_history)"),
+        # LF's pairwise processor encodes every record as one turn (history in the prompt, never
+        # trained), and LF refuses `mask_history: true` outside sft; so does prefalign
+        "mask_history": _stage(False, _SFT),
         "streaming": _not_here(False, "streaming datasets"),
         "buffer_size": _not_here(16384, "streaming datasets"),
         "mix_strategy": _impl("concat"),
