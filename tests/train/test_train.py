@@ -159,3 +159,27 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4] or sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(whole[step], abs=1e-6)
+
+
+def _eval_results(out: Path) -> dict:
+    results = json.loads((out / "eval_results.json").read_text())
+    return {k: v for k, v in results.items() if not k.endswith(("_runtime", "_per_second")) and k != "epoch"}
+
+
+def test_eval_on_each_dataset_gives_each_eval_set_the_metrics_it_has_alone(tiny_model_dir, tmp_path):
+    """LF's eval_on_each_dataset is transformers' dict of eval datasets: `eval_<name>_<metric>` per set.
+    Training reads no eval data, so the same seed trains the same model in all three runs, and each
+    set's family must equal the plain `eval_*` metrics of a run that evaluates that set alone."""
+    def run(name, eval_dataset, **keys):
+        out = tmp_path / name
+        run_train(config_for(tiny_model_dir, out, eval_dataset=eval_dataset, max_steps=2, max_samples=8, **keys))
+        return _eval_results(out)
+
+    both = run("both", "demo_eval,demo_train", eval_on_each_dataset=True)
+    for name in ("demo_eval", "demo_train"):
+        alone = run(name, name)
+        assert {"eval_loss", "eval_rewards/accuracies", "eval_logps/chosen"} <= set(alone)
+        family = {"eval_" + k[len(f"eval_{name}_"):]: v for k, v in both.items() if k.startswith(f"eval_{name}_")}
+        assert family == pytest.approx(alone, rel=1e-6)
+    assert not any(k.startswith("eval_") and not k.startswith(("eval_demo_eval_", "eval_demo_train_")) for k in both)
+    assert both["eval_demo_eval_loss"] != both["eval_demo_train_loss"]

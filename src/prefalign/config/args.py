@@ -94,6 +94,10 @@ class DataArguments:
     )
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
     eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
+    eval_on_each_dataset: bool = _help(
+        "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
+        "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
+    )
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
         "qwen3_nothink, gemma, mistral, ...) encodes with LLaMA-Factory's slots for it, token for token as "

@@ -168,7 +168,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "eval_num_beams": _stage(None, _SFT),
         "ignore_pad_token_for_loss": _stage(True, _SFT),
         "val_size": _impl(0.0),
-        "eval_on_each_dataset": _not_here(False, "evaluating each eval dataset separately"),
+        "eval_on_each_dataset": _impl(False, "one eval set per eval_dataset, metrics `eval_<dataset>_*`"),
         "packing": _impl(None, "null (LF's default) is off", unset_at_default=True),
         "neat_packing": _impl(False, "as `packing: true`: prefalign's packing never attends across sequences",
                               rename=("packing", bool)),

@@ -88,10 +88,13 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     if _checkpointing(args) and hasattr(policy, "enable_input_require_grads"):
         policy.enable_input_require_grads()
 
-    train, eval_ = data.train, data.eval
+    train, eval_ = data.train, data.eval_sets
     if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # the samplers read `length`
-        train = with_lengths(train, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
-        eval_ = with_lengths(eval_, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+        def lengths(dataset):
+            return with_lengths(dataset, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+
+        train = lengths(train)
+        eval_ = {k: lengths(v) for k, v in eval_.items()} if isinstance(eval_, dict) else lengths(eval_)
     trainer = PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
@@ -223,6 +226,10 @@ def write_run_report(config: RunConfig, trainer) -> Path:
     out = Path(config.training.output_dir)
     held_out = trainer.eval_dataset is not None
     dataset = trainer.eval_dataset if held_out else trainer.train_dataset
+    if isinstance(dataset, dict):  # eval_on_each_dataset: the samples come from all of them
+        from datasets import concatenate_datasets
+
+        dataset = concatenate_datasets(list(dataset.values()))
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
