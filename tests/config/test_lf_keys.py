@@ -157,3 +157,12 @@ def test_readme_lf_key_table_is_current():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- lf-keys:start -->\n")[1].split("\n<!-- lf-keys:end -->")[0]
     assert section.strip() == table().strip(), "run: python scripts/lf_table.py and paste into README.md"
+
+
+def test_streaming_needs_max_steps_as_in_llama_factory():
+    """LF 0.9.5 (hparams/parser.py): "Please specify `max_steps` in streaming mode"."""
+    with pytest.raises(ConfigError) as info:
+        build_config({**BASE, "streaming": True})
+    assert info.value.problems == ["streaming: true reads the training pairs as a stream with no length, so the run "
+                                   "needs max_steps (as in LLaMA-Factory); set max_steps"]
+    assert build_config({**BASE, "streaming": True, "max_steps": 10, "buffer_size": 4}).data.buffer_size == 4

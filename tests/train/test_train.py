@@ -183,3 +183,21 @@ def test_eval_on_each_dataset_gives_each_eval_set_the_metrics_it_has_alone(tiny_
         assert family == pytest.approx(alone, rel=1e-6)
     assert not any(k.startswith("eval_") and not k.startswith(("eval_demo_eval_", "eval_demo_train_")) for k in both)
     assert both["eval_demo_eval_loss"] != both["eval_demo_train_loss"]
+
+
+def _losses(out: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_streaming_with_a_one_pair_buffer_trains_what_sequential_order_trains(tiny_model_dir, tmp_path):
+    """LF streams through datasets' IterableDataset.shuffle(buffer_size, seed); a buffer of one pair
+    yields the pairs in the data's own order, which is what `disable_shuffling: true` trains (LF's
+    sequential sampler). 16 pairs, batch 4, 6 steps: the stream wraps into a second pass too."""
+    common = dict(max_steps=6, logging_steps=1)
+    run_train(config_for(tiny_model_dir, tmp_path / "seq", disable_shuffling=True, **common))
+    run_train(config_for(tiny_model_dir, tmp_path / "stream", streaming=True, buffer_size=1, **common))
+    run_train(config_for(tiny_model_dir, tmp_path / "random", **common))
+    sequential, streamed = _losses(tmp_path / "seq"), _losses(tmp_path / "stream")
+    assert len(sequential) == 6
+    assert streamed == pytest.approx(sequential, rel=1e-6)
+    assert _losses(tmp_path / "random") != pytest.approx(sequential, rel=1e-6)  # the order shows in the losses

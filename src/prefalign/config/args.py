@@ -94,6 +94,12 @@ class DataArguments:
     )
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
     eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
+    streaming: bool = _help(
+        "Train on the encoded pairs as a stream (datasets' IterableDataset), in order through a shuffle buffer "
+        "of `buffer_size` pairs seeded by `seed`, as LLaMA-Factory streams; needs max_steps. The pairs are "
+        "encoded once into the on-disk cache first, so `precompute_ref_log_probs` still works.", False
+    )
+    buffer_size: int = _help("Pairs in the shuffle buffer of `streaming` (1: the data's own order).", 16384)
     eval_on_each_dataset: bool = _help(
         "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
         "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
@@ -154,6 +160,8 @@ class DataArguments:
             problems.append(f"dataset: {', '.join(repeated)} listed more than once")
         if self.cutoff_len < 8:
             problems.append(f"cutoff_len: {self.cutoff_len} leaves no room for a prompt and a response; use at least 8")
+        if self.buffer_size < 1:
+            problems.append(f"buffer_size: {self.buffer_size} must be at least 1 (1 keeps the data's order)")
         if self.val_size < 0:
             problems.append(f"val_size: {self.val_size} is negative; give a fraction in (0, 1) or a count")
         if self.val_size > 0 and self.eval_dataset:

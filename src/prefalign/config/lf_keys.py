@@ -157,8 +157,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         # LF's pairwise processor encodes every record as one turn (history in the prompt, never
         # trained), and LF refuses `mask_history: true` outside sft; so does prefalign
         "mask_history": _stage(False, _SFT),
-        "streaming": _not_here(False, "streaming datasets"),
-        "buffer_size": _not_here(16384, "streaming datasets"),
+        "streaming": _impl(False, "the encoded pairs as datasets' IterableDataset; needs max_steps"),
+        "buffer_size": _impl(16384, "the shuffle buffer of streaming"),
         "mix_strategy": _impl("concat"),
         "interleave_probs": _impl(None),
         "overwrite_cache": _impl(False),

@@ -95,6 +95,9 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
 
         train = lengths(train)
         eval_ = {k: lengths(v) for k, v in eval_.items()} if isinstance(eval_, dict) else lengths(eval_)
+    if config.data.streaming and train is not None:
+        # as LLaMA-Factory streams: read in order through a seeded shuffle buffer (the Trainer adds no sampler)
+        train = train.to_iterable_dataset().shuffle(seed=args.seed, buffer_size=config.data.buffer_size)
     trainer = PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
@@ -226,10 +229,12 @@ def write_run_report(config: RunConfig, trainer) -> Path:
     out = Path(config.training.output_dir)
     held_out = trainer.eval_dataset is not None
     dataset = trainer.eval_dataset if held_out else trainer.train_dataset
-    if isinstance(dataset, dict):  # eval_on_each_dataset: the samples come from all of them
-        from datasets import concatenate_datasets
+    from datasets import Dataset, IterableDataset, concatenate_datasets
 
+    if isinstance(dataset, dict):  # eval_on_each_dataset: the samples come from all of them
         dataset = concatenate_datasets(list(dataset.values()))
+    elif isinstance(dataset, IterableDataset):  # streaming: the stream's first pairs
+        dataset = Dataset.from_list(list(dataset.take(8)))
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
