@@ -201,3 +201,33 @@ def test_streaming_with_a_one_pair_buffer_trains_what_sequential_order_trains(ti
     assert len(sequential) == 6
     assert streamed == pytest.approx(sequential, rel=1e-6)
     assert _losses(tmp_path / "random") != pytest.approx(sequential, rel=1e-6)  # the order shows in the losses
+
+
+def test_use_swanlab_logs_the_run_through_transformers_swanlab_integration(tiny_model_dir, tmp_path):
+    """LF's swanlab_* keys as transformers' SwanLabCallback reads them (SWANLAB_MODE, SWANLAB_LOG_DIR, run_name):
+    an offline run writes swanlab's run folder under swanlab_logdir, with the run's training arguments."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import EXAMPLES, ROOT
+
+    pytest.importorskip("swanlab", reason="the swanlab extra is not installed")
+    logdir = tmp_path / "swanlog"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "stage": "dpo", "dataset": "demo_train",
+        "dataset_dir": str(EXAMPLES / "data"), "max_samples": 8, "cutoff_len": 64, "max_steps": 2,
+        "per_device_train_batch_size": 4, "learning_rate": 0.000123, "save_strategy": "no", "report_to": "none",
+        "output_dir": str(tmp_path / "out"), "use_swanlab": True, "swanlab_mode": "offline",
+        "swanlab_logdir": str(logdir), "swanlab_run_name": "my-dpo-run", "swanlab_project": "proj"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(config)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT / "src")}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    [run_dir] = [p for p in logdir.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    assert list(run_dir.glob("*.swanlab"))
+    logged = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    text = json.dumps(logged)
+    assert "0.000123" in text and "my-dpo-run" in text

@@ -218,6 +218,9 @@ class DataArguments:
         return problems
 
 
+SWANLAB_MODES = ("cloud", "online", "local", "offline", "disabled")  # cloud: LF's (and swanlab < 0.10's) online
+
+
 @dataclass
 class FinetuningArguments:
     stage: str = _help("Training stage: `dpo` (preference pairs, the DPO family of losses) or `kto` (unpaired "
@@ -324,6 +327,14 @@ class FinetuningArguments:
     overwrite_output_dir: bool = _help(
         "Allow writing into a non-empty output dir (otherwise: resume or stop).", False
     )
+    # SwanLab (transformers' SwanLabCallback; `pip install prefalign[swanlab]`)
+    use_swanlab: bool = _help("Log the run to SwanLab (transformers' SwanLab integration; needs `swanlab`).", False)
+    swanlab_project: str = _help("SwanLab project (SWANLAB_PROJECT).", "llamafactory")
+    swanlab_workspace: str | None = _help("SwanLab workspace or organisation (SWANLAB_WORKSPACE; unset: yours).")
+    swanlab_mode: str = _help("SwanLab mode: `cloud` (LF's word for swanlab's online), `online`, `local`, `offline` "
+                              "or `disabled` (SWANLAB_MODE).", "cloud")
+    swanlab_api_key: str | None = _help("SwanLab API key (SWANLAB_API_KEY; or log in with `swanlab login`).")
+    swanlab_logdir: str | None = _help("Where SwanLab writes its files in local/offline mode (SWANLAB_LOG_DIR).")
 
     def __post_init__(self):
         if self.pref_loss is None:
@@ -334,6 +345,8 @@ class FinetuningArguments:
         from prefalign.losses import needs_reference
 
         problems = []
+        if self.swanlab_mode not in SWANLAB_MODES:
+            problems.append(f"swanlab_mode: {self.swanlab_mode!r} is not one of {', '.join(SWANLAB_MODES)}")
         if self.stage not in STAGE_LOSSES:
             problems.append(f"stage: prefalign runs preference optimization (stage: dpo, or kto for unpaired "
                             f"feedback), not {self.stage!r}; set stage: dpo or stage: kto")

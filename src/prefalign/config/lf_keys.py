@@ -251,11 +251,15 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         }.items()
     },
     "SwanLabArguments": {
-        key: _not_here(default, "SwanLab logging") for key, default in {
-            "use_swanlab": False, "swanlab_project": "llamafactory", "swanlab_workspace": None,
-            "swanlab_run_name": None, "swanlab_mode": "cloud", "swanlab_api_key": None, "swanlab_logdir": None,
-            "swanlab_lark_webhook_url": None, "swanlab_lark_secret": None,
-        }.items()
+        "use_swanlab": _impl(False, "transformers' SwanLabCallback (`pip install prefalign[swanlab]`)"),
+        "swanlab_project": _impl("llamafactory"),
+        "swanlab_workspace": _impl(None),
+        "swanlab_run_name": _impl(None, "as transformers' `run_name`", rename=("run_name", str)),
+        "swanlab_mode": _impl("cloud"),
+        "swanlab_api_key": _impl(None),
+        "swanlab_logdir": _impl(None),
+        "swanlab_lark_webhook_url": _not_here(None, "SwanLab's Lark notifications"),
+        "swanlab_lark_secret": _not_here(None, "SwanLab's Lark notifications"),
     },
     "FinetuningArguments": {
         "pure_bf16": _not_here(False, "pure bf16 training (bf16 weights, no mixed precision)"),

@@ -17,7 +17,7 @@ from prefalign.data.collate import PairCollator, run_collator, with_lengths
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
-from prefalign.errors import reporting_disk_full
+from prefalign.errors import PrefalignError, reporting_disk_full
 from prefalign.integrity import write_text_atomic
 from prefalign.losses import weight_balance_warning
 from prefalign.modeling.load import (
@@ -104,9 +104,37 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
     )
+    if ft.use_swanlab:
+        trainer.add_callback(swanlab_callback(ft))
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
     return trainer
+
+
+def swanlab_callback(ft):
+    """transformers' SwanLabCallback, its run started with LLaMA-Factory's swanlab_* keys.
+
+    The run is started here, on the main process, before the callback's own setup: that setup calls
+    `swanlab.get_run()`, which swanlab >= 0.10 raises on instead of returning None when no run is active.
+    """
+    try:
+        import swanlab
+        from transformers.integrations import SwanLabCallback
+    except ImportError:
+        raise PrefalignError("use_swanlab: true needs the swanlab package; pip install 'prefalign[swanlab]' "
+                             "(or swanlab), or set use_swanlab: false") from None
+
+    class _Callback(SwanLabCallback):
+        def setup(self, args, state, model, **kwargs):
+            if state.is_world_process_zero:
+                if ft.swanlab_api_key is not None:
+                    swanlab.login(api_key=ft.swanlab_api_key)
+                swanlab.init(project=ft.swanlab_project, workspace=ft.swanlab_workspace, name=args.run_name,
+                             mode="online" if ft.swanlab_mode == "cloud" else ft.swanlab_mode,
+                             log_dir=ft.swanlab_logdir)
+            super().setup(args, state, model, **kwargs)
+
+    return _Callback()
 
 
 def _checkpointing(args) -> bool:
