@@ -100,6 +100,10 @@ class DataArguments:
         "encoded once into the on-disk cache first, so `precompute_ref_log_probs` still works.", False
     )
     buffer_size: int = _help("Pairs in the shuffle buffer of `streaming` (1: the data's own order).", 16384)
+    default_system: str | None = _help(
+        "The system message of every conversation that has none (or an empty one): training and eval records "
+        "(as LLaMA-Factory's templates put it there) and `prefalign chat`."
+    )
     eval_on_each_dataset: bool = _help(
         "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
         "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
@@ -438,7 +442,6 @@ class GenerationArguments:
     top_p: float = _help("Nucleus sampling: keep the smallest token set with this probability mass.", 0.7)
     top_k: int = _help("Sample among the k most likely tokens (0: no limit).", 50)
     repetition_penalty: float = _help("Penalty > 1 for repeating tokens (1.0: none).", 1.0)
-    default_system: str | None = _help("A system message put before every chat conversation.")
 
     def problems(self) -> list[str]:
         problems = []

@@ -173,8 +173,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "neat_packing": _impl(False, "as `packing: true`: prefalign's packing never attends across sequences",
                               rename=("packing", bool)),
         "tool_format": _not_here(None, "named tool-call formats (tool_format)"),
-        "default_system": _impl(None, "the system message of `prefalign chat`; training records keep their own "
-                                      "system turn (LF also puts it before training records that have none)"),
+        "default_system": _impl(None, "the system message of records without one (LF: `system or default_system`) "
+                                      "and of `prefalign chat`"),
         "enable_thinking": _impl(True, "LF's default (true) is the template's own default", unset_at_default=True),
         "preserve_thinking": _not_here(False, "keeping the thinking of earlier turns"),
         "tokenized_path": _no_effect(None, "prefalign caches encoded data itself, keyed by data, tokenizer, "

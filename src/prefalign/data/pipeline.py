@@ -7,6 +7,7 @@ Nothing is dropped silently: every record is kept, skipped (and written with its
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -95,6 +96,9 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         summary.split_pairs.update({f"{k} (eval)": v for k, v in report.split_pairs.items()})
         rejects += report.rejects
         splits["eval"] = pairs
+    if data_args.default_system:
+        splits = {name: [with_default_system(p, data_args.default_system) for p in pairs]
+                  for name, pairs in splits.items()}
     each = bool(data_args.eval_on_each_dataset and data_args.eval_dataset)
     if unpaired:
         # evaluated on its own, an eval dataset's KL completions come from its own examples
@@ -127,6 +131,17 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         by_dataset = _split_by_dataset(encoded["eval"], [p.source.dataset for p in splits["eval"]],
                                        [name.strip() for name in data_args.eval_dataset])
     return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects, by_dataset)
+
+
+def with_default_system(pair, system: str):
+    """`pair` with `system` as its system message when it has none or an empty one, as LLaMA-Factory's
+    template encodes `system or default_system` (the pair's fingerprint, and so the encode cache key, follows)."""
+    prompt = pair.prompt
+    if prompt and prompt[0]["role"] == "system":
+        if prompt[0]["content"]:
+            return pair
+        prompt = prompt[1:]
+    return dataclasses.replace(pair, prompt=[{"role": "system", "content": system}] + list(prompt))
 
 
 def _per_dataset(pairs: list, fn) -> list:
