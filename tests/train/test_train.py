@@ -185,10 +185,6 @@ def test_eval_on_each_dataset_gives_each_eval_set_the_metrics_it_has_alone(tiny_
     assert both["eval_demo_eval_loss"] != both["eval_demo_train_loss"]
 
 
-def _losses(out: Path) -> list[float]:
-    return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-
-
 def test_streaming_with_a_one_pair_buffer_trains_what_sequential_order_trains(tiny_model_dir, tmp_path):
     """LF streams through datasets' IterableDataset.shuffle(buffer_size, seed); a buffer of one pair
     yields the pairs in the data's own order, which is what `disable_shuffling: true` trains (LF's
