@@ -43,7 +43,7 @@ class ChatSession:
         self.speakers = speakers
         self.seed = seed
         self.device = device
-        self.system = config.generation.default_system
+        self.system = config.data.default_system
         self.generate_kwargs = _generate_kwargs(config, tokenizer, self.renderer)
 
     def reply(self, speaker: Speaker, user_text: str, *, stream: bool = True) -> str:

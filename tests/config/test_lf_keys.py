@@ -90,12 +90,14 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
     ("rope_scaling", "linear", "rope_scaling: RoPE scaling is a LLaMA-Factory feature prefalign does not support yet"),
     ("use_galore", True, "use_galore: the GaLore optimizer is a LLaMA-Factory feature"),
     ("galore_rank", 8, "galore_rank: the GaLore optimizer is a LLaMA-Factory feature"),
-    ("swanlab_project", "mine", "swanlab_project: SwanLab logging is a LLaMA-Factory feature"),
+    ("swanlab_lark_webhook_url", "https://x", "swanlab_lark_webhook_url: SwanLab's Lark notifications is a LLaMA-Factory"),
     ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature"),
     ("image_max_pixels", 1024, "image_max_pixels: multimodal models"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
     ("reward_model", "rm", "reward_model: only LLaMA-Factory's ppo (its reward model) stage reads it"),
     ("train_on_prompt", True, "train_on_prompt: only LLaMA-Factory's sft stage reads it"),
+    # LF 0.9.5 (hparams/parser.py): "`train_on_prompt` or `mask_history` cannot be set as True except SFT"
+    ("mask_history", True, "mask_history: only LLaMA-Factory's sft stage reads it"),
 ])
 def test_a_key_off_lfs_default_gets_the_tables_answer(key, value, words):
     with pytest.raises(ConfigError) as info:
@@ -155,3 +157,12 @@ def test_readme_lf_key_table_is_current():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- lf-keys:start -->\n")[1].split("\n<!-- lf-keys:end -->")[0]
     assert section.strip() == table().strip(), "run: python scripts/lf_table.py and paste into README.md"
+
+
+def test_streaming_needs_max_steps_as_in_llama_factory():
+    """LF 0.9.5 (hparams/parser.py): "Please specify `max_steps` in streaming mode"."""
+    with pytest.raises(ConfigError) as info:
+        build_config({**BASE, "streaming": True})
+    assert info.value.problems == ["streaming: true reads the training pairs as a stream with no length, so the run "
+                                   "needs max_steps (as in LLaMA-Factory); set max_steps"]
+    assert build_config({**BASE, "streaming": True, "max_steps": 10, "buffer_size": 4}).data.buffer_size == 4

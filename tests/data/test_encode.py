@@ -54,6 +54,26 @@ def test_multi_turn_history_is_in_the_prompt(tiny_tokenizer):
     assert "Hello!" in text and text.rstrip().endswith("assistant")
 
 
+def test_only_the_last_turn_is_trained_and_scored_as_llama_factorys_dpo_does(tiny_tokenizer):
+    """LF 0.9.5's pairwise processor encodes a multi-turn record as one turn: the history is prompt
+    (label -100), only the last reply is the preference. That is what `mask_history` asks of sft, and
+    why LF refuses the key outside sft. Expected labels: apply_chat_template's ids of the whole
+    conversation after those of the history with the generation prompt, up to the end-of-turn token."""
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there friend!"},
+               {"role": "user", "content": "What color is grass?"}]
+    renderer = ChatRenderer(tiny_tokenizer, None)
+    enc = encode_pair(make_pair(prompt=history, chosen="Green.", rejected="Blue."), renderer, 1024)
+    batch = PairCollator(pad_token_id=0)([{**enc, "index": 0}])
+    prompt = _chat_ids(tiny_tokenizer, history, add_generation_prompt=True)
+    eot = tiny_tokenizer.convert_tokens_to_ids(renderer.end_of_turn)
+    for row, reply in ((0, "Green."), (1, "Blue.")):
+        full = _chat_ids(tiny_tokenizer, history + [{"role": "assistant", "content": reply}])
+        expected = full[len(prompt): full.index(eot, len(prompt)) + 1]
+        labels = [t for t in batch["labels"][row].tolist() if t != IGNORE_INDEX]
+        assert labels == expected
+        assert "Hello there friend" not in tiny_tokenizer.decode(labels)
+
+
 def test_no_template_is_a_config_error(tiny_tokenizer):
     tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
     tok.chat_template = None

@@ -82,3 +82,28 @@ def test_the_summary_is_written_once_and_read_back_unchanged(tmp_path, tiny_toke
     assert back.train.token_lengths["chosen"]["max"] == lengths[-1]
     assert back.describe().splitlines()[0] == f"{next(iter(back.datasets))}: 2 pairs"
     assert DataSummary.read(tmp_path / "nothing-here") is None
+
+
+@pytest.mark.parametrize("template", ["chatml", None], ids=["lf-chatml", "tokenizers-own"])
+def test_default_system_is_the_system_of_records_without_one_as_in_llama_factory(tmp_path, tiny_tokenizer, template):
+    """LF 0.9.5 (template.py `_encode`): `system = system or self.default_system`, with data_args.default_system
+    as the template's default. So a record without a system turn (or with an empty one) encodes as the same
+    record with `default_system` written in, and a record's own system turn wins."""
+    def conversation(system):
+        head = [] if system is None else [{"role": "system", "content": system}]
+        return {"prompt": head + [{"role": "user", "content": "Hi?"}],
+                "chosen": [{"role": "assistant", "content": "Hello!"}],
+                "rejected": [{"role": "assistant", "content": "Go away."}]}
+
+    def encoded(records, **kw):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        _write_jsonl(folder / "prefs.jsonl", records)
+        data = prepare_data(_data_args(folder, template=template, **kw), tiny_tokenizer, seed=0,
+                            cache_dir=tmp_path / "cache")
+        return [{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in data.train]
+
+    with_default = encoded([conversation(None), conversation(""), conversation("Own.")], default_system="Be brief.")
+    written = encoded([conversation("Be brief."), conversation("Be brief."), conversation("Own.")])
+    assert with_default == written
+    assert encoded([conversation(None)])[0] != written[0]  # the system turn shows in the ids

@@ -159,3 +159,71 @@ def test_resumed_run_equals_uninterrupted(tiny_model_dir, tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4] or sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(whole[step], abs=1e-6)
+
+
+def _eval_results(out: Path) -> dict:
+    results = json.loads((out / "eval_results.json").read_text())
+    return {k: v for k, v in results.items() if not k.endswith(("_runtime", "_per_second")) and k != "epoch"}
+
+
+def test_eval_on_each_dataset_gives_each_eval_set_the_metrics_it_has_alone(tiny_model_dir, tmp_path):
+    """LF's eval_on_each_dataset is transformers' dict of eval datasets: `eval_<name>_<metric>` per set.
+    Training reads no eval data, so the same seed trains the same model in all three runs, and each
+    set's family must equal the plain `eval_*` metrics of a run that evaluates that set alone."""
+    def run(name, eval_dataset, **keys):
+        out = tmp_path / name
+        run_train(config_for(tiny_model_dir, out, eval_dataset=eval_dataset, max_steps=2, max_samples=8, **keys))
+        return _eval_results(out)
+
+    both = run("both", "demo_eval,demo_train", eval_on_each_dataset=True)
+    for name in ("demo_eval", "demo_train"):
+        alone = run(name, name)
+        assert {"eval_loss", "eval_rewards/accuracies", "eval_logps/chosen"} <= set(alone)
+        family = {"eval_" + k[len(f"eval_{name}_"):]: v for k, v in both.items() if k.startswith(f"eval_{name}_")}
+        assert family == pytest.approx(alone, rel=1e-6)
+    assert not any(k.startswith("eval_") and not k.startswith(("eval_demo_eval_", "eval_demo_train_")) for k in both)
+    assert both["eval_demo_eval_loss"] != both["eval_demo_train_loss"]
+
+
+def test_streaming_with_a_one_pair_buffer_trains_what_sequential_order_trains(tiny_model_dir, tmp_path):
+    """LF streams through datasets' IterableDataset.shuffle(buffer_size, seed); a buffer of one pair
+    yields the pairs in the data's own order, which is what `disable_shuffling: true` trains (LF's
+    sequential sampler). 16 pairs, batch 4, 6 steps: the stream wraps into a second pass too."""
+    common = dict(max_steps=6, logging_steps=1)
+    run_train(config_for(tiny_model_dir, tmp_path / "seq", disable_shuffling=True, **common))
+    run_train(config_for(tiny_model_dir, tmp_path / "stream", streaming=True, buffer_size=1, **common))
+    run_train(config_for(tiny_model_dir, tmp_path / "random", **common))
+    sequential, streamed = _losses(tmp_path / "seq"), _losses(tmp_path / "stream")
+    assert len(sequential) == 6
+    assert streamed == pytest.approx(sequential, rel=1e-6)
+    assert _losses(tmp_path / "random") != pytest.approx(sequential, rel=1e-6)  # the order shows in the losses
+
+
+def test_use_swanlab_logs_the_run_through_transformers_swanlab_integration(tiny_model_dir, tmp_path):
+    """LF's swanlab_* keys as transformers' SwanLabCallback reads them (SWANLAB_MODE, SWANLAB_LOG_DIR, run_name):
+    an offline run writes swanlab's run folder under swanlab_logdir, with the run's training arguments."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import EXAMPLES, ROOT
+
+    pytest.importorskip("swanlab", reason="the swanlab extra is not installed")
+    logdir = tmp_path / "swanlog"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "stage": "dpo", "dataset": "demo_train",
+        "dataset_dir": str(EXAMPLES / "data"), "max_samples": 8, "cutoff_len": 64, "max_steps": 2,
+        "per_device_train_batch_size": 4, "learning_rate": 0.000123, "save_strategy": "no", "report_to": "none",
+        "output_dir": str(tmp_path / "out"), "use_swanlab": True, "swanlab_mode": "offline",
+        "swanlab_logdir": str(logdir), "swanlab_run_name": "my-dpo-run", "swanlab_project": "proj"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWANLAB_")}
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(config)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT / "src")}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    [run_dir] = [p for p in logdir.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    assert list(run_dir.glob("*.swanlab"))
+    logged = yaml.safe_load((run_dir / "files" / "config.yaml").read_text())
+    text = json.dumps(logged)
+    assert "0.000123" in text and "my-dpo-run" in text

@@ -117,6 +117,20 @@ class DataArguments:
     )
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
     eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
+    streaming: bool = _help(
+        "Train on the encoded pairs as a stream (datasets' IterableDataset), in order through a shuffle buffer "
+        "of `buffer_size` pairs seeded by `seed`, as LLaMA-Factory streams; needs max_steps. The pairs are "
+        "encoded once into the on-disk cache first, so `precompute_ref_log_probs` still works.", False
+    )
+    buffer_size: int = _help("Pairs in the shuffle buffer of `streaming` (1: the data's own order).", 16384)
+    default_system: str | None = _help(
+        "The system message of every conversation that has none (or an empty one): training and eval records "
+        "(as LLaMA-Factory's templates put it there) and `prefalign chat`."
+    )
+    eval_on_each_dataset: bool = _help(
+        "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
+        "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
+    )
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
         "qwen3_nothink, gemma, mistral, ...) encodes with LLaMA-Factory's slots for it, token for token as "
@@ -173,6 +187,8 @@ class DataArguments:
             problems.append(f"dataset: {', '.join(repeated)} listed more than once")
         if self.cutoff_len < 8:
             problems.append(f"cutoff_len: {self.cutoff_len} leaves no room for a prompt and a response; use at least 8")
+        if self.buffer_size < 1:
+            problems.append(f"buffer_size: {self.buffer_size} must be at least 1 (1 keeps the data's order)")
         if self.val_size < 0:
             problems.append(f"val_size: {self.val_size} is negative; give a fraction in (0, 1) or a count")
         if self.val_size > 0 and self.eval_dataset:
@@ -227,6 +243,9 @@ class DataArguments:
                             f"template, but template: {self.template} encodes with LLaMA-Factory's slots, which read "
                             "only enable_thinking; remove them, or leave template unset")
         return problems
+
+
+SWANLAB_MODES = ("cloud", "online", "local", "offline", "disabled")  # cloud: LF's (and swanlab < 0.10's) online
 
 
 @dataclass
@@ -335,6 +354,14 @@ class FinetuningArguments:
     overwrite_output_dir: bool = _help(
         "Allow writing into a non-empty output dir (otherwise: resume or stop).", False
     )
+    # SwanLab (transformers' SwanLabCallback; `pip install prefalign[swanlab]`)
+    use_swanlab: bool = _help("Log the run to SwanLab (transformers' SwanLab integration; needs `swanlab`).", False)
+    swanlab_project: str = _help("SwanLab project (SWANLAB_PROJECT).", "llamafactory")
+    swanlab_workspace: str | None = _help("SwanLab workspace or organisation (SWANLAB_WORKSPACE; unset: yours).")
+    swanlab_mode: str = _help("SwanLab mode: `cloud` (LF's word for swanlab's online), `online`, `local`, `offline` "
+                              "or `disabled` (SWANLAB_MODE).", "cloud")
+    swanlab_api_key: str | None = _help("SwanLab API key (SWANLAB_API_KEY; or log in with `swanlab login`).")
+    swanlab_logdir: str | None = _help("Where SwanLab writes its files in local/offline mode (SWANLAB_LOG_DIR).")
 
     def __post_init__(self):
         if self.pref_loss is None:
@@ -345,6 +372,8 @@ class FinetuningArguments:
         from prefalign.losses import needs_reference
 
         problems = []
+        if self.swanlab_mode not in SWANLAB_MODES:
+            problems.append(f"swanlab_mode: {self.swanlab_mode!r} is not one of {', '.join(SWANLAB_MODES)}")
         if self.stage not in STAGE_LOSSES:
             problems.append(f"stage: prefalign runs preference optimization (stage: dpo, or kto for unpaired "
                             f"feedback), not {self.stage!r}; set stage: dpo or stage: kto")
@@ -436,7 +465,6 @@ class GenerationArguments:
     top_p: float = _help("Nucleus sampling: keep the smallest token set with this probability mass.", 0.7)
     top_k: int = _help("Sample among the k most likely tokens (0: no limit).", 50)
     repetition_penalty: float = _help("Penalty > 1 for repeating tokens (1.0: none).", 1.0)
-    default_system: str | None = _help("A system message put before every chat conversation.")
 
     def problems(self) -> list[str]:
         problems = []

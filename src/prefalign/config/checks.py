@@ -26,6 +26,13 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
     if training.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")
+    if data.streaming:
+        if (training.get("max_steps") or -1) <= 0:
+            problems.append("streaming: true reads the training pairs as a stream with no length, so the run needs "
+                            "max_steps (as in LLaMA-Factory); set max_steps")
+        if training.get("train_sampling_strategy", "random") not in ("random", "sequential"):
+            problems.append(f"streaming and train_sampling_strategy: {training['train_sampling_strategy']} both given: "
+                            "a stream is read in order through its shuffle buffer (buffer_size); remove one")
     return (problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
             + scale.problems(model, ft, training))
 

@@ -154,9 +154,11 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "media_dir": _not_here(None, _MULTIMODAL),
         "cutoff_len": _impl(2048),
         "train_on_prompt": _stage(False, _SFT),
-        "mask_history": _not_here(False, "history masking (mask_history)"),
-        "streaming": _not_here(False, "streaming datasets"),
-        "buffer_size": _not_here(16384, "streaming datasets"),
+        # LF's pairwise processor encodes every record as one turn (history in the prompt, never
+        # trained), and LF refuses `mask_history: true` outside sft; so does prefalign
+        "mask_history": _stage(False, _SFT),
+        "streaming": _impl(False, "the encoded pairs as datasets' IterableDataset; needs max_steps"),
+        "buffer_size": _impl(16384, "the shuffle buffer of streaming"),
         "mix_strategy": _impl("concat"),
         "interleave_probs": _impl(None),
         "overwrite_cache": _impl(False),
@@ -166,13 +168,13 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "eval_num_beams": _stage(None, _SFT),
         "ignore_pad_token_for_loss": _stage(True, _SFT),
         "val_size": _impl(0.0),
-        "eval_on_each_dataset": _not_here(False, "evaluating each eval dataset separately"),
+        "eval_on_each_dataset": _impl(False, "one eval set per eval_dataset, metrics `eval_<dataset>_*`"),
         "packing": _impl(None, "null (LF's default) is off", unset_at_default=True),
         "neat_packing": _impl(False, "as `packing: true`: prefalign's packing never attends across sequences",
                               rename=("packing", bool)),
         "tool_format": _not_here(None, "named tool-call formats (tool_format)"),
-        "default_system": _impl(None, "the system message of `prefalign chat`; training records keep their own "
-                                      "system turn (LF also puts it before training records that have none)"),
+        "default_system": _impl(None, "the system message of records without one (LF: `system or default_system`) "
+                                      "and of `prefalign chat`"),
         "enable_thinking": _impl(True, "LF's default (true) is the template's own default", unset_at_default=True),
         "preserve_thinking": _not_here(False, "keeping the thinking of earlier turns"),
         "tokenized_path": _no_effect(None, "prefalign caches encoded data itself, keyed by data, tokenizer, "
@@ -249,11 +251,15 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         }.items()
     },
     "SwanLabArguments": {
-        key: _not_here(default, "SwanLab logging") for key, default in {
-            "use_swanlab": False, "swanlab_project": "llamafactory", "swanlab_workspace": None,
-            "swanlab_run_name": None, "swanlab_mode": "cloud", "swanlab_api_key": None, "swanlab_logdir": None,
-            "swanlab_lark_webhook_url": None, "swanlab_lark_secret": None,
-        }.items()
+        "use_swanlab": _impl(False, "transformers' SwanLabCallback (`pip install prefalign[swanlab]`)"),
+        "swanlab_project": _impl("llamafactory"),
+        "swanlab_workspace": _impl(None),
+        "swanlab_run_name": _impl(None, "as transformers' `run_name`", rename=("run_name", str)),
+        "swanlab_mode": _impl("cloud"),
+        "swanlab_api_key": _impl(None),
+        "swanlab_logdir": _impl(None),
+        "swanlab_lark_webhook_url": _not_here(None, "SwanLab's Lark notifications"),
+        "swanlab_lark_secret": _not_here(None, "SwanLab's Lark notifications"),
     },
     "FinetuningArguments": {
         "pure_bf16": _not_here(False, "pure bf16 training (bf16 weights, no mixed precision)"),

@@ -7,6 +7,8 @@ Nothing is dropped silently: every record is kept, skipped (and written with its
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import random
@@ -30,6 +32,13 @@ class PreparedData:
     eval: object | None
     summary: DataSummary
     rejects: list[dict] = field(default_factory=list)
+    # eval_on_each_dataset: each eval_dataset's rows of `eval`, by name (their `index` is eval's)
+    eval_by_dataset: dict[str, object] | None = None
+
+    @property
+    def eval_sets(self):
+        """What the trainer evaluates: `eval`, or one set per eval dataset (transformers' dict form)."""
+        return self.eval_by_dataset or self.eval
 
     def write(self, output_dir: str | Path) -> None:
         output_dir = Path(output_dir)
@@ -87,8 +96,14 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         summary.split_pairs.update({f"{k} (eval)": v for k, v in report.split_pairs.items()})
         rejects += report.rejects
         splits["eval"] = pairs
+    if data_args.default_system:
+        splits = {name: [with_default_system(p, data_args.default_system) for p in pairs]
+                  for name, pairs in splits.items()}
+    each = bool(data_args.eval_on_each_dataset and data_args.eval_dataset)
     if unpaired:
-        splits = {name: with_kl_completions(examples) for name, examples in splits.items()}
+        # evaluated on its own, an eval dataset's KL completions come from its own examples
+        splits = {name: (_per_dataset(examples, with_kl_completions) if name == "eval" and each
+                         else with_kl_completions(examples)) for name, examples in splits.items()}
     encoded = {}
     for name, pairs in splits.items():
         if not pairs:
@@ -111,4 +126,35 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
     summary.skipped_by_stage = {stage: n for stage in STAGES if (n := sum(r["stage"] == stage for r in rejects))}
     if need_train and not encoded.get("train"):
         raise ConfigError("dataset: no training pairs are left after loading and splitting")
-    return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects)
+    by_dataset = None
+    if each and encoded.get("eval") is not None:
+        by_dataset = _split_by_dataset(encoded["eval"], [p.source.dataset for p in splits["eval"]],
+                                       [name.strip() for name in data_args.eval_dataset])
+    return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects, by_dataset)
+
+
+def with_default_system(pair, system: str):
+    """`pair` with `system` as its system message when it has none or an empty one, as LLaMA-Factory's
+    template encodes `system or default_system` (the pair's fingerprint, and so the encode cache key, follows)."""
+    prompt = pair.prompt
+    if prompt and prompt[0]["role"] == "system":
+        if prompt[0]["content"]:
+            return pair
+        prompt = prompt[1:]
+    return dataclasses.replace(pair, prompt=[{"role": "system", "content": system}] + list(prompt))
+
+
+def _per_dataset(pairs: list, fn) -> list:
+    """`fn` applied to each dataset's run of pairs on its own (eval data is concatenated, in order)."""
+    out = []
+    for _, group in itertools.groupby(pairs, key=lambda p: p.source.dataset):
+        out += fn(list(group))
+    return out
+
+
+def _split_by_dataset(dataset, dataset_of_index: list[str], names: list[str]) -> dict:
+    """Each named dataset's encoded rows (selected in memory: the encode cache folder stays as written)."""
+    positions = {name: [] for name in names}
+    for position, index in enumerate(dataset["index"]):
+        positions[dataset_of_index[index]].append(position)
+    return {name: dataset.select(rows, keep_in_memory=True) for name, rows in positions.items() if rows}

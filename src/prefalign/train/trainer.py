@@ -143,9 +143,17 @@ class PreferenceTrainer(Trainer):
             self._throughput = ThroughputMeter(ModelShape.of(model), passes, matmul_rate(self.args.device, dtype))
         return self._throughput
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # a dict of eval sets comes back here once per set, as `eval_<name>`: its metrics take that prefix
+        self._eval_prefix = f"{metric_key_prefix}_"
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._eval_prefix = "eval_"
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         split = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if split == "eval" else ""
+        prefix = getattr(self, "_eval_prefix", "eval_") if split == "eval" else ""
         if split == "train" and self._throughput is not None and self._throughput.start is not None:
             totals = self.accelerator.reduce(self._throughput.totals().to(self.args.device), reduction="sum")
             logs.update(self._throughput.report(totals.cpu(), processes=self.accelerator.num_processes))

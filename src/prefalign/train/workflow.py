@@ -17,7 +17,7 @@ from prefalign.data.collate import PairCollator, run_collator, with_lengths
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
-from prefalign.errors import reporting_disk_full
+from prefalign.errors import PrefalignError, reporting_disk_full
 from prefalign.integrity import write_text_atomic
 from prefalign.losses import weight_balance_warning
 from prefalign.modeling.load import (
@@ -90,19 +90,53 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     if _checkpointing(args) and hasattr(policy, "enable_input_require_grads"):
         policy.enable_input_require_grads()
 
-    train, eval_ = data.train, data.eval
+    train, eval_ = data.train, data.eval_sets
     if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # the samplers read `length`
-        train = with_lengths(train, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
-        eval_ = with_lengths(eval_, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+        def lengths(dataset):
+            return with_lengths(dataset, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+
+        train = lengths(train)
+        eval_ = {k: lengths(v) for k, v in eval_.items()} if isinstance(eval_, dict) else lengths(eval_)
+    if config.data.streaming and train is not None:
+        # as LLaMA-Factory streams: read in order through a seeded shuffle buffer (the Trainer adds no sampler)
+        train = train.to_iterable_dataset().shuffle(seed=args.seed, buffer_size=config.data.buffer_size)
     trainer = PreferenceTrainer(
         model=policy, args=args, train_dataset=train, eval_dataset=eval_,
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
     )
+    if ft.use_swanlab:
+        trainer.add_callback(swanlab_callback(ft))
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
     return trainer
+
+
+def swanlab_callback(ft):
+    """transformers' SwanLabCallback, its run started with LLaMA-Factory's swanlab_* keys.
+
+    The run is started here, on the main process, before the callback's own setup: that setup calls
+    `swanlab.get_run()`, which swanlab >= 0.10 raises on instead of returning None when no run is active.
+    """
+    try:
+        import swanlab
+        from transformers.integrations import SwanLabCallback
+    except ImportError:
+        raise PrefalignError("use_swanlab: true needs the swanlab package; pip install 'prefalign[swanlab]' "
+                             "(or swanlab), or set use_swanlab: false") from None
+
+    class _Callback(SwanLabCallback):
+        def setup(self, args, state, model, **kwargs):
+            if state.is_world_process_zero:
+                if ft.swanlab_api_key is not None:
+                    swanlab.login(api_key=ft.swanlab_api_key)
+                swanlab.init(project=ft.swanlab_project, workspace=ft.swanlab_workspace, name=args.run_name,
+                             mode="online" if ft.swanlab_mode == "cloud" else ft.swanlab_mode,
+                             log_dir=ft.swanlab_logdir)
+            super().setup(args, state, model, **kwargs)
+
+    return _Callback()
 
 
 def _checkpointing(args) -> bool:
@@ -225,6 +259,12 @@ def write_run_report(config: RunConfig, trainer) -> Path:
     out = Path(config.training.output_dir)
     held_out = trainer.eval_dataset is not None
     dataset = trainer.eval_dataset if held_out else trainer.train_dataset
+    from datasets import Dataset, IterableDataset, concatenate_datasets
+
+    if isinstance(dataset, dict):  # eval_on_each_dataset: the samples come from all of them
+        dataset = concatenate_datasets(list(dataset.values()))
+    elif isinstance(dataset, IterableDataset):  # streaming: the stream's first pairs
+        dataset = Dataset.from_list(list(dataset.take(8)))
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
