@@ -11,6 +11,11 @@ EXAMPLES = ROOT / "examples"
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
 
 
+# The plain layout (rows prompt+chosen, then prompt+rejected), which runs leave only when asked:
+# the reference side of the tests that compare a speed path with it (modeling/layout.py).
+PLAIN = {"packing": False, "prefix_sharing": False}
+
+
 def config_for(model_dir, out, **overrides):
     """A small, fast LoRA DPO config on the demo data; `overrides` are config keys."""
     values = {

@@ -41,7 +41,8 @@ def test_config_errors_are_one_line_each_without_traceback(tmp_path):
 
 
 def test_packing_length_without_packing_is_a_one_line_error(tmp_path):
-    run = prefalign("train", "examples/quickstart.yaml", "packing_length=512", f"output_dir={tmp_path / 'out'}")
+    run = prefalign("train", "examples/quickstart.yaml", "packing=false", "packing_length=512",
+                    f"output_dir={tmp_path / 'out'}")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "packing_length is set but packing is off; set packing: true" in run.stderr
 

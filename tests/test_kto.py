@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, config_for, with_llama3_tokens, write_json
+from helpers import PLAIN, ROOT, config_for, with_llama3_tokens, write_json
 
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamafactory"
@@ -141,10 +141,11 @@ def kto_losses(tiny_model_dir, out, **overrides) -> list[float]:
 
 def test_precompute_prefix_sharing_and_packing_give_the_plain_losses(tiny_model_dir, tmp_path):
     """KTO examples and their KL completions go through every speed path as pairs do: the same losses."""
-    plain = kto_losses(tiny_model_dir, tmp_path / "plain")
+    plain = kto_losses(tiny_model_dir, tmp_path / "plain", **PLAIN)
     assert len(plain) == 3 and plain[0] == pytest.approx(0.5, abs=1e-6)  # policy = reference: 1 - σ(0) each
-    for name, options in {"precompute": {"precompute_ref_log_probs": True}, "prefix": {"prefix_sharing": True},
-                          "packed": {"packing": True},
+    for name, options in {"precompute": {**PLAIN, "precompute_ref_log_probs": True},
+                          "prefix": {**PLAIN, "prefix_sharing": True},
+                          "packed": {**PLAIN, "packing": True},
                           "packed-prefix": {"packing": True, "prefix_sharing": True}}.items():
         assert kto_losses(tiny_model_dir, tmp_path / name, **options) == pytest.approx(plain, abs=1e-5), name
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import run_collator
+from prefalign.modeling.layout import choose_layout
 from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
@@ -89,7 +90,9 @@ def run_eval(config: RunConfig) -> dict:
     start = time.perf_counter()
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
     shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
-    rows, means = scorer.score(shard, run_collator(config.finetuning, tokenizer.pad_token_id),
+    collator = run_collator(config.finetuning, tokenizer.pad_token_id,
+                            choose_layout(config.finetuning, config.data.cutoff_len, policy, reference.model))
+    rows, means = scorer.score(shard, collator,
                                batch_size=args.per_device_eval_batch_size, device=device)
     pieces = gather_objects((rows, means))
     if not is_main_process():

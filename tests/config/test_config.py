@@ -191,6 +191,7 @@ def test_packing_keys():
     assert build_config({**BASE, "neat_packing": True}).finetuning.packing
     assert build_config({**BASE, "packing": True, "packing_length": 4096}).finetuning.packing_length == 4096
     with pytest.raises(ConfigError, match="packing_length is set but packing is off"):
-        build_config({**BASE, "packing_length": 4096})
+        build_config({**BASE, "packing": False, "packing_length": 4096})
+    assert build_config({**BASE, "packing_length": 4096}).finetuning.packing is None  # packs where the model allows
     with pytest.raises(ConfigError, match="packing_length: -1 is negative"):
         build_config({**BASE, "packing": True, "packing_length": -1})

@@ -119,7 +119,7 @@ def test_the_same_keys_at_lfs_default_are_accepted_in_any_spelling():
 def test_lf_defaults_that_used_to_conflict_turn_nothing_on():
     config = build_config({**BASE, "packing": None, "neat_packing": False, "template": "qwen3_nothink",
                            "enable_thinking": True, "disable_gradient_checkpointing": False})
-    assert config.finetuning.packing is False and config.data.enable_thinking is None
+    assert config.finetuning.packing is None and config.data.enable_thinking is None  # prefalign's own default
     assert config.training.gradient_checkpointing is False
     assert build_config({**BASE, "neat_packing": True}).finetuning.packing is True
 

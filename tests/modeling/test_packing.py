@@ -3,7 +3,7 @@ each sequence run alone through the model, no padding, no mask, log-softmax summ
 
 import pytest
 import torch
-from helpers import config_for, make_random_adapter
+from helpers import PLAIN, config_for, make_random_adapter
 from test_speed_paths import FEATURES, assert_grads_close, grads_of, objective, tiny_llama
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -188,7 +188,7 @@ def test_packed_training_logs_the_padded_losses_under_accumulation(tiny_model_di
     from prefalign.train.workflow import build_trainer
 
     logs, models = {}, {}
-    for name, keys in (("padded", {}), ("packed", {"packing": True, "prefix_sharing": True})):
+    for name, keys in (("padded", PLAIN), ("packed", {"packing": True, "prefix_sharing": True})):
         trainer = build_trainer(config_for(tiny_model_dir, tmp_path / name, finetuning_type="full", max_steps=2,
                                            per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                            max_samples=8, train_sampling_strategy="sequential", **keys))
@@ -217,7 +217,7 @@ def test_packed_eval_and_precomputed_reference_match_the_padded_run(tiny_model_d
 
     adapter = make_random_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     rows = {}
-    for name, keys in (("padded", {}), ("packed", {"packing": True, "packing_length": 64}),
+    for name, keys in (("padded", PLAIN), ("packed", {"packing": True, "prefix_sharing": False, "packing_length": 64}),
                        ("packed_shared", {"packing": True, "prefix_sharing": True})):
         cfg = write_config(tmp_path / f"{name}.yaml", model_name_or_path=tiny_model_dir,
                            adapter_name_or_path=adapter, output_dir=str(tmp_path / name), **keys)

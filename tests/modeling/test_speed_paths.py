@@ -169,7 +169,7 @@ def test_training_with_prefix_sharing_logs_the_same_losses(tiny_model_dir, tmp_p
     logs = {}
     for sharing in (False, True):
         trainer = build_trainer(config_for(tiny_model_dir, tmp_path / str(sharing), finetuning_type="full",
-                                           prefix_sharing=sharing))
+                                           packing=False, prefix_sharing=sharing))
         assert isinstance(trainer.data_collator, PrefixSharedCollator) == sharing
         trainer.train()
         logs[sharing] = [h for h in trainer.state.log_history if "loss" in h]
@@ -226,7 +226,7 @@ def test_group_by_length_cuts_padding(tiny_model_dir, tmp_path):
     pads = {}
     for strategy in ("random", "group_by_length"):
         trainer = build_trainer(config_for(tiny_model_dir, tmp_path / strategy, max_samples=200,
-                                           train_sampling_strategy=strategy))
+                                           train_sampling_strategy=strategy, **helpers.PLAIN))  # packing pads nothing
         pads[strategy] = _pad_tokens(trainer)
         if strategy == "group_by_length":
             assert "length" in trainer.train_dataset.column_names

@@ -4,7 +4,7 @@ OFTConfig, one training step checked against peft + torch alone) and LoRA+ (peft
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import config_for, first_batch
+from helpers import PLAIN, config_for, first_batch
 
 from prefalign.config import build_config
 from prefalign.errors import ConfigError
@@ -31,7 +31,8 @@ def test_oft_step_equals_peft_and_torch_alone(tiny_model_dir, tmp_path):
     from peft import OFTConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "run", **OFT, **STEP))
+    # the plain layout: the rows _sequence_logps sums
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "run", **OFT, **STEP, **PLAIN))
     batch = {k: v for k, v in first_batch(trainer).items() if isinstance(v, torch.Tensor)}
     trainer.train()
     trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

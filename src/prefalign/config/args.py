@@ -331,15 +331,18 @@ class FinetuningArguments:
         False,
     )
     # speed
-    prefix_sharing: bool = _help(
-        "Run the prompt once per pair: chosen and rejected continue one shared prompt.", False
+    prefix_sharing: bool | None = _help(
+        "Run the prompt once per pair: chosen and rejected continue one shared prompt. Default (null): "
+        "on where the model's attention allows it (the log says when it does not); false for the plain layout.",
+        None,
     )
-    packing: bool = _help(
+    packing: bool | None = _help(
         "Padding-free batches: the pairs of a micro-batch laid end to end in one row (or rows of "
         "`packing_length`), positions restarting per sequence and attention confined to each "
         "sequence, so no padding is computed. Combines with `prefix_sharing` (each pair: prompt "
-        "once, then both replies). `neat_packing` is read as the same.",
-        False,
+        "once, then both replies). Default (null): on where the model's attention allows it (the log "
+        "says when it does not); false for padded rows. `neat_packing` is read as the same.",
+        None,
     )
     packing_length: int = _help(
         "With `packing`: at most this many tokens per row; 0 puts the whole micro-batch in one row. "
@@ -395,7 +398,7 @@ class FinetuningArguments:
         if self.packing_length < 0:
             problems.append(f"packing_length: {self.packing_length} is negative; give a row length in tokens, or 0 "
                             "for one row per micro-batch")
-        if self.packing_length and not self.packing:
+        if self.packing_length and self.packing is False:
             problems.append("packing_length is set but packing is off; set packing: true, or remove packing_length")
         if self.logits_chunk_size < 1:
             problems.append(f"logits_chunk_size: {self.logits_chunk_size} must be at least 1")

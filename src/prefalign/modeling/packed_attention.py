@@ -66,9 +66,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise ConfigError("packing: the model uses sliding-window or soft-capped attention, which packed "
-                          "batches do not support; set packing: false")
+    if kwargs.get("softcap"):
+        raise ConfigError("packing: the model soft-caps its attention scores, which packed batches do not "
+                          "support; set packing: false")
+    window = kwargs.get("sliding_window")
+    if window and max(q1 - q0 + p1 - p0 for _, q0, q1, p0, p1 in packed_spans.spans) > window:
+        raise ConfigError(f"packing: a sequence is longer than the model's attention window ({window} tokens), "
+                          f"which packed batches do not support; set packing: false, or cutoff_len <= {window}")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)

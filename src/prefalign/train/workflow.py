@@ -14,6 +14,7 @@ import yaml
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator, run_collator, with_lengths
+from prefalign.modeling.layout import choose_layout
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
@@ -69,10 +70,11 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     dtype = compute_dtype(args)
     return_gathered_memory_on_cpu()
     policy = load_policy(config.model, ft, dtype, vocab)
-    collator = run_collator(ft, tokenizer.pad_token_id)
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
+    layout = choose_layout(ft, config.data.cutoff_len, policy, reference.model)
+    collator = run_collator(ft, tokenizer.pad_token_id, layout)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
@@ -93,7 +95,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     train, eval_ = data.train, data.eval_sets
     if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):  # the samplers read `length`
         def lengths(dataset):
-            return with_lengths(dataset, prefix_sharing=ft.prefix_sharing, column=args.length_column_name)
+            return with_lengths(dataset, prefix_sharing=layout.prefix_sharing, column=args.length_column_name)
 
         train = lengths(train)
         eval_ = {k: lengths(v) for k, v in eval_.items()} if isinstance(eval_, dict) else lengths(eval_)

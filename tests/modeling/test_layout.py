@@ -1,0 +1,101 @@
+"""The batch layout a run gets (modeling/layout.py): packed and prefix-shared by default where the
+model's attention gives the plain layout's log-probs, plain where it cannot, and what the config writes."""
+
+import logging
+
+import pytest
+import torch
+from helpers import config_for
+from test_speed_paths import FEATURES, tiny_llama
+from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+from prefalign.config.args import FinetuningArguments
+from prefalign.data.collate import PairCollator
+from prefalign.data.packing import PackedCollator
+from prefalign.errors import ConfigError
+from prefalign.modeling.layout import choose_layout
+from prefalign.modeling.logprobs import pair_logps
+
+AUTO = FinetuningArguments()  # packing and prefix_sharing left null
+
+
+def tiny_mistral(window: int):
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        sliding_window=window)
+    cfg._attn_implementation = "sdpa"
+    return MistralForCausalLM(cfg).float()
+
+
+def tiny_gemma2():
+    cfg = Gemma2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    return Gemma2ForCausalLM(cfg)
+
+
+def test_a_llama_packs_and_shares_its_prompts_by_default():
+    layout = choose_layout(AUTO, 2048, tiny_llama())
+    assert (layout.packing, layout.prefix_sharing, layout.notes) == (True, True, ())
+
+
+def test_what_the_config_writes_is_kept():
+    written = choose_layout(FinetuningArguments(packing=False, prefix_sharing=True), 2048, tiny_llama())
+    assert (written.packing, written.prefix_sharing) == (False, True)
+    forced = choose_layout(FinetuningArguments(packing=True, prefix_sharing=True), 2048, tiny_gemma2())
+    assert forced.packing and forced.prefix_sharing and not forced.notes  # the layout itself refuses it, when run
+
+
+def test_soft_capped_attention_falls_back_to_the_plain_layout_with_the_reason(caplog):
+    with caplog.at_level(logging.INFO, logger="prefalign.modeling.layout"):
+        layout = choose_layout(AUTO, 2048, tiny_gemma2())
+    assert not layout.packing and not layout.prefix_sharing
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Batch layout")]
+    assert line == ("Batch layout: plain (no packing, no prefix sharing); packing off: the model soft-caps its "
+                    "attention scores (set packing: true or false to choose); prefix_sharing off: the model "
+                    "soft-caps its attention scores (set prefix_sharing: true or false to choose)")
+
+
+def test_a_sliding_window_shorter_than_cutoff_len_turns_both_off_and_a_longer_one_does_not():
+    short = choose_layout(AUTO, 96, tiny_mistral(window=16))
+    assert not short.packing and not short.prefix_sharing
+    assert "sliding-window attention (16 tokens) is shorter than cutoff_len 96" in short.notes[0]
+    assert choose_layout(AUTO, 16, tiny_mistral(window=16)).packing
+
+
+def test_the_reference_model_decides_too():
+    """A separate reference of another family must run the same batches."""
+    layout = choose_layout(AUTO, 2048, tiny_llama(), tiny_gemma2())
+    assert not layout.packing and not layout.prefix_sharing
+
+
+def test_flash_attention_packs_without_sharing_prompts():
+    model = tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"
+    layout = choose_layout(AUTO, 2048, model)
+    assert layout.packing and not layout.prefix_sharing
+    assert layout.notes == ("prefix_sharing off: attn_implementation=flash_attention_2 cannot share a prompt "
+                            "between two replies (set prefix_sharing: true or false to choose)",)
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_sequences_within_a_sliding_window_pack_to_the_plain_log_probs(prefix_sharing):
+    """Every sequence (at most 8 tokens) fits a window of 16: the window never slides, so packing is exact."""
+    model = tiny_mistral(window=16)
+    plain = pair_logps(model, PairCollator(0)(FEATURES))
+    packed = pair_logps(model, PackedCollator(0, prefix_sharing=prefix_sharing)(FEATURES))
+    torch.testing.assert_close(packed.chosen, plain.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.rejected, plain.rejected, atol=1e-5, rtol=0)
+
+
+def test_a_sequence_longer_than_the_window_is_refused_when_packed():
+    with pytest.raises(ConfigError, match=r"longer than the model's attention window \(4 tokens\).*cutoff_len <= 4"):
+        pair_logps(tiny_mistral(window=4), PackedCollator(0)(FEATURES))
+
+
+def test_a_default_run_trains_packed_and_prefix_shared(tiny_model_dir, tmp_path):
+    from prefalign.train.workflow import build_trainer
+
+    collator = build_trainer(config_for(tiny_model_dir, tmp_path)).data_collator
+    assert isinstance(collator, PackedCollator) and collator.prefix_sharing
