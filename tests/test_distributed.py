@@ -254,4 +254,5 @@ def test_kto_in_two_processes_equals_one_process(tiny_model_dir, tmp_path):
             for key in KTO_METRICS:
                 assert (key in a) == (key in b), (name, key)
                 if key in b:
-                    assert a[key] == pytest.approx(b[key], rel=1e-4, abs=TOL), (name, key)
+                    # log-probs near -100 carry fp32 rounding of ~1e-5 from the all-reduced weights
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4), (name, key)

@@ -202,6 +202,20 @@ def test_every_reference_strategy_gives_the_same_kto_losses(tiny_model_dir, tmp_
         assert kto_losses(tiny_model_dir, tmp_path / name, **full, **options) == pytest.approx(plain, abs=1e-5), name
 
 
+def test_an_sft_adapter_reference_trains_kto_from_one_half_live_or_precomputed(tiny_model_dir, tmp_path):
+    """`adapter_name_or_path`: the policy trains a copy of the SFT adapter, the reference is base + SFT
+    adapter: policy = reference at step 1 (loss 0.5 although base + adapter != base), and the precomputed
+    reference (KL completions included) gives the live one's losses."""
+    from helpers import make_random_adapter
+
+    sft = make_random_adapter(tiny_model_dir, tmp_path / "sft", seed=3, b_std=0.05)
+    live = kto_losses(tiny_model_dir, tmp_path / "live", adapter_name_or_path=sft, learning_rate=1e-2)
+    assert live[0] == pytest.approx(0.5, abs=1e-6) and abs(live[2] - live[0]) > 1e-4
+    cached = kto_losses(tiny_model_dir, tmp_path / "cached", adapter_name_or_path=sft, learning_rate=1e-2,
+                        precompute_ref_log_probs=True)
+    assert cached == pytest.approx(live, abs=1e-5)
+
+
 @pytest.mark.parametrize("options", [{"finetuning_type": "freeze"}, {"quantization_bit": 4}], ids=["freeze", "qlora"])
 def test_freeze_and_qlora_train_kto_from_one_half(llama64_model_dir, tmp_path, options):
     """Freeze tuning (frozen-copy reference) and QLoRA (the 4-bit base as the adapter-disabled reference):
