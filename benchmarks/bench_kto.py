@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--runs", default=",".join(RUNS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list this many times, interleaved (A B A B), so that every run sees the "
+                        "same machine load; each run's median round is reported")
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -150,11 +153,19 @@ def run_child(spec: dict) -> dict:
                        + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median loop examples/s (the lower middle one of an even count); peak RSS is
+    the largest of the rounds (it is a property of the run, not of the load)."""
+    ordered = sorted(rounds, key=lambda r: r["loop_examples_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds),
+            "rounds": len(rounds)}
+
+
 def report(args, shape: str, results: dict) -> str:
     lines = [f"workload: {2 * args.pairs} KTO examples (bench_dpo real-shaped pairs, unpaired), cutoff_len "
              f"{args.cutoff_len}, Llama {shape}; batch {args.batch_size} x accumulation {args.grad_accum}, "
              f"{args.steps} steps ({args.steps * args.batch_size * args.grad_accum} examples), lr {args.lr}, "
-             f"beta {args.beta}, fp32; machine: {bench_dpo.machine()}", "",
+             f"beta {args.beta}, fp32; {args.rounds} interleaved round(s), median shown; machine: {bench_dpo.machine()}", "",
              "| run | loop examples/s | end-to-end examples/s | setup s | peak RSS MiB | loss step 1 / last |",
              "|---|---:|---:|---:|---:|---|"]
     for name, r in results.items():
@@ -180,13 +191,15 @@ def main(argv=None) -> None:
         common = {k: workload[k] for k in ("model", "data")} | {
             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps, "lr": args.lr,
             "beta": args.beta, "threads": args.threads, "cutoff_len": args.cutoff_len}
-        results = {}
-        for name in args.runs.split(","):
-            results[name] = run_child({**common, **RUNS[name], "name": name, "cache_dir": f"{tmp}/cache-{name}"})
-            print(f"{name}: {results[name]}", flush=True)
-            if args.json_out:
-                Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-        print("\n" + report(args, workload["shape"], results))
+        rounds: dict[str, list[dict]] = {name: [] for name in args.runs.split(",")}
+        for i in range(args.rounds):
+            for name in rounds:
+                result = run_child({**common, **RUNS[name], "name": name, "cache_dir": f"{tmp}/cache-{name}-{i}"})
+                rounds[name].append(result)
+                print(f"round {i + 1} {name}: {result}", flush=True)
+                if args.json_out:
+                    Path(args.json_out).write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=2))
+        print("\n" + report(args, workload["shape"], {name: median_round(r) for name, r in rounds.items()}))
 
 
 if __name__ == "__main__":

@@ -185,3 +185,103 @@ def test_llamafactory_kto_examples_train_unchanged(tiny_model_dir, tmp_path, nam
     assert (out / "adapter_model.safetensors").is_file()
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert history[-1]["step"] == 2
+
+
+# -- the rest of the workflow: every tuning and reference strategy -------------------------------------
+def kto_history(out) -> list[dict]:
+    return [h for h in json.loads((Path(out) / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_every_reference_strategy_gives_the_same_kto_losses(tiny_model_dir, tmp_path):
+    """Full tuning: the frozen copy, a separate `ref_model` that is the same base, and the precomputed
+    reference (its KL completions included) are one reference: the same losses; a step moves them."""
+    full = {"finetuning_type": "full", "learning_rate": 1e-2}
+    plain = kto_losses(tiny_model_dir, tmp_path / "frozen-copy", **full)
+    assert plain[0] == pytest.approx(0.5, abs=1e-6) and abs(plain[2] - plain[0]) > 1e-3
+    for name, options in {"separate": {"ref_model": str(tiny_model_dir)},
+                          "precompute": {"precompute_ref_log_probs": True}}.items():
+        assert kto_losses(tiny_model_dir, tmp_path / name, **full, **options) == pytest.approx(plain, abs=1e-5), name
+
+
+def test_an_sft_adapter_reference_trains_kto_from_one_half_live_or_precomputed(tiny_model_dir, tmp_path):
+    """`adapter_name_or_path`: the policy trains a copy of the SFT adapter, the reference is base + SFT
+    adapter: policy = reference at step 1 (loss 0.5 although base + adapter != base), and the precomputed
+    reference (KL completions included) gives the live one's losses."""
+    from helpers import make_random_adapter
+
+    sft = make_random_adapter(tiny_model_dir, tmp_path / "sft", seed=3, b_std=0.05)
+    live = kto_losses(tiny_model_dir, tmp_path / "live", adapter_name_or_path=sft, learning_rate=1e-2)
+    assert live[0] == pytest.approx(0.5, abs=1e-6) and abs(live[2] - live[0]) > 1e-4
+    cached = kto_losses(tiny_model_dir, tmp_path / "cached", adapter_name_or_path=sft, learning_rate=1e-2,
+                        precompute_ref_log_probs=True)
+    assert cached == pytest.approx(live, abs=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"finetuning_type": "freeze"}, {"quantization_bit": 4}], ids=["freeze", "qlora"])
+def test_freeze_and_qlora_train_kto_from_one_half(llama64_model_dir, tmp_path, options):
+    """Freeze tuning (frozen-copy reference) and QLoRA (the 4-bit base as the adapter-disabled reference):
+    policy = reference at step 1 (loss 1 - σ(0) = 0.5 for every example), and the loss moves after it."""
+    pytest.importorskip("bitsandbytes")
+    losses = kto_losses(llama64_model_dir, tmp_path / "out", learning_rate=1e-2, **options)
+    assert losses[0] == pytest.approx(0.5, abs=1e-6) and abs(losses[2] - losses[0]) > 1e-4
+
+
+# -- micro-batches of one label -------------------------------------------------------------------------
+def test_micro_batches_of_one_label_log_exact_per_label_metrics(tiny_model_dir, tmp_path):
+    """2 demo pairs split in TRL's order (D1 D2 U1 U2), sequential, batch 2 x accumulation 2: one micro-batch
+    holds only desirable examples, the other only undesirable ones. The step's metrics are the means over
+    the examples of each label and the counts are totals (2 and 2), as the batch-4 twin logs them; nothing
+    is NaN. The values are checked against `prefalign eval`'s rows of the same 4 examples on the base model
+    (step 1: policy = reference, so every reward and kl is 0 and the log-probs are the base model's)."""
+    from prefalign.cli import main
+
+    out = tmp_path / "accum"
+    kto_losses(tiny_model_dir, out, max_samples=2, max_steps=1, per_device_train_batch_size=2,
+               gradient_accumulation_steps=2)
+    step = kto_history(out)[0]
+    kto_losses(tiny_model_dir, tmp_path / "batch4", max_samples=2, max_steps=1)
+    twin = kto_history(tmp_path / "batch4")[0]
+    assert main(["eval", str(out / "run_config.yaml"), f"model_name_or_path={tiny_model_dir}", "val_size=0",
+                 "max_samples=2", "finetuning_type=full", f"ref_model={tiny_model_dir}", "eval_dataset=demo_train",
+                 f"output_dir={tmp_path / 'eval'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [True, True, False, False]
+    desirable = [r["policy_logps"] for r in rows if r["label"]]
+    undesirable = [r["policy_logps"] for r in rows if not r["label"]]
+    for logged in (step, twin):
+        assert all(v == v for v in logged.values())  # no NaN
+        assert (logged["count/chosen"], logged["count/rejected"]) == (2, 2)
+        assert logged["logps/chosen"] == pytest.approx(sum(desirable) / 2, abs=1e-4)
+        assert logged["logps/rejected"] == pytest.approx(sum(undesirable) / 2, abs=1e-4)
+        assert logged["rewards/chosen"] == logged["rewards/rejected"] == logged["kl"] == 0
+        assert logged["loss"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_run_of_one_label_leaves_the_other_labels_metrics_out(tiny_model_dir, tmp_path):
+    """Steps whose examples are all desirable log no `rewards/rejected` or `logps/rejected` (not NaN) and
+    `count/rejected` 0; the warning about the missing label is said once."""
+    kto_losses(tiny_model_dir, tmp_path / "out", max_samples=4, max_steps=1, per_device_train_batch_size=4)
+    step = kto_history(tmp_path / "out")[0]
+    assert (step["count/chosen"], step["count/rejected"]) == (4, 0)
+    assert "rewards/rejected" not in step and "logps/rejected" not in step
+    assert all(v == v for v in step.values())
+
+
+# -- what a KTO run writes ----------------------------------------------------------------------------------
+def test_report_and_model_card_of_a_kto_run_speak_of_examples_and_labels(tiny_model_dir, tmp_path):
+    """6 demo pairs split in two: the card counts 12 examples by label; the report's samples are examples
+    with their label, reward and KL, shown as desirable / undesirable."""
+    out = tmp_path / "out"
+    kto_losses(tiny_model_dir, out, max_samples=6, max_steps=2)
+    card = (out / "README.md").read_text()
+    assert "KTO-style alignment on unpaired desirable/undesirable feedback" in card
+    assert "6 preference pairs, each split into a desirable and an undesirable example" in card
+    assert "train: 12 examples (6 desirable, 6 undesirable)" in card
+    samples = json.loads((out / "report_samples.json").read_text())["pairs"]
+    # the data lists the 6 desirable examples first (TRL's order); the samples take each label in turn
+    assert [(s["index"], s["label"]) for s in samples] == [(0, True), (1, True), (2, True), (6, False), (7, False)]
+    assert {"label", "reward", "kl", "reply"} <= samples[0].keys()
+    for s in samples:  # reward = β × (policy - reference) of the reply, as in eval
+        assert s["reward"] == pytest.approx(0.1 * (s["policy_logps"] - s["reference_logps"]), abs=1e-5)
+    report = (out / "report.html").read_text()
+    assert ">desirable<" in report and ">undesirable<" in report and "reference point z_ref" in report

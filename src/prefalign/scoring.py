@@ -117,6 +117,21 @@ def pair_rows(index: torch.Tensor, out: LossOutput, policy: PairLogps, reference
     return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
+def sample_indices(dataset, count: int) -> list[int]:
+    """The rows the report shows: the first `count`; of KTO examples the first of each label in turn, in
+    data order, so that both labels are shown though TRL's unpair order lists every desirable example first."""
+    if "desirable" not in dataset.column_names:
+        return list(range(min(count, len(dataset))))
+    labels = dataset["desirable"]
+    groups = [[i for i, d in enumerate(labels) if d], [i for i, d in enumerate(labels) if not d]]
+    picked = []
+    while len(picked) < min(count, len(labels)):
+        for group in groups:
+            if group and len(picked) < count:
+                picked.append(group.pop(0))
+    return sorted(picked)
+
+
 @dataclasses.dataclass
 class Scorer:
     """Scores whole datasets of encoded pairs with one policy, one reference and one objective, without gradients."""
@@ -167,10 +182,10 @@ class Scorer:
     def samples(self, dataset, collator, tokenizer, *, device, split: str = "eval", count: int = 5) -> list[dict]:
         """The first `count` pairs of `dataset`, decoded, with their rows and policy / reference margins.
 
-        KTO examples: each with its label, reply and reward (`example_rows`); a batch of all of them, so
-        their reference point is the samples' own.
+        KTO examples: each with its label, reply and reward (`example_rows`); the first of each label in
+        turn (`sample_indices`); a batch of all of them, so their reference point is the samples' own.
         """
-        subset = dataset.select(range(min(count, len(dataset))))
+        subset = dataset.select(sample_indices(dataset, count))
         rows, _ = self.score(subset, collator, batch_size=len(subset), device=device, split=split)
         if "desirable" in subset.column_names:
             return [{**row, "prompt": tokenizer.decode(pair["prompt_ids"], skip_special_tokens=False),
