@@ -18,6 +18,11 @@ vocabulary cut to its first ids), and `freeze` (run with LF's venv, like `lf`) w
 set of LF's ids the tests check (tests/fixtures/lf_parity/frozen.json) for the most used names:
     PYTHONPATH=src python benchmarks/lf_template_parity.py shrink
     /work/venvs/lf/bin/python benchmarks/lf_template_parity.py freeze --lf-data LF_SRC/data
+
+Tool records (ShareGPT with a `tools` column, `function_call` and `observation` turns; TOOL_RECORDS)
+go the same way with `--tools` (`lf --tools`, `compare --tools`), and `freeze-tools` writes their
+frozen set (tests/fixtures/lf_parity/frozen_tools.json). Both sides state one fixed date in llama3's
+tool prompt (LLaMA-Factory writes the day it encodes).
 """
 
 from __future__ import annotations
@@ -40,6 +45,45 @@ THINKING_RECORD = {"conversations": [{"from": "human", "value": "What is 12 * 3?
                    "rejected": {"from": "gpt", "value": "44."},
                    "system": ""}
 DATASET = "lf_parity"
+TOOLS_DATASET = "lf_parity_tools"
+TODAY = (2024, 7, 26)  # the date llama3's tool prompt states, fixed on both sides ("26 Jul 2024")
+_WEATHER = {"name": "get_weather", "description": "Get the current weather of a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "description": "The city, e.g. Paris"},
+                "unit": {"type": "string", "description": "The unit", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"]}}
+_SEARCH = {"name": "search", "description": "Search the web",
+           "parameters": {"type": "object", "properties": {
+               "query": {"type": "string", "description": "What to search for"},
+               "sites": {"type": "array", "description": "Sites to search", "items": {"type": "string"}}},
+               "required": ["query"]}}
+# Tool calls, each as a function_call turn holds it; the frozen texts add them as one parallel call.
+TOOL_CALLS = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+              {"name": "search", "arguments": {"query": "LLaMA-Factory docs", "sites": ["github.com"], "n": 3,
+                                               "safe": True, "lang": None, "note": "größer"}}]
+# LLaMA-Factory's ShareGPT tool records (its glaive_toolcall demos' shape): a `tools` column holding the
+# definitions as a JSON string, `function_call` turns holding one call as JSON, `observation` turns.
+TOOL_RECORDS = [
+    {"conversations": [{"from": "human", "value": "What is the weather in Paris?"},
+                       {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {
+                           "city": "Paris", "unit": "celsius"}})},
+                       {"from": "observation", "value": json.dumps({"temperature": 22, "condition": "sunny"})}],
+     "chosen": {"from": "gpt", "value": "It is sunny in Paris, 22 degrees Celsius."},
+     "rejected": {"from": "gpt", "value": "It is raining."},
+     "system": "", "tools": json.dumps([_WEATHER])},
+    {"conversations": [{"from": "human", "value": "Find the LLaMA-Factory docs."},
+                       {"from": "function_call", "value": json.dumps({"name": "search", "arguments": {
+                           "query": "LLaMA-Factory docs", "sites": ["github.com"]}}, ensure_ascii=False)},
+                       {"from": "observation", "value": "llamafactory.readthedocs.io"},
+                       {"from": "gpt", "value": "They are at llamafactory.readthedocs.io."},
+                       {"from": "human", "value": "Thanks. Is it warm in Rome?"}],
+     "chosen": {"from": "gpt", "value": "Let me check the weather in Rome for you."},
+     "rejected": {"from": "gpt", "value": "No."},
+     "system": "You are a helpful assistant with tools.", "tools": json.dumps([_WEATHER, _SEARCH])},
+    {"conversations": [{"from": "human", "value": "Say hello."}],
+     "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Bye."},
+     "system": "", "tools": json.dumps([_SEARCH])},
+]
 
 
 def pick_records(lf_data: Path, per_kind: int = 2) -> list[dict]:
@@ -54,12 +98,14 @@ def pick_records(lf_data: Path, per_kind: int = 2) -> list[dict]:
     return records + [SYSTEM_RECORD, THINKING_RECORD]
 
 
-def write_data(folder: Path, records: list[dict]) -> None:
+def write_data(folder: Path, records: list[dict], dataset: str = DATASET) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{DATASET}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
-    (folder / "dataset_info.json").write_text(json.dumps({DATASET: {
-        "file_name": f"{DATASET}.json", "ranking": True, "formatting": "sharegpt",
-        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"}}}))
+    (folder / f"{dataset}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"}
+    if dataset == TOOLS_DATASET:
+        columns["tools"] = "tools"
+    (folder / "dataset_info.json").write_text(json.dumps({dataset: {
+        "file_name": f"{dataset}.json", "ranking": True, "formatting": "sharegpt", "columns": columns}}))
 
 
 def prefalign_names() -> list[str]:
@@ -81,7 +127,22 @@ def prefalign_names() -> list[str]:
 _COPIES: dict = {}
 
 
-def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True) -> dict:
+def _fix_lf_date() -> None:
+    """LLaMA-Factory's llama3 tool prompt states the day it encodes; both sides state TODAY instead."""
+    import datetime as dt
+
+    import llamafactory.data.tool_utils as tool_utils
+
+    class Fixed(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(*TODAY)
+
+    tool_utils.datetime = Fixed
+
+
+def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True, dataset: str = DATASET,
+              tool_format: str | None = None) -> dict:
     """LF's ids for every record of the data folder with (a copy of) the tokenizer `original` (with
     "added": the tokens LF's template fix adds to it), or {"error": ...} where LF refuses.
 
@@ -101,8 +162,9 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True)
         _COPIES[key] = copy.deepcopy(original)
     tokenizer = _COPIES[key]
     size = len(original)
+    _fix_lf_date()
     data_args = DataArguments(template=name, cutoff_len=CUTOFF, enable_thinking=enable_thinking,
-                              dataset=DATASET, dataset_dir=str(data_dir))
+                              dataset=dataset, dataset_dir=str(data_dir), tool_format=tool_format)
     saved = copy.deepcopy(TEMPLATES[name])  # get_template_and_fix_tokenizer writes into the registry
     try:
         template = get_template_and_fix_tokenizer(tokenizer, data_args)
@@ -114,9 +176,9 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True)
     if len(tokenizer) != size:  # LF adds tokens (and, with resize_vocab, resizes); the ids are still its ids
         _COPIES.pop(key)
         added = sorted(set(tokenizer.get_vocab()) - set(original.get_vocab()))
-    attr = get_dataset_list([DATASET], str(data_dir))[0]
+    attr = get_dataset_list([dataset], str(data_dir))[0]
     converter = get_dataset_converter("sharegpt", attr, data_args)
-    rows = [converter(r) for r in json.loads((data_dir / f"{DATASET}.json").read_text())]
+    rows = [converter(r) for r in json.loads((data_dir / f"{dataset}.json").read_text())]
     batch = {key: [row[key] for row in rows] for key in rows[0]}
     processor = PairwiseDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
     try:
@@ -139,6 +201,8 @@ def run_lf(args) -> None:
     from transformers import AutoTokenizer
 
     out = Path(args.out)
+    if args.tools:
+        return run_lf_tools(args)
     records = pick_records(Path(args.lf_data))
     write_data(out / "data", records)
     families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
@@ -156,17 +220,46 @@ def run_lf(args) -> None:
     (out / "lf_ids.json").write_text(json.dumps(result))
 
 
+def run_lf_tools(args) -> None:
+    """LF's ids of the tool records (TOOL_RECORDS) for every name x tokenizer folder: lf_tool_ids.json."""
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    write_data(out / "tools_data", TOOL_RECORDS, TOOLS_DATASET)
+    families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
+    result = {"llamafactory": version("llamafactory"), "transformers": version("transformers"),
+              "tokenizers_dir": str(args.tokenizers), "families": families, "ids": {}}
+    for family in families:
+        tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizers) / family)
+        for name in prefalign_names():
+            result["ids"][f"{family}/{name}"] = lf_encode(tokenizer, name, out / "tools_data", dataset=TOOLS_DATASET)
+        print(f"{family}: done", file=sys.stderr, flush=True)
+    (out / "lf_tool_ids.json").write_text(json.dumps(result))
+
+
 # ---------------------------------------------------------------------------------------------
 # prefalign's half
 
 
-def prefalign_encode(tokenizer, name: str, pairs) -> dict:
+def prefalign_renderer(tokenizer, name: str, kwargs: dict | None = None, tool_format: str | None = None):
+    """prefalign's renderer for `name`, its llama3 tool prompt stating TODAY as LF's does here."""
     from prefalign.data.chat import ChatRenderer
+
+    renderer = ChatRenderer(tokenizer, name, kwargs or {}, tool_format=tool_format)
+    if renderer.lf_encoder is not None:
+        renderer.lf_encoder.today = "{2:02d} {1} {0}".format(
+            TODAY[0], ("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec").split()[TODAY[1] - 1], TODAY[2])
+    return renderer
+
+
+def prefalign_encode(tokenizer, name: str, pairs) -> dict:
     from prefalign.data.encode import encode_pair
     from prefalign.errors import ConfigError, PairError
 
     try:
-        renderer = ChatRenderer(tokenizer, name)
+        renderer = prefalign_renderer(tokenizer, name)
     except ConfigError as exc:
         return {"error": str(exc)}
     results = []
@@ -214,8 +307,9 @@ def run_compare(args) -> None:
     from prefalign.data.sources import load_preference_pairs
 
     out = Path(args.out)
-    lf = json.loads((out / "lf_ids.json").read_text())
-    pairs, _ = load_preference_pairs([DATASET], str(out / "data"))
+    dataset, folder, ids = (TOOLS_DATASET, "tools_data", "lf_tool_ids") if args.tools else (DATASET, "data", "lf_ids")
+    lf = json.loads((out / f"{ids}.json").read_text())
+    pairs, _ = load_preference_pairs([dataset], str(out / folder))
     rows, counts = [], {}
     for family in lf["families"]:
         tokenizer = AutoTokenizer.from_pretrained(Path(lf["tokenizers_dir"]) / family)
@@ -226,7 +320,7 @@ def run_compare(args) -> None:
             verdict, detail = compare_one(tokenizer, theirs, prefalign_encode(tokenizer, name, pairs))
             counts[verdict] = counts.get(verdict, 0) + 1
             rows.append({"family": family, "name": name, "verdict": verdict, "detail": detail})
-    (out / "compare.json").write_text(json.dumps({"llamafactory": lf["llamafactory"], "counts": counts, "rows": rows},
+    (out / ("compare_tools.json" if args.tools else "compare.json")).write_text(json.dumps({"llamafactory": lf["llamafactory"], "counts": counts, "rows": rows},
                                                  ensure_ascii=False, indent=1))
     print(f"LLaMA-Factory {lf['llamafactory']} vs prefalign, {len(pairs)} records, {len(lf['families'])} tokenizers: "
           + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())))
@@ -260,6 +354,45 @@ def run_freeze(args) -> None:
     (fixtures / "frozen.json").write_text(json.dumps(frozen, separators=(",", ":")))
 
 
+# The tool-capable names frozen for the tool records, each with its own tool format, and qwen with another.
+FROZEN_TOOL_CASES = (("qwen", None), ("qwen3", None), ("llama3", None), ("mistral", None), ("glm4", None),
+                     ("chatml", None), ("default", None), ("qwen", "llama3"), ("llama2", "mistral"))
+
+
+def run_freeze_tools(args) -> None:
+    """tests/fixtures/lf_parity/frozen_tools.json: LF's ids of TOOL_RECORDS for FROZEN_TOOL_CASES."""
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    fixtures = Path(args.fixtures)
+    write_data(fixtures / "tools_data", TOOL_RECORDS, TOOLS_DATASET)
+    frozen = {"llamafactory": version("llamafactory"), "transformers": version("transformers"), "today": TODAY,
+              "ids": {}}
+    for family in sorted(p.name for p in (fixtures / "tokenizers").iterdir()):
+        tokenizer = AutoTokenizer.from_pretrained(fixtures / "tokenizers" / family)
+        for name, tool_format in FROZEN_TOOL_CASES:
+            key = f"{family}/{name}" + (f"/tool_format={tool_format}" if tool_format else "")
+            frozen["ids"][key] = lf_encode(tokenizer, name, fixtures / "tools_data", dataset=TOOLS_DATASET,
+                                           tool_format=tool_format)
+    _fix_lf_date()
+    texts = {}  # each tool format's text of the records' definitions and calls, straight from tool_utils
+    from llamafactory.data.tool_utils import TOOLS, FunctionCall
+
+    definitions = [json.loads(record["tools"]) for record in TOOL_RECORDS]
+    calls = [[FunctionCall(c["name"], json.dumps(c["arguments"], ensure_ascii=False))] for c in TOOL_CALLS]
+    calls.append([FunctionCall(c[0].name, c[0].arguments) for c in calls])  # parallel calls
+    for tool_format, utils in TOOLS.items():
+        texts[tool_format] = {"tools": [utils.tool_formatter(d) for d in definitions], "calls": []}
+        for call in calls:
+            try:
+                texts[tool_format]["calls"].append(utils.function_formatter(call))
+            except ValueError as exc:  # glm4 writes no parallel calls
+                texts[tool_format]["calls"].append({"error": str(exc)})
+    frozen["texts"] = {"calls": [[list(c) for c in call] for call in calls], "formats": texts}
+    (fixtures / "frozen_tools.json").write_text(json.dumps(frozen, ensure_ascii=False, separators=(",", ":")))
+
+
 def run_shrink(args) -> None:
     """Small copies of real tokenizers for the tests: their first `--keep` BPE merges, with the tokens those
     make, every single character and byte token and every added token (a BPE with fewer merges), so the
@@ -284,7 +417,8 @@ def run_shrink(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("lf", "compare", "freeze", "shrink"))
+    parser.add_argument("mode", choices=("lf", "compare", "freeze", "freeze-tools", "shrink"))
+    parser.add_argument("--tools", action="store_true", help="lf / compare: the tool records (TOOL_RECORDS)")
     parser.add_argument("--families", nargs="*", default=["llama-bpe", "llama-spm", "phi-3", "qwen2"])
     parser.add_argument("--add", nargs="*", help="lf: encode only these tokenizer folders, added to lf_ids.json")
     parser.add_argument("--keep", type=int, default=2000, help="shrink: the BPE merges kept")
@@ -293,7 +427,8 @@ def main() -> None:
     parser.add_argument("--out", default="/work/artifacts/lf_parity")
     parser.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lf_parity"))
     args = parser.parse_args()
-    {"lf": run_lf, "compare": run_compare, "freeze": run_freeze, "shrink": run_shrink}[args.mode](args)
+    {"lf": run_lf, "compare": run_compare, "freeze": run_freeze, "freeze-tools": run_freeze_tools,
+     "shrink": run_shrink}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Run with a Python that has llamafactory installed (its own venv; see benchmarks/
     /work/venvs/lf/bin/python scripts/import_lf_templates.py
 The output lists, per name, the facts LLaMA-Factory's `register_template` call states (the slots of
 each formatter, default system, stop words, efficient_eos / replace_eos, the template class, thought
-words, the tool format): prefalign's encoder (data/lf_encoding.py) applies LLaMA-Factory's rules to them.
+words, the tool format, or the tools slot): prefalign's encoder (data/lf_encoding.py) applies LLaMA-Factory's rules to them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from llamafactory.data.formatter import ToolFormatter
 from llamafactory.data.template import TEMPLATES
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "prefalign" / "data" / "lf_templates.py"
@@ -61,7 +62,13 @@ def entry(name: str, template) -> str:
         fields.append(f"rules={rules!r}")
         if tuple(template.thought_words) != DEFAULT_THOUGHT:
             fields.append(f"thought_words={tuple(template.thought_words)!r}")
-    tool_format = template.format_tools.tool_format or "default"
+    if isinstance(template.format_tools, ToolFormatter):
+        tool_format = template.format_tools.tool_format
+    else:  # a plain slot the tool definitions' JSON fills (phi4_mini); its tool calls keep the function's format
+        fields.append(f"tools={slot(template.format_tools.slots)}")
+        tool_format = template.format_function.tool_format
+    if template.format_function.tool_format != tool_format:
+        raise SystemExit(f"{name}: its tool definitions and tool calls use different tool formats")
     if tool_format != "default":
         fields.append(f"tool_format={tool_format!r}")
     plugin = type(template.mm_plugin).__name__

@@ -185,3 +185,37 @@ def test_every_skipped_record_is_written_with_its_stage(tiny_model_dir, tmp_path
     summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
     assert summary["skipped_by_stage"] == {"parse": 1, "render": 1, "prefix": 1, "tokenize": 1}
     assert summary["train"]["pairs"] == 3 and summary["train"]["skipped"] == 3
+
+
+def test_prefalign_data_with_template_qwen_shows_a_tool_records_definitions_in_the_system_turn(tiny_model_dir,
+                                                                                               tmp_path):
+    """LLaMA-Factory's ShareGPT tool record (a tools column, function_call and observation turns) through the real
+    CLI: the prompt shown starts with the system turn holding Qwen's default system and then the definitions
+    (Qwen 2.5's "# Tools ... <tools>" block, the definition as JSON), the call and the result follow it."""
+    tool = {"name": "get_weather", "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    data = tmp_path / "data"
+    data.mkdir()
+    write_json(data / "dataset_info.json", {"tools_demo": {
+        "file_name": "tools_demo.json", "ranking": True, "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "tools": "tools"}}})
+    write_json(data / "tools_demo.json", [{
+        "conversations": [{"from": "human", "value": "Weather in Oslo?"},
+                          {"from": "function_call", "value": json.dumps({"name": "get_weather",
+                                                                         "arguments": {"city": "Oslo"}})},
+                          {"from": "observation", "value": "-3 and snow"}],
+        "chosen": {"from": "gpt", "value": "It is -3 and snowing."}, "rejected": {"from": "gpt", "value": "Sunny."},
+        "tools": json.dumps([tool])}])
+    (tmp_path / "run.yaml").write_text("stage: dpo\ntemplate: qwen\ndataset: tools_demo\ndataset_dir: data\n"
+                                       f"output_dir: {tmp_path / 'out'}\n")
+    run = prefalign("data", "run.yaml", f"model_name_or_path={tiny_model_dir}", cwd=tmp_path,
+                    env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    prompt = run.stdout.split("[prompt: masked, not trained, ")[1].split("\n", 1)[1].split("\n[chosen: ")[0]
+    system = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n"
+    assert prompt.startswith(system), prompt[:300]
+    definitions = prompt[len(system):prompt.index("<|im_end|>")]
+    assert "<tools>\n" + json.dumps({"type": "function", "function": tool}) + "\n</tools>" in definitions
+    assert prompt.index("<|im_start|>user\nWeather in Oslo?") > prompt.index("</tools>")
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' in prompt
+    assert "<tool_response>\n-3 and snow\n</tool_response>" in prompt

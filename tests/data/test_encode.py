@@ -140,11 +140,14 @@ def test_a_role_the_template_cannot_render_is_a_data_error(tiny_tokenizer):
     from prefalign.errors import PairError
 
     pair = make_pair(prompt=[{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}])
-    # a built-in template has no tool-call format
-    with pytest.raises(PairError, match=r"mem.json record 0, field prompt: template: chatml: assistant tool calls are "
-                                        r"not encoded with LLaMA-Factory's slots yet"):
-        encode_pair(make_pair(prompt=[{"role": "user", "content": "Hi", "tool_calls": [{"type": "function"}]},
-                                      {"role": "tool", "content": "42"}]), ChatRenderer(tiny_tokenizer, "chatml"), 1024)
+    # a built-in template's tool format that writes one call per turn (LLaMA-Factory's glm4) refuses two
+    calls = [{"type": "function", "function": {"name": name, "arguments": {}}} for name in ("a", "b")]
+    with pytest.raises(PairError, match=r"mem.json record 0, field prompt: template: chatml: tool_format glm4 writes "
+                                        r"one tool call per assistant turn"):
+        encode_pair(make_pair(prompt=[{"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "", "tool_calls": calls},
+                                      {"role": "tool", "content": "42"}]),
+                    ChatRenderer(tiny_tokenizer, "chatml", tool_format="glm4"), 1024)
     tiny_tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
                                     "{{ raise_exception('no tool role here') }}{% endif %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(PairError, match=r"field prompt: the tokenizer's own chat template cannot render.*no tool role") as error:

@@ -100,3 +100,96 @@ def test_llama2_encodes_the_records_whole_text_tokenization_refused(family):
         ours = encode_pair(pair, renderer(f"{family}/llama2"), NO_CUT)
         assert ours["prompt_ids"][0] == tok.bos_token_id and ours["chosen_ids"][-1] == tok.eos_token_id
         assert tok.decode(ours["prompt_ids"]).rstrip().endswith("[/INST]")
+
+
+# -- tool records: ShareGPT with a tools column, function_call and observation turns ----------------------
+# tests/fixtures/lf_parity/frozen_tools.json (`benchmarks/lf_template_parity.py freeze-tools`, LF's venv):
+# LLaMA-Factory's ids of the records in tests/fixtures/lf_parity/tools_data for tool-capable names (each
+# with its own tool format, and two with `tool_format` set), and each LF tool format's text of the
+# records' definitions and calls, straight from LF's tool_utils. llama3's prompt states the day LF
+# encodes; LF's side ran with the date fixed at FROZEN_TOOLS["today"], and prefalign's is set to it.
+FROZEN_TOOLS = json.loads((PARITY / "frozen_tools.json").read_text())
+TODAY = "26 Jul 2024"
+
+
+@lru_cache(maxsize=1)
+def tool_pairs():
+    return load_preference_pairs(["lf_parity_tools"], str(PARITY / "tools_data"))[0]
+
+
+def tool_renderer(key: str) -> ChatRenderer:
+    family, name, *rest = key.split("/")
+    tool_format = rest[0].removeprefix("tool_format=") if rest else None
+    made = ChatRenderer(tokenizer(family), name, {}, tool_format=tool_format)
+    made.lf_encoder.today = TODAY
+    return made
+
+
+def test_the_frozen_tool_ids_are_llama_factorys_and_cover_the_tool_formats():
+    assert FROZEN_TOOLS["llamafactory"] == "0.9.5" and FROZEN_TOOLS["today"] == [2024, 7, 26]
+    equal = {key for key, value in FROZEN_TOOLS["ids"].items() if "records" in value}
+    assert {"qwen2/qwen", "qwen2/qwen3", "llama3.1-bpe/llama3", "qwen2/mistral", "qwen2/default",
+            "qwen2/qwen/tool_format=llama3", "qwen2/llama2/tool_format=mistral"} <= equal
+    pairs = tool_pairs()
+    assert len(pairs) == 3 and all(pair.tools for pair in pairs)
+    assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "tool"]
+    assert pairs[0].prompt[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v))
+def test_tool_record_ids_equal_llama_factorys(key):
+    """Tool definitions in the system slot, calls in the function slot, results in the observation slot: LF's ids."""
+    theirs = FROZEN_TOOLS["ids"][key]["records"]
+    encoder = tool_renderer(key)
+    for index, (pair, lf) in enumerate(zip(tool_pairs(), theirs, strict=True)):
+        ours = encode_pair(pair, encoder, NO_CUT)
+        assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
+        assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
+        assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "added" in v))
+def test_for_tool_templates_where_llama_factory_adds_a_token_prefalign_adds_the_same(key):
+    """The tokens LF named as added for the tool records' template (frozen ids: only their names) are the
+    ones prefalign's encoder adds, and the tool records then encode."""
+    family, added = key.split("/")[0], FROZEN_TOOLS["ids"][key]["added"]
+    encoder = tool_renderer(key)
+    fixed = encoder.lf_encoder._fixed
+    assert sorted(set(fixed.get_vocab()) - set(tokenizer(family).get_vocab())) == sorted(added)
+    assert all(encode_pair(pair, encoder, NO_CUT)["chosen_ids"] for pair in tool_pairs())
+
+
+def test_each_tool_format_writes_llama_factorys_text():
+    """Every LF tool format (glm4, minimax, gemma4, ... included, which no shrunk tokenizer encodes): the text of
+    the records' definitions (as the records hold them) and of single and parallel calls equals LF's tool_utils'."""
+    from prefalign.data.lf_tools import TOOL_FORMATS
+
+    texts = FROZEN_TOOLS["texts"]
+    assert set(TOOL_FORMATS) == set(texts["formats"])
+    records = json.loads((PARITY / "tools_data" / "lf_parity_tools.json").read_text())
+    definitions = [json.loads(record["tools"]) for record in records]
+    for name, fmt in TOOL_FORMATS.items():
+        lf = texts["formats"][name]
+        assert [fmt.tools(d, TODAY) for d in definitions] == lf["tools"], name
+        for calls, theirs in zip(texts["calls"], lf["calls"], strict=True):
+            if isinstance(theirs, dict):  # LF refuses (glm4: no parallel calls)
+                with pytest.raises(ValueError):
+                    fmt.calls([tuple(c) for c in calls])
+            else:
+                assert fmt.calls([tuple(c) for c in calls]) == theirs, name
+
+
+def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
+    """Hand-checked against Qwen 2.5's format: the default system, then '# Tools' and each definition as one
+    JSON line inside <tools>, all before the first user turn; the call as a <tool_call> JSON block in the
+    assistant turn, the result in a user turn's <tool_response>."""
+    qwen = tokenizer("qwen2")
+    text = qwen.decode(encode_pair(tool_pairs()[0], tool_renderer("qwen2/qwen"), NO_CUT)["prompt_ids"])
+    weather = json.loads(tool_pairs()[0].tools)[0]
+    system = text[:text.index("<|im_start|>user\n")]
+    assert system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                             "assistant.\n\n# Tools\n\n")
+    assert "<tools>\n" + json.dumps(weather, ensure_ascii=False) + "\n</tools>" in system
+    assert system.endswith("</tool_call><|im_end|>\n")
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "celsius"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temperature": 22') in text

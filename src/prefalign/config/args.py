@@ -140,6 +140,10 @@ class DataArguments:
         "Thinking on or off: LLaMA-Factory's enable_thinking for its reasoning templates (qwen3, ...; unset: "
         "true, as in LLaMA-Factory), else passed to the tokenizer's own chat template (unset: its default)."
     )
+    tool_format: str | None = _help(
+        "LLaMA-Factory's tool_format: how a built-in template writes tool definitions (in the system turn) and "
+        "assistant tool calls, e.g. qwen, llama3, glm4, mistral, default (unset: the template's own)."
+    )
     chat_template_kwargs: dict[str, Any] | None = _help(
         "Extra arguments for the chat template, e.g. `{reasoning_effort: low}`, for training, eval and chat; "
         "a record's own `chat_template_kwargs` column goes on top."
@@ -223,6 +227,10 @@ class DataArguments:
         from prefalign.errors import ConfigError
 
         problems = _one_of("on_unsupported_system", self.on_unsupported_system, UNSUPPORTED_SYSTEM)
+        if self.tool_format is not None:
+            from prefalign.data.lf_tools import TOOL_FORMATS
+
+            problems += _one_of("tool_format", self.tool_format, tuple(TOOL_FORMATS))
         problems += _one_of("on_prompt_not_prefix", self.on_prompt_not_prefix, NOT_PREFIX)
         kwargs = self.chat_template_kwargs or {}
         if not isinstance(kwargs, dict):
@@ -238,6 +246,9 @@ class DataArguments:
         except ConfigError as exc:
             return problems + [f"template: {exc}"]
         extra = sorted(set(kwargs) - set(LF_TEMPLATE_ARGUMENTS))
+        if builtin is None and self.tool_format is not None:
+            problems.append("tool_format: applies to a built-in (LLaMA-Factory) template, but template is unset (the "
+                            "tokenizer's own chat template writes tools its own way); set template: or remove tool_format")
         if builtin is not None and extra:
             problems.append(f"chat_template_kwargs: {', '.join(extra)} are arguments of a tokenizer's own chat "
                             f"template, but template: {self.template} encodes with LLaMA-Factory's slots, which read "

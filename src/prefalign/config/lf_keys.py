@@ -173,7 +173,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
                          unset_at_default=True),
         "neat_packing": _impl(False, "as `packing: true`: prefalign's packing never attends across sequences",
                               rename=("packing", bool)),
-        "tool_format": _not_here(None, "named tool-call formats (tool_format)"),
+        "tool_format": _impl(None, "a built-in template's tool definitions and calls as LF writes them"),
         "default_system": _impl(None, "the system message of records without one (LF: `system or default_system`) "
                                       "and of `prefalign chat`"),
         "enable_thinking": _impl(True, "LF's default (true) is the template's own default", unset_at_default=True),

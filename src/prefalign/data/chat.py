@@ -48,7 +48,8 @@ class ChatRenderer:
     """Renders conversations with one chat template for one tokenizer.
 
     `template` is the config's name (None: the tokenizer's own); `template_kwargs` are the config's
-    chat-template arguments (chat_template_kwargs and enable_thinking), under each record's own.
+    chat-template arguments (chat_template_kwargs and enable_thinking), under each record's own;
+    `tool_format` LLaMA-Factory's (a built-in template's tool definitions and calls; None: its own).
     """
 
     tokenizer: object
@@ -56,12 +57,13 @@ class ChatRenderer:
     template_kwargs: dict = field(default_factory=dict)
     on_unsupported_system: str = "fold"
     on_prompt_not_prefix: str = "error"
+    tool_format: str | None = None
 
     @classmethod
     def from_config(cls, tokenizer, data_args) -> "ChatRenderer":
         """The renderer of a config's DataArguments: training, eval and chat all build it here."""
         return cls(tokenizer, data_args.template, template_arguments(data_args),
-                   data_args.on_unsupported_system, data_args.on_prompt_not_prefix)
+                   data_args.on_unsupported_system, data_args.on_prompt_not_prefix, data_args.tool_format)
 
     def __post_init__(self):
         choice = self.choice
@@ -90,7 +92,8 @@ class ChatRenderer:
         builtin = self.choice.builtin
         if builtin is None:
             return None
-        return LFEncoder(builtin.name, builtin.lf, self.tokenizer, self.template_kwargs.get("enable_thinking", True))
+        return LFEncoder(builtin.name, builtin.lf, self.tokenizer, self.template_kwargs.get("enable_thinking", True),
+                         tool_format=self.tool_format)
 
     @property
     def name(self) -> str:
@@ -109,8 +112,8 @@ class ChatRenderer:
     @property
     def identity(self) -> str:
         """Everything about the rendering that changes the encoded data (for cache keys)."""
-        return json.dumps([self.template, self.kwargs, self.on_unsupported_system, self.on_prompt_not_prefix],
-                          sort_keys=True, default=str)
+        return json.dumps([self.template, self.kwargs, self.on_unsupported_system, self.on_prompt_not_prefix]
+                          + ([self.tool_format] if self.tool_format else []), sort_keys=True, default=str)
 
     @property
     def stop_ids(self) -> list[int]:

@@ -8,8 +8,13 @@ response is the reply's assistant slot. No token can merge across that boundary,
 prefix check to fail. The rules, as LLaMA-Factory 0.9.5 applies them (template.py, pairwise.py):
 
 - turn 0 starts with the prefix slot, then the system slot with the record's system text or the
-  template's default system; `llama2` rules write the system slot's text inside the first user
-  turn instead; the user slot gets the turn number `{{idx}}` (= message index // 2);
+  template's default system, followed by the tool definitions as the tool format writes them
+  (data/lf_tools.py; the slot is written for tools even with no system text); `llama2` rules
+  write the system slot's text inside the first user turn instead; the user slot gets the turn
+  number `{{idx}}` (= message index // 2);
+- a tool result is an observation message (the observation slot); an assistant turn with tool calls
+  is a function message: its text, then the calls as the tool format writes them, in the function
+  slot (`tool_format` set: LLaMA-Factory's default function slot, content then EOS);
 - the tokenizer is fixed first (`fixed_tokenizer`, data/vocab.py): `replace_eos` makes the first stop
   word the EOS, the other stop words become special tokens, a missing EOS becomes `<|endoftext|>`;
   a token that adds to the vocabulary is resized into the models as LLaMA-Factory does (vocab.py);
@@ -23,19 +28,23 @@ prefix check to fail. The rules, as LLaMA-Factory 0.9.5 applies them (template.p
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from prefalign.contracts import Message
-from prefalign.data.template_formats import LFTemplate, Special, Token
+from prefalign.data.lf_tools import TOOL_FORMATS, today
+from prefalign.data.template_formats import EOS, LFTemplate, Special, Token
 from prefalign.data.vocab import fixed_copy
+from prefalign.errors import ConfigError
 
 _LF_ROLES = {"user": "user", "assistant": "assistant", "tool": "observation"}
 
 
 class UnsupportedRecord(ValueError):
-    """A record these rules do not encode (tool definitions or calls); the message says why."""
+    """A record these rules do not encode (a role LLaMA-Factory has no slot for, parallel calls glm4 cannot
+    write); the message says why."""
 
 
 @dataclass
@@ -43,7 +52,9 @@ class LFEncoder:
     """LLaMA-Factory's encoding of `template` (named `name`) with `tokenizer`.
 
     `enable_thinking` / `preserve_thinking` are LLaMA-Factory's data arguments of the same names
-    (its defaults: true / false); only reasoning templates read them.
+    (its defaults: true / false); only reasoning templates read them. `tool_format` is LLaMA-Factory's
+    data argument too (None: the template's own). `today`: the date llama3's tool prompt states
+    (None: today, as LLaMA-Factory writes it).
     """
 
     name: str
@@ -51,6 +62,8 @@ class LFEncoder:
     tokenizer: object
     enable_thinking: bool | None = True
     preserve_thinking: bool = False
+    tool_format: str | None = None
+    today: str | None = None
     _fixed: object = field(default=None, repr=False)
     _eos: int | None = field(default=None, repr=False)
 
@@ -86,43 +99,44 @@ class LFEncoder:
                     ) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, chosen ids, rejected ids) as LLaMA-Factory's pairwise processor makes them
         (before truncation); the prompt is the one encoded with the chosen reply."""
-        system, messages = self._split(prompt, tools)
-        prompt_ids, chosen_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": chosen}], system)
-        _, rejected_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": rejected}], system)
+        system, messages, definitions = self._split(prompt, tools)
+        prompt_ids, chosen_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": chosen}], system,
+                                                      definitions)
+        _, rejected_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": rejected}], system,
+                                               definitions)
         if self.template.efficient_eos:
             chosen_ids, rejected_ids = chosen_ids + [self.eos_token_id], rejected_ids + [self.eos_token_id]
         return prompt_ids, chosen_ids, rejected_ids
 
     def encode_prompt(self, prompt: list[Message], tools: str | None = None) -> list[int]:
         """The ids generation continues from: LLaMA-Factory's chat encodes the prompt with an empty reply."""
-        system, messages = self._split(prompt, tools)
-        return self._encode_oneturn(messages + [{"role": "assistant", "content": ""}], system)[0]
+        system, messages, definitions = self._split(prompt, tools)
+        return self._encode_oneturn(messages + [{"role": "assistant", "content": ""}], system, definitions)[0]
 
-    def _split(self, prompt: list[Message], tools: str | None) -> tuple[str, list[dict]]:
-        if tools:
-            raise UnsupportedRecord(
-                f"template: {self.name}: records with tool definitions are not encoded with LLaMA-Factory's slots "
-                f"yet (its tool format {self.template.tool_format!r}); leave template unset to use the tokenizer's "
-                "own chat template for data with tools")
+    def _split(self, prompt: list[Message], tools: str | None) -> tuple[str, list[dict], list[dict] | None]:
+        """The system text, the messages in LLaMA-Factory's roles (a tool result an observation, an assistant
+        tool call a function message holding its calls), and the tool definitions."""
         system, messages = "", []
         for at, message in enumerate(prompt):
             role = message["role"]
             if role == "system" and at == 0:
                 system = message["content"]
                 continue
-            if message.get("tool_calls"):
-                raise UnsupportedRecord(
-                    f"template: {self.name}: assistant tool calls are not encoded with LLaMA-Factory's slots yet; "
-                    "leave template unset to use the tokenizer's own chat template for data with tools")
             if role not in _LF_ROLES:
                 raise UnsupportedRecord(f"template: {self.name} has no {role} turns after the first message")
-            messages.append({"role": _LF_ROLES[role], "content": message["content"]})
-        return system, messages
+            if message.get("tool_calls"):
+                calls = [(call["function"]["name"], json.dumps(call["function"]["arguments"], ensure_ascii=False))
+                         for call in message["tool_calls"]]
+                messages.append({"role": "function", "content": message["content"], "calls": calls})
+            else:
+                messages.append({"role": _LF_ROLES[role], "content": message["content"]})
+        return system, messages, json.loads(tools) if tools else None
 
-    def _encode_oneturn(self, messages: list[dict], system: str) -> tuple[list[int], list[int]]:
+    def _encode_oneturn(self, messages: list[dict], system: str, tools: list[dict] | None
+                        ) -> tuple[list[int], list[int]]:
         template = self.template
         if not template.reasoning:
-            encoded = self._encode(messages, system)
+            encoded = self._encode(messages, system, tools)
             return [i for ids in encoded[:-1] for i in ids], encoded[-1]
         messages = [dict(m) for m in messages]
         if not self.preserve_thinking:
@@ -130,7 +144,7 @@ class LFEncoder:
                 messages[i]["content"] = self._remove_thought(messages[i]["content"])
         if self.enable_thinking is False:
             messages[-1]["content"] = self._remove_thought(messages[-1]["content"])
-        encoded = self._encode(messages, system)
+        encoded = self._encode(messages, system, tools)
         prompt_ids, response_ids = [i for ids in encoded[:-1] for i in ids], encoded[-1]
         reply = messages[-1]["content"]
         opening, closing = template.thought_words
@@ -151,7 +165,7 @@ class LFEncoder:
         pattern = re.compile(f"{re.escape(opening)}(.*?){re.escape(closing)}", re.DOTALL)
         return pattern.sub("", content).lstrip("\n")
 
-    def _encode(self, messages: list[dict], system: str) -> list[list[int]]:
+    def _encode(self, messages: list[dict], system: str, tools: list[dict] | None) -> list[list[int]]:
         """Each message's ids (turn 0 with the prefix and the system slot), as LLaMA-Factory's _encode."""
         template = self.template
         system = system or template.default_system
@@ -161,8 +175,8 @@ class LFEncoder:
             elements, system_text = [], ""
             if i == 0:
                 elements += list(template.prefix)
-                if system:
-                    filled = _fill(template.system, content=system)
+                if system or tools:
+                    filled = _fill(template.system, content=system + (self._tools_text(tools) if tools else ""))
                     if llama2:
                         system_text = filled[0]
                     else:
@@ -173,10 +187,42 @@ class LFEncoder:
                              else _fill(template.user, content=content, idx=str(i // 2)))
             elif role == "assistant":
                 elements += _fill(template.assistant, content=content)
+            elif role == "function":
+                elements += _fill(self.function_slot, content=content + self._calls_text(message["calls"]))
             else:  # observation
                 elements += _fill(template.observation or template.user, content=content)
             encoded.append(self._ids(elements))
         return encoded
+
+    # -- tools (LLaMA-Factory's format_tools / format_function) -------------------------------------
+
+    @property
+    def active_tool_format(self) -> str | None:
+        """The tool format that writes definitions and calls: the tool_format setting, else the template's
+        (None: the template's plain tools slot writes the definitions' JSON)."""
+        if self.tool_format is None and self.template.tools is not None:
+            return None
+        return self.tool_format or self.template.tool_format
+
+    @property
+    def function_slot(self):
+        """The slot of an assistant tool call: the template's, or with tool_format set LLaMA-Factory's default
+        (the content, then EOS unless efficient_eos), as its get_template_and_fix_tokenizer replaces it."""
+        if self.tool_format is not None:
+            return ("{{content}}",) if self.template.efficient_eos else ("{{content}}", EOS)
+        return self.template.function or self.template.assistant
+
+    def _tools_text(self, tools: list[dict]) -> str:
+        fmt = self.active_tool_format
+        if fmt is None:
+            return _fill(self.template.tools, content=json.dumps(tools, ensure_ascii=False))[0]
+        return TOOL_FORMATS[fmt].tools(tools, self.today or today()) if tools else ""
+
+    def _calls_text(self, calls: list[tuple[str, str]]) -> str:
+        try:
+            return TOOL_FORMATS[self.active_tool_format or self.template.tool_format].calls(calls)
+        except ValueError as exc:
+            raise UnsupportedRecord(f"template: {self.name}: {exc}") from None
 
     def _ids(self, elements) -> list[int]:
         tokenizer, ids = self._fixed, []

@@ -691,7 +691,8 @@ LF_TEMPLATES: dict[str, LFTemplate] = {
         assistant=('{{content}}<|end|>',),
         system=('<|system|>{{content}}<|end|>',),
         stop_words=('<|end|>',),
-        replace_eos=True),
+        replace_eos=True,
+        tools=('<|tool|>{{content}}<|/tool|>',)),
     'phi_small': LFTemplate(
         user=('<|user|>\n{{content}}<|end|>\n<|assistant|>\n',),
         assistant=('{{content}}<|end|>\n',),

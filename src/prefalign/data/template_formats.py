@@ -46,7 +46,10 @@ class LFTemplate:
     processor appends one to each response. `rules`: "plain", "llama2", "reasoning" (thinking
     handled by LLaMA-Factory's ReasoningTemplate: an empty thought block is written where a reply
     has none) or "reasoning_closing_only" (GLM-4.7: the empty block is the closing word alone).
-    `tool_format` and `mm_plugin` name what LLaMA-Factory uses for tool definitions and images.
+    `tool_format` names LLaMA-Factory's text of tool definitions (appended to the system slot's
+    content) and of tool calls (filled into `function`), data/lf_tools.py; `tools`, where set, is a
+    plain slot the definitions' JSON fills instead (phi4_mini). `mm_plugin` names what LLaMA-Factory
+    uses for images.
     """
 
     user: Slot
@@ -62,6 +65,7 @@ class LFTemplate:
     rules: str = "plain"
     thought_words: tuple[str, str] = ("<think>\n", "\n</think>\n\n")
     tool_format: str = "default"
+    tools: Slot | None = None
     mm_plugin: str = ""
 
     @property
