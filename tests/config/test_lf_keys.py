@@ -87,7 +87,8 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("rope_scaling", "linear", "rope_scaling: RoPE scaling is a LLaMA-Factory feature prefalign does not support yet"),
+    ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
+                         "support yet"),
     ("use_galore", True, "use_galore: the GaLore optimizer is a LLaMA-Factory feature"),
     ("galore_rank", 8, "galore_rank: the GaLore optimizer is a LLaMA-Factory feature"),
     ("swanlab_project", "mine", "swanlab_project: SwanLab logging is a LLaMA-Factory feature"),

@@ -15,6 +15,7 @@ ATTENTION = ("auto", "disabled", "sdpa", "fa2")
 FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
 ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
 ON_BAD_RECORD = ("error", "skip")
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # LLaMA-Factory's choices, each a transformers rope type
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
 """The stages prefalign runs, each with its default `pref_loss`: dpo trains on preference pairs, kto
@@ -57,6 +58,14 @@ class ModelArguments:
         "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
         "auto",
     )
+    rope_scaling: str | None = _help(
+        "RoPE scaling for inputs longer than the model was trained on: `linear`, `dynamic`, `yarn` or `llama3` "
+        "(transformers' rope types), factor ceil(model_max_length / the model's max positions), as LLaMA-Factory "
+        "sets it. A model_max_length within the model's positions scales nothing (a warning says so)."
+    )
+    model_max_length: int | None = _help(
+        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len`, as LLaMA-Factory derives it)."
+    )
     quantization_bit: int | None = _help(
         "QLoRA: load the base model's weights in 4 or 8 bits (bitsandbytes; `pip install "
         "\"prefalign[qlora]\"`). Needs `finetuning_type: lora`; the reference is the quantized base "
@@ -79,6 +88,10 @@ class ModelArguments:
             problems += _quantization_problems("quantization_bit", self.quantization_bit)
             problems += _one_of("quantization_method", self.quantization_method, ("bnb",))
             problems += _one_of("quantization_type", self.quantization_type, ("nf4", "fp4"))
+        if self.rope_scaling is not None:
+            problems += _one_of("rope_scaling", self.rope_scaling, ROPE_TYPES)
+        if self.model_max_length is not None and self.model_max_length < 1:
+            problems.append(f"model_max_length: {self.model_max_length} must be at least 1")
         return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)
 
 

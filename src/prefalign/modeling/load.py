@@ -8,6 +8,7 @@ import torch
 
 from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapter
 from prefalign.errors import ConfigError, PrefalignError
+from prefalign.modeling.model_config import apply_model_config
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -62,25 +63,33 @@ def compute_dtype(training_args) -> torch.dtype:
 def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32, *,
                    quantization_bit: int | None = None):
     """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
+    kwargs = {"trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    config = _loaded(AutoConfig.from_pretrained, path, kwargs)
+    apply_model_config(config, model_args)
+    kwargs.update(config=config, dtype=dtype)
     if quantization_bit is not None:
         kwargs.update(quantization_config=quantization_config(quantization_bit, model_args, dtype),
                       device_map=device_map())
     attn = _attn_implementation(model_args.flash_attn)
     if attn:
         kwargs["attn_implementation"] = attn
+    model = _loaded(AutoModelForCausalLM.from_pretrained, path, kwargs)
+    model.config.use_cache = False
+    pin_cpu_kernels(model)  # quantized at load or saved quantized
+    return model
+
+
+def _loaded(from_pretrained, path: str, kwargs: dict):
+    """`from_pretrained(path, **kwargs)`, a missing or unreadable model as one line."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return from_pretrained(path, **kwargs)
     except OSError as exc:
         raise PrefalignError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from None
     except ValueError as exc:
         raise _remote_code_refusal(path, exc) from None
-    model.config.use_cache = False
-    pin_cpu_kernels(model)  # quantized at load or saved quantized
-    return model
 
 
 def merge_adapters(model, adapters: list[str]):
