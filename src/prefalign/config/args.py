@@ -270,6 +270,13 @@ class FinetuningArguments:
         "adapter instead of a trainable copy of it.",
         False,
     )
+    pure_bf16: bool = _help(
+        "Train in bf16 without mixed precision, as LLaMA-Factory: the model loads in bf16 and full / freeze "
+        "tuning's trainable weights, their gradients and the optimizer state stay bf16 (no fp32 copies, no "
+        "autocast). LoRA / OFT adapter weights stay fp32 (peft's default, as in LLaMA-Factory) on the bf16 base. "
+        "Not with `fp16` or DeepSpeed ZeRO-3.",
+        False,
+    )
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
     pref_loss: list[str] | None = _help(

@@ -256,7 +256,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         }.items()
     },
     "FinetuningArguments": {
-        "pure_bf16": _not_here(False, "pure bf16 training (bf16 weights, no mixed precision)"),
+        "pure_bf16": _impl(False, "bf16 weights, gradients and optimizer state; no fp32 copies (adapters: peft's fp32)"),
         "stage": _impl("sft", "prefalign runs `stage: dpo` and `stage: kto`; any other stage is refused"),
         "finetuning_type": _impl("lora", "lora, oft, full, freeze"),
         "use_llama_pro": _not_here(False, "LLaMA Pro"),

@@ -127,6 +127,8 @@ def problems(model, ft, train: dict) -> list[str]:
                "OFT is not here yet)" if ft.finetuning_type == "oft" else "quantized weights cannot be trained")
         found.append(f"quantization_bit with finetuning_type: {ft.finetuning_type}: {why}; use finetuning_type: "
                      "lora (QLoRA) or remove quantization_bit")
+    if ft.pure_bf16 and train.get("fp16"):
+        found.append("pure_bf16 and fp16 both given: pure_bf16 trains in bf16; remove fp16")
     if train.get("deepspeed"):
         if (reason := _missing("deepspeed")):
             found.append(f"deepspeed: {reason}")
@@ -134,6 +136,9 @@ def problems(model, ft, train: dict) -> list[str]:
             stage = zero_stage(train["deepspeed"])
         except (ValueError, TypeError) as exc:
             return found + [f"deepspeed: {exc}"]
+        if stage == 3 and ft.pure_bf16:
+            found.append("pure_bf16 with deepspeed ZeRO-3: not supported (LLaMA-Factory refuses "
+                         "the pair too); use ZeRO-2, or bf16: true instead of pure_bf16")
         if stage == 3:
             found += [f"deepspeed: ZeRO-3 partitions weights, which {key} (bitsandbytes) quantized weights cannot be; "
                       f"use ZeRO-2 (or ZeRO-0) with {key}, or remove {key}" for key in quantized]

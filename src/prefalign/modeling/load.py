@@ -52,8 +52,10 @@ def _attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
-def compute_dtype(training_args) -> torch.dtype:
-    if getattr(training_args, "bf16", False):
+def compute_dtype(config) -> torch.dtype:
+    """The dtype models load in: bf16 with `bf16` or `pure_bf16` (LLaMA-Factory's rule), fp16 with `fp16`, else fp32."""
+    training_args = config.training
+    if getattr(training_args, "bf16", False) or config.finetuning.pure_bf16:
         return torch.bfloat16
     if getattr(training_args, "fp16", False):
         return torch.float16
@@ -135,9 +137,10 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
         model = merge_adapters(model, adapters)
         if ft.finetuning_type == "freeze":
             _freeze(model, ft)
-    # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact.
+    # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact. pure_bf16 keeps
+    # them in bf16 (weights, gradients and optimizer state), as LLaMA-Factory does.
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype != torch.float32 and not ft.pure_bf16:
             param.data = param.data.float()
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())

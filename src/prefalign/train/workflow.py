@@ -65,7 +65,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
 
     # Step 4: policy and reference
     set_seed(args.seed)
-    dtype = compute_dtype(args)
+    dtype = compute_dtype(config)
     return_gathered_memory_on_cpu()
     policy = load_policy(config.model, ft, dtype)
     collator = run_collator(ft, tokenizer.pad_token_id)
