@@ -254,6 +254,20 @@ class FinetuningArguments:
         "`learning_rate`; peft's LoRA+ optimizer). LoRA only; LoRA+'s paper suggests 16."
     )
     loraplus_lr_embedding: float = _help("LoRA+: the learning rate of LoRA embedding layers' B matrices.", 1e-6)
+    pissa_init: bool = _help(
+        "PiSSA: a new LoRA adapter starts from the principal singular vectors of each adapted weight (peft's "
+        "`init_lora_weights: pissa`), the base keeping the residual. The base with the adapter off is then not the "
+        "starting model, so a loss with a reference needs `ref_model` (e.g. model_name_or_path again); LLaMA-Factory "
+        "allows PiSSA only without a reference.",
+        False,
+    )
+    pissa_iter: int = _help("PiSSA: fast-SVD iterations (peft's `pissa_niter_N`); -1: exact SVD.", 16)
+    pissa_convert: bool = _help(
+        "PiSSA: also save the trained adapter converted to a plain LoRA of the original base (rank 2 x lora_rank) "
+        "in `output_dir/pissa_converted`, from the initial adapter saved in `output_dir/pissa_init`, as "
+        "LLaMA-Factory does: name it in adapter_name_or_path to eval, chat or export on the original base.",
+        False,
+    )
     # OFT
     oft_rank: int = _help(
         "OFT: the number of orthogonal blocks per adapted layer (0: derived from `oft_block_size`). Give one "
@@ -384,6 +398,7 @@ class FinetuningArguments:
                                 f"{self.finetuning_type}; remove loraplus_lr_ratio")
             elif self.loraplus_lr_ratio <= 0:
                 problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
+        problems += self._pissa_problems()
         if self.finetuning_type == "oft":
             if (self.oft_rank == 0) == (self.oft_block_size == 0):
                 problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
@@ -394,6 +409,28 @@ class FinetuningArguments:
                 problems.append(f"module_dropout: {self.module_dropout} must be in [0, 1)")
             if self.use_dora or self.use_rslora:
                 problems.append("use_dora / use_rslora are LoRA variants and need finetuning_type: lora; remove them")
+        return problems
+
+
+    def _pissa_problems(self) -> list[str]:
+        from prefalign.config.checks import loss_settings_of
+        from prefalign.losses import needs_reference
+
+        if not self.pissa_init:
+            return ["pissa_convert converts a PiSSA adapter and needs pissa_init: true; remove pissa_convert"] \
+                if self.pissa_convert else []
+        problems = []
+        if self.finetuning_type != "lora":
+            problems.append(f"pissa_init is a LoRA initialisation and needs finetuning_type: lora, not "
+                            f"{self.finetuning_type}; remove pissa_init")
+        if self.pissa_iter < 1 and self.pissa_iter != -1:
+            problems.append(f"pissa_iter: {self.pissa_iter} must be at least 1 (fast-SVD iterations), or -1 for exact SVD")
+        if self.pref_loss and not _unknown(self.pref_loss) and not self.ref_model \
+                and needs_reference(self.pref_loss, loss_settings_of(self)):
+            problems.append(f"pissa_init with pref_loss={','.join(self.pref_loss)}: PiSSA moves the principal part of "
+                            "each weight into the adapter, so the policy with its adapter off is not the starting "
+                            "model and cannot be the reference; set ref_model: to model_name_or_path, or use a "
+                            "reference-free loss (simpo, orpo)")
         return problems
 
 

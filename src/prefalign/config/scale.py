@@ -127,6 +127,12 @@ def problems(model, ft, train: dict) -> list[str]:
                "OFT is not here yet)" if ft.finetuning_type == "oft" else "quantized weights cannot be trained")
         found.append(f"quantization_bit with finetuning_type: {ft.finetuning_type}: {why}; use finetuning_type: "
                      "lora (QLoRA) or remove quantization_bit")
+    if ft.pissa_init and quantized[:1] == ["quantization_bit"]:
+        found.append("pissa_init with quantization_bit: PiSSA rewrites the base weights, which quantized weights "
+                     "cannot be (LLaMA-Factory refuses the pair too); remove one of them")
+    if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
+        found.append("pissa_init with adapter_name_or_path: PiSSA initialises a new adapter, but training continues "
+                     "the given one; set create_new_adapter: true (PiSSA on the merged adapter) or remove pissa_init")
     if ft.pure_bf16 and train.get("fp16"):
         found.append("pure_bf16 and fp16 both given: pure_bf16 trains in bf16; remove fp16")
     if train.get("deepspeed"):
@@ -136,6 +142,9 @@ def problems(model, ft, train: dict) -> list[str]:
             stage = zero_stage(train["deepspeed"])
         except (ValueError, TypeError) as exc:
             return found + [f"deepspeed: {exc}"]
+        if stage == 3 and ft.pissa_init:
+            found.append("pissa_init with deepspeed ZeRO-3: the SVD needs whole weights (LLaMA-Factory refuses the "
+                         "pair too); use ZeRO-2, or initialise PiSSA before training")
         if stage == 3 and ft.pure_bf16:
             found.append("pure_bf16 with deepspeed ZeRO-3: not supported (LLaMA-Factory refuses "
                          "the pair too); use ZeRO-2, or bf16: true instead of pure_bf16")

@@ -181,8 +181,30 @@ def peft_config(ft: FinetuningArguments):
     return LoraConfig(
         task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
         lora_dropout=ft.lora_dropout, target_modules=_targets(ft.lora_target), use_rslora=ft.use_rslora,
-        use_dora=ft.use_dora, modules_to_save=modules_to_save,
+        use_dora=ft.use_dora, modules_to_save=modules_to_save, init_lora_weights=_lora_init(ft),
     )
+
+
+def _lora_init(ft: FinetuningArguments) -> bool | str:
+    """peft's `init_lora_weights`: PiSSA as LLaMA-Factory asks for it (pissa_iter -1: exact SVD), else peft's default."""
+    if not ft.pissa_init:
+        return True
+    return "pissa" if ft.pissa_iter == -1 else f"pissa_niter_{ft.pissa_iter}"
+
+
+PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"  # LLaMA-Factory's folder names in output_dir
+
+
+def save_pissa_adapter(model, folder, *, initial=None) -> None:
+    """Save a PiSSA adapter as a plain LoRA config (init_lora_weights: true, so loading it never runs the SVD
+    again); with `initial` (the saved initial adapter), converted to a LoRA of the original base (peft)."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    conversion = {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
+    try:
+        model.save_pretrained(str(folder), selected_adapters=["default"], **conversion)
+    finally:
+        config.init_lora_weights = init
 
 
 def _targets(names: list[str]):
