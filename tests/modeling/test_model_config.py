@@ -97,3 +97,62 @@ def test_a_training_runs_policy_has_the_scaled_positions(short_model_dir, tmp_pa
     expected = _cos_sin(_by_hand(short_model_dir, HAND_WRITTEN["linear"], 96), 96)
     for g, e in zip(_cos_sin(rotary, 96), expected):
         assert torch.allclose(g, e, atol=1e-6, rtol=0)
+
+
+def _tiny_moe(model_dir, path, kind):
+    """A tiny random Mixtral or Qwen2-MoE (4 experts, 2 per token) with the tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                  num_experts_per_tok=2, router_aux_loss_coef=0.001)
+    if kind == "mixtral":
+        config, cls = MixtralConfig(**common, num_local_experts=4), MixtralForCausalLM
+    else:
+        config, cls = Qwen2MoeConfig(**common, num_experts=4, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=32), Qwen2MoeForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_aux_loss_is_the_preference_loss_plus_coef_times_transformers_router_loss(tiny_model_dir, tmp_path, kind):
+    """moe_aux_loss_coef 0.5: the training loss of a batch is sigmoid DPO (by hand) + 0.5 x the `aux_loss`
+    transformers' own causal LM forward returns for the same rows (its load-balancing loss over the 2B
+    rows, padding masked); the reference (the adapter switched off) adds nothing."""
+    from helpers import first_batch, textbook_dpo_loss
+
+    from prefalign.train.workflow import build_trainer
+
+    model_dir = _tiny_moe(tiny_model_dir, tmp_path / kind, kind)
+    trainer = build_trainer(config_for(model_dir, tmp_path / "run", moe_aux_loss_coef=0.5, pref_beta=0.1,
+                                       lora_target="q_proj,v_proj", max_steps=1))
+    model = trainer.model
+    assert model.config.router_aux_loss_coef == 0.5 and model.config.output_router_logits is True
+    batch = first_batch(trainer)
+    model.eval()  # no dropout; the router is deterministic
+    with torch.no_grad():
+        loss, _, policy = trainer.batch_loss(model, batch)
+        preference = textbook_dpo_loss(model, batch, beta=0.1)
+        aux = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_router_logits=True).aux_loss
+    assert aux > 0.1  # the load-balancing loss is ~ top_k for a random router, far from 0
+    assert torch.allclose(policy.router_aux_loss, 0.5 * aux, atol=1e-6, rtol=0)
+    assert torch.allclose(loss, preference + 0.5 * aux, atol=1e-5, rtol=0)
+
+
+def test_moe_aux_loss_coef_leaves_models_that_are_not_trained_alone(tiny_model_dir, tmp_path):
+    """Only the policy being trained gets router logits; a dense model gets a warning and no change."""
+    model_dir = _tiny_moe(tiny_model_dir, tmp_path / "moe", "mixtral")
+    args = ModelArguments(model_name_or_path=model_dir, moe_aux_loss_coef=0.5)
+    assert load_causal_lm(model_dir, args).config.output_router_logits is False
+    assert load_causal_lm(model_dir, args, trainable=True).config.output_router_logits is True
+    dense = load_causal_lm(tiny_model_dir, ModelArguments(model_name_or_path=tiny_model_dir, moe_aux_loss_coef=0.5),
+                           trainable=True)
+    assert not getattr(dense.config, "output_router_logits", False)

@@ -66,6 +66,11 @@ class ModelArguments:
     model_max_length: int | None = _help(
         "The longest sequence `rope_scaling` must reach (unset: `cutoff_len`, as LLaMA-Factory derives it)."
     )
+    moe_aux_loss_coef: float | None = _help(
+        "Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...): add this x the router's "
+        "load-balancing loss (transformers' own, the model's `router_aux_loss_coef`) to the preference loss of the "
+        "policy, as LLaMA-Factory configures it. Unset or 0: no router loss."
+    )
     quantization_bit: int | None = _help(
         "QLoRA: load the base model's weights in 4 or 8 bits (bitsandbytes; `pip install "
         "\"prefalign[qlora]\"`). Needs `finetuning_type: lora`; the reference is the quantized base "
@@ -90,6 +95,8 @@ class ModelArguments:
             problems += _one_of("quantization_type", self.quantization_type, ("nf4", "fp4"))
         if self.rope_scaling is not None:
             problems += _one_of("rope_scaling", self.rope_scaling, ROPE_TYPES)
+        if self.moe_aux_loss_coef is not None and self.moe_aux_loss_coef < 0:
+            problems.append(f"moe_aux_loss_coef: {self.moe_aux_loss_coef} must not be negative, e.g. 0.001")
         if self.model_max_length is not None and self.model_max_length < 1:
             problems.append(f"model_max_length: {self.model_max_length} must be at least 1")
         return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)

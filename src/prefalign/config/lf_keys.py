@@ -85,7 +85,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "use_unsloth": _no_effect(False, "unsloth is not used; prefalign's own response-only log-probs apply"),
         "use_unsloth_gc": _no_effect(False, "unsloth is not used"),
         "enable_liger_kernel": _no_effect(False, "prefalign computes log-probs in its own chunked kernel"),
-        "moe_aux_loss_coef": _not_here(None, "the MoE auxiliary loss"),
+        "moe_aux_loss_coef": _impl(None, "coef x transformers' router loss, added to the preference loss (LF's DPO "
+                                          "trainer sets the config but drops the term)"),
         "disable_gradient_checkpointing": _impl(
             False, "as transformers' `gradient_checkpointing: false`; at LF's default (false) the key is "
             "dropped and `gradient_checkpointing` decides", rename=("gradient_checkpointing", lambda v: not v)),

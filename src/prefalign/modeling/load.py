@@ -63,14 +63,15 @@ def compute_dtype(config) -> torch.dtype:
 
 
 def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32, *,
-                   quantization_bit: int | None = None):
-    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load)."""
+                   quantization_bit: int | None = None, trainable: bool = False):
+    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load;
+    `trainable`: the policy to train, see model_config.apply_model_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
     config = _loaded(AutoConfig.from_pretrained, path, kwargs)
-    apply_model_config(config, model_args)
+    apply_model_config(config, model_args, trainable=trainable)
     kwargs.update(config=config, dtype=dtype)
     if quantization_bit is not None:
         kwargs.update(quantization_config=quantization_config(quantization_bit, model_args, dtype),
@@ -125,7 +126,7 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     `create_new_adapter` all adapters are merged and a fresh one is trained on top.
     """
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
-                           quantization_bit=model_args.quantization_bit)
+                           quantization_bit=model_args.quantization_bit, trainable=True)
     adapters = list(model_args.adapter_name_or_path or [])
     if is_adapter(ft.finetuning_type):
         if model_args.quantization_bit is not None:  # QLoRA: frozen quantized base, norms and head in fp32

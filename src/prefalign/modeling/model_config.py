@@ -47,7 +47,29 @@ def scaled_rope(config, rope_scaling: str | None, model_max_length: int | None) 
     return {"rope_parameters": params, "max_position_embeddings": int(old_max * factor)}
 
 
-def apply_model_config(config, model_args) -> None:
-    """Apply the rules above to `config` (a transformers `PretrainedConfig`, changed in place)."""
-    for key, value in (scaled_rope(config, model_args.rope_scaling, model_args.model_max_length) or {}).items():
+# LLaMA-Factory 0.9.5's list (model_utils/moe.py) of the models whose causal LM adds
+# router_aux_loss_coef x its load-balancing loss (dbrx, jetmoe: other coefficient names, not here).
+ROUTER_LOSS_MODELS = ("ernie4_5_moe", "granitemoe", "jamba", "llama4", "mixtral", "olmoe", "phimoe", "qwen2_moe",
+                      "qwen3_moe")
+
+
+def router_loss(config, moe_aux_loss_coef: float | None, trainable: bool) -> dict | None:
+    """The config changes of `moe_aux_loss_coef` on a model being trained (None: no change): router logits out,
+    and the coefficient of their load-balancing loss. A model that is not one of ROUTER_LOSS_MODELS: a warning."""
+    if not moe_aux_loss_coef or not trainable:
+        return None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ROUTER_LOSS_MODELS:
+        logger.warning("moe_aux_loss_coef: %s is not a mixture-of-experts model with a router loss (%s); "
+                       "moe_aux_loss_coef has no effect", model_type, ", ".join(ROUTER_LOSS_MODELS))
+        return None
+    return {"output_router_logits": True, "router_aux_loss_coef": float(moe_aux_loss_coef)}
+
+
+def apply_model_config(config, model_args, *, trainable: bool = False) -> None:
+    """Apply the rules above to `config` (a transformers `PretrainedConfig`, changed in place); `trainable`:
+    the model is the policy being trained (the router loss applies to it alone)."""
+    changes = {**(scaled_rope(config, model_args.rope_scaling, model_args.model_max_length) or {}),
+               **(router_loss(config, model_args.moe_aux_loss_coef, trainable) or {})}
+    for key, value in changes.items():
         setattr(config, key, value)

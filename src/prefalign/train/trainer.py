@@ -74,7 +74,10 @@ class PreferenceTrainer(Trainer):
         # `split`: a precomputed reference keeps one table per split (pair indices restart at 0 in each)
         out, policy, _ = score_batch(model, self.reference, self.objective, inputs, split=split,
                                      chunk_size=self.chunk_size)
-        return out.losses.mean(), out, policy
+        loss = out.losses.mean()
+        if policy.router_aux_loss is not None:  # moe_aux_loss_coef: the router's load balance, added as transformers does
+            loss = loss + policy.router_aux_loss.to(loss.dtype)
+        return loss, out, policy
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.throughput_meter(model).add(inputs)  # before the forward: the meter's clock starts at its first batch
