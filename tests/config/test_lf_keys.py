@@ -89,8 +89,8 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 @pytest.mark.parametrize("key, value, words", [
     ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
                          "support yet"),
-    ("use_galore", True, "use_galore: the GaLore optimizer is a LLaMA-Factory feature"),
-    ("galore_rank", 8, "galore_rank: the GaLore optimizer is a LLaMA-Factory feature"),
+    ("use_apollo", True, "use_apollo: the APOLLO optimizer (apollo-torch installs from PyPI"),
+    ("apollo_rank", 8, "apollo_rank: the APOLLO optimizer (apollo-torch installs from PyPI"),
     ("swanlab_project", "mine", "swanlab_project: SwanLab logging is a LLaMA-Factory feature"),
     ("resize_vocab", True, "resize_vocab: resizing the vocabulary is a LLaMA-Factory feature"),
     ("image_max_pixels", 1024, "image_max_pixels: multimodal models"),
@@ -125,8 +125,8 @@ def test_lf_defaults_that_used_to_conflict_turn_nothing_on():
 
 def test_did_you_mean_is_for_typos_only():
     with pytest.raises(ConfigError) as info:
-        build_config({**BASE, "galore_rnak": 16, "train_on_promt": False})
-    assert info.value.problems == ["unknown key 'galore_rnak'; did you mean 'galore_rank'?",
+        build_config({**BASE, "apollo_rnak": 16, "train_on_promt": False})
+    assert info.value.problems == ["unknown key 'apollo_rnak'; did you mean 'apollo_rank'?",
                                    "unknown key 'train_on_promt'; did you mean 'train_on_prompt'?"]
 
 
@@ -145,8 +145,9 @@ def test_the_cli_refuses_an_lf_feature_in_one_line(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
-    assert ("use_badam: the BAdam optimizer is a LLaMA-Factory feature prefalign does not support yet; remove the "
-            "key (or set it to LLaMA-Factory's default, false)") in run.stderr
+    assert ("use_badam: the BAdam optimizer (badam installs from PyPI; its block-switching optimizer is not wired up "
+            "yet) is a LLaMA-Factory feature prefalign does not support yet; remove the key (or set it to "
+            "LLaMA-Factory's default, false)") in run.stderr
 
 
 def test_readme_lf_key_table_is_current():

@@ -15,6 +15,8 @@ ATTENTION = ("auto", "disabled", "sdpa", "fa2")
 FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
 ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
 ON_BAD_RECORD = ("error", "skip")
+GALORE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the `optim` values GaLoreAdamW stands in for
+GALORE_PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # LLaMA-Factory's choices, each a transformers rope type
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
@@ -298,6 +300,20 @@ class FinetuningArguments:
         "Not with `fp16` or DeepSpeed ZeRO-3.",
         False,
     )
+    # GaLore (LLaMA-Factory's keys)
+    use_galore: bool = _help(
+        "GaLore: AdamW on low-rank projections of the gradients of the targeted linear weights (galore-torch's "
+        "GaLoreAdamW, with LLaMA-Factory's parameter groups; `pip install \"prefalign[galore]\"`). Full or freeze "
+        "tuning, `optim: adamw_torch` (or transformers' default fused AdamW), no DeepSpeed.",
+        False,
+    )
+    galore_target: list[str] = _help("GaLore: linear module names whose weights are projected (a list), or `all`.",
+                                     ["all"])
+    galore_rank: int = _help("GaLore: the rank of the gradient projection.", 16)
+    galore_update_interval: int = _help("GaLore: optimizer steps between recomputations of the projection.", 200)
+    galore_scale: float = _help("GaLore: the scale of the projected update.", 2.0)
+    galore_proj_type: str = _help("GaLore: `std`, `reverse_std`, `right`, `left` or `full` (galore-torch's projector).",
+                                  "std")
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
     pref_loss: list[str] | None = _help(
@@ -405,7 +421,7 @@ class FinetuningArguments:
                                 f"{self.finetuning_type}; remove loraplus_lr_ratio")
             elif self.loraplus_lr_ratio <= 0:
                 problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
-        problems += self._pissa_problems()
+        problems += self._pissa_problems() + self._galore_problems()
         if self.finetuning_type == "oft":
             if (self.oft_rank == 0) == (self.oft_block_size == 0):
                 problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
@@ -418,6 +434,18 @@ class FinetuningArguments:
                 problems.append("use_dora / use_rslora are LoRA variants and need finetuning_type: lora; remove them")
         return problems
 
+
+    def _galore_problems(self) -> list[str]:
+        if not self.use_galore:
+            return []
+        problems = []
+        if is_adapter(self.finetuning_type):
+            problems.append(f"use_galore with finetuning_type: {self.finetuning_type}: GaLore projects the gradients of "
+                            "full weights (LLaMA-Factory refuses it with adapters too); use finetuning_type: full or freeze")
+        if self.galore_rank < 1 or self.galore_update_interval < 1:
+            problems.append("galore_rank and galore_update_interval must be at least 1")
+        problems += _one_of("galore_proj_type", self.galore_proj_type, GALORE_PROJECTIONS)
+        return problems
 
     def _pissa_problems(self) -> list[str]:
         from prefalign.config.checks import loss_settings_of

@@ -11,7 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora"}  # package -> the prefalign extra installing it
+EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore"}  # package -> the prefalign extra installing it
 
 
 def _missing(package: str) -> str | None:
@@ -133,6 +133,17 @@ def problems(model, ft, train: dict) -> list[str]:
     if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
         found.append("pissa_init with adapter_name_or_path: PiSSA initialises a new adapter, but training continues "
                      "the given one; set create_new_adapter: true (PiSSA on the merged adapter) or remove pissa_init")
+    if ft.use_galore:
+        from prefalign.config.args import GALORE_OPTIMS
+
+        optim = str(train.get("optim", GALORE_OPTIMS[1]))
+        if optim not in GALORE_OPTIMS:
+            found.append(f"use_galore with optim: {optim}: prefalign's GaLore is GaLoreAdamW; set optim: adamw_torch")
+        if train.get("deepspeed"):
+            found.append("use_galore with deepspeed: GaLore's optimizer cannot be sharded (LLaMA-Factory refuses the "
+                         "pair too); remove deepspeed or use_galore")
+        if (reason := _missing("galore_torch")):
+            found.append(f"use_galore: {reason}")
     if ft.pure_bf16 and train.get("fp16"):
         found.append("pure_bf16 and fp16 both given: pure_bf16 trains in bf16; remove fp16")
     if train.get("deepspeed"):
