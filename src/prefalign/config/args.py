@@ -364,6 +364,11 @@ class FinetuningArguments:
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
     )
+    early_stopping_steps: int | None = _help(
+        "Stop training after this many evaluations in a row without improvement of `metric_for_best_model` "
+        "(transformers' EarlyStoppingCallback with this patience, as LLaMA-Factory); needs `eval_strategy` and "
+        "held-out data (`val_size` or `eval_dataset`)."
+    )
     # outputs
     plot_loss: bool = _help("Save loss and reward plots (PNG) to the output dir.", False)
     overwrite_output_dir: bool = _help(

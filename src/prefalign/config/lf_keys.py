@@ -282,7 +282,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "compute_accuracy": _stage(False, _SFT),
         "disable_shuffling": _impl(False, "as transformers' `train_sampling_strategy: sequential`",
                                    rename=("train_sampling_strategy", lambda v: "sequential" if v else "random")),
-        "early_stopping_steps": _not_here(None, "early stopping"),
+        "early_stopping_steps": _impl(None, "transformers' EarlyStoppingCallback with this patience"),
         "plot_loss": _impl(False),
         "include_effective_tokens_per_second": _no_effect(False, "pairs/s and tokens/s are always logged"),
     },

@@ -106,6 +106,10 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
         galore=ft if ft.use_galore else None,
     )
+    if ft.early_stopping_steps is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_steps))
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
     return trainer
