@@ -34,6 +34,32 @@ def first_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
+def sequence_logps(model, batch):
+    """Summed log-probs of the labelled tokens of each row, (2B,), by the textbook shift-and-gather."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    token = logits.float().log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
+    return (token * mask).sum(-1)
+
+
+def textbook_dpo_loss(model, batch, beta: float, reference_model=None):
+    """Sigmoid DPO on a concatenated batch (rows [0, B) chosen, [B, 2B) rejected), by hand:
+    -log σ(β((πc - rc) - (πr - rr))), the reference being `reference_model`, or (None) the same peft
+    model with its adapter disabled."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad(), (contextlib.nullcontext() if reference_model else model.disable_adapter()):
+        reference = sequence_logps(reference_model or model, batch)
+    policy = sequence_logps(model, batch)
+    half = policy.shape[0] // 2
+    margin = (policy[:half] - reference[:half]) - (policy[half:] - reference[half:])
+    return -F.logsigmoid(beta * margin).mean()
+
+
 def make_random_adapter(model_dir, path, *, seed=1, target_modules="all-linear", b_std=None) -> str:
     """Save a LoRA adapter with random, non-zero A and B (as if trained), so base + adapter != base.
 

@@ -97,7 +97,7 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
     plan = reference_plan(config, "chat") if compare_reference else None
     args = config.training
     tokenizer, vocab = load_run_tokenizer(config)
-    dtype = compute_dtype(args)
+    dtype = compute_dtype(config)
     device = args.device
     with loaded_whole():  # one process generates: whole models, whatever `deepspeed:` says
         policy = load_inference_policy(config.model, dtype, vocab).to(device)

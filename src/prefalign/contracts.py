@@ -119,6 +119,8 @@ class PairLogps:
     `chosen_mean_logit` / `rejected_mean_logit`: mean logit over response tokens and vocabulary,
     shape (B,), detached, for the `logits/*` metrics; None where not computed.
     `extras`: per-token values some modifiers need (see modeling/logprobs.pair_logps).
+    `router_aux_loss`: scalar, the MoE router's load-balancing loss x router_aux_loss_coef, for a model whose
+    config asks for router logits (a training policy with moe_aux_loss_coef); None otherwise.
     `desirable`: (B,) bool for a batch of KTO examples (then `chosen` is each example's reply and
     `rejected` its KL completion's log-prob); None for pairs. Set by scoring.score_batch.
     """
@@ -131,6 +133,7 @@ class PairLogps:
     rejected_mean_logit: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     desirable: torch.Tensor | None = None
+    router_aux_loss: torch.Tensor | None = None
 
     @property
     def chosen_avg(self) -> torch.Tensor:

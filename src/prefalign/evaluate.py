@@ -78,7 +78,7 @@ def run_eval(config: RunConfig) -> dict:
         tokenizer, vocab = load_run_tokenizer(config)
         dataset, data = load_eval_data(config, tokenizer)
 
-    dtype = compute_dtype(args)
+    dtype = compute_dtype(config)
     device = args.device
     with loaded_whole():  # eval is data-parallel: whole models in every process, whatever `deepspeed:` says
         policy = load_inference_policy(config.model, dtype, vocab).to(device)

@@ -44,14 +44,14 @@ def test_unknown_key_suggests_the_close_one():
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as info:
         build_config({"stage": "sft", "finetuning_type": "qlora", "pref_beta": "high", "lora_rnak": 8,
-                      "rope_scaling": "linear", "val_size": 0.1, "eval_dataset": "e", "dataset": "d"})
+                      "shift_attn": True, "val_size": 0.1, "eval_dataset": "e", "dataset": "d"})
     problems = info.value.problems
     text = "\n".join(problems)
     assert "stage" in text and "model_name_or_path is required" in text
     assert "finetuning_type: 'qlora'" in text
     assert "pref_beta: expected a number, got 'high'" in text
     assert "did you mean 'lora_rank'" in text
-    assert "rope_scaling" in text and "does not support yet" in text
+    assert "shift_attn" in text and "does not support yet" in text
     assert "val_size and eval_dataset" in text
     assert len(problems) >= 6
 

@@ -87,11 +87,11 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("rope_scaling", "linear", "rope_scaling: RoPE scaling is a LLaMA-Factory feature prefalign does not support yet"),
-    ("use_galore", True, "use_galore: the GaLore optimizer is a LLaMA-Factory feature"),
-    ("galore_rank", 8, "galore_rank: the GaLore optimizer is a LLaMA-Factory feature"),
+    ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
+                         "support yet"),
+    ("use_apollo", True, "use_apollo: the APOLLO optimizer (apollo-torch installs from PyPI"),
+    ("apollo_rank", 8, "apollo_rank: the APOLLO optimizer (apollo-torch installs from PyPI"),
     ("swanlab_lark_webhook_url", "https://x", "swanlab_lark_webhook_url: SwanLab's Lark notifications is a LLaMA-Factory"),
-    ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature"),
     ("image_max_pixels", 1024, "image_max_pixels: multimodal models"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
     ("reward_model", "rm", "reward_model: only LLaMA-Factory's ppo (its reward model) stage reads it"),
@@ -126,8 +126,8 @@ def test_lf_defaults_that_used_to_conflict_turn_nothing_on():
 
 def test_did_you_mean_is_for_typos_only():
     with pytest.raises(ConfigError) as info:
-        build_config({**BASE, "galore_rnak": 16, "train_on_promt": False})
-    assert info.value.problems == ["unknown key 'galore_rnak'; did you mean 'galore_rank'?",
+        build_config({**BASE, "apollo_rnak": 16, "train_on_promt": False})
+    assert info.value.problems == ["unknown key 'apollo_rnak'; did you mean 'apollo_rank'?",
                                    "unknown key 'train_on_promt'; did you mean 'train_on_prompt'?"]
 
 
@@ -146,8 +146,9 @@ def test_the_cli_refuses_an_lf_feature_in_one_line(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
-    assert ("use_badam: the BAdam optimizer is a LLaMA-Factory feature prefalign does not support yet; remove the "
-            "key (or set it to LLaMA-Factory's default, false)") in run.stderr
+    assert ("use_badam: the BAdam optimizer (badam installs from PyPI; its block-switching optimizer is not wired up "
+            "yet) is a LLaMA-Factory feature prefalign does not support yet; remove the key (or set it to "
+            "LLaMA-Factory's default, false)") in run.stderr
 
 
 def test_readme_lf_key_table_is_current():

@@ -1,10 +1,11 @@
 """The adapters LLaMA-Factory users turn on, against the library that defines them: OFT (peft's
 OFTConfig, one training step checked against peft + torch alone) and LoRA+ (peft's parameter groups)."""
 
+import json
+
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import PLAIN, config_for, first_batch
+from helpers import PLAIN, config_for, first_batch, textbook_dpo_loss
 
 from prefalign.config import build_config
 from prefalign.errors import ConfigError
@@ -15,15 +16,6 @@ STEP = dict(max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="cons
             max_grad_norm=0.0, train_sampling_strategy="sequential", pref_beta=0.1)
 
 
-def _sequence_logps(model, batch):
-    """Summed log-probs of the labelled tokens of each row, (2B,), by the textbook shift-and-gather."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    token = logits.float().log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(2)
-    return (token * mask).sum(-1)
-
-
 def test_oft_step_equals_peft_and_torch_alone(tiny_model_dir, tmp_path):
     """One SGD step of prefalign's OFT DPO run gives the OFT parameters that peft's own OFT model gets
     from the same batch: sigmoid DPO loss -log σ(β((πc - rc) - (πr - rr))), the reference being the same
@@ -31,7 +23,7 @@ def test_oft_step_equals_peft_and_torch_alone(tiny_model_dir, tmp_path):
     from peft import OFTConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    # the plain layout: the rows _sequence_logps sums
+    # the plain layout: the rows textbook_dpo_loss reads
     trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "run", **OFT, **STEP, **PLAIN))
     batch = {k: v for k, v in first_batch(trainer).items() if isinstance(v, torch.Tensor)}
     trainer.train()
@@ -41,13 +33,7 @@ def test_oft_step_equals_peft_and_torch_alone(tiny_model_dir, tmp_path):
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), OFTConfig(
         task_type="CAUSAL_LM", r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"], module_dropout=0.0))
     model.train()
-    with torch.no_grad(), model.disable_adapter():
-        reference = _sequence_logps(model, batch)
-    policy = _sequence_logps(model, batch)
-    half = policy.shape[0] // 2
-    margin = (policy[:half] - reference[:half]) - (policy[half:] - reference[half:])
-    loss = -F.logsigmoid(0.1 * margin).mean()
-    loss.backward()
+    textbook_dpo_loss(model, batch, beta=0.1).backward()
     expected = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -116,3 +102,94 @@ def test_a_checkpoint_from_before_the_adapter_keys_resumes_when_they_are_at_thei
     assert changed_keys(old, new) == []
     assert changed_keys(old, {**new, "oft_block_size": 16}) == ["oft_block_size (32 -> 16)"]
     assert changed_keys({**old, "oft_block_size": 32}, {**new, "lora_rank": 4}) == ["lora_rank (8 -> 4)"]
+
+
+PISSA = dict(pissa_init=True, lora_target="q_proj,v_proj", lora_rank=4)
+
+
+def _pissa_reference_run(model_dir, pissa_iter):
+    """peft's own PiSSA on the same base, in prefalign's order: seed, load, get_peft_model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(0)
+    init = "pissa" if pissa_iter == -1 else f"pissa_niter_{pissa_iter}"
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+
+
+@pytest.mark.parametrize("pissa_iter", [-1, 4])
+def test_pissa_init_and_step_equal_pefts_own(tiny_model_dir, tmp_path, pissa_iter):
+    """After init, every parameter (the adapter and the residual base) is peft's own PiSSA init of the same
+    base; one SGD step of sigmoid DPO against ref_model (the original model) equals that step by peft + torch."""
+    from transformers import AutoModelForCausalLM
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "run", **PISSA, pissa_iter=pissa_iter,
+                                       ref_model=tiny_model_dir, **{**STEP, "learning_rate": 0.05}, **PLAIN))
+    model = _pissa_reference_run(tiny_model_dir, pissa_iter)
+    mine = dict(trainer.model.named_parameters())
+    theirs = dict(model.named_parameters())
+    assert mine.keys() == theirs.keys()
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    residual = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert (theirs[residual] - base["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 1e-3  # PiSSA moved it
+    for name in theirs:
+        assert torch.allclose(mine[name], theirs[name], atol=1e-6, rtol=0), name
+    assert {p.dtype for p in mine.values()} == {torch.float32}
+
+    batch = {k: v for k, v in first_batch(trainer).items() if isinstance(v, torch.Tensor)}
+    trainer.train()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.train()
+    textbook_dpo_loss(model, batch, beta=0.1, reference_model=reference).backward()
+    moved = 0.0
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            expected = param - 0.05 * param.grad
+            moved = max(moved, (expected - param).abs().max().item())
+            assert torch.allclose(mine[name], expected, atol=1e-6, rtol=0), name
+    assert moved > 1e-4
+
+
+def test_pissa_convert_is_a_lora_of_the_original_base(tiny_model_dir, tmp_path):
+    """pissa_convert: output_dir/pissa_converted (rank 2r) on the untouched base gives the trained policy's
+    logits (residual base + trained PiSSA adapter); pissa_init holds the initial adapter as a plain LoRA."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.train.workflow import save_final_model
+
+    out = tmp_path / "run"
+    trainer = build_trainer(config_for(tiny_model_dir, out, **PISSA, pissa_iter=-1, pissa_convert=True,
+                                       pref_loss="simpo", max_steps=2, learning_rate=0.05, **PLAIN))
+    assert json.loads((out / "pissa_init" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    batch = first_batch(trainer)
+    trainer.train()
+    save_final_model(trainer, out, pissa_convert=True)
+    converted = json.loads((out / "pissa_converted" / "adapter_config.json").read_text())
+    assert (converted["r"], converted["lora_alpha"], converted["init_lora_weights"]) == (8, 16, True)
+    trainer.model.eval()
+    with torch.no_grad():
+        trained = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          str(out / "pissa_converted")).eval()
+        again = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with plain.disable_adapter():
+            untouched = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert (trained - untouched).abs().max() > 1e-3  # training changed the policy
+    assert torch.allclose(again, trained, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({}, "pissa_init with pref_loss=sigmoid: PiSSA moves the principal part of each weight into the adapter"),
+    ({"finetuning_type": "full", "pref_loss": "simpo"}, "pissa_init is a LoRA initialisation and needs "
+                                                        "finetuning_type: lora, not full"),
+    ({"pissa_iter": 0, "pref_loss": "simpo"}, "pissa_iter: 0 must be at least 1"),
+    ({"pref_loss": "simpo", "quantization_bit": 4}, "pissa_init with quantization_bit: PiSSA rewrites the base"),
+])
+def test_pissa_refusals(extra, words):
+    with pytest.raises(ConfigError) as info:
+        build_config({"model_name_or_path": "m", "dataset": "d", "pissa_init": True, **extra})
+    assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+    with pytest.raises(ConfigError, match="pissa_convert converts a PiSSA adapter and needs pissa_init: true"):
+        build_config({"model_name_or_path": "m", "dataset": "d", "pissa_convert": True})

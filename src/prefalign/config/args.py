@@ -15,6 +15,9 @@ ATTENTION = ("auto", "disabled", "sdpa", "fa2")
 FINETUNING_TYPES = ("lora", "oft", "full", "freeze")
 ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the reference is the adapter switched off
 ON_BAD_RECORD = ("error", "skip")
+GALORE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the `optim` values GaLoreAdamW stands in for
+GALORE_PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # LLaMA-Factory's choices, each a transformers rope type
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
 """The stages prefalign runs, each with its default `pref_loss`: dpo trains on preference pairs, kto
@@ -75,6 +78,19 @@ class ModelArguments:
         "(flash-attention 2, needs a CUDA GPU and the flash-attn package).",
         "auto",
     )
+    rope_scaling: str | None = _help(
+        "RoPE scaling for inputs longer than the model was trained on: `linear`, `dynamic`, `yarn` or `llama3` "
+        "(transformers' rope types), factor ceil(model_max_length / the model's max positions), as LLaMA-Factory "
+        "sets it. A model_max_length within the model's positions scales nothing (a warning says so)."
+    )
+    model_max_length: int | None = _help(
+        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len`, as LLaMA-Factory derives it)."
+    )
+    moe_aux_loss_coef: float | None = _help(
+        "Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...): add this x the router's "
+        "load-balancing loss (transformers' own, the model's `router_aux_loss_coef`) to the preference loss of the "
+        "policy, as LLaMA-Factory configures it. Unset or 0: no router loss."
+    )
     quantization_bit: int | None = _help(
         "QLoRA: load the base model's weights in 4 or 8 bits (bitsandbytes; `pip install "
         "\"prefalign[qlora]\"`). Needs `finetuning_type: lora`; the reference is the quantized base "
@@ -102,6 +118,12 @@ class ModelArguments:
                             "quantization_bit or resize_vocab")
         problems += _one_of("init_special_tokens", self.init_special_tokens,
                             ("noise_init", "desc_init", "desc_init_w_noise"))
+        if self.rope_scaling is not None:
+            problems += _one_of("rope_scaling", self.rope_scaling, ROPE_TYPES)
+        if self.moe_aux_loss_coef is not None and self.moe_aux_loss_coef < 0:
+            problems.append(f"moe_aux_loss_coef: {self.moe_aux_loss_coef} must not be negative, e.g. 0.001")
+        if self.model_max_length is not None and self.model_max_length < 1:
+            problems.append(f"model_max_length: {self.model_max_length} must be at least 1")
         return problems + _one_of("flash_attn", self.flash_attn, ATTENTION)
 
 
@@ -294,6 +316,20 @@ class FinetuningArguments:
         "`learning_rate`; peft's LoRA+ optimizer). LoRA only; LoRA+'s paper suggests 16."
     )
     loraplus_lr_embedding: float = _help("LoRA+: the learning rate of LoRA embedding layers' B matrices.", 1e-6)
+    pissa_init: bool = _help(
+        "PiSSA: a new LoRA adapter starts from the principal singular vectors of each adapted weight (peft's "
+        "`init_lora_weights: pissa`), the base keeping the residual. The base with the adapter off is then not the "
+        "starting model, so a loss with a reference needs `ref_model` (e.g. model_name_or_path again); LLaMA-Factory "
+        "allows PiSSA only without a reference.",
+        False,
+    )
+    pissa_iter: int = _help("PiSSA: fast-SVD iterations (peft's `pissa_niter_N`); -1: exact SVD.", 16)
+    pissa_convert: bool = _help(
+        "PiSSA: also save the trained adapter converted to a plain LoRA of the original base (rank 2 x lora_rank) "
+        "in `output_dir/pissa_converted`, from the initial adapter saved in `output_dir/pissa_init`, as "
+        "LLaMA-Factory does: name it in adapter_name_or_path to eval, chat or export on the original base.",
+        False,
+    )
     # OFT
     oft_rank: int = _help(
         "OFT: the number of orthogonal blocks per adapted layer (0: derived from `oft_block_size`). Give one "
@@ -310,6 +346,27 @@ class FinetuningArguments:
         "adapter instead of a trainable copy of it.",
         False,
     )
+    pure_bf16: bool = _help(
+        "Train in bf16 without mixed precision, as LLaMA-Factory: the model loads in bf16 and full / freeze "
+        "tuning's trainable weights, their gradients and the optimizer state stay bf16 (no fp32 copies, no "
+        "autocast). LoRA / OFT adapter weights stay fp32 (peft's default, as in LLaMA-Factory) on the bf16 base. "
+        "Not with `fp16` or DeepSpeed ZeRO-3.",
+        False,
+    )
+    # GaLore (LLaMA-Factory's keys)
+    use_galore: bool = _help(
+        "GaLore: AdamW on low-rank projections of the gradients of the targeted linear weights (galore-torch's "
+        "GaLoreAdamW, with LLaMA-Factory's parameter groups; `pip install \"prefalign[galore]\"`). Full or freeze "
+        "tuning, `optim: adamw_torch` (or transformers' default fused AdamW), no DeepSpeed.",
+        False,
+    )
+    galore_target: list[str] = _help("GaLore: linear module names whose weights are projected (a list), or `all`.",
+                                     ["all"])
+    galore_rank: int = _help("GaLore: the rank of the gradient projection.", 16)
+    galore_update_interval: int = _help("GaLore: optimizer steps between recomputations of the projection.", 200)
+    galore_scale: float = _help("GaLore: the scale of the projected update.", 2.0)
+    galore_proj_type: str = _help("GaLore: `std`, `reverse_std`, `right`, `left` or `full` (galore-torch's projector).",
+                                  "std")
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
     pref_loss: list[str] | None = _help(
@@ -362,6 +419,11 @@ class FinetuningArguments:
     )
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
+    )
+    early_stopping_steps: int | None = _help(
+        "Stop training after this many evaluations in a row without improvement of `metric_for_best_model` "
+        "(transformers' EarlyStoppingCallback with this patience, as LLaMA-Factory); needs `eval_strategy` and "
+        "held-out data (`val_size` or `eval_dataset`)."
     )
     # outputs
     plot_loss: bool = _help("Save loss and reward plots (PNG) to the output dir.", False)
@@ -430,6 +492,7 @@ class FinetuningArguments:
                                 f"{self.finetuning_type}; remove loraplus_lr_ratio")
             elif self.loraplus_lr_ratio <= 0:
                 problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
+        problems += self._pissa_problems() + self._galore_problems()
         if self.finetuning_type == "oft":
             if (self.oft_rank == 0) == (self.oft_block_size == 0):
                 problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
@@ -440,6 +503,40 @@ class FinetuningArguments:
                 problems.append(f"module_dropout: {self.module_dropout} must be in [0, 1)")
             if self.use_dora or self.use_rslora:
                 problems.append("use_dora / use_rslora are LoRA variants and need finetuning_type: lora; remove them")
+        return problems
+
+
+    def _galore_problems(self) -> list[str]:
+        if not self.use_galore:
+            return []
+        problems = []
+        if is_adapter(self.finetuning_type):
+            problems.append(f"use_galore with finetuning_type: {self.finetuning_type}: GaLore projects the gradients of "
+                            "full weights (LLaMA-Factory refuses it with adapters too); use finetuning_type: full or freeze")
+        if self.galore_rank < 1 or self.galore_update_interval < 1:
+            problems.append("galore_rank and galore_update_interval must be at least 1")
+        problems += _one_of("galore_proj_type", self.galore_proj_type, GALORE_PROJECTIONS)
+        return problems
+
+    def _pissa_problems(self) -> list[str]:
+        from prefalign.config.checks import loss_settings_of
+        from prefalign.losses import needs_reference
+
+        if not self.pissa_init:
+            return ["pissa_convert converts a PiSSA adapter and needs pissa_init: true; remove pissa_convert"] \
+                if self.pissa_convert else []
+        problems = []
+        if self.finetuning_type != "lora":
+            problems.append(f"pissa_init is a LoRA initialisation and needs finetuning_type: lora, not "
+                            f"{self.finetuning_type}; remove pissa_init")
+        if self.pissa_iter < 1 and self.pissa_iter != -1:
+            problems.append(f"pissa_iter: {self.pissa_iter} must be at least 1 (fast-SVD iterations), or -1 for exact SVD")
+        if self.pref_loss and not _unknown(self.pref_loss) and not self.ref_model \
+                and needs_reference(self.pref_loss, loss_settings_of(self)):
+            problems.append(f"pissa_init with pref_loss={','.join(self.pref_loss)}: PiSSA moves the principal part of "
+                            "each weight into the adapter, so the policy with its adapter off is not the starting "
+                            "model and cannot be the reference; set ref_model: to model_name_or_path, or use a "
+                            "reference-free loss (simpo, orpo)")
         return problems
 
 

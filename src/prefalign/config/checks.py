@@ -23,6 +23,8 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
     from prefalign.config import scale
 
     problems = []
+    if ft.early_stopping_steps is not None:
+        problems += _early_stopping_problems(ft.early_stopping_steps, data, training)
     if training.get("do_train") is False:
         problems.append("do_train: false: prefalign train always trains; to score a model without training "
                         "run `prefalign eval CONFIG`")
@@ -35,6 +37,21 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
                             "a stream is read in order through its shuffle buffer (buffer_size); remove one")
     return (problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
             + scale.problems(model, ft, training))
+
+
+def _early_stopping_problems(patience: int, data, training: dict) -> list[str]:
+    """What transformers' EarlyStoppingCallback asserts, as one line each naming the key to set."""
+    problems = []
+    if patience < 1:
+        problems.append(f"early_stopping_steps: {patience} must be at least 1 (evaluations without improvement)")
+    if str(training.get("eval_strategy") or "no") == "no":
+        problems.append("early_stopping_steps needs evaluations: set eval_strategy: steps (with eval_steps) or epoch")
+    if not training.get("metric_for_best_model"):
+        problems.append("early_stopping_steps needs metric_for_best_model, the metric that must improve, e.g. "
+                        "eval_loss (or rewards/accuracies with greater_is_better: true)")
+    if not data.val_size and not data.eval_dataset:
+        problems.append("early_stopping_steps needs held-out data: set val_size (e.g. 0.1) or eval_dataset")
+    return problems
 
 
 def training_problems(training: dict) -> list[str]:

@@ -78,14 +78,15 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "init_special_tokens": _impl("noise_init", "LF's three methods; the noise from a generator seeded by `seed`"),
         "model_revision": _impl("main"),
         "low_cpu_mem_usage": _no_effect(True, "transformers 5 always loads lazily"),
-        "rope_scaling": _not_here(None, "RoPE scaling"),
+        "rope_scaling": _impl(None, "factor from model_max_length (cutoff_len), as LF's model_utils/rope.py"),
         "flash_attn": _impl("auto"),
         "shift_attn": _not_here(False, "shift short attention (LongLoRA)"),
         "mixture_of_depths": _not_here(None, "mixture of depths"),
         "use_unsloth": _no_effect(False, "unsloth is not used; prefalign's own response-only log-probs apply"),
         "use_unsloth_gc": _no_effect(False, "unsloth is not used"),
         "enable_liger_kernel": _no_effect(False, "prefalign computes log-probs in its own chunked kernel"),
-        "moe_aux_loss_coef": _not_here(None, "the MoE auxiliary loss"),
+        "moe_aux_loss_coef": _impl(None, "coef x transformers' router loss, added to the preference loss (LF's DPO "
+                                          "trainer sets the config but drops the term)"),
         "disable_gradient_checkpointing": _impl(
             False, "as transformers' `gradient_checkpointing: false`; at LF's default (false) the key is "
             "dropped and `gradient_checkpointing` decides", rename=("gradient_checkpointing", lambda v: not v)),
@@ -197,9 +198,10 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "loraplus_lr_embedding": _impl(1e-6, "LoRA+: learning rate of LoRA embedding layers"),
         "use_rslora": _impl(False),
         "use_dora": _impl(False),
-        "pissa_init": _not_here(False, "PiSSA initialisation"),
-        "pissa_iter": _not_here(16, "PiSSA initialisation"),
-        "pissa_convert": _not_here(False, "PiSSA conversion"),
+        "pissa_init": _impl(False, "peft's init_lora_weights: pissa / pissa_niter_N; with a reference only through "
+                                   "ref_model (LF: reference-free losses only)"),
+        "pissa_iter": _impl(16),
+        "pissa_convert": _impl(False, "output_dir/pissa_converted, as LF's PissaConvertCallback"),
         "create_new_adapter": _impl(False),
     },
     "OFTArguments": {
@@ -232,20 +234,23 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "ld_alpha": _impl(None),
     },
     "GaloreArguments": {
-        key: _not_here(default, "the GaLore optimizer") for key, default in {
-            "use_galore": False, "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200,
-            "galore_scale": 2.0, "galore_proj_type": "std", "galore_layerwise": False,
-        }.items()
+        "use_galore": _impl(False, "galore-torch's GaLoreAdamW with LF's parameter groups (extra: galore)"),
+        **{key: _impl(default) for key, default in {
+            "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200, "galore_scale": 2.0,
+            "galore_proj_type": "std"}.items()},
+        "galore_layerwise": _not_here(False, "layer-wise GaLore"),
     },
     "ApolloArguments": {
-        key: _not_here(default, "the APOLLO optimizer") for key, default in {
+        key: _not_here(default, "the APOLLO optimizer (apollo-torch installs from PyPI and runs on the CPU; "
+                                         "not wired up yet)") for key, default in {
             "use_apollo": False, "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200,
             "apollo_scale": 32.0, "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
             "apollo_layerwise": False, "apollo_scale_front": False,
         }.items()
     },
     "BAdamArgument": {
-        key: _not_here(default, "the BAdam optimizer") for key, default in {
+        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; its block-switching "
+                                        "optimizer is not wired up yet)") for key, default in {
             "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
             "badam_verbose": 0,
@@ -263,15 +268,16 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "swanlab_lark_secret": _not_here(None, "SwanLab's Lark notifications"),
     },
     "FinetuningArguments": {
-        "pure_bf16": _not_here(False, "pure bf16 training (bf16 weights, no mixed precision)"),
+        "pure_bf16": _impl(False, "bf16 weights, gradients and optimizer state; no fp32 copies (adapters: peft's fp32)"),
         "stage": _impl("sft", "prefalign runs `stage: dpo` and `stage: kto`; any other stage is refused"),
         "finetuning_type": _impl("lora", "lora, oft, full, freeze"),
         "use_llama_pro": _not_here(False, "LLaMA Pro"),
-        "use_adam_mini": _not_here(False, "the Adam-mini optimizer"),
+        "use_adam_mini": _not_here(False, "the Adam-mini optimizer (adam-mini installs from PyPI; not wired up yet)"),
         "use_mca": _not_here(False, "Megatron Core training (MCA)"),
         "use_hyper_parallel": _not_here(False, "the HyperParallel backend"),
         "hyper_parallel_args": _not_here(None, "the HyperParallel backend"),
-        "use_muon": _not_here(False, "the Muon optimizer"),
+        "use_muon": _not_here(False, "the Muon optimizer (torch.optim.Muon exists; LF's Muon + AdamW groups are "
+                                         "not wired up yet)"),
         "use_dft_loss": _stage(False, _SFT),
         "use_asft_loss": _stage(False, _SFT),
         "asft_alpha": _stage(0.1, _SFT),
@@ -283,7 +289,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "compute_accuracy": _stage(False, _SFT),
         "disable_shuffling": _impl(False, "as transformers' `train_sampling_strategy: sequential`",
                                    rename=("train_sampling_strategy", lambda v: "sequential" if v else "random")),
-        "early_stopping_steps": _not_here(None, "early stopping"),
+        "early_stopping_steps": _impl(None, "transformers' EarlyStoppingCallback with this patience"),
         "plot_loss": _impl(False),
         "include_effective_tokens_per_second": _no_effect(False, "pairs/s and tokens/s are always logged"),
     },

@@ -134,6 +134,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     finetuning = FinetuningArguments(**group_values[FinetuningArguments])
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
+    if model.model_max_length is None:
+        model.model_max_length = data.cutoff_len  # LLaMA-Factory's rule (hparams/parser.py)
     train_values.setdefault("output_dir", "saves/prefalign-run")
     for group in (model, data, finetuning, export, generation):
         problems += group.problems()

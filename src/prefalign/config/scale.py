@@ -11,7 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora"}  # package -> the prefalign extra installing it
+EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore"}  # package -> the prefalign extra installing it
 
 
 def _missing(package: str) -> str | None:
@@ -127,6 +127,25 @@ def problems(model, ft, train: dict) -> list[str]:
                "OFT is not here yet)" if ft.finetuning_type == "oft" else "quantized weights cannot be trained")
         found.append(f"quantization_bit with finetuning_type: {ft.finetuning_type}: {why}; use finetuning_type: "
                      "lora (QLoRA) or remove quantization_bit")
+    if ft.pissa_init and quantized[:1] == ["quantization_bit"]:
+        found.append("pissa_init with quantization_bit: PiSSA rewrites the base weights, which quantized weights "
+                     "cannot be (LLaMA-Factory refuses the pair too); remove one of them")
+    if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
+        found.append("pissa_init with adapter_name_or_path: PiSSA initialises a new adapter, but training continues "
+                     "the given one; set create_new_adapter: true (PiSSA on the merged adapter) or remove pissa_init")
+    if ft.use_galore:
+        from prefalign.config.args import GALORE_OPTIMS
+
+        optim = str(train.get("optim", GALORE_OPTIMS[1]))
+        if optim not in GALORE_OPTIMS:
+            found.append(f"use_galore with optim: {optim}: prefalign's GaLore is GaLoreAdamW; set optim: adamw_torch")
+        if train.get("deepspeed"):
+            found.append("use_galore with deepspeed: GaLore's optimizer cannot be sharded (LLaMA-Factory refuses the "
+                         "pair too); remove deepspeed or use_galore")
+        if (reason := _missing("galore_torch")):
+            found.append(f"use_galore: {reason}")
+    if ft.pure_bf16 and train.get("fp16"):
+        found.append("pure_bf16 and fp16 both given: pure_bf16 trains in bf16; remove fp16")
     if train.get("deepspeed"):
         if (reason := _missing("deepspeed")):
             found.append(f"deepspeed: {reason}")
@@ -134,6 +153,12 @@ def problems(model, ft, train: dict) -> list[str]:
             stage = zero_stage(train["deepspeed"])
         except (ValueError, TypeError) as exc:
             return found + [f"deepspeed: {exc}"]
+        if stage == 3 and ft.pissa_init:
+            found.append("pissa_init with deepspeed ZeRO-3: the SVD needs whole weights (LLaMA-Factory refuses the "
+                         "pair too); use ZeRO-2, or initialise PiSSA before training")
+        if stage == 3 and ft.pure_bf16:
+            found.append("pure_bf16 with deepspeed ZeRO-3: not supported (LLaMA-Factory refuses "
+                         "the pair too); use ZeRO-2, or bf16: true instead of pure_bf16")
         if stage == 3:
             found += [f"deepspeed: ZeRO-3 partitions weights, which {key} (bitsandbytes) quantized weights cannot be; "
                       f"use ZeRO-2 (or ZeRO-0) with {key}, or remove {key}" for key in quantized]

@@ -50,6 +50,8 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
         window and getattr(model_config, "use_sliding_window", True))
     if sliding and not (window and cutoff_len <= window):  # a sequence within the window never slides
         return f"the model's sliding-window attention ({window} tokens) is shorter than cutoff_len {cutoff_len}"
+    if getattr(model_config, "output_router_logits", False):  # moe_aux_loss_coef (modeling/model_config.py)
+        return "the router's auxiliary loss counts the batch's tokens as they are laid out"
     implementation = getattr(model_config, "_attn_implementation", None)
     if implementation in FLASH_ATTENTION:
         return f"attn_implementation={implementation} cannot share a prompt between two replies" \

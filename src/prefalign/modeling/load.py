@@ -9,6 +9,7 @@ import torch
 from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapter
 from prefalign.data.vocab import VocabChange, embedding_module_names, extend_tokenizer, resize_embeddings
 from prefalign.errors import ConfigError, PrefalignError
+from prefalign.modeling.model_config import apply_model_config
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ def _attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
-def compute_dtype(training_args) -> torch.dtype:
-    if getattr(training_args, "bf16", False):
+def compute_dtype(config) -> torch.dtype:
+    """The dtype models load in: bf16 with `bf16` or `pure_bf16` (LLaMA-Factory's rule), fp16 with `fp16`, else fp32."""
+    training_args = config.training
+    if getattr(training_args, "bf16", False) or config.finetuning.pure_bf16:
         return torch.bfloat16
     if getattr(training_args, "fp16", False):
         return torch.float16
@@ -69,29 +72,38 @@ def compute_dtype(training_args) -> torch.dtype:
 
 
 def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = torch.float32, *,
-                   quantization_bit: int | None = None, vocab: VocabChange | None = None):
-    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load),
-    its embeddings resized for `vocab` (before any adapter is loaded on it: a saved resized embedding fits)."""
-    from transformers import AutoModelForCausalLM
+                   quantization_bit: int | None = None, vocab: VocabChange | None = None, trainable: bool = False):
+    """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load;
+    `trainable`: the policy to train, see model_config.apply_model_config), its embeddings resized for `vocab`
+    (before any adapter is loaded on it: a saved resized embedding fits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": model_args.trust_remote_code,
+    kwargs = {"trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    config = _loaded(AutoConfig.from_pretrained, path, kwargs)
+    apply_model_config(config, model_args, trainable=trainable)
+    kwargs.update(config=config, dtype=dtype)
     if quantization_bit is not None:
         kwargs.update(quantization_config=quantization_config(quantization_bit, model_args, dtype),
                       device_map=device_map())
     attn = _attn_implementation(model_args.flash_attn)
     if attn:
         kwargs["attn_implementation"] = attn
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as exc:
-        raise PrefalignError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from None
-    except ValueError as exc:
-        raise _remote_code_refusal(path, exc) from None
+    model = _loaded(AutoModelForCausalLM.from_pretrained, path, kwargs)
     model.config.use_cache = False
     resize_embeddings(model, vocab)
     pin_cpu_kernels(model)  # quantized at load or saved quantized
     return model
+
+
+def _loaded(from_pretrained, path: str, kwargs: dict):
+    """`from_pretrained(path, **kwargs)`, a missing or unreadable model as one line."""
+    try:
+        return from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PrefalignError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise _remote_code_refusal(path, exc) from None
 
 
 def merge_adapters(model, adapters: list[str]):
@@ -129,7 +141,7 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     (and no `additional_target`), a new adapter trains and saves the embedding and head in full, as LF.
     """
     model = load_causal_lm(model_args.model_name_or_path, model_args, dtype,
-                           quantization_bit=model_args.quantization_bit, vocab=vocab)
+                           quantization_bit=model_args.quantization_bit, vocab=vocab, trainable=True)
     adapters = list(model_args.adapter_name_or_path or [])
     if is_adapter(ft.finetuning_type):
         if model_args.quantization_bit is not None:  # QLoRA: frozen quantized base, norms and head in fp32
@@ -142,9 +154,10 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
         model = merge_adapters(model, adapters)
         if ft.finetuning_type == "freeze":
             _freeze(model, ft)
-    # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact.
+    # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact. pure_bf16 keeps
+    # them in bf16 (weights, gradients and optimizer state), as LLaMA-Factory does.
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+        if param.requires_grad and param.dtype != torch.float32 and not ft.pure_bf16:
             param.data = param.data.float()
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
@@ -186,8 +199,30 @@ def peft_config(ft: FinetuningArguments, modules_to_save: list[str] = ()):
     return LoraConfig(
         task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
         lora_dropout=ft.lora_dropout, target_modules=_targets(ft.lora_target), use_rslora=ft.use_rslora,
-        use_dora=ft.use_dora, modules_to_save=modules_to_save,
+        use_dora=ft.use_dora, modules_to_save=modules_to_save, init_lora_weights=_lora_init(ft),
     )
+
+
+def _lora_init(ft: FinetuningArguments) -> bool | str:
+    """peft's `init_lora_weights`: PiSSA as LLaMA-Factory asks for it (pissa_iter -1: exact SVD), else peft's default."""
+    if not ft.pissa_init:
+        return True
+    return "pissa" if ft.pissa_iter == -1 else f"pissa_niter_{ft.pissa_iter}"
+
+
+PISSA_INIT, PISSA_CONVERTED = "pissa_init", "pissa_converted"  # LLaMA-Factory's folder names in output_dir
+
+
+def save_pissa_adapter(model, folder, *, initial=None) -> None:
+    """Save a PiSSA adapter as a plain LoRA config (init_lora_weights: true, so loading it never runs the SVD
+    again); with `initial` (the saved initial adapter), converted to a LoRA of the original base (peft)."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    conversion = {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
+    try:
+        model.save_pretrained(str(folder), selected_adapters=["default"], **conversion)
+    finally:
+        config.init_lora_weights = init
 
 
 def _targets(names: list[str]):

@@ -319,7 +319,9 @@ def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_
     skip = ("labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
     inputs = {k: v for k, v in kwargs.items() if v is not None and k not in skip}
     decoder, head = _decoder_and_head(lm)
-    hidden = decoder(**inputs, **decoder_kwargs, use_cache=False).last_hidden_state
+    routed = bool(getattr(lm.config, "output_router_logits", False))
+    decoded = decoder(**inputs, **decoder_kwargs, use_cache=False, **({"output_router_logits": True} if routed else {}))
+    hidden = decoded.last_hidden_state
     shifted = scored_labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     selected = hidden[:, :-1][mask]  # (N, H): only the positions that predict a response token
@@ -330,7 +332,20 @@ def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_
     result = {"mask": mask, "token_logps": token_logps, "logit_means": logit_sums / vocab}
     if want_sqnorm:
         result["sqnorm"] = sqnorm
+    if routed:
+        result["router_aux_loss"] = _router_aux_loss(lm, decoded.router_logits, inputs.get("attention_mask"))
     return result
+
+
+def _router_aux_loss(lm, router_logits, attention_mask) -> torch.Tensor:
+    """router_aux_loss_coef x the model's own load-balancing loss (its module's `load_balancing_loss_func`,
+    as its causal LM's forward computes it); padding excluded where the mask is a plain (R, T) one."""
+    import sys
+
+    loss_fn = sys.modules[type(lm).__module__].load_balancing_loss_func
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    aux = loss_fn(router_logits, lm.num_experts, lm.num_experts_per_tok, mask)
+    return lm.router_aux_loss_coef * aux
 
 
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -429,5 +444,5 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
     return PairLogps(
         chosen=sums[:b], rejected=sums[b:], chosen_tokens=counts[:b], rejected_tokens=counts[b:],
         chosen_mean_logit=logit_means[:b].detach(), rejected_mean_logit=logit_means[b:].detach(),
-        extras=extras,
+        extras=extras, router_aux_loss=out.get("router_aux_loss"),
     )

@@ -37,8 +37,9 @@ from prefalign.train.guard import RunWatch
 
 class PreferenceTrainer(Trainer):
     def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024,
-                 loraplus: tuple[float, float] | None = None, **kwargs):
+                 loraplus: tuple[float, float] | None = None, galore=None, **kwargs):
         self.loraplus = loraplus  # (loraplus_lr_ratio, loraplus_lr_embedding), or None: the Trainer's groups
+        self.galore = galore  # FinetuningArguments with use_galore, or None
         super().__init__(*args, **kwargs)
         self.reference = reference.to(self.args.device)
         self.objective = objective
@@ -56,12 +57,18 @@ class PreferenceTrainer(Trainer):
         """The Trainer's optimizer; with LoRA+, peft's LoRA+ parameter groups (peft.optimizers): A matrices
         at learning_rate, B matrices and 1-D parameters at learning_rate x ratio, the parameters of LoRA
         embedding layers at loraplus_lr_embedding; weight decay the Trainer's `weight_decay`."""
-        if self.loraplus is None or self.optimizer is not None:
+        if self.optimizer is not None or (self.loraplus is None and self.galore is None):
             return super().create_optimizer(model)
-        from peft.optimizers import create_loraplus_optimizer
-
         opt_model = self.model if model is None else model
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if self.galore is not None:  # GaLore: galore-torch's AdamW on LLaMA-Factory's groups (train/optimizers.py)
+            from prefalign.train.optimizers import galore_optimizer
+
+            self.optimizer = galore_optimizer(opt_model, self.galore, self.args,
+                                              self.get_decay_parameter_names(opt_model), kwargs)
+            return self.optimizer
+        from peft.optimizers import create_loraplus_optimizer
+
         kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
         ratio, embedding_lr = self.loraplus
         self.optimizer = create_loraplus_optimizer(
@@ -74,7 +81,10 @@ class PreferenceTrainer(Trainer):
         # `split`: a precomputed reference keeps one table per split (pair indices restart at 0 in each)
         out, policy, _ = score_batch(model, self.reference, self.objective, inputs, split=split,
                                      chunk_size=self.chunk_size)
-        return out.losses.mean(), out, policy
+        loss = out.losses.mean()
+        if policy.router_aux_loss is not None:  # moe_aux_loss_coef: the router's load balance, added as transformers does
+            loss = loss + policy.router_aux_loss.to(loss.dtype)
+        return loss, out, policy
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.throughput_meter(model).add(inputs)  # before the forward: the meter's clock starts at its first batch

@@ -19,13 +19,16 @@ from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import PrefalignError, reporting_disk_full
-from prefalign.integrity import write_text_atomic
+from prefalign.integrity import replace_folder, write_text_atomic
 from prefalign.losses import weight_balance_warning
 from prefalign.modeling.load import (
+    PISSA_CONVERTED,
+    PISSA_INIT,
     REFERENCE_ADAPTER,
     compute_dtype,
     load_policy,
     load_run_tokenizer,
+    save_pissa_adapter,
 )
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
@@ -67,9 +70,13 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
 
     # Step 4: policy and reference
     set_seed(args.seed)
-    dtype = compute_dtype(args)
+    dtype = compute_dtype(config)
     return_gathered_memory_on_cpu()
     policy = load_policy(config.model, ft, dtype, vocab)
+    if ft.pissa_init and data.train is not None and is_main_process():  # before training (and any resume) moves it
+        staging = Path(args.output_dir) / f".{PISSA_INIT}-staging"
+        save_pissa_adapter(policy, staging)
+        replace_folder(staging, Path(args.output_dir) / PISSA_INIT)
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
@@ -107,9 +114,14 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
+        galore=ft if ft.use_galore else None,
     )
     if ft.use_swanlab:
         trainer.add_callback(swanlab_callback(ft))
+    if ft.early_stopping_steps is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=ft.early_stopping_steps))
     if data.train is not None:
         trainer.resume_settings = settings or checkpoints.resume_settings(config, data.train)
     return trainer
@@ -190,8 +202,9 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_final_model(trainer, out: Path) -> list[str]:
-    """The final weights and tokenizer, each file renamed into `out` only when fully written.
+def save_final_model(trainer, out: Path, *, pissa_convert: bool = False) -> list[str]:
+    """The final weights and tokenizer, each file renamed into `out` only when fully written (with
+    `pissa_convert`, also the adapter converted to a LoRA of the original base, in `pissa_converted`).
 
     peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output
     (it stays loaded: the final evaluation and the report still need it).
@@ -202,6 +215,9 @@ def save_final_model(trainer, out: Path) -> list[str]:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if main and pissa_convert:
+        save_pissa_adapter(trainer.accelerator.unwrap_model(trainer.model), staging / PISSA_CONVERTED,
+                           initial=out / PISSA_INIT)
     trainer.accelerator.wait_for_everyone()
     names = []
     if main:
@@ -223,7 +239,7 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
     the main process writes the files."""
     args = config.training
     out = Path(args.output_dir)
-    model_files = save_final_model(trainer, out)
+    model_files = save_final_model(trainer, out, pissa_convert=config.finetuning.pissa_convert)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
