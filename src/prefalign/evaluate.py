@@ -91,7 +91,7 @@ def run_eval(config: RunConfig) -> dict:
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
     shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
     collator = run_collator(config.finetuning, tokenizer.pad_token_id,
-                            choose_layout(config.finetuning, config.data.cutoff_len, policy, reference.model))
+                            choose_layout(config.finetuning, config.data, policy, reference.model))
     rows, means = scorer.score(shard, collator,
                                batch_size=args.per_device_eval_batch_size, device=device)
     pieces = gather_objects((rows, means))

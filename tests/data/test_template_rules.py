@@ -196,11 +196,14 @@ def test_tools_in_three_shapes_render_the_same_boundary_and_masks(tiny_tokenizer
     assert labels[prompt_length:] == data.train[0]["chosen_ids"]
 
 
-def test_tool_data_with_a_builtin_template_is_refused_per_record(tiny_tokenizer, tmp_path):
-    data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES["trl"], {"prompt": "Hi", "chosen": "a", "rejected": "b"}],
-                   template="chatml", on_bad_record="skip")
-    assert data.summary.skipped_by_stage == {"render": 1} and len(data.train) == 1
-    assert "records with tool definitions are not encoded with LLaMA-Factory's slots" in data.rejects[0]["reason"]
+@pytest.mark.parametrize("shape", sorted(TOOL_SHAPES))
+def test_tool_data_with_a_builtin_template_encodes(shape, tiny_tokenizer, tmp_path):
+    """Tool records of each shape encode with a built-in template (LLaMA-Factory's tool slots: their ids are checked
+    against LF's in tests/data/test_lf_parity.py): the definitions, the call and the result are in the prompt."""
+    data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES[shape]], template="qwen")
+    assert len(data.train) == 1 and not data.summary.skipped_by_stage
+    prompt = tiny_tokenizer.decode(data.train[0]["prompt_ids"])
+    assert all(word in prompt for word in ("get_weather", "Paris", "<tool_call>", "<tool_response>")), prompt
 
 
 def test_a_split_whose_every_pair_fails_is_an_error_naming_the_first(tiny_tokenizer, tmp_path):

@@ -9,7 +9,7 @@ from helpers import config_for
 from test_speed_paths import FEATURES, tiny_llama
 from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
 
-from prefalign.config.args import FinetuningArguments
+from prefalign.config.args import DataArguments, FinetuningArguments
 from prefalign.data.collate import PairCollator
 from prefalign.data.packing import PackedCollator
 from prefalign.errors import ConfigError
@@ -36,20 +36,20 @@ def tiny_gemma2():
 
 
 def test_a_llama_packs_and_shares_its_prompts_by_default():
-    layout = choose_layout(AUTO, 2048, tiny_llama())
+    layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), tiny_llama())
     assert (layout.packing, layout.prefix_sharing, layout.notes) == (True, True, ())
 
 
 def test_what_the_config_writes_is_kept():
-    written = choose_layout(FinetuningArguments(packing=False, prefix_sharing=True), 2048, tiny_llama())
+    written = choose_layout(FinetuningArguments(packing=False, prefix_sharing=True), DataArguments(cutoff_len=2048), tiny_llama())
     assert (written.packing, written.prefix_sharing) == (False, True)
-    forced = choose_layout(FinetuningArguments(packing=True, prefix_sharing=True), 2048, tiny_gemma2())
+    forced = choose_layout(FinetuningArguments(packing=True, prefix_sharing=True), DataArguments(cutoff_len=2048), tiny_gemma2())
     assert forced.packing and forced.prefix_sharing and not forced.notes  # the layout itself refuses it, when run
 
 
 def test_soft_capped_attention_falls_back_to_the_plain_layout_with_the_reason(caplog):
     with caplog.at_level(logging.INFO, logger="prefalign.modeling.layout"):
-        layout = choose_layout(AUTO, 2048, tiny_gemma2())
+        layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), tiny_gemma2())
     assert not layout.packing and not layout.prefix_sharing
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Batch layout")]
     assert line == ("Batch layout: plain (no packing, no prefix sharing); packing off: the model soft-caps its "
@@ -58,22 +58,22 @@ def test_soft_capped_attention_falls_back_to_the_plain_layout_with_the_reason(ca
 
 
 def test_a_sliding_window_shorter_than_cutoff_len_turns_both_off_and_a_longer_one_does_not():
-    short = choose_layout(AUTO, 96, tiny_mistral(window=16))
+    short = choose_layout(AUTO, DataArguments(cutoff_len=96), tiny_mistral(window=16))
     assert not short.packing and not short.prefix_sharing
     assert "sliding-window attention (16 tokens) is shorter than cutoff_len 96" in short.notes[0]
-    assert choose_layout(AUTO, 16, tiny_mistral(window=16)).packing
+    assert choose_layout(AUTO, DataArguments(cutoff_len=16), tiny_mistral(window=16)).packing
 
 
 def test_the_reference_model_decides_too():
     """A separate reference of another family must run the same batches."""
-    layout = choose_layout(AUTO, 2048, tiny_llama(), tiny_gemma2())
+    layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), tiny_llama(), tiny_gemma2())
     assert not layout.packing and not layout.prefix_sharing
 
 
 def test_flash_attention_packs_without_sharing_prompts():
     model = tiny_llama()
     model.config._attn_implementation = "flash_attention_2"
-    layout = choose_layout(AUTO, 2048, model)
+    layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), model)
     assert layout.packing and not layout.prefix_sharing
     assert layout.notes == ("prefix_sharing off: attn_implementation=flash_attention_2 cannot share a prompt "
                             "between two replies (set prefix_sharing: true or false to choose)",)
@@ -99,3 +99,8 @@ def test_a_default_run_trains_packed_and_prefix_shared(tiny_model_dir, tmp_path)
 
     collator = build_trainer(config_for(tiny_model_dir, tmp_path)).data_collator
     assert isinstance(collator, PackedCollator) and collator.prefix_sharing
+
+
+def test_streamed_pairs_keep_the_plain_layout():
+    layout = choose_layout(AUTO, DataArguments(streaming=True), tiny_llama())
+    assert not layout.packing and not layout.prefix_sharing and "streamed" in layout.notes[0]

@@ -159,9 +159,13 @@ def resize_embeddings(model, change: VocabChange | None) -> int:
     untied output layer's."""
     if change is None:
         return 0
-    current = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    current = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its shape there
     if change.size <= current:
         return 0
+    if hasattr(weight, "ds_shape") and change.resize:
+        raise ConfigError("resize_vocab: the embeddings of a model partitioned by DeepSpeed ZeRO-3 are not resized "
+                          "here yet; train with ZeRO-2 (or one process), or use the tokenizer the model was trained with")
     if not change.resize:
         raise ConfigError(
             f"the tokenizer now has {change.size} tokens ({', '.join(change.added) or 'added ones'} added), more than "

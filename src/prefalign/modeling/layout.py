@@ -61,10 +61,11 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
     return None
 
 
-def choose_layout(finetuning, cutoff_len: int, *models) -> Layout:
-    """The layout a run with `finetuning` (its `packing` / `prefix_sharing`) uses to score batches of
-    sequences up to `cutoff_len` tokens with every one of `models` (the policy, and a separate
-    reference model; None entries are skipped).
+def choose_layout(finetuning, data, *models) -> Layout:
+    """The layout a run with `finetuning` (its `packing` / `prefix_sharing`) and DataArguments `data`
+    uses to score batches of sequences up to `data.cutoff_len` tokens with every one of `models` (the
+    policy, and a separate reference model; None entries are skipped). A streamed run (`streaming`)
+    keeps the plain layout: its packed batches trained other losses (config/checks refuses `true`).
 
     A null setting is on unless `unsupported` gives a reason for one of them, or a model's code is its
     own (`trust_remote_code`): prefalign cannot know that it hands the packed spans to its attention.
@@ -75,9 +76,10 @@ def choose_layout(finetuning, cutoff_len: int, *models) -> Layout:
     def auto(key: str, value, sharing_prompt: bool) -> bool:
         if value is not None:
             return bool(value)
-        reasons = ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
-                   else unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=cutoff_len)
-                   for module, config in configs]
+        reasons = ["the pairs are streamed (streaming: true)" if getattr(data, "streaming", False) else None]
+        reasons += ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
+                    else unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=data.cutoff_len)
+                    for module, config in configs]
         reason = next((r for r in reasons if r), None)
         if reason:
             notes.append(f"{key} off: {reason} (set {key}: true or false to choose)")

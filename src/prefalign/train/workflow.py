@@ -80,7 +80,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
-    layout = choose_layout(ft, config.data.cutoff_len, policy, reference.model)
+    layout = choose_layout(ft, config.data, policy, reference.model)
     collator = run_collator(ft, tokenizer.pad_token_id, layout)
     if precompute:
         from prefalign.reference_cache import precompute_reference
