@@ -242,6 +242,7 @@ def test_a_missing_package_names_the_extra_to_install(tmp_path, package, key, ex
 CAPABILITY_RUNS = [("tiny_model_dir", 4), ("qwen2_model_dir", 4), ("qwen2_model_dir", 8)]
 
 
+@pytest.mark.extended  # 3 processes x 3 trainings (README: Development)
 def test_qlora_trains_the_same_on_every_cpu_capability(request, tmp_path):
     """torch's default and AVX2 kernels (ATEN_CPU_CAPABILITY, read when torch is imported, so each in its own
     process, which trains every case of CAPABILITY_RUNS in turn) and this machine's own: the same QLoRA losses

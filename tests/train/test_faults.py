@@ -417,6 +417,7 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(t
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # three 2-process ZeRO-3 launches
 def test_sigterm_to_the_nproc_launcher_exits_143_with_one_resume_command_that_ends_on_the_whole_run(
         tiny_model_dir, tmp_path):
     """`prefalign train --nproc 2 deepspeed=<ZeRO-3>` and SIGTERM to that command (what `kill PID` or a scheduler
