@@ -291,6 +291,7 @@ def test_the_warm_up_never_reads_the_eval_file(tmp_path, demo_data_dir, monkeypa
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # trains the demo model to its answers
 def test_the_demo_model_answers_in_the_demo_style(tmp_path, demo_data_dir):
     """The model the quickstart builds (default size and warm-up) has learnt its training replies and
     answers held-out questions greedily with a complete reply that opens like a polite or a rude one."""

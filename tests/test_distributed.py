@@ -112,6 +112,7 @@ def test_ddp_one_writer_equals_one_process(tiny_model_dir, tmp_path):
     _assert_same_run(out, _single(tiny_model_dir, tmp_path / "one", finetuning_type="full", val_size=4), full=True)
 
 
+@pytest.mark.extended  # a 2-process launch and a 1-process run
 def test_bf16_without_a_gpu_trains_alike_in_one_process_and_in_two(tiny_model_dir, tmp_path):
     """`bf16: true` on a machine without a GPU, no `use_cpu` written (transformers alone refuses that):
     one process and `--nproc 2` (DDP) both train under bf16 autocast, to the losses of the fp32 run
