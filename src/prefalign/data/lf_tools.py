@@ -38,6 +38,17 @@ def _value_text(value: Any) -> str:
 
 # -- default: ReAct-style "Action: / Action Input:" ---------------------------------------------------
 
+def _tagged_calls(calls: list[Call], head: str, parameter: str, tail: str) -> str:
+    """The XML-style calls of several formats, one per line: `head` (with {name}), then `parameter` (with {key}
+    and {value}, the value as _value_text writes it) per argument, then `tail`."""
+    texts = []
+    for name, arguments in calls:
+        params = "".join(parameter.format(key=key, value=_value_text(value))
+                         for key, value in json.loads(arguments).items())
+        texts.append(head.format(name=name) + params + tail)
+    return "\n".join(texts)
+
+
 def _default_tools(tools: list[dict], today: str) -> str:
     text, names = "", []
     for tool in map(_bare, tools):
@@ -133,13 +144,7 @@ def _glm4_moe_tools(tools: list[dict], today: str) -> str:
 
 
 def _glm4_moe_calls(calls: list[Call]) -> str:
-    texts = []
-    for name, arguments in calls:
-        text = "\n<tool_call>" + name
-        for key, value in json.loads(arguments).items():
-            text += f"\n<arg_key>{key}</arg_key>\n<arg_value>{_value_text(value)}</arg_value>"
-        texts.append(text)
-    return "\n".join(texts)
+    return _tagged_calls(calls, "\n<tool_call>{name}", "\n<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>", "")
 
 
 # -- qwen3_5 (Qwen 3.5 XML parameters) ----------------------------------------------------------------------
@@ -162,13 +167,8 @@ def _qwen3_5_tools(tools: list[dict], today: str) -> str:
 
 
 def _qwen3_5_calls(calls: list[Call]) -> str:
-    texts = []
-    for name, arguments in calls:
-        text = f"<tool_call>\n<function={name}>"
-        for key, value in json.loads(arguments).items():
-            text += f"\n<parameter={key}>\n{_value_text(value)}\n</parameter>"
-        texts.append(text + "\n</function>\n</tool_call>")
-    return "\n".join(texts)
+    return _tagged_calls(calls, "<tool_call>\n<function={name}>", "\n<parameter={key}>\n{value}\n</parameter>",
+                         "\n</function>\n</tool_call>")
 
 
 # -- minimax1 / minimax2 -------------------------------------------------------------------------------------
@@ -196,13 +196,8 @@ def _minimax2_tools(tools: list[dict], today: str) -> str:
 
 
 def _minimax2_calls(calls: list[Call]) -> str:
-    texts = []
-    for name, arguments in calls:
-        text = f'<invoke name="{name}">'
-        for key, value in json.loads(arguments).items():
-            text += f'\n<parameter name="{key}">{_value_text(value)}</parameter>'
-        texts.append(text + "\n</invoke>")
-    return "\n".join(texts)
+    return _tagged_calls(calls, '<invoke name="{name}">', '\n<parameter name="{key}">{value}</parameter>',
+                         "\n</invoke>")
 
 
 # -- seed_oss ---------------------------------------------------------------------------------------------
@@ -218,13 +213,8 @@ def _seed_oss_tools(tools: list[dict], today: str) -> str:
 
 
 def _seed_oss_calls(calls: list[Call]) -> str:
-    texts = []
-    for name, arguments in calls:
-        text = "\n<seed:tool_call>\n<function=" + name
-        for key, value in json.loads(arguments).items():
-            text += f"\n<parameter={key}>{_value_text(value)}</parameter>"
-        texts.append(text + "\n</function>\n</seed:tool_call>")
-    return "\n".join(texts)
+    return _tagged_calls(calls, "\n<seed:tool_call>\n<function={name}", "\n<parameter={key}>{value}</parameter>",
+                         "\n</function>\n</seed:tool_call>")
 
 
 # -- lfm2 (Pythonic calls) ---------------------------------------------------------------------------------
