@@ -34,9 +34,9 @@ from pathlib import Path
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import run_collator
-from prefalign.modeling.layout import choose_layout
 from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
+from prefalign.modeling.layout import choose_layout
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan

@@ -14,13 +14,13 @@ import yaml
 
 from prefalign.config import RunConfig
 from prefalign.data.collate import PairCollator, run_collator, with_lengths
-from prefalign.modeling.layout import choose_layout
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import PrefalignError, reporting_disk_full
 from prefalign.integrity import replace_folder, write_text_atomic
 from prefalign.losses import weight_balance_warning
+from prefalign.modeling.layout import choose_layout
 from prefalign.modeling.load import (
     PISSA_CONVERTED,
     PISSA_INIT,
