@@ -76,7 +76,7 @@ def choose_layout(finetuning, data, *models) -> Layout:
     def auto(key: str, value, sharing_prompt: bool) -> bool:
         if value is not None:
             return bool(value)
-        reasons = ["the pairs are streamed (streaming: true)" if getattr(data, "streaming", False) else None]
+        reasons = ["the pairs are streamed (streaming: true)" if data.streaming else None]
         reasons += ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
                     else unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=data.cutoff_len)
                     for module, config in configs]
