@@ -101,6 +101,6 @@ def test_a_default_run_trains_packed_and_prefix_shared(tiny_model_dir, tmp_path)
     assert isinstance(collator, PackedCollator) and collator.prefix_sharing
 
 
-def test_streamed_pairs_keep_the_plain_layout():
-    layout = choose_layout(AUTO, DataArguments(streaming=True), tiny_llama())
-    assert not layout.packing and not layout.prefix_sharing and "streamed" in layout.notes[0]
+def test_streamed_pairs_pack_and_share_their_prompts_by_default():
+    layout = choose_layout(AUTO, DataArguments(streaming=True, cutoff_len=2048), tiny_llama())
+    assert (layout.packing, layout.prefix_sharing, layout.notes) == (True, True, ())

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,36 @@ def test_streaming_with_a_one_pair_buffer_trains_what_sequential_order_trains(ti
     assert len(sequential) == 6
     assert streamed == pytest.approx(sequential, rel=1e-6)
     assert _losses(tmp_path / "random") != pytest.approx(sequential, rel=1e-6)  # the order shows in the losses
+
+
+def test_streamed_packed_batches_train_the_losses_of_the_plain_layout(tiny_model_dir, tmp_path):
+    """`prefalign train` with streaming: true takes the default layout (packed, prompts shared) and trains
+    the losses of the plain layout, 5 steps of 4 pairs. accelerate dispatches a stream's batches by
+    default, slicing every tensor to the first one's rows: that cut a packed batch's spans to the first
+    sequence, and the losses parted from step 2 on (packing alone: 0.69180 against 0.69191)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import EXAMPLES, PLAIN, ROOT
+
+    def train(name, **keys):
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model_name_or_path": str(tiny_model_dir), "stage": "dpo", "dataset": "demo_train",
+            "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16, "cutoff_len": 96, "max_steps": 5,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
+            "report_to": "none", "output_dir": str(tmp_path / name), "streaming": True, "buffer_size": 1, **keys}))
+        run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(config)], capture_output=True,
+                             text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stderr + run.stdout
+
+    assert "Batch layout: packing + prefix sharing" in train("packed")
+    assert "Batch layout: plain" in train("plain", **PLAIN)
+    packed, plain = _losses(tmp_path / "packed"), _losses(tmp_path / "plain")
+    assert len(plain) == 5 and plain[5] != pytest.approx(plain[1], rel=1e-3)  # it trained
+    assert packed == pytest.approx(plain, rel=1e-5)
 
 
 def test_use_swanlab_logs_the_run_through_transformers_swanlab_integration(tiny_model_dir, tmp_path):

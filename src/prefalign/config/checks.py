@@ -35,10 +35,6 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
         if training.get("train_sampling_strategy", "random") not in ("random", "sequential"):
             problems.append(f"streaming and train_sampling_strategy: {training['train_sampling_strategy']} both given: "
                             "a stream is read in order through its shuffle buffer (buffer_size); remove one")
-        for key in ("packing", "prefix_sharing"):
-            if getattr(ft, key):
-                problems.append(f"streaming and {key}: true both given: streamed pairs are not packed or prefix-shared "
-                                f"yet (they trained other losses than the plain layout); remove {key}")
     return (problems + training_problems(training) + path_problems(model, ft, training["output_dir"])
             + scale.problems(model, ft, training))
 

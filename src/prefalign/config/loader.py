@@ -155,6 +155,11 @@ def build_config(values: dict[str, Any]) -> RunConfig:
 
         try:
             training = Seq2SeqTrainingArguments(**cpu_launch_arguments(train_values))
+            # Every process collates its own pairs. accelerate's default for a stream (`streaming`) is
+            # to collate on the main process and dispatch: it slices every tensor of a batch to the
+            # first tensor's row count, which cuts a packed batch (one row of B pairs) down to its
+            # first span and first pair's index, so the rest of the row attends nowhere.
+            training.accelerator_config.dispatch_batches = False
         except (ValueError, ImportError, TypeError) as exc:
             problems.append(f"training arguments: {str(exc).splitlines()[0]}")
     if problems:

@@ -64,8 +64,7 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
 def choose_layout(finetuning, data, *models) -> Layout:
     """The layout a run with `finetuning` (its `packing` / `prefix_sharing`) and DataArguments `data`
     uses to score batches of sequences up to `data.cutoff_len` tokens with every one of `models` (the
-    policy, and a separate reference model; None entries are skipped). A streamed run (`streaming`)
-    keeps the plain layout: its packed batches trained other losses (config/checks refuses `true`).
+    policy, and a separate reference model; None entries are skipped).
 
     A null setting is on unless `unsupported` gives a reason for one of them, or a model's code is its
     own (`trust_remote_code`): prefalign cannot know that it hands the packed spans to its attention.
@@ -76,8 +75,7 @@ def choose_layout(finetuning, data, *models) -> Layout:
     def auto(key: str, value, sharing_prompt: bool) -> bool:
         if value is not None:
             return bool(value)
-        reasons = ["the pairs are streamed (streaming: true)" if data.streaming else None]
-        reasons += ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
+        reasons = ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
                     else unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=data.cutoff_len)
                     for module, config in configs]
         reason = next((r for r in reasons if r), None)
