@@ -43,8 +43,43 @@ def test_a_llama_packs_and_shares_its_prompts_by_default():
 def test_what_the_config_writes_is_kept():
     written = choose_layout(FinetuningArguments(packing=False, prefix_sharing=True), DataArguments(cutoff_len=2048), tiny_llama())
     assert (written.packing, written.prefix_sharing) == (False, True)
-    forced = choose_layout(FinetuningArguments(packing=True, prefix_sharing=True), DataArguments(cutoff_len=2048), tiny_gemma2())
-    assert forced.packing and forced.prefix_sharing and not forced.notes  # the layout itself refuses it, when run
+    unplain = choose_layout(FinetuningArguments(packing=False, prefix_sharing=False), DataArguments(), tiny_gemma2())
+    assert (unplain.packing, unplain.prefix_sharing, unplain.notes) == (False, False, ())
+
+
+def with_attention(model, implementation: str):
+    model.config._attn_implementation = implementation
+    return model
+
+
+# A `true` the model's attention cannot run, refused before the run (one key, one line each): the
+# packed attention would drop the soft-cap or the window, flash-attention's padding-free path would
+# let a rejected reply attend to the chosen one, and an attention without custom masks ignores spans.
+@pytest.mark.parametrize("keys, model, cutoff_len, message", [
+    ({"packing": True, "prefix_sharing": False}, tiny_gemma2, 2048,
+     "packing: true, but the model soft-caps its attention scores; set packing: false (or null"),
+    ({"packing": False, "prefix_sharing": True}, tiny_gemma2, 2048,
+     "prefix_sharing: true, but the model soft-caps its attention scores; set prefix_sharing: false"),
+    ({"packing": True, "prefix_sharing": False}, lambda: tiny_mistral(window=4), 96,
+     "packing: true, but the model's sliding-window attention (4 tokens) is shorter than cutoff_len 96; "),
+    ({"packing": True, "prefix_sharing": True}, lambda: with_attention(tiny_llama(), "flash_attention_2"), 2048,
+     "prefix_sharing: true, but attn_implementation=flash_attention_2 cannot share a prompt between two replies; "),
+    ({"packing": False, "prefix_sharing": True}, lambda: with_attention(tiny_llama(), "flash_attention_2"), 2048,
+     "prefix_sharing: true, but attn_implementation=flash_attention_2 cannot share"),
+    ({"packing": True, "prefix_sharing": False}, lambda: with_attention(tiny_llama(), "flex_attention"), 2048,
+     "packing: true, but attn_implementation=flex_attention takes no custom mask; set packing: false"),
+])
+def test_a_true_the_models_attention_cannot_run_is_refused_in_one_line(keys, model, cutoff_len, message):
+    with pytest.raises(ConfigError) as info:
+        choose_layout(FinetuningArguments(**keys), DataArguments(cutoff_len=cutoff_len), model())
+    [line] = info.value.problems
+    assert line.startswith(message), line
+
+
+def test_flash_attention_packs_when_no_prompt_is_shared():
+    model = with_attention(tiny_llama(), "flash_attention_2")
+    layout = choose_layout(FinetuningArguments(packing=True, prefix_sharing=False), DataArguments(), model)
+    assert layout.packing and not layout.prefix_sharing
 
 
 def test_soft_capped_attention_falls_back_to_the_plain_layout_with_the_reason(caplog):
@@ -53,8 +88,7 @@ def test_soft_capped_attention_falls_back_to_the_plain_layout_with_the_reason(ca
     assert not layout.packing and not layout.prefix_sharing
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Batch layout")]
     assert line == ("Batch layout: plain (no packing, no prefix sharing); packing off: the model soft-caps its "
-                    "attention scores (set packing: true or false to choose); prefix_sharing off: the model "
-                    "soft-caps its attention scores (set prefix_sharing: true or false to choose)")
+                    "attention scores; prefix_sharing off: the model soft-caps its attention scores")
 
 
 def test_a_sliding_window_shorter_than_cutoff_len_turns_both_off_and_a_longer_one_does_not():
@@ -76,7 +110,7 @@ def test_flash_attention_packs_without_sharing_prompts():
     layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), model)
     assert layout.packing and not layout.prefix_sharing
     assert layout.notes == ("prefix_sharing off: attn_implementation=flash_attention_2 cannot share a prompt "
-                            "between two replies (set prefix_sharing: true or false to choose)",)
+                            "between two replies",)
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
@@ -89,11 +123,6 @@ def test_sequences_within_a_sliding_window_pack_to_the_plain_log_probs(prefix_sh
     torch.testing.assert_close(packed.rejected, plain.rejected, atol=1e-5, rtol=0)
 
 
-def test_a_sequence_longer_than_the_window_is_refused_when_packed():
-    with pytest.raises(ConfigError, match=r"longer than the model's attention window \(4 tokens\).*cutoff_len <= 4"):
-        pair_logps(tiny_mistral(window=4), PackedCollator(0)(FEATURES))
-
-
 def test_a_default_run_trains_packed_and_prefix_shared(tiny_model_dir, tmp_path):
     from prefalign.train.workflow import build_trainer
 
@@ -104,3 +133,14 @@ def test_a_default_run_trains_packed_and_prefix_shared(tiny_model_dir, tmp_path)
 def test_streamed_pairs_pack_and_share_their_prompts_by_default():
     layout = choose_layout(AUTO, DataArguments(streaming=True, cutoff_len=2048), tiny_llama())
     assert (layout.packing, layout.prefix_sharing, layout.notes) == (True, True, ())
+
+
+def test_a_router_loss_keeps_the_plain_layout_by_default_and_true_is_kept():
+    """The router's auxiliary loss counts tokens as laid out: off by default, but the attention can run it."""
+    model = tiny_llama()
+    model.config.output_router_logits = True
+    layout = choose_layout(AUTO, DataArguments(cutoff_len=2048), model)
+    assert not layout.packing and layout.notes[0] == (
+        "packing off: the router's auxiliary loss counts the batch's tokens as they are laid out "
+        "(set packing: true to use it anyway)")
+    assert choose_layout(FinetuningArguments(packing=True), DataArguments(cutoff_len=2048), model).packing

@@ -10,7 +10,6 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from prefalign.contracts import BatchLayout
 from prefalign.data.collate import PairCollator, PrefixSharedCollator
 from prefalign.data.packing import PackedCollator, assign_rows
-from prefalign.errors import ConfigError
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, batch_counts, forward_passes
 
@@ -130,13 +129,6 @@ def test_meter_reports_padding_and_an_mfu_from_the_counts():
     assert report["throughput/padding_fraction"] == pytest.approx(1 - 31 / 48)
     assert report["throughput/tokens_per_second"] > 0 and 0 < report["throughput/mfu"]
     assert meter.report() == {}
-
-
-def test_packing_refuses_flash_attention_with_prefix_sharing():
-    model = tiny_llama()
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ConfigError, match="prefix_sharing: false"):
-        pair_logps(model, PackedCollator(0, prefix_sharing=True)(FEATURES))
 
 
 @pytest.mark.gpu

@@ -14,7 +14,6 @@ from prefalign.data.collate import (
     PrefixSharedCollator,
     pack_pair,
 )
-from prefalign.errors import ConfigError
 from prefalign.modeling import logprobs
 from prefalign.modeling.logprobs import _FusedResponseLogps, pair_logps
 from prefalign.modeling.prefix import shared_prefix_attention_mask
@@ -141,11 +140,6 @@ def test_prefix_shared_equals_concatenated_values_and_gradients(attn, token_leve
     for key in concat.extras:
         assert torch.allclose(shared.extras[key].float(), concat.extras[key].float(), atol=1e-5), key
     assert_grads_close(shared_grads, concat_grads)
-
-
-def test_prefix_sharing_refuses_flash_attention():
-    with pytest.raises(ConfigError, match="flash_attn: sdpa"):
-        shared_prefix_attention_mask(torch.zeros(1, 4, dtype=torch.long), "flash_attention_2")
 
 
 # -- trainer-level paths --------------------------------------------------------------------------------

@@ -5,9 +5,9 @@
 once) whenever the loaded model's attention can run that layout, because both give the same
 log-probs as the plain concatenated layout (tests/test_packing.py, tests/test_prefix_sharing.py)
 in less time and memory. Where the model cannot, the layout falls back and one log line says why.
-A value the config writes (true or false) is kept as written; the checks that refuse an explicit
-`true` the model cannot run live where the layout runs (modeling/packed_attention.py,
-modeling/prefix.py), and ask `unsupported` below for the same reasons.
+A value the config writes is kept as written, except a `true` the model's attention cannot run
+(`unsupported`), refused here in one line: this is the one check of those model facts, and the
+layouts' own code (modeling/packed_attention.py, modeling/prefix.py) only asserts it was made.
 
     packing   prefix_sharing   layout (data/collate.make_collator)
     true      true             one packed row per micro-batch, prompt once per pair
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from prefalign.errors import ConfigError
 from prefalign.modeling.packed_attention import FLASH_ATTENTION, PACKED_ATTENTION
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class Layout:
 
 def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str | None:
     """Why `model_config`'s attention cannot run packed (or, with `sharing_prompt`, prefix-shared)
-    batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can."""
+    batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can. A setting of
+    `true` is refused for this reason, not only left off by default."""
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "the model soft-caps its attention scores"
     window = getattr(model_config, "sliding_window", None)
@@ -50,8 +52,6 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
         window and getattr(model_config, "use_sliding_window", True))
     if sliding and not (window and cutoff_len <= window):  # a sequence within the window never slides
         return f"the model's sliding-window attention ({window} tokens) is shorter than cutoff_len {cutoff_len}"
-    if getattr(model_config, "output_router_logits", False):  # moe_aux_loss_coef (modeling/model_config.py)
-        return "the router's auxiliary loss counts the batch's tokens as they are laid out"
     implementation = getattr(model_config, "_attn_implementation", None)
     if implementation in FLASH_ATTENTION:
         return f"attn_implementation={implementation} cannot share a prompt between two replies" \
@@ -66,21 +66,27 @@ def choose_layout(finetuning, data, *models) -> Layout:
     uses to score batches of sequences up to `data.cutoff_len` tokens with every one of `models` (the
     policy, and a separate reference model; None entries are skipped).
 
-    A null setting is on unless `unsupported` gives a reason for one of them, or a model's code is its
-    own (`trust_remote_code`): prefalign cannot know that it hands the packed spans to its attention.
+    A `true` that `unsupported` gives a reason against for one of them is a ConfigError. A null
+    setting is on unless `unsupported` gives a reason, or a reason holds only for the default: a
+    model's code is its own (`trust_remote_code`; prefalign cannot know that it hands the packed
+    spans to its attention), or its router's auxiliary loss counts the tokens as laid out.
     """
     configs = [(_base(model).__class__.__module__, model.config) for model in models if model is not None]
     notes = []
 
     def auto(key: str, value, sharing_prompt: bool) -> bool:
+        refused = next(filter(None, (unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=data.cutoff_len)
+                                     for _, config in configs)), None)
+        if value and refused:
+            raise ConfigError(f"{key}: true, but {refused}; set {key}: false (or null: the fastest layout the model allows)")
         if value is not None:
             return bool(value)
-        reasons = ["the model runs its own code (trust_remote_code)" if not module.startswith("transformers.")
-                    else unsupported(config, sharing_prompt=sharing_prompt, cutoff_len=data.cutoff_len)
-                    for module, config in configs]
-        reason = next((r for r in reasons if r), None)
+        if refused:
+            notes.append(f"{key} off: {refused}")
+            return False
+        reason = next(filter(None, map(_not_by_default, configs)), None)
         if reason:
-            notes.append(f"{key} off: {reason} (set {key}: true or false to choose)")
+            notes.append(f"{key} off: {reason} (set {key}: true to use it anyway)")
         return reason is None
 
     packing = auto("packing", finetuning.packing, False)
@@ -88,6 +94,16 @@ def choose_layout(finetuning, data, *models) -> Layout:
     layout = Layout(packing, sharing, tuple(notes))
     logger.info("Batch layout: %s", layout.describe())
     return layout
+
+
+def _not_by_default(module_and_config) -> str | None:
+    """Why a model that can run the fast layouts does not get them by default, in a phrase; None when it does."""
+    module, config = module_and_config
+    if not module.startswith("transformers."):
+        return "the model runs its own code (trust_remote_code)"
+    if getattr(config, "output_router_logits", False):  # moe_aux_loss_coef (modeling/model_config.py)
+        return "the router's auxiliary loss counts the batch's tokens as they are laid out"
+    return None
 
 
 def _base(model):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prefalign.errors import ConfigError
 
 PACKED_ATTENTION = "prefalign_packed"
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -66,13 +65,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if kwargs.get("softcap"):
-        raise ConfigError("packing: the model soft-caps its attention scores, which packed batches do not "
-                          "support; set packing: false")
+    # modeling/layout.unsupported refuses both before a run starts: reaching them is a bug
+    assert not kwargs.get("softcap"), "packed batches reached soft-capped attention"
     window = kwargs.get("sliding_window")
-    if window and max(q1 - q0 + p1 - p0 for _, q0, q1, p0, p1 in packed_spans.spans) > window:
-        raise ConfigError(f"packing: a sequence is longer than the model's attention window ({window} tokens), "
-                          f"which packed batches do not support; set packing: false, or cutoff_len <= {window}")
+    assert not window or max(q1 - q0 + p1 - p0 for _, q0, q1, p0, p1 in packed_spans.spans) <= window, \
+        f"packed batches reached a sliding window ({window} tokens) shorter than a sequence"
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -116,17 +113,12 @@ def packed_model_inputs(lm, batch: dict) -> tuple[torch.Tensor | None, dict]:
     """
     implementation = getattr(lm.config, "_attn_implementation", None)
     spans = PackedSpans(batch["spans"])
+    # modeling/layout.unsupported refuses what these assert before a run starts: reaching them is a bug
     if implementation in FLASH_ATTENTION:
-        if any(p1 > p0 for *_, p0, p1 in spans.spans):
-            raise ConfigError(
-                f"packing with prefix_sharing: the model uses attn_implementation={implementation!r}, whose "
-                "padding-free path cannot share a prompt between two replies; set flash_attn: sdpa, or "
-                "prefix_sharing: false")
+        assert not any(p1 > p0 for *_, p0, p1 in spans.spans), f"prefix-shared packed batches reached {implementation}"
         return None, {}  # transformers' padding-free path: sequence boundaries from position_ids
     if implementation != PACKED_ATTENTION:
-        if implementation not in (None, "sdpa", "eager"):
-            raise ConfigError(f"packing: the model uses attn_implementation={implementation!r}; set flash_attn: "
-                              "sdpa (or fa2 on a GPU), or packing: false")
+        assert implementation in (None, "sdpa", "eager"), f"packed batches reached attn_implementation={implementation}"
         _register()
         lm.set_attn_implementation(PACKED_ATTENTION)
     # A 4D mask is passed through by transformers' mask creation untouched; this one is empty

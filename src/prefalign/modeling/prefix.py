@@ -7,7 +7,7 @@ give NaN, and NaN times a zero gradient is still NaN).
 
 transformers 5 passes a 4D mask to the attention function unchanged: `sdpa` reads a boolean mask
 (True = attend), `eager` adds a float mask (0 or the dtype's minimum) to the scores. Flash
-attention takes no arbitrary mask; prefix sharing refuses it rather than mask wrongly.
+attention takes no arbitrary mask; modeling/layout refuses prefix sharing with it rather than mask wrongly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from prefalign.contracts import SEGMENT_SHARED
-from prefalign.errors import ConfigError
 
 
 def shared_prefix_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | None,
@@ -29,10 +28,7 @@ def shared_prefix_attention_mask(segment_ids: torch.Tensor, attn_implementation:
     allowed = allowed[:, None]
     if attn_implementation in (None, "sdpa"):
         return allowed
-    if attn_implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(dtype).min)
-    raise ConfigError(
-        f"prefix_sharing: the model uses attn_implementation={attn_implementation!r}, which takes no custom "
-        "attention mask; set flash_attn: sdpa (or disabled, for eager attention), or prefix_sharing: false"
-    )
+    # modeling/layout.unsupported refuses every other implementation before a run starts
+    assert attn_implementation == "eager", f"prefix-shared batches reached attn_implementation={attn_implementation}"
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)
