@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 from prefalign.config import RunConfig
-from prefalign.data.collate import run_collator
 from prefalign.distributed import gather_objects, is_main_process, rank, world_size
 from prefalign.errors import ConfigError
-from prefalign.modeling.layout import choose_layout
+from prefalign.modeling.layout import run_layout
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
@@ -90,8 +89,7 @@ def run_eval(config: RunConfig) -> dict:
     start = time.perf_counter()
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
     shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
-    collator = run_collator(config.finetuning, tokenizer.pad_token_id,
-                            choose_layout(config.finetuning, config.data, policy, reference.model))
+    _, collator = run_layout(config.finetuning, config.data, tokenizer.pad_token_id, policy, reference.model)
     rows, means = scorer.score(shard, collator,
                                batch_size=args.per_device_eval_batch_size, device=device)
     pieces = gather_objects((rows, means))

@@ -147,7 +147,7 @@ class Scorer:
         Rows follow `eval_pairs.jsonl` (see `pair_rows`); metrics are named as the trainer logs them,
         without the `eval_` prefix (`loss`, `rewards/margins`, ...), each the mean over all pairs,
         and the `throughput/*` figures of the whole pass. `collator` lays out the batches: the
-        training layout (`run_collator`) scores as fast per pair as the training forward.
+        training layout (`modeling/layout.run_layout`) scores as fast per pair as the training forward.
         """
         from torch.utils.data import DataLoader
 

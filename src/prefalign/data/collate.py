@@ -144,11 +144,6 @@ def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: b
     return cls(pad_token_id, pad_to_multiple_of)
 
 
-def run_collator(finetuning, pad_token_id: int, layout):
-    """The collator of a run's `layout` (modeling/layout.choose_layout): training, precomputing and eval share it."""
-    return make_collator(pad_token_id, prefix_sharing=layout.prefix_sharing, packing=layout.packing,
-                         packing_length=finetuning.packing_length)
-
 
 def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, *, prefix_sharing: bool = False) -> int:
     """The row length a pair occupies in a batch: the padding-relevant length for length grouping."""

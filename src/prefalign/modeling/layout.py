@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from prefalign.data.collate import make_collator
 from prefalign.errors import ConfigError
 from prefalign.modeling.packed_attention import FLASH_ATTENTION, PACKED_ATTENTION
 
@@ -94,6 +95,14 @@ def choose_layout(finetuning, data, *models) -> Layout:
     layout = Layout(packing, sharing, tuple(notes))
     logger.info("Batch layout: %s", layout.describe())
     return layout
+
+
+def run_layout(finetuning, data, pad_token_id: int, *models):
+    """(Layout, collator) of a run: `choose_layout`'s layout and the collator that builds its batches,
+    which training, precomputing the reference and eval share."""
+    layout = choose_layout(finetuning, data, *models)
+    return layout, make_collator(pad_token_id, prefix_sharing=layout.prefix_sharing, packing=layout.packing,
+                                 packing_length=finetuning.packing_length)
 
 
 def _not_by_default(module_and_config) -> str | None:

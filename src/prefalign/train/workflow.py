@@ -13,14 +13,14 @@ from pathlib import Path
 import yaml
 
 from prefalign.config import RunConfig
-from prefalign.data.collate import PairCollator, run_collator, with_lengths
+from prefalign.data.collate import PairCollator, with_lengths
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
 from prefalign.distributed import barrier, is_main_process
 from prefalign.errors import PrefalignError, reporting_disk_full
 from prefalign.integrity import replace_folder, write_text_atomic
 from prefalign.losses import weight_balance_warning
-from prefalign.modeling.layout import choose_layout
+from prefalign.modeling.layout import run_layout
 from prefalign.modeling.load import (
     PISSA_CONVERTED,
     PISSA_INIT,
@@ -80,8 +80,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
-    layout = choose_layout(ft, config.data, policy, reference.model)
-    collator = run_collator(ft, tokenizer.pad_token_id, layout)
+    layout, collator = run_layout(ft, config.data, tokenizer.pad_token_id, policy, reference.model)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
