@@ -257,3 +257,24 @@ def test_kto_in_two_processes_equals_one_process(tiny_model_dir, tmp_path):
                 if key in b:
                     # log-probs near -100 carry fp32 rounding of ~1e-5 from the all-reduced weights
                     assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-4), (name, key)
+
+
+def test_full_shape_reads_a_zero3_partitioned_parameter_whole():
+    """DeepSpeed ZeRO-3 leaves each process an empty (0,) slice of a weight: Linear(4, 6)'s weight is
+    6 x 4 = 24 numbers as a whole, as the vocabulary check and the parameter count need it."""
+    script = """if True:
+        import os, torch
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        import deepspeed
+        from prefalign.distributed import full_shape, partitioned
+        deepspeed.init_distributed(dist_backend="gloo")
+        with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3}, "train_batch_size": 1}):
+            weight = torch.nn.Linear(4, 6).weight
+        plain = torch.nn.Linear(4, 6).weight
+        print(tuple(weight.shape), tuple(full_shape(weight)), full_shape(weight).numel(), partitioned(weight),
+              tuple(full_shape(plain)), partitioned(plain))
+    """
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(TESTS.parent / "src")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == "(0,) (6, 4) 24 True (6, 4) False"

@@ -17,6 +17,17 @@ import sys
 import torch
 
 
+def full_shape(param) -> torch.Size:
+    """`param`'s shape as a whole, also when DeepSpeed ZeRO-3 partitions it: then each process holds an
+    empty tensor (shape (0,)) and the whole shape is kept in `ds_shape`."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+def partitioned(param) -> bool:
+    """True for a parameter partitioned by DeepSpeed ZeRO-3 (its data is gathered only around a forward)."""
+    return hasattr(param, "ds_shape")
+
+
 def rank() -> int:
     """This process's global rank (0 without a launcher)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefalign.distributed import full_shape, partitioned
 from prefalign.errors import ConfigError
 
 PAD_TO_MULTIPLE_OF = 64  # LF's resize_token_embeddings(..., pad_to_multiple_of=64)
@@ -160,10 +161,10 @@ def resize_embeddings(model, change: VocabChange | None) -> int:
     if change is None:
         return 0
     weight = model.get_input_embeddings().weight
-    current = getattr(weight, "ds_shape", weight.shape)[0]  # a ZeRO-3 partitioned weight keeps its shape there
+    current = full_shape(weight)[0]
     if change.size <= current:
         return 0
-    if hasattr(weight, "ds_shape") and change.resize:
+    if partitioned(weight) and change.resize:
         raise ConfigError("resize_vocab: the embeddings of a model partitioned by DeepSpeed ZeRO-3 are not resized "
                           "here yet; train with ZeRO-2 (or one process), or use the tokenizer the model was trained with")
     if not change.resize:

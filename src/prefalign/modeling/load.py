@@ -8,6 +8,7 @@ import torch
 
 from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapter
 from prefalign.data.vocab import VocabChange, embedding_module_names, extend_tokenizer, resize_embeddings
+from prefalign.distributed import full_shape
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.modeling.model_config import apply_model_config
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
@@ -159,14 +160,10 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32 and not ft.pure_bf16:
             param.data = param.data.float()
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(full_shape(p).numel() for p in model.parameters() if p.requires_grad)
+    total = sum(full_shape(p).numel() for p in model.parameters())
     logger.info("trainable params: %d / %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
     return model
-
-
-def _numel(param) -> int:
-    return getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 partitioned parameter is empty here
 
 
 def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments, modules_to_save: list[str] = ()):
