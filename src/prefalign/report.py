@@ -209,43 +209,48 @@ def _samples_section(samples: dict | None) -> str:
     which = "held-out" if samples.get("held_out") else "training (the run had no held-out data)"
     if "label" in samples["pairs"][0]:
         return _examples_section(samples["pairs"], which)
-    rows = []
-    for s in samples["pairs"]:
-        margin = s.get("margin")
-        cls = "" if margin is None else (' class="num good"' if margin > 0 else ' class="num bad"')
-        rows.append(
-            f"<tr><td>{_esc(s['index'])}</td><td><pre>{_esc(s['prompt'])}</pre></td><td><pre>{_esc(s['chosen'])}</pre>"
-            f"</td><td><pre>{_esc(s['rejected'])}</pre></td>{_num(s.get('policy_margin'))}"
-            f"{_num(s.get('reference_margin'))}"
-            + (f"<td{cls} title=\"{margin!r}\">{margin:.4g}</td>" if margin is not None else _num(None))
-            + f"{_num(s.get('loss'))}</tr>")
-    return (f"<p>The first {len(samples['pairs'])} {which} pairs. Policy margin = log π(chosen) − log π(rejected) "
-            "summed over response tokens; reference margin likewise under the reference; reward margin = chosen "
-            "reward − rejected reward as the loss defines them (for DPO β × the difference of the two margins). "
-            "A positive reward margin means the training moved the policy towards the chosen reply.</p>"
-            '<table id="pairs"><thead><tr><th>#</th><th>prompt (as the model reads it)</th><th>chosen</th>'
-            "<th>rejected</th><th>policy margin</th><th>reference margin</th><th>reward margin</th><th>loss</th>"
-            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    rows = [_sample_row(s, ("chosen", "rejected"))
+            + f"{_num(s.get('policy_margin'))}{_num(s.get('reference_margin'))}"
+            + _judged(s.get("margin"), lambda margin: margin > 0) + f"{_num(s.get('loss'))}</tr>"
+            for s in samples["pairs"]]
+    return _samples_table(
+        f"The first {len(samples['pairs'])} {which} pairs. Policy margin = log π(chosen) − log π(rejected) "
+        "summed over response tokens; reference margin likewise under the reference; reward margin = chosen "
+        "reward − rejected reward as the loss defines them (for DPO β × the difference of the two margins). "
+        "A positive reward margin means the training moved the policy towards the chosen reply.",
+        ("chosen", "rejected", "policy margin", "reference margin", "reward margin", "loss"), rows)
 
 
 def _examples_section(examples: list[dict], which: str) -> str:
     """The samples of a KTO run: one reply per example, its label and reward."""
-    rows = []
-    for s in examples:
-        reward, label = s.get("reward"), s["label"]
-        good = reward is not None and (reward > 0) == label
-        cls = "" if reward is None else (' class="num good"' if good else ' class="num bad"')
-        rows.append(
-            f"<tr><td>{_esc(s['index'])}</td><td><pre>{_esc(s['prompt'])}</pre></td><td><pre>{_esc(s['reply'])}</pre>"
-            f"</td><td>{'desirable' if label else 'undesirable'}</td>"
-            + (f"<td{cls} title=\"{reward!r}\">{reward:.4g}</td>" if reward is not None else _num(None))
-            + f"{_num(s.get('kl'))}{_num(s.get('loss'))}</tr>")
-    return (f"<p>The first {len(examples)} {which} examples. Reward = β × (log π(reply) − log π_ref(reply)) "
-            "summed over response tokens; it should grow positive for desirable replies and negative for "
-            "undesirable ones. KL: the reference point z_ref of the batch.</p>"
-            '<table id="pairs"><thead><tr><th>#</th><th>prompt (as the model reads it)</th><th>reply</th>'
-            "<th>label</th><th>reward</th><th>kl</th><th>loss</th>"
-            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    rows = [_sample_row(s, ("reply",)) + f"<td>{'desirable' if s['label'] else 'undesirable'}</td>"
+            + _judged(s.get("reward"), lambda reward, label=s["label"]: (reward > 0) == label)
+            + f"{_num(s.get('kl'))}{_num(s.get('loss'))}</tr>"
+            for s in examples]
+    return _samples_table(
+        f"The first {len(examples)} {which} examples. Reward = β × (log π(reply) − log π_ref(reply)) "
+        "summed over response tokens; it should grow positive for desirable replies and negative for "
+        "undesirable ones. KL: the reference point z_ref of the batch.",
+        ("reply", "label", "reward", "kl", "loss"), rows)
+
+
+def _sample_row(sample: dict, texts: tuple[str, ...]) -> str:
+    """The opening of a sample's row: its index, its prompt and its `texts` (the reply or replies), unclosed."""
+    return f"<tr><td>{_esc(sample['index'])}</td>" + "".join(
+        f"<td><pre>{_esc(sample[key])}</pre></td>" for key in ("prompt", *texts))
+
+
+def _judged(value, good) -> str:
+    """A number cell marked good or bad by `good(value)`; n/a when there is no value."""
+    if value is None:
+        return _num(None)
+    return f'<td class="num {"good" if good(value) else "bad"}" title="{value!r}">{value:.4g}</td>'
+
+
+def _samples_table(intro: str, columns: tuple[str, ...], rows: list[str]) -> str:
+    """The samples' paragraph and table (id "pairs"): #, the prompt, then `columns`."""
+    head = "".join(f"<th>{name}</th>" for name in ("#", "prompt (as the model reads it)", *columns))
+    return f'<p>{intro}</p><table id="pairs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def write_report(output_dir: str | Path, samples: dict | None = None) -> Path:
