@@ -245,3 +245,12 @@ def test_packed_with_gradient_checkpointing_gives_the_same_gradients():
     assert model.model.gradient_checkpointing
     out = pair_logps(model, PackedCollator(0, prefix_sharing=True)(FEATURES))
     assert_grads_close(grads_of(model, objective(out)), plain)
+
+
+def test_a_packed_batch_cut_apart_on_its_way_is_refused():
+    """accelerate's dispatch once sliced every tensor of a streamed batch to the first one's rows: a packed
+    row of 4 pairs kept its first span of 8, and the rest of the row silently attended nowhere."""
+    batch = PackedCollator(0)(FEATURES)
+    assert batch["input_ids"].shape[0] == 1 and batch["spans"].shape[0] == 2 * len(FEATURES)
+    with pytest.raises(ValueError, match=r"packed spans cover \[\d+\] tokens of rows holding \[\d+\]"):
+        pair_logps(tiny_llama(), {**batch, "spans": batch["spans"][:1]})

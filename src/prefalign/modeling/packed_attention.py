@@ -36,10 +36,11 @@ class PackedSpans:
     """The spans of one packed batch as Python ints, with the prefix masks built once per forward.
 
     `spans`: (row, q_start, q_end, p_start, p_end) tuples (data/packing.py), row after row, each
-    row's spans end to end from position 0 (the attention output is their concatenation).
+    row's spans end to end from position 0 (the attention output is their concatenation), up to
+    `tokens[row]`, the row's count of tokens (the rest is padding).
     """
 
-    def __init__(self, spans: torch.Tensor):
+    def __init__(self, spans: torch.Tensor, tokens: list[int]):
         self.spans = [tuple(s) for s in spans.tolist()]
         self._masks: dict = {}
         ends: dict[int, int] = {}
@@ -47,6 +48,10 @@ class PackedSpans:
             if q0 != ends.get(row, 0) or q1 <= q0 or row < max(ends, default=0):
                 raise ValueError(f"packed spans must cover each row end to end, in order; got {self.spans}")
             ends[row] = q1
+        # a batch cut apart on its way (accelerate's dispatch once kept only the first span) attends wrongly
+        if [ends.get(row, 0) for row in range(len(tokens))] != tokens:
+            raise ValueError(f"packed spans cover {[ends.get(row, 0) for row in range(len(tokens))]} tokens of "
+                             f"rows holding {tokens}")
 
     def prefix_mask(self, prefix: int, length: int, device) -> torch.Tensor:
         """(length, prefix + length) bool: every prefix key, then causal over the reply's own keys."""
@@ -112,7 +117,7 @@ def packed_model_inputs(lm, batch: dict) -> tuple[torch.Tensor | None, dict]:
     recomputed after the call returns, and must attend the same way).
     """
     implementation = getattr(lm.config, "_attn_implementation", None)
-    spans = PackedSpans(batch["spans"])
+    spans = PackedSpans(batch["spans"], batch["attention_mask"].sum(1).tolist())
     # modeling/layout.unsupported refuses what these assert before a run starts: reaching them is a bug
     if implementation in FLASH_ATTENTION:
         assert not any(p1 > p0 for *_, p0, p1 in spans.spans), f"prefix-shared packed batches reached {implementation}"
