@@ -190,9 +190,10 @@ def build_vlm(family: str, path, *, hidden: int = 32, seed: int = 0) -> str:
         processor.save_pretrained(path)
     # as a hub repository's preprocessor_config.json says it: the processor class to load
     config_file = Path(path) / "preprocessor_config.json"
-    config = json.loads(config_file.read_text())
-    config["processor_class"] = processor_class.__name__
-    config_file.write_text(json.dumps(config, indent=2))
+    if config_file.exists():  # (a processor transformers saves whole keeps it in processor_config.json)
+        config = json.loads(config_file.read_text())
+        config["processor_class"] = processor_class.__name__
+        config_file.write_text(json.dumps(config, indent=2))
     (Path(path) / PROCESSOR_FILE).write_text(json.dumps({"family": family, "class": processor_class.__name__,
                                                          "kwargs": kwargs}))
     return str(path)
