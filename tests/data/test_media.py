@@ -207,3 +207,22 @@ def test_registry_entry_is_lfs_rlhf_v_entry():
                 "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}}
     assert {k: v for k, v in RLHF_V_ENTRY.items() if k != "file_name"} == {k: v for k, v in lf_entry.items()
                                                                            if k != "hf_hub_url"}
+
+
+def test_videos_are_read_as_file_bytes_and_frame_lists_refused(tmp_path):
+    """A video is one file (its bytes, unparsed: decoding is the model side's); LF's processed-frame lists
+    are refused by name; an empty file is a media error."""
+    (tmp_path / "v.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    fmt = format_from_registry("sharegpt", {"videos": "videos"}, None, "entry")
+    record = {"conversations": [{"from": "human", "value": "<video>What happens?"}],
+              "chosen": {"from": "gpt", "value": "a ball falls"}, "rejected": {"from": "gpt", "value": "nothing"},
+              "videos": ["v.mp4"]}
+    pair = read(record, fmt, tmp_path)
+    assert pair.videos == ((tmp_path / "v.mp4").read_bytes(),) and pair.images == ()
+    with pytest.raises(RecordError, match="list of frames"):
+        read({**record, "videos": [["f1.png", "f2.png"]]}, fmt, tmp_path)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(RecordError, match="empty file"):
+        read({**record, "videos": ["empty.mp4"]}, fmt, tmp_path)
+    with pytest.raises(RecordError, match="holds 2 video"):
+        read({**record, "videos": ["v.mp4", "v.mp4"]}, fmt, tmp_path)

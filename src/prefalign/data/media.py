@@ -111,7 +111,7 @@ class MediaReader:
         looked = [os.path.join(self.media_dir, path)] if join else []
         found = next((p for p in looked if os.path.isfile(p)), path)
         if not os.path.isfile(found):
-            tried = ", ".join(dict.fromkeys([*looked, path]))
+            tried = ", ".join(dict.fromkeys([*looked, os.path.abspath(path)]))
             raise RecordError(where, f"file not found: {path!r} (looked at {tried}); fix the path, or set "
                                      "media_dir to the folder it is relative to", MEDIA_STAGE)
         try:
