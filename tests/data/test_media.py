@@ -2,6 +2,7 @@
 rules (checked against LF's own converter, tests/fixtures/lf_parity/frozen_media.json), and each bad image a
 one-line named error from the CLI or, with on_bad_record: skip, a counted skip at stage "media"."""
 
+import io
 import json
 import subprocess
 import sys
@@ -11,9 +12,9 @@ from helpers import EXAMPLES, ROOT
 from mm_helpers import RLHF_V_ENTRY, draw_image, png_bytes, rlhf_v_records, write_rlhf_v
 from PIL import Image
 
-from prefalign.data.formats import RecordError, format_from_registry, to_pair
+from prefalign.data.formats import RecordError, detect_format, format_from_registry, to_pair
 from prefalign.data.media import MediaReader, open_image, with_media
-from prefalign.data.sources import load_preference_pairs
+from prefalign.data.sources import DataReport, DatasetSpec, _read_hub, convert_records, load_preference_pairs
 
 FROZEN = json.loads((ROOT / "tests" / "fixtures" / "lf_parity" / "frozen_media.json").read_text())
 
@@ -226,3 +227,24 @@ def test_videos_are_read_as_file_bytes_and_frame_lists_refused(tmp_path):
         read({**record, "videos": ["empty.mp4"]}, fmt, tmp_path)
     with pytest.raises(RecordError, match="holds 2 video"):
         read({**record, "videos": ["v.mp4", "v.mp4"]}, fmt, tmp_path)
+
+
+def test_a_hub_datasets_image_column_gives_the_files_own_bytes(tmp_path):
+    """Read through datasets.load_dataset (the hub path; here a local folder of Parquet), an Image column
+    yields the stored JPEG bytes themselves, not a decoded image re-encoded."""
+    import datasets
+
+    out = io.BytesIO()
+    draw_image(5, (40, 40)).save(out, format="JPEG", quality=70)
+    jpeg = out.getvalue()
+    features = datasets.Features({"prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
+                                  "rejected": datasets.Value("string"), "images": datasets.List(datasets.Image())})
+    rows = {"prompt": ["<image>Colour?"], "chosen": ["red"], "rejected": ["blue"], "images": [[{"bytes": jpeg,
+                                                                                                "path": None}]]}
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "hub" / "train.parquet")
+    spec = DatasetSpec("d", str(tmp_path / "hub"), True, "hub dataset 'd'")
+    records = _read_hub(spec)
+    fmt = detect_format([r.value for r in records], "d")
+    (pair,) = convert_records(records, fmt, spec, "error", DataReport(), MediaReader(str(tmp_path), local=False))
+    assert pair.images == (jpeg,)
