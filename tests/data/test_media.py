@@ -134,8 +134,9 @@ def _broken(kind, data_dir):
         first.unlink()
         says = ["file not found", record["images"][0], "media_dir"]
     elif kind == "truncated":
-        first.write_bytes(first.read_bytes()[:60])  # a PNG cut short: header and part of the first chunk
-        says = ["is not a readable image", record["images"][0]]
+        data = first.read_bytes()
+        first.write_bytes(data[:len(data) // 2])  # a PNG cut short in the middle of its pixel data
+        says = ["is not a readable image (image file is truncated", record["images"][0]]
     elif kind == "not_an_image":
         first.write_text("not a picture")
         says = ["not an image file PIL can read"]
