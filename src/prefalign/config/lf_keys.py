@@ -238,19 +238,19 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         **{key: _impl(default) for key, default in {
             "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200, "galore_scale": 2.0,
             "galore_proj_type": "std"}.items()},
-        "galore_layerwise": _not_here(False, "layer-wise GaLore"),
+        "galore_layerwise": _not_here(False, "layer-wise GaLore (per-parameter optimizers stepped from gradient hooks)"),
     },
     "ApolloArguments": {
-        key: _not_here(default, "the APOLLO optimizer (apollo-torch installs from PyPI and runs on the CPU; "
-                                         "not wired up yet)") for key, default in {
-            "use_apollo": False, "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200,
-            "apollo_scale": 32.0, "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
-            "apollo_layerwise": False, "apollo_scale_front": False,
-        }.items()
+        "use_apollo": _impl(False, "apollo-torch's APOLLOAdamW with LF's parameter groups, GaLore's (extra: apollo)"),
+        **{key: _impl(default) for key, default in {
+            "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200, "apollo_scale": 32.0,
+            "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
+            "apollo_scale_front": False}.items()},
+        "apollo_layerwise": _not_here(False, "layer-wise APOLLO (per-parameter optimizers stepped from gradient hooks)"),
     },
     "BAdamArgument": {
-        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; its block-switching "
-                                        "optimizer is not wired up yet)") for key, default in {
+        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; LF's integration also "
+                                        "swaps accelerate's clip_grad_norm_ and adds BAdam's callback: not wired up yet)") for key, default in {
             "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
             "badam_verbose": 0,
@@ -272,12 +272,13 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "stage": _impl("sft", "prefalign runs `stage: dpo` and `stage: kto`; any other stage is refused"),
         "finetuning_type": _impl("lora", "lora, oft, full, freeze"),
         "use_llama_pro": _not_here(False, "LLaMA Pro"),
-        "use_adam_mini": _not_here(False, "the Adam-mini optimizer (adam-mini installs from PyPI; not wired up yet)"),
+        "use_adam_mini": _impl(False, "adam-mini's Adam_mini with the model's hidden size and heads (extra: adam_mini); "
+                                      "not with DeepSpeed"),
         "use_mca": _not_here(False, "Megatron Core training (MCA)"),
         "use_hyper_parallel": _not_here(False, "the HyperParallel backend"),
         "hyper_parallel_args": _not_here(None, "the HyperParallel backend"),
-        "use_muon": _not_here(False, "the Muon optimizer (torch.optim.Muon exists; LF's Muon + AdamW groups are "
-                                         "not wired up yet)"),
+        "use_muon": _impl(False, "torch.optim.Muon (AdamW-matched RMS, as LF's) on LF's 2-D weights, torch's AdamW on "
+                                 "the rest; not with DeepSpeed"),
         "use_dft_loss": _stage(False, _SFT),
         "use_asft_loss": _stage(False, _SFT),
         "asft_alpha": _stage(0.1, _SFT),
