@@ -320,8 +320,8 @@ class FinetuningArguments:
     pissa_init: bool = _help(
         "PiSSA: a new LoRA adapter starts from the principal singular vectors of each adapted weight (peft's "
         "`init_lora_weights: pissa`), the base keeping the residual. The base with the adapter off is then not the "
-        "starting model, so a loss with a reference needs `ref_model` (e.g. model_name_or_path again); LLaMA-Factory "
-        "allows PiSSA only without a reference.",
+        "starting model, so the reference is the residual with a frozen copy of the initial adapter (the starting "
+        "model, no second model loaded); LLaMA-Factory allows PiSSA only without a reference.",
         False,
     )
     pissa_iter: int = _help("PiSSA: fast-SVD iterations (peft's `pissa_niter_N`); -1: exact SVD.", 16)
@@ -566,9 +566,6 @@ class FinetuningArguments:
         return problems
 
     def _pissa_problems(self) -> list[str]:
-        from prefalign.config.checks import loss_settings_of
-        from prefalign.losses import needs_reference
-
         if not self.pissa_init:
             return ["pissa_convert converts a PiSSA adapter and needs pissa_init: true; remove pissa_convert"] \
                 if self.pissa_convert else []
@@ -578,12 +575,6 @@ class FinetuningArguments:
                             f"{self.finetuning_type}; remove pissa_init")
         if self.pissa_iter < 1 and self.pissa_iter != -1:
             problems.append(f"pissa_iter: {self.pissa_iter} must be at least 1 (fast-SVD iterations), or -1 for exact SVD")
-        if self.pref_loss and not _unknown(self.pref_loss) and not self.ref_model \
-                and needs_reference(self.pref_loss, loss_settings_of(self)):
-            problems.append(f"pissa_init with pref_loss={','.join(self.pref_loss)}: PiSSA moves the principal part of "
-                            "each weight into the adapter, so the policy with its adapter off is not the starting "
-                            "model and cannot be the reference; set ref_model: to model_name_or_path, or use a "
-                            "reference-free loss (simpo, orpo)")
         return problems
 
 

@@ -198,8 +198,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "loraplus_lr_embedding": _impl(1e-6, "LoRA+: learning rate of LoRA embedding layers"),
         "use_rslora": _impl(False),
         "use_dora": _impl(False),
-        "pissa_init": _impl(False, "peft's init_lora_weights: pissa / pissa_niter_N; with a reference only through "
-                                   "ref_model (LF: reference-free losses only)"),
+        "pissa_init": _impl(False, "peft's init_lora_weights: pissa / pissa_niter_N; the reference: the residual "
+                                   "+ a frozen copy of the initial adapter (LF: reference-free losses only)"),
         "pissa_iter": _impl(16),
         "pissa_convert": _impl(False, "output_dir/pissa_converted, as LF's PissaConvertCallback"),
         "create_new_adapter": _impl(False),
