@@ -151,8 +151,8 @@ class DataArguments:
         "(as LLaMA-Factory's templates put it there) and `prefalign chat`."
     )
     eval_on_each_dataset: bool = _help(
-        "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
-        "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
+        "Evaluate each `eval_dataset` on its own, in training and in `prefalign eval`: metrics named "
+        "`eval_<dataset>_<metric>` (transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
     )
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
