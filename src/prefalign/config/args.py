@@ -82,10 +82,12 @@ class ModelArguments:
     rope_scaling: str | None = _help(
         "RoPE scaling for inputs longer than the model was trained on: `linear`, `dynamic`, `yarn` or `llama3` "
         "(transformers' rope types), factor ceil(model_max_length / the model's max positions), as LLaMA-Factory "
-        "sets it. A model_max_length within the model's positions scales nothing (a warning says so)."
+        "sets it. A model_max_length within the model's positions scales nothing (a warning says so). At "
+        "inference (chat, eval; export without cutoff_len) with no model_max_length: factor 2, as LLaMA-Factory."
     )
     model_max_length: int | None = _help(
-        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len`, as LLaMA-Factory derives it)."
+        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len` in training, as LLaMA-Factory derives "
+        "it; unset at inference). A resume setting."
     )
     moe_aux_loss_coef: float | None = _help(
         "Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...): add this x the router's "

@@ -78,7 +78,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "init_special_tokens": _impl("noise_init", "LF's three methods; the noise from a generator seeded by `seed`"),
         "model_revision": _impl("main"),
         "low_cpu_mem_usage": _no_effect(True, "transformers 5 always loads lazily"),
-        "rope_scaling": _impl(None, "factor from model_max_length (cutoff_len), as LF's model_utils/rope.py"),
+        "rope_scaling": _impl(None, "factor from model_max_length (cutoff_len), at inference 2 without one, as LF's "
+                                     "model_utils/rope.py"),
         "flash_attn": _impl("auto"),
         "shift_attn": _not_here(False, "shift short attention (LongLoRA)"),
         "mixture_of_depths": _not_here(None, "mixture of depths"),
