@@ -172,3 +172,30 @@ def test_no_reference_to_compare_with_is_refused(tiny_model_dir, tmp_path, capsy
     assert main(["eval", cfg]) == 2
     err = capsys.readouterr().err.strip()
     assert "ref_model" in err and "adapter_name_or_path" in err and len(err.splitlines()) == 1
+
+
+def test_eval_on_each_dataset_gives_each_dataset_the_metrics_it_has_alone(tiny_model_dir, random_adapter, tmp_path):
+    """eval_on_each_dataset: `eval_<name>_*` per eval dataset (training's names), each family equal to the
+    `eval_*` metrics of an eval of that dataset alone; the per-pair rows are both datasets' in order."""
+    def run(name, eval_dataset, **keys):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", model_name_or_path=tiny_model_dir,
+                           adapter_name_or_path=random_adapter, eval_dataset=eval_dataset, output_dir=str(out),
+                           max_samples=5, **keys)
+        assert main(["eval", cfg]) == 0
+        results = json.loads((out / "eval_results.json").read_text())
+        timing = ("_runtime", "throughput/tokens_per_second", "throughput/mfu")  # wall-clock, not scores
+        return {k: v for k, v in results.items() if not k.endswith(timing)}, read_rows(out)
+
+    both, rows = run("both", "demo_eval,demo_train", eval_on_each_dataset=True)
+    alone_rows = []
+    for name in ("demo_eval", "demo_train"):
+        alone, part_rows = run(name, name)
+        alone_rows += part_rows
+        assert {"eval_loss", "eval_rewards/accuracies", "eval_logps/chosen", "eval_samples"} <= set(alone)
+        family = {"eval_" + k[len(f"eval_{name}_"):]: v for k, v in both.items() if k.startswith(f"eval_{name}_")}
+        assert family == pytest.approx(alone, rel=1e-6)
+    assert not any(k.startswith("eval_") and not k.startswith(("eval_demo_eval_", "eval_demo_train_")) for k in both)
+    assert both["eval_demo_eval_loss"] != both["eval_demo_train_loss"]
+    assert len(rows) == 10
+    assert [r["policy_chosen_logps"] for r in rows] == pytest.approx([r["policy_chosen_logps"] for r in alone_rows])

@@ -25,7 +25,7 @@ def _load(ns):
     values = read_values(ns.config, ns.overrides)
     if ns.own_process:
         hide_unused_engines(values)
-    config = build_config(values)
+    config = build_config(values, command=ns.command)
     if config.model.build_demo_model:
         from pathlib import Path
 

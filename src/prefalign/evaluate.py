@@ -20,7 +20,9 @@ Per pair the log-probs are summed over the response tokens only (up to and inclu
 token), exactly as the training loss reads them, and the loss is `pref_loss`. Pairs are scored in
 file order in batches of `per_device_eval_batch_size`, last partial batch included. Losses that
 read batch statistics (`kto_pair`, `aot`, `aot_unpaired`) depend on that batch size; for `aot*`,
-whose losses belong to quantiles rather than pairs, the per-pair `loss` is null.
+whose losses belong to quantiles rather than pairs, the per-pair `loss` is null. With
+`eval_on_each_dataset`, each eval dataset is scored on its own and its metrics are `eval_<name>_*`, as
+training's evaluation names them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,18 @@ def load_eval_data(config: RunConfig, tokenizer):
     return dataset, data
 
 
+def _score_shards(scorer, dataset, collator, batch_size: int, device) -> tuple[list[dict], dict]:
+    """Score `dataset`; under a launcher each process one contiguous shard. The main process gets every row,
+    in file order, and the means over all of them; the others get ([], {})."""
+    shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
+    rows, means = scorer.score(shard, collator, batch_size=batch_size, device=device)
+    pieces = gather_objects((rows, means))
+    if not is_main_process():
+        return [], {}
+    rows = [row for part, _ in pieces for row in part]  # contiguous shards in rank order: file order
+    return rows, {key: sum(m[key] * len(part) for part, m in pieces if part) / max(len(rows), 1) for key in means}
+
+
 def run_eval(config: RunConfig) -> dict:
     """Score the policy against the reference; write eval_pairs.jsonl and eval_results.json; return the metrics.
 
@@ -88,17 +102,21 @@ def run_eval(config: RunConfig) -> dict:
 
     start = time.perf_counter()
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
-    shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
     _, collator = run_layout(config.finetuning, config.data, tokenizer.pad_token_id, policy, reference.model)
-    rows, means = scorer.score(shard, collator,
-                               batch_size=args.per_device_eval_batch_size, device=device)
-    pieces = gather_objects((rows, means))
+    # eval_on_each_dataset: each eval dataset scored on its own, its metrics `eval_<name>_*` as training's
+    # eval gives them (transformers' dict of eval sets); else one set, `eval_*`
+    sets = data.eval_by_dataset or {"": dataset}
+    rows, metrics = [], {}
+    for name, part in sets.items():
+        part_rows, means = _score_shards(scorer, part, collator, args.per_device_eval_batch_size, device)
+        if not is_main_process():
+            continue
+        prefix = f"eval_{name}_" if name else "eval_"
+        metrics.update({f"{prefix}{key}": value for key, value in sorted(means.items())})
+        metrics[f"{prefix}samples"] = len(part_rows)
+        rows += part_rows
     if not is_main_process():
         return {}
-    rows = [row for part, _ in pieces for row in part]  # contiguous shards in rank order: file order
-    means = {key: sum(m[key] * len(part) for part, m in pieces if part) / max(len(rows), 1) for key in means}
-    metrics = {f"eval_{key}": value for key, value in sorted(means.items())}
-    metrics["eval_samples"] = len(rows)
     metrics["eval_runtime"] = round(time.perf_counter() - start, 4)
 
     out = Path(args.output_dir)

@@ -4,7 +4,8 @@ Strategies (chosen by `plan_reference`, a pure function of the settings and the 
 `build_reference`; the model card, eval and chat read the same plan):
   none              reference-free losses (ORPO, SimPO): nothing is loaded or run
   adapter-disabled  LoRA: the policy with its adapter switched off; no second copy of the weights
-  sft-adapter       LoRA on top of an SFT adapter: the frozen copy of that adapter (base + SFT)
+  sft-adapter       LoRA on top of an SFT adapter: the frozen copy of that adapter (base + SFT); PiSSA:
+                    the frozen copy of the initial PiSSA adapter on the residual base (= the starting model)
   frozen-copy       full / freeze tuning: a frozen copy of the initial policy
   separate-model    `ref_model` (+ `ref_model_adapters`)
   precomputed       `precompute_ref_log_probs`: any of the above, run once over the data before
@@ -30,7 +31,7 @@ import torch
 from prefalign.config.args import is_adapter
 from prefalign.contracts import PairLogps
 from prefalign.errors import ConfigError
-from prefalign.modeling.load import REFERENCE_ADAPTER, load_causal_lm, merge_adapters
+from prefalign.modeling.load import REFERENCE_ADAPTER, freeze_adapter_copy, load_causal_lm, merge_adapters
 from prefalign.modeling.logprobs import pair_logps
 from prefalign.modeling.zero import gathered, loaded_whole, partition_for_inference, zero3_enabled
 
@@ -207,17 +208,20 @@ class ReferencePlan:
     model: str | None = None
     adapters: tuple[str, ...] = ()
     quantization_bit: int | None = None  # separate-model: loaded quantized (ref_model_quantization_bit)
+    copy_new_adapter: bool = False  # sft-adapter: the frozen copy is made of the policy's new adapter (PiSSA)
 
 
 def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = "lora",
                    adapters: list[str] | None = None, create_new_adapter: bool = False,
                    ref_model: str | None = None, ref_model_adapters: list[str] | None = None,
-                   ref_model_quantization_bit: int | None = None) -> ReferencePlan:
+                   ref_model_quantization_bit: int | None = None, pissa_init: bool = False) -> ReferencePlan:
     """The reference of a run in `phase` (train, eval or chat): a pure function of the settings.
 
     Training reads `adapters` (adapter_name_or_path) as the starting point. After training (eval,
     chat) the last adapter is the *result*, so the reference is the policy with it switched off; with
-    no adapter and no `ref_model` there is nothing to compare with, a ConfigError.
+    no adapter and no `ref_model` there is nothing to compare with, a ConfigError. PiSSA (`pissa_init`)
+    moves each adapted weight's principal part into the new adapter, so the policy with its adapter off is
+    the residual, not the starting model: the reference keeps a frozen copy of the initial adapter.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, not {phase!r}")
@@ -241,6 +245,11 @@ def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = 
         return ReferencePlan("adapter-disabled",
                              f"the base model{earlier} (the policy with its adapter `{adapters[-1]}` disabled)")
     if is_adapter(finetuning_type):
+        if pissa_init:
+            merged = f" (the base model with {_listed(adapters)} merged)" if adapters else ""
+            return ReferencePlan("sft-adapter", f"the starting model{merged}: its PiSSA residual with a frozen copy "
+                                                "of the initial PiSSA adapter (the policy trains the other copy)",
+                                 copy_new_adapter=True)
         if adapters and not create_new_adapter:
             earlier = f", {_listed(adapters[:-1])} merged," if adapters[:-1] else ""
             return ReferencePlan("sft-adapter", f"the base model{earlier} with the starting adapter `{adapters[-1]}` "
@@ -279,6 +288,8 @@ def build_reference(plan: ReferencePlan, policy, model_args, *, dtype: torch.dty
         return _frozen_model(model_args.model_name_or_path, list(model_args.adapter_name_or_path or []),
                              model_args, dtype, plan.strategy, vocab=vocab, **kwargs)
     if plan.strategy == "sft-adapter":
+        if plan.copy_new_adapter:
+            freeze_adapter_copy(policy)
         if REFERENCE_ADAPTER not in getattr(policy, "peft_config", {}):
             raise RuntimeError("the sft-adapter reference needs the policy's frozen copy of the starting adapter")
         return AdapterSwitchReference(policy, **kwargs)

@@ -26,7 +26,7 @@ def reference_plan(config, phase: str) -> ReferencePlan:
                           finetuning_type=ft.finetuning_type, adapters=model.adapter_name_or_path,
                           create_new_adapter=ft.create_new_adapter, ref_model=ft.ref_model,
                           ref_model_adapters=ft.ref_model_adapters,
-                          ref_model_quantization_bit=ft.ref_model_quantization_bit)
+                          ref_model_quantization_bit=ft.ref_model_quantization_bit, pissa_init=ft.pissa_init)
 
 
 def build_planned_reference(config, plan: ReferencePlan, policy, *, dtype: torch.dtype = torch.float32,

@@ -89,8 +89,9 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 @pytest.mark.parametrize("key, value, words", [
     ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
                          "support yet"),
-    ("use_apollo", True, "use_apollo: the APOLLO optimizer (apollo-torch installs from PyPI"),
-    ("apollo_rank", 8, "apollo_rank: the APOLLO optimizer (apollo-torch installs from PyPI"),
+    ("apollo_layerwise", True, "apollo_layerwise: layer-wise APOLLO (per-parameter optimizers stepped from gradient "
+                               "hooks) is a LLaMA-Factory feature"),
+    ("badam_mode", "ratio", "badam_mode: the BAdam optimizer (badam installs from PyPI; LF's integration also"),
     ("swanlab_lark_webhook_url", "https://x", "swanlab_lark_webhook_url: SwanLab's Lark notifications is a LLaMA-Factory"),
     ("image_max_pixels", 1024, "image_max_pixels: multimodal models"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
@@ -146,8 +147,8 @@ def test_the_cli_refuses_an_lf_feature_in_one_line(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
-    assert ("use_badam: the BAdam optimizer (badam installs from PyPI; its block-switching optimizer is not wired up "
-            "yet) is a LLaMA-Factory feature prefalign does not support yet; remove the key (or set it to "
+    assert ("use_badam: the BAdam optimizer (badam installs from PyPI; LF's integration also swaps accelerate's "
+            "clip_grad_norm_ and adds BAdam's callback: not wired up yet) is a LLaMA-Factory feature prefalign does not support yet; remove the key (or set it to "
             "LLaMA-Factory's default, false)") in run.stderr
 
 

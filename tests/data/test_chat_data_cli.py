@@ -100,13 +100,15 @@ def test_llamafactory_example_trains_unchanged(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, adapter", [("llama3_lora_dpo.yaml", "LORA"), ("qwen3_lora_dpo.yaml", "LORA"),
-                                           ("llama3_oft_dpo.yaml", "OFT")])
-def test_llamafactory_dpo_examples_train_unchanged_on_the_cpu(tiny_model_dir, tmp_path, name, adapter):
+@pytest.mark.parametrize("name, adapter, pref_loss", [
+    ("llama3_lora_dpo.yaml", "LORA", "sigmoid"), ("qwen3_lora_dpo.yaml", "LORA", "sigmoid"),
+    ("qwen3_lora_dpo.yaml", "LORA", "orpo"), ("llama3_oft_dpo.yaml", "OFT", "sigmoid")])
+def test_llamafactory_dpo_examples_train_unchanged_on_the_cpu(tiny_model_dir, tmp_path, name, adapter, pref_loss):
     """LF's own DPO example configs (bf16: true, LoRA or OFT) train with only the model path changed and
-    max_steps shortened; no use_cpu, no other key added. The Llama 3 ones get a model with Llama 3's markup."""
+    max_steps shortened; no use_cpu, no other key added. The Llama 3 ones get a model with Llama 3's markup.
+    qwen3_lora_dpo.yaml also as ORPO, the other choice its pref_loss comment lists (SimPO: the whole run above)."""
     model = with_llama3_tokens(tiny_model_dir, tmp_path / "model") if name.startswith("llama3") else tiny_model_dir
-    config = example(tmp_path, name)
+    config = example(tmp_path, name, pref_loss)
     run = prefalign("train", str(config), f"model_name_or_path={model}", "max_steps=2", cwd=tmp_path,
                     env={"PREFALIGN_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -117,6 +119,7 @@ def test_llamafactory_dpo_examples_train_unchanged_on_the_cpu(tiny_model_dir, tm
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert saved["bf16"] is True and saved["finetuning_type"] == adapter.lower()
+    assert saved["pref_loss"] in (pref_loss, [pref_loss])
 
 
 # A template of our own that fails each stage for a different record: a tool turn cannot be rendered;

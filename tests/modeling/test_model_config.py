@@ -87,6 +87,37 @@ def test_model_max_length_is_cutoff_len_unless_given():
         build_config({**base, "rope_scaling": "ntk"})
 
 
+def test_at_inference_an_unset_model_max_length_stays_unset_as_in_llamafactory():
+    """LF 0.9.5 sets model_max_length = cutoff_len in training only; chat and eval leave it unset, export takes
+    a cutoff_len the config gives (hparams/parser.py)."""
+    base = {"model_name_or_path": "m", "dataset": "d", "output_dir": "out", "rope_scaling": "linear"}
+    assert build_config(base, command="chat").model.model_max_length is None
+    assert build_config({**base, "cutoff_len": 300}, command="eval").model.model_max_length is None
+    assert build_config({**base, "cutoff_len": 300}, command="export").model.model_max_length == 300
+    assert build_config(base, command="export").model.model_max_length is None
+    assert build_config({**base, "model_max_length": 96}, command="chat").model.model_max_length == 96
+    assert build_config({**base, "cutoff_len": 300}, command="data").model.model_max_length == 300
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_inference_without_model_max_length_scales_by_two_as_llamafactory(short_model_dir, kind):
+    """LF's inference rule (model_utils/rope.py, model_max_length unset): factor 2, max positions 2 x 32; the
+    rotary embedding equals transformers' own of that config written by hand, through the inference loader
+    that chat, eval and export use."""
+    from prefalign.modeling.load import load_inference_policy
+
+    hand = {**HAND_WRITTEN[kind], "factor": 2.0}
+    config = build_config({"model_name_or_path": short_model_dir, "dataset": "d", "output_dir": "out",
+                           "rope_scaling": kind}, command="chat")
+    model = load_inference_policy(config.model)
+    assert model.config.max_position_embeddings == 64 and model.config.rope_parameters == hand
+    expected = _cos_sin(_by_hand(short_model_dir, hand, 64), 100)
+    unscaled = _cos_sin(_by_hand(short_model_dir, {"rope_type": "default", "rope_theta": 10000.0}, 32), 100)
+    for g, e, u in zip(_cos_sin(model.model.rotary_emb, 100), expected, unscaled):
+        assert torch.allclose(g, e, atol=1e-6, rtol=0)
+        assert not torch.allclose(g, u, atol=1e-3)
+
+
 def test_a_training_runs_policy_has_the_scaled_positions(short_model_dir, tmp_path):
     """Through the workflow: cutoff_len 96 on the 32-position model, the LoRA policy's rotary embedding
     (and so its adapter-off reference's) is transformers' linear scaling by 3."""

@@ -180,8 +180,44 @@ def test_pissa_convert_is_a_lora_of_the_original_base(tiny_model_dir, tmp_path):
     assert torch.allclose(again, trained, atol=1e-4, rtol=0)
 
 
+def test_pissa_reference_is_the_starting_model_not_the_residual(tiny_model_dir, tmp_path):
+    """PiSSA with sigmoid DPO and no ref_model: the reference is the residual base + a frozen copy of the initial
+    PiSSA adapter, so its log-probs are the original model's (before PiSSA; per token within 1e-5),
+    the step-0 loss is ln 2 (policy and reference compute the same weights), and a training step moves the
+    policy but not the reference. The adapter-off model (the residual) is far from the original."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from helpers import sequence_logps
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "run", **PISSA, pissa_iter=-1,
+                                       **{**STEP, "learning_rate": 0.05}, **PLAIN))
+    assert trainer.reference.name == "sft-adapter"
+    batch = first_batch(trainer)
+    original = sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), batch)
+    reference = trainer.reference.logps(batch)
+    tokens = torch.cat([reference.chosen_tokens, reference.rejected_tokens])
+    # per token: a sum near -140 is itself only good to float32's resolution there, 1.5e-5
+    assert torch.allclose(torch.cat([reference.chosen, reference.rejected]) / tokens, original / tokens,
+                          atol=1e-5, rtol=0)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        residual = sequence_logps(trainer.model.eval(), batch)
+    assert (residual - original).abs().max() > 1e-2  # the old "adapter off" reference was not the starting model
+    with torch.no_grad():
+        _, out, _ = trainer.batch_loss(trainer.model.train(), batch)
+    assert torch.allclose(out.losses, torch.full_like(out.losses, math.log(2)), atol=1e-6, rtol=0)
+
+    trainer.train()
+    after = trainer.reference.logps(batch)
+    assert torch.allclose(torch.cat([after.chosen, after.rejected]) / tokens, original / tokens, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        policy = sequence_logps(trainer.model.eval(), batch)
+    assert (policy - original).abs().max() > 1e-4  # trained
+    assert [n for n, p in trainer.model.named_parameters() if p.requires_grad and ".reference." in n] == []
+
+
 @pytest.mark.parametrize("extra, words", [
-    ({}, "pissa_init with pref_loss=sigmoid: PiSSA moves the principal part of each weight into the adapter"),
     ({"finetuning_type": "full", "pref_loss": "simpo"}, "pissa_init is a LoRA initialisation and needs "
                                                         "finetuning_type: lora, not full"),
     ({"pissa_iter": 0, "pref_loss": "simpo"}, "pissa_iter: 0 must be at least 1"),

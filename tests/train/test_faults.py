@@ -112,11 +112,13 @@ def test_rerun_with_new_settings_is_refused_and_the_same_rerun_changes_nothing(c
     run_train(load_config(ROOT / QUICKSTART, args))
     before = snapshot(out)
 
-    changed = cli("train", QUICKSTART, *args, "pref_loss=ipo", "pref_beta=0.5", "learning_rate=5e-5")
+    changed = cli("train", QUICKSTART, *args, "pref_loss=ipo", "pref_beta=0.5", "learning_rate=5e-5",
+                  "model_max_length=4096")  # the length rope_scaling's factor comes from
     assert changed.returncode == 2 and "Traceback" not in changed.stderr
     [line] = error_lines(changed.stderr)
     assert "finished run with other settings" in line and "overwrite_output_dir: true" in line
-    for key in ("pref_loss (['sigmoid'] -> ['ipo'])", "pref_beta (0.1 -> 0.5)", "learning_rate (0.001 -> 5e-05)"):
+    for key in ("pref_loss (['sigmoid'] -> ['ipo'])", "pref_beta (0.1 -> 0.5)", "learning_rate (0.001 -> 5e-05)",
+                "model_max_length (96 -> 4096)"):  # unset, it is cutoff_len (LF's rule)
         assert key in line
     assert snapshot(out) == before  # run_config.yaml, the model card, everything: untouched
 

@@ -57,10 +57,130 @@ def test_galore_step_equals_galore_torchs_own_step_on_the_same_gradients(tiny_mo
 @pytest.mark.parametrize("extra, words", [
     ({"finetuning_type": "lora"}, "use_galore with finetuning_type: lora: GaLore projects the gradients of full"),
     ({"finetuning_type": "full", "optim": "sgd"}, "use_galore with optim: sgd: prefalign's GaLore is GaLoreAdamW"),
-    ({"finetuning_type": "full", "galore_layerwise": True}, "galore_layerwise: layer-wise GaLore is a LLaMA-Factory "
+    ({"finetuning_type": "full", "galore_layerwise": True}, "galore_layerwise: layer-wise GaLore (per-parameter "
+                                                            "optimizers stepped from gradient hooks) is a LLaMA-Factory "
                                                             "feature prefalign does not support yet"),
 ])
 def test_galore_refusals(extra, words):
     with pytest.raises(ConfigError) as info:
         build_config({"model_name_or_path": "m", "dataset": "d", "use_galore": True, **extra})
+    assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+
+
+def _stepped(tiny_model_dir, tmp_path, **keys):
+    """Build the trainer, take one backward on its first batch and one optimizer step; returns (the trainer, the
+    optimizer, {name: a copy of the parameter before the step holding the same gradient})."""
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    hand = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    trainer.batch_loss(model, first_batch(trainer))[0].backward()
+    for name, param in model.named_parameters():
+        hand[name].grad = param.grad.clone()
+    optimizer = trainer.create_optimizer()
+    optimizer.step()
+    return trainer, optimizer, hand
+
+
+def _off_adamws_step(trainer, hand, q="model.layers.0.self_attn.q_proj.weight") -> float:
+    """How far the step put q from where a plain AdamW step (lr 1e-2, decay 0.1) from the same gradient puts it
+    (the frozen reference holds q before the step)."""
+    plain = trainer.reference.model.get_parameter(q).detach().clone().requires_grad_(True)
+    plain.grad = hand[q].grad.clone()
+    torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.1, eps=1e-8).step()
+    return (trainer.model.get_parameter(q) - plain).abs().max().item()
+
+
+def test_apollo_step_equals_apollo_torchs_own_step_on_the_same_gradients(tiny_model_dir, tmp_path):
+    """use_apollo: apollo-torch's APOLLOAdamW on GaLore's three groups (LF's), the projection keys in the third.
+    Its random projection is seeded by the parameter's position over all groups, so the hand-built optimizer
+    lists the parameters in the same order."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    keys = dict(finetuning_type="full", use_apollo=True, apollo_target="q_proj,v_proj", apollo_rank=4,
+                apollo_update_interval=50, apollo_scale=8.0, apollo_proj="random", apollo_proj_type="std",
+                apollo_scale_type="tensor", optim="adamw_torch", learning_rate=1e-2, weight_decay=0.1, max_steps=1)
+    trainer, optimizer, hand = _stepped(tiny_model_dir, tmp_path, **keys)
+    assert type(optimizer) is apollo_torch.APOLLOAdamW
+    projected = [n for n in hand if (".q_proj." in n or ".v_proj." in n) and n.endswith("weight")]
+    undecayed = [n for n in hand if n not in projected and ("norm" in n or n.endswith("bias"))]
+    decayed = [n for n in hand if n not in projected and n not in undecayed]
+    assert len(projected) == 4
+    reference = apollo_torch.APOLLOAdamW([
+        {"params": [hand[n] for n in undecayed], "weight_decay": 0.0},
+        {"params": [hand[n] for n in decayed], "weight_decay": 0.1},
+        {"params": [hand[n] for n in projected], "weight_decay": 0.1, "rank": 4, "proj": "random",
+         "proj_type": "std", "update_proj_gap": 50, "scale": 8.0, "scale_type": "tensor", "scale_front": False},
+    ], lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    reference.step()
+    for name, param in trainer.model.named_parameters():
+        assert torch.allclose(param, hand[name], atol=1e-7, rtol=0), name
+    assert _off_adamws_step(trainer, hand) > 1e-3  # APOLLO's step on q is not AdamW's
+
+
+def test_muon_step_equals_torchs_muon_and_adamw_on_the_same_gradients(tiny_model_dir, tmp_path):
+    """use_muon: LF's rule, Muon for the trainable 2-D weights not named embed / lm_head, AdamW for the rest
+    (norms; the tiny model ties no head), both at learning_rate with weight_decay on every parameter. The hand
+    step: torch.optim.Muon with AdamW-matched RMS (0.2·sqrt(max(rows, cols)), LF's adjust_lr_for_muon) and
+    torch.optim.AdamW. A checkpoint's state dict loads back into a fresh optimizer."""
+    keys = dict(finetuning_type="full", use_muon=True, learning_rate=1e-2, weight_decay=0.1, max_steps=1,
+                adam_beta1=0.8, adam_epsilon=1e-6)
+    trainer, optimizer, hand = _stepped(tiny_model_dir, tmp_path, **keys)
+    muon_names = [n for n, p in hand.items() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    adamw_names = [n for n in hand if n not in muon_names]
+    assert "model.layers.0.self_attn.q_proj.weight" in muon_names and "model.embed_tokens.weight" in adamw_names
+    torch.optim.Muon([hand[n] for n in muon_names], lr=1e-2, weight_decay=0.1, momentum=0.95, nesterov=True,
+                     ns_steps=5, adjust_lr_fn="match_rms_adamw").step()
+    torch.optim.AdamW([hand[n] for n in adamw_names], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.999),
+                      eps=1e-6).step()
+    for name, param in trainer.model.named_parameters():
+        assert torch.allclose(param, hand[name], atol=1e-6, rtol=0), name
+    # the 2-D step has Muon's scale: 0.2 sqrt(max(rows, cols)) x lr x an orthogonal matrix (RMS 1/sqrt(max))
+    # plus the decay: its RMS is about 0.2 x lr; AdamW's first step moves each weight by lr
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = trainer.reference.model.get_parameter(q).detach()
+    step_rms = (trainer.model.get_parameter(q) - before * (1 - 1e-2 * 0.1)).pow(2).mean().sqrt()
+    assert 0.15e-2 < step_rms < 0.25e-2, step_rms
+    # the scheduler's learning rate reaches both optimizers, and the state round-trips
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5
+    assert [g["lr"] for part in optimizer.parts for g in part.param_groups] == [0.5, 0.5]
+    state = optimizer.state_dict()
+    trainer.optimizer = None
+    again = trainer.create_optimizer()
+    again.load_state_dict(state)
+    buffer = again.parts[0].state[trainer.model.get_parameter(q)]["momentum_buffer"]
+    assert torch.equal(buffer, optimizer.parts[0].state[trainer.model.get_parameter(q)]["momentum_buffer"])
+    assert again.parts[1].param_groups[0]["lr"] == 0.5
+
+
+def test_adam_mini_step_equals_adam_minis_own_step_on_the_same_gradients(tiny_model_dir, tmp_path):
+    """use_adam_mini: adam-mini's Adam_mini over the named parameters, with the config's hidden size and head
+    counts (LF's call); the same call by hand on copies of the parameters steps to the same weights, and
+    differently from AdamW (one second moment per block)."""
+    adam_mini = pytest.importorskip("adam_mini")
+    keys = dict(finetuning_type="full", use_adam_mini=True, learning_rate=1e-2, weight_decay=0.1, max_steps=1)
+    trainer, optimizer, hand = _stepped(tiny_model_dir, tmp_path, **keys)
+    assert type(optimizer) is adam_mini.Adam_mini
+    config = trainer.model.config
+    adam_mini.Adam_mini(named_parameters=list(hand.items()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=0.1, model_sharding=False, dim=config.hidden_size,
+                        n_heads=config.num_attention_heads, n_kv_heads=config.num_key_value_heads,
+                        verbose=False).step()
+    for name, param in trainer.model.named_parameters():
+        assert torch.allclose(param, hand[name], atol=1e-7, rtol=0), name
+    assert _off_adamws_step(trainer, hand) > 1e-4  # one second moment per block is not AdamW's
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"use_apollo": True, "finetuning_type": "lora"}, "use_apollo with finetuning_type: lora: APOLLO projects"),
+    ({"use_apollo": True, "finetuning_type": "full", "apollo_proj": "qr"}, "apollo_proj: 'qr'"),
+    ({"use_apollo": True, "use_muon": True, "finetuning_type": "full"}, "use_apollo and use_muon both given"),
+    ({"use_muon": True, "loraplus_lr_ratio": 16}, "loraplus_lr_ratio and use_muon both given"),
+    ({"use_muon": True, "deepspeed": {"zero_optimization": {"stage": 2}}}, "use_muon with deepspeed: Muon's"),
+    ({"use_apollo": True, "finetuning_type": "full", "optim": "sgd"}, "use_apollo with optim: sgd: prefalign's "
+                                                                      "APOLLO is APOLLOAdamW"),
+    ({"apollo_layerwise": True}, "apollo_layerwise: layer-wise APOLLO"),
+])
+def test_optimizer_refusals(extra, words):
+    with pytest.raises(ConfigError) as info:
+        build_config({"model_name_or_path": "m", "dataset": "d", **extra})
     assert any(line.startswith(words) for line in info.value.problems), info.value.problems

@@ -17,6 +17,7 @@ ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the ref
 ON_BAD_RECORD = ("error", "skip")
 GALORE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the `optim` values GaLoreAdamW stands in for
 GALORE_PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_muon", "use_adam_mini")  # each replaces the Trainer's optimizer
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # LLaMA-Factory's choices, each a transformers rope type
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
@@ -81,10 +82,12 @@ class ModelArguments:
     rope_scaling: str | None = _help(
         "RoPE scaling for inputs longer than the model was trained on: `linear`, `dynamic`, `yarn` or `llama3` "
         "(transformers' rope types), factor ceil(model_max_length / the model's max positions), as LLaMA-Factory "
-        "sets it. A model_max_length within the model's positions scales nothing (a warning says so)."
+        "sets it. A model_max_length within the model's positions scales nothing (a warning says so). At "
+        "inference (chat, eval; export without cutoff_len) with no model_max_length: factor 2, as LLaMA-Factory."
     )
     model_max_length: int | None = _help(
-        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len`, as LLaMA-Factory derives it)."
+        "The longest sequence `rope_scaling` must reach (unset: `cutoff_len` in training, as LLaMA-Factory derives "
+        "it; unset at inference). A resume setting."
     )
     moe_aux_loss_coef: float | None = _help(
         "Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...): add this x the router's "
@@ -154,8 +157,8 @@ class DataArguments:
         "(as LLaMA-Factory's templates put it there) and `prefalign chat`."
     )
     eval_on_each_dataset: bool = _help(
-        "Evaluate each `eval_dataset` on its own while training: metrics named `eval_<dataset>_<metric>` "
-        "(transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
+        "Evaluate each `eval_dataset` on its own, in training and in `prefalign eval`: metrics named "
+        "`eval_<dataset>_<metric>` (transformers' dict of eval datasets, as LLaMA-Factory passes it).", False
     )
     template: str | None = _help(
         "Chat template: unset uses the tokenizer's own; any LLaMA-Factory template name (llama3, qwen, "
@@ -323,8 +326,8 @@ class FinetuningArguments:
     pissa_init: bool = _help(
         "PiSSA: a new LoRA adapter starts from the principal singular vectors of each adapted weight (peft's "
         "`init_lora_weights: pissa`), the base keeping the residual. The base with the adapter off is then not the "
-        "starting model, so a loss with a reference needs `ref_model` (e.g. model_name_or_path again); LLaMA-Factory "
-        "allows PiSSA only without a reference.",
+        "starting model, so the reference is the residual with a frozen copy of the initial adapter (the starting "
+        "model, no second model loaded); LLaMA-Factory allows PiSSA only without a reference.",
         False,
     )
     pissa_iter: int = _help("PiSSA: fast-SVD iterations (peft's `pissa_niter_N`); -1: exact SVD.", 16)
@@ -371,6 +374,34 @@ class FinetuningArguments:
     galore_scale: float = _help("GaLore: the scale of the projected update.", 2.0)
     galore_proj_type: str = _help("GaLore: `std`, `reverse_std`, `right`, `left` or `full` (galore-torch's projector).",
                                   "std")
+    # APOLLO (LLaMA-Factory's keys)
+    use_apollo: bool = _help(
+        "APOLLO: AdamW with the second moments of low-rank projected gradients scaling the targeted linear weights' "
+        "updates (apollo-torch's APOLLOAdamW, with LLaMA-Factory's parameter groups, those of GaLore; `pip install "
+        "\"prefalign[apollo]\"`). Full or freeze tuning, `optim: adamw_torch`, no DeepSpeed.",
+        False,
+    )
+    apollo_target: list[str] = _help("APOLLO: linear module names whose weights are projected (a list), or `all`.",
+                                     ["all"])
+    apollo_rank: int = _help("APOLLO: the rank of the gradient projection.", 16)
+    apollo_update_interval: int = _help("APOLLO: optimizer steps between recomputations of the projection.", 200)
+    apollo_scale: float = _help("APOLLO: the scale of the update.", 32.0)
+    apollo_proj: str = _help("APOLLO: `random` (a seeded random projection) or `svd`.", "random")
+    apollo_proj_type: str = _help("APOLLO: `std`, `right` or `left`.", "std")
+    apollo_scale_type: str = _help("APOLLO: `channel` (one scale per channel) or `tensor`.", "channel")
+    apollo_scale_front: bool = _help("APOLLO: scale the gradient before the norm-growth limiter.", False)
+    # the other optimizers of LLaMA-Factory's keys
+    use_muon: bool = _help(
+        "Muon (torch.optim.Muon, its update scaled as AdamW's RMS, as LLaMA-Factory's Muon) for the 2-D weights but "
+        "the embeddings and the output head; AdamW (torch's) for the rest; both with `learning_rate`, `weight_decay` "
+        "on every parameter, as LLaMA-Factory. No DeepSpeed.",
+        False,
+    )
+    use_adam_mini: bool = _help(
+        "Adam-mini (the adam-mini package: one second moment per block of parameters; `pip install "
+        "\"prefalign[adam_mini]\"`), with the model's hidden size and head counts, as LLaMA-Factory.",
+        False,
+    )
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
     pref_loss: list[str] | None = _help(
@@ -496,7 +527,7 @@ class FinetuningArguments:
                                 f"{self.finetuning_type}; remove loraplus_lr_ratio")
             elif self.loraplus_lr_ratio <= 0:
                 problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
-        problems += self._pissa_problems() + self._galore_problems()
+        problems += self._pissa_problems() + self._galore_problems() + self._optimizer_problems()
         if self.finetuning_type == "oft":
             if (self.oft_rank == 0) == (self.oft_block_size == 0):
                 problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
@@ -522,10 +553,25 @@ class FinetuningArguments:
         problems += _one_of("galore_proj_type", self.galore_proj_type, GALORE_PROJECTIONS)
         return problems
 
-    def _pissa_problems(self) -> list[str]:
-        from prefalign.config.checks import loss_settings_of
-        from prefalign.losses import needs_reference
+    def _optimizer_problems(self) -> list[str]:
+        """The LLaMA-Factory optimizer keys: one optimizer at a time; APOLLO's settings (GaLore's: above)."""
+        chosen = [key for key in OPTIMIZER_KEYS if getattr(self, key)]
+        problems = [f"{' and '.join(chosen)} both given: each replaces the optimizer; keep one"] if len(chosen) > 1 else []
+        if self.loraplus_lr_ratio is not None and chosen:
+            problems.append(f"loraplus_lr_ratio and {chosen[0]} both given: each replaces the optimizer; keep one")
+        if self.use_apollo:
+            if is_adapter(self.finetuning_type):
+                problems.append(f"use_apollo with finetuning_type: {self.finetuning_type}: APOLLO projects the "
+                                "gradients of full weights (LLaMA-Factory refuses it with adapters too); use "
+                                "finetuning_type: full or freeze")
+            if self.apollo_rank < 1 or self.apollo_update_interval < 1:
+                problems.append("apollo_rank and apollo_update_interval must be at least 1")
+            problems += _one_of("apollo_proj", self.apollo_proj, ("random", "svd"))
+            problems += _one_of("apollo_proj_type", self.apollo_proj_type, ("std", "right", "left"))
+            problems += _one_of("apollo_scale_type", self.apollo_scale_type, ("channel", "tensor"))
+        return problems
 
+    def _pissa_problems(self) -> list[str]:
         if not self.pissa_init:
             return ["pissa_convert converts a PiSSA adapter and needs pissa_init: true; remove pissa_convert"] \
                 if self.pissa_convert else []
@@ -535,12 +581,6 @@ class FinetuningArguments:
                             f"{self.finetuning_type}; remove pissa_init")
         if self.pissa_iter < 1 and self.pissa_iter != -1:
             problems.append(f"pissa_iter: {self.pissa_iter} must be at least 1 (fast-SVD iterations), or -1 for exact SVD")
-        if self.pref_loss and not _unknown(self.pref_loss) and not self.ref_model \
-                and needs_reference(self.pref_loss, loss_settings_of(self)):
-            problems.append(f"pissa_init with pref_loss={','.join(self.pref_loss)}: PiSSA moves the principal part of "
-                            "each weight into the adapter, so the policy with its adapter off is not the starting "
-                            "model and cannot be the reference; set ref_model: to model_name_or_path, or use a "
-                            "reference-free loss (simpo, orpo)")
         return problems
 
 

@@ -78,7 +78,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "init_special_tokens": _impl("noise_init", "LF's three methods; the noise from a generator seeded by `seed`"),
         "model_revision": _impl("main"),
         "low_cpu_mem_usage": _no_effect(True, "transformers 5 always loads lazily"),
-        "rope_scaling": _impl(None, "factor from model_max_length (cutoff_len), as LF's model_utils/rope.py"),
+        "rope_scaling": _impl(None, "factor from model_max_length (cutoff_len), at inference 2 without one, as LF's "
+                                     "model_utils/rope.py"),
         "flash_attn": _impl("auto"),
         "shift_attn": _not_here(False, "shift short attention (LongLoRA)"),
         "mixture_of_depths": _not_here(None, "mixture of depths"),
@@ -198,8 +199,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "loraplus_lr_embedding": _impl(1e-6, "LoRA+: learning rate of LoRA embedding layers"),
         "use_rslora": _impl(False),
         "use_dora": _impl(False),
-        "pissa_init": _impl(False, "peft's init_lora_weights: pissa / pissa_niter_N; with a reference only through "
-                                   "ref_model (LF: reference-free losses only)"),
+        "pissa_init": _impl(False, "peft's init_lora_weights: pissa / pissa_niter_N; the reference: the residual "
+                                   "+ a frozen copy of the initial adapter (LF: reference-free losses only)"),
         "pissa_iter": _impl(16),
         "pissa_convert": _impl(False, "output_dir/pissa_converted, as LF's PissaConvertCallback"),
         "create_new_adapter": _impl(False),
@@ -238,19 +239,19 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         **{key: _impl(default) for key, default in {
             "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200, "galore_scale": 2.0,
             "galore_proj_type": "std"}.items()},
-        "galore_layerwise": _not_here(False, "layer-wise GaLore"),
+        "galore_layerwise": _not_here(False, "layer-wise GaLore (per-parameter optimizers stepped from gradient hooks)"),
     },
     "ApolloArguments": {
-        key: _not_here(default, "the APOLLO optimizer (apollo-torch installs from PyPI and runs on the CPU; "
-                                         "not wired up yet)") for key, default in {
-            "use_apollo": False, "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200,
-            "apollo_scale": 32.0, "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
-            "apollo_layerwise": False, "apollo_scale_front": False,
-        }.items()
+        "use_apollo": _impl(False, "apollo-torch's APOLLOAdamW with LF's parameter groups, GaLore's (extra: apollo)"),
+        **{key: _impl(default) for key, default in {
+            "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200, "apollo_scale": 32.0,
+            "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
+            "apollo_scale_front": False}.items()},
+        "apollo_layerwise": _not_here(False, "layer-wise APOLLO (per-parameter optimizers stepped from gradient hooks)"),
     },
     "BAdamArgument": {
-        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; its block-switching "
-                                        "optimizer is not wired up yet)") for key, default in {
+        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; LF's integration also "
+                                        "swaps accelerate's clip_grad_norm_ and adds BAdam's callback: not wired up yet)") for key, default in {
             "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
             "badam_verbose": 0,
@@ -272,12 +273,13 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "stage": _impl("sft", "prefalign runs `stage: dpo` and `stage: kto`; any other stage is refused"),
         "finetuning_type": _impl("lora", "lora, oft, full, freeze"),
         "use_llama_pro": _not_here(False, "LLaMA Pro"),
-        "use_adam_mini": _not_here(False, "the Adam-mini optimizer (adam-mini installs from PyPI; not wired up yet)"),
+        "use_adam_mini": _impl(False, "adam-mini's Adam_mini with the model's hidden size and heads (extra: adam_mini); "
+                                      "not with DeepSpeed"),
         "use_mca": _not_here(False, "Megatron Core training (MCA)"),
         "use_hyper_parallel": _not_here(False, "the HyperParallel backend"),
         "hyper_parallel_args": _not_here(None, "the HyperParallel backend"),
-        "use_muon": _not_here(False, "the Muon optimizer (torch.optim.Muon exists; LF's Muon + AdamW groups are "
-                                         "not wired up yet)"),
+        "use_muon": _impl(False, "torch.optim.Muon (AdamW-matched RMS, as LF's) on LF's 2-D weights, torch's AdamW on "
+                                 "the rest; not with DeepSpeed"),
         "use_dft_loss": _stage(False, _SFT),
         "use_asft_loss": _stage(False, _SFT),
         "asft_alpha": _stage(0.1, _SFT),

@@ -94,14 +94,27 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _model_max_length(cutoff_len: int, command: str, *, cutoff_given: bool) -> int | None:
+    """An unset model_max_length, as LLaMA-Factory 0.9.5 sets it (hparams/parser.py): `cutoff_len` in training;
+    at inference (chat, eval) unset, so rope_scaling scales by 2 (model_utils/rope.py); export takes a
+    cutoff_len the config gives. A saved run_config.yaml carries training's value, so it is never unset there."""
+    if command not in INFERENCE_COMMANDS or (command == "export" and cutoff_given):
+        return cutoff_len
+    return None
+
+
 def _training_fields() -> dict[str, dataclasses.Field]:
     from transformers import Seq2SeqTrainingArguments
 
     return {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
 
 
-def build_config(values: dict[str, Any]) -> RunConfig:
-    """Map flat key/values to the typed groups; collect unknown keys, bad types and conflicts together."""
+INFERENCE_COMMANDS = ("chat", "eval", "export")
+
+
+def build_config(values: dict[str, Any], command: str = "train") -> RunConfig:
+    """Map flat key/values to the typed groups; collect unknown keys, bad types and conflicts together.
+    `command`: the prefalign command the config is for (the model_max_length rule differs at inference)."""
     problems: list[str] = []
     values = dict(values)
     training_fields = _training_fields()
@@ -135,7 +148,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     export = ExportArguments(**group_values[ExportArguments])
     generation = GenerationArguments(**group_values[GenerationArguments])
     if model.model_max_length is None:
-        model.model_max_length = data.cutoff_len  # LLaMA-Factory's rule (hparams/parser.py)
+        model.model_max_length = _model_max_length(data.cutoff_len, command, cutoff_given="cutoff_len" in values)
     train_values.setdefault("output_dir", "saves/prefalign-run")
     for group in (model, data, finetuning, export, generation):
         problems += group.problems()

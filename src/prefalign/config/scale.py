@@ -11,7 +11,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore"}  # package -> the prefalign extra installing it
+EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore", "apollo_torch": "apollo",
+          "adam_mini": "adam_mini"}  # package -> the prefalign extra installing it
 
 
 def _missing(package: str) -> str | None:
@@ -133,17 +134,7 @@ def problems(model, ft, train: dict) -> list[str]:
     if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
         found.append("pissa_init with adapter_name_or_path: PiSSA initialises a new adapter, but training continues "
                      "the given one; set create_new_adapter: true (PiSSA on the merged adapter) or remove pissa_init")
-    if ft.use_galore:
-        from prefalign.config.args import GALORE_OPTIMS
-
-        optim = str(train.get("optim", GALORE_OPTIMS[1]))
-        if optim not in GALORE_OPTIMS:
-            found.append(f"use_galore with optim: {optim}: prefalign's GaLore is GaLoreAdamW; set optim: adamw_torch")
-        if train.get("deepspeed"):
-            found.append("use_galore with deepspeed: GaLore's optimizer cannot be sharded (LLaMA-Factory refuses the "
-                         "pair too); remove deepspeed or use_galore")
-        if (reason := _missing("galore_torch")):
-            found.append(f"use_galore: {reason}")
+    found += _optimizer_problems(ft, train)
     if ft.pure_bf16 and train.get("fp16"):
         found.append("pure_bf16 and fp16 both given: pure_bf16 trains in bf16; remove fp16")
     if train.get("deepspeed"):
@@ -164,4 +155,30 @@ def problems(model, ft, train: dict) -> list[str]:
                       f"use ZeRO-2 (or ZeRO-0) with {key}, or remove {key}" for key in quantized]
         if train.get("fsdp"):
             found.append("deepspeed and fsdp both given: shard the model with one of them; remove the other")
+    return found
+
+
+# the LLaMA-Factory optimizer key -> (its name, the package it needs or None, its AdamW class where `optim` must be AdamW)
+_OPTIMIZERS = {"use_galore": ("GaLore", "galore_torch", "GaLoreAdamW"),
+               "use_apollo": ("APOLLO", "apollo_torch", "APOLLOAdamW"),
+               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None)}
+
+
+def _optimizer_problems(ft, train: dict) -> list[str]:
+    """The optimizer keys against the training arguments: GaLore / APOLLO are AdamWs (`optim` an AdamW), and none
+    of them runs under DeepSpeed, which hands an optimizer flat shards instead of whole named weights."""
+    from prefalign.config.args import GALORE_OPTIMS
+
+    found = []
+    for key, (name, package, cls) in _OPTIMIZERS.items():
+        if not getattr(ft, key):
+            continue
+        optim = str(train.get("optim", GALORE_OPTIMS[1]))
+        if cls and optim not in GALORE_OPTIMS:
+            found.append(f"{key} with optim: {optim}: prefalign's {name} is {cls}; set optim: adamw_torch")
+        if train.get("deepspeed"):
+            found.append(f"{key} with deepspeed: {name}'s optimizer needs whole weights, which DeepSpeed shards "
+                         f"(LLaMA-Factory refuses GaLore and APOLLO with it too); remove deepspeed or {key}")
+        if package and (reason := _missing(package)):
+            found.append(f"{key}: {reason}")
     return found

@@ -183,6 +183,26 @@ def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments, modules
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
 
 
+def freeze_adapter_copy(model) -> None:
+    """Add a frozen copy of the policy's adapter `default`, as it is now, named REFERENCE_ADAPTER (the PiSSA
+    reference: the initial adapter on the residual base is the starting model); `default` stays active."""
+    import copy
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    if REFERENCE_ADAPTER in model.peft_config:
+        return
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = True  # the weights are copied below; no second SVD
+    model.add_adapter(REFERENCE_ADAPTER, config)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name="default"),
+                              adapter_name=REFERENCE_ADAPTER)
+    model.set_adapter("default")  # the copy requires no grad, the trained adapter does
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+
+
 def peft_config(ft: FinetuningArguments, modules_to_save: list[str] = ()):
     """The peft config of a new adapter of `ft.finetuning_type` (lora or oft), as LLaMA-Factory builds it;
     `modules_to_save`: trained in full when `additional_target` is unset (the resized embeddings)."""

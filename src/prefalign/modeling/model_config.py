@@ -18,7 +18,8 @@ def scaled_rope(config, rope_scaling: str | None, model_max_length: int | None) 
     The factor is ceil(model_max_length / the model's trained length), the trained length being
     `original_max_position_embeddings` of an existing scaling, else `max_position_embeddings`;
     `max_position_embeddings` grows by the factor. A model_max_length the model already reaches needs
-    no scaling (a warning says so, as LF). dynamic / yarn / llama3 also record the trained length
+    no scaling (a warning says so, as LF); none given (chat / eval without one, as LF's inference) scales by 2.
+    dynamic / yarn / llama3 also record the trained length
     (llama3: with LF's frequency factors 1 and 4). Returns {"rope_parameters": ..., "max_position_embeddings": ...}
     with the model's own rope_theta kept (transformers 5 holds both in `rope_parameters`).
     """
@@ -33,11 +34,12 @@ def scaled_rope(config, rope_scaling: str | None, model_max_length: int | None) 
     if not old_max:
         logger.warning("rope_scaling: the model config has no max_position_embeddings; rope_scaling is ignored")
         return None
-    if model_max_length is None or model_max_length <= old_max:
+    if model_max_length is not None and model_max_length <= old_max:
         logger.warning("rope_scaling: model_max_length %s is within the model's %d positions; RoPE is not scaled",
                        model_max_length, old_max)
         return None
-    factor = float(math.ceil(model_max_length / old_max))
+    # at inference without a model_max_length (config/loader.py), LF scales by 2
+    factor = 2.0 if model_max_length is None else float(math.ceil(model_max_length / old_max))
     params = {"rope_type": rope_scaling, "factor": factor, "rope_theta": current["rope_theta"]}
     if rope_scaling in ("dynamic", "yarn", "llama3"):
         params["original_max_position_embeddings"] = old_max

@@ -42,9 +42,12 @@ _PREFALIGN_KEYS = (
     "freeze_trainable_modules", "freeze_extra_modules", "ref_model", "ref_model_adapters", "template", "cutoff_len",
     "pref_loss", "pref_loss_weights", "pref_beta", "pref_ftx", "pref_bco_weight", "dpo_label_smoothing",
     "simpo_gamma", "discopop_tau", "ld_alpha", "use_weighting", "f_divergence_type", "f_alpha_divergence_coef",
-    "stage", "kto_chosen_weight", "kto_rejected_weight", "rope_scaling", "pure_bf16", "pissa_init", "pissa_iter",
+    "stage", "kto_chosen_weight", "kto_rejected_weight", "rope_scaling", "model_max_length", "pure_bf16",
+    "pissa_init", "pissa_iter",
     "moe_aux_loss_coef", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
-    "galore_proj_type", "early_stopping_steps",
+    "galore_proj_type", "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
+    "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_scale_front", "use_muon", "use_adam_mini",
+    "early_stopping_steps",
 )
 _TRAINING_KEYS = (
     "learning_rate", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",

@@ -37,9 +37,9 @@ from prefalign.train.guard import RunWatch
 
 class PreferenceTrainer(Trainer):
     def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024,
-                 loraplus: tuple[float, float] | None = None, galore=None, **kwargs):
+                 loraplus: tuple[float, float] | None = None, optimizer_keys=None, **kwargs):
         self.loraplus = loraplus  # (loraplus_lr_ratio, loraplus_lr_embedding), or None: the Trainer's groups
-        self.galore = galore  # FinetuningArguments with use_galore, or None
+        self.optimizer_keys = optimizer_keys  # FinetuningArguments with an LF optimizer key set (use_galore...), or None
         super().__init__(*args, **kwargs)
         self.reference = reference.to(self.args.device)
         self.objective = objective
@@ -54,17 +54,18 @@ class PreferenceTrainer(Trainer):
         self._throughput: ThroughputMeter | None = None
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer; with LoRA+, peft's LoRA+ parameter groups (peft.optimizers): A matrices
+        """The Trainer's optimizer; with an LF optimizer key (use_galore, use_apollo, use_muon, use_adam_mini), that
+        optimizer (train/optimizers.py); with LoRA+, peft's LoRA+ parameter groups (peft.optimizers): A matrices
         at learning_rate, B matrices and 1-D parameters at learning_rate x ratio, the parameters of LoRA
         embedding layers at loraplus_lr_embedding; weight decay the Trainer's `weight_decay`."""
-        if self.optimizer is not None or (self.loraplus is None and self.galore is None):
+        if self.optimizer is not None or (self.loraplus is None and self.optimizer_keys is None):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if self.galore is not None:  # GaLore: galore-torch's AdamW on LLaMA-Factory's groups (train/optimizers.py)
-            from prefalign.train.optimizers import galore_optimizer
+        if self.optimizer_keys is not None:
+            from prefalign.train.optimizers import custom_optimizer
 
-            self.optimizer = galore_optimizer(opt_model, self.galore, self.args,
+            self.optimizer = custom_optimizer(opt_model, self.optimizer_keys, self.args,
                                               self.get_decay_parameter_names(opt_model), kwargs)
             return self.optimizer
         from peft.optimizers import create_loraplus_optimizer

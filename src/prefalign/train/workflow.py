@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from prefalign.config import RunConfig
+from prefalign.config.args import OPTIMIZER_KEYS
 from prefalign.data.collate import PairCollator, with_lengths
 from prefalign.data.feedback import label_counts
 from prefalign.data.pipeline import PreparedData, prepare_data
@@ -113,7 +114,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
-        galore=ft if ft.use_galore else None,
+        optimizer_keys=ft if any(getattr(ft, key) for key in OPTIMIZER_KEYS) else None,
     )
     if ft.use_swanlab:
         trainer.add_callback(swanlab_callback(ft))
