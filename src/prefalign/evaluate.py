@@ -38,6 +38,7 @@ from prefalign.distributed import gather_objects, is_main_process, rank, world_s
 from prefalign.errors import ConfigError
 from prefalign.modeling.layout import choose_layout
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
+from prefalign.modeling.vision import load_vision
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
@@ -57,7 +58,7 @@ def load_eval_data(config: RunConfig, tokenizer):
                         "give them as eval_dataset")
         data_args = dataclasses.replace(data_args, val_size=0.0)
     data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False,
-                        unpaired=config.objective.unpaired)
+                        unpaired=config.objective.unpaired, vision=load_vision(config.model, data_args, tokenizer))
     if is_main_process():
         print(data.summary.describe(), flush=True)
     dataset = data.eval if data_args.eval_dataset else data.train
@@ -91,7 +92,7 @@ def run_eval(config: RunConfig) -> dict:
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
     shard = dataset.shard(num_shards=world_size(), index=rank(), contiguous=True) if world_size() > 1 else dataset
     collator = run_collator(config.finetuning, tokenizer.pad_token_id,
-                            choose_layout(config.finetuning, config.data, policy, reference.model))
+                            choose_layout(config.finetuning, config.data, policy, reference.model), data.vision)
     rows, means = scorer.score(shard, collator,
                                batch_size=args.per_device_eval_batch_size, device=device)
     pieces = gather_objects((rows, means))

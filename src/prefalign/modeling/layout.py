@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 from prefalign.modeling.packed_attention import FLASH_ATTENTION, PACKED_ATTENTION
+from prefalign.modeling.vision import is_vision_language
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ class Layout:
 def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str | None:
     """Why `model_config`'s attention cannot run packed (or, with `sharing_prompt`, prefix-shared)
     batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can."""
+    if is_vision_language(model_config):
+        return "a vision-language model's batches take the plain layout (its image inputs follow the rows)"
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "the model soft-caps its attention scores"
     window = getattr(model_config, "sliding_window", None)

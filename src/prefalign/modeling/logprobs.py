@@ -33,7 +33,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.contracts import IGNORE_INDEX, SEGMENT_REJECTED, BatchLayout, PairLogps, batch_layout
+from prefalign.contracts import IGNORE_INDEX, SEGMENT_REJECTED, VISION_INPUTS, BatchLayout, PairLogps, batch_layout
+from prefalign.modeling.vision import is_vision_language
 
 # Vocabulary columns per logits tile of the fused kernel (tile: chunk_size x columns), by device type.
 # On the CPU a 1024 x 2048 fp32 tile (8 MB) stays in cache through its exp / sum passes: measured 1.2-1.3x
@@ -82,8 +83,10 @@ def _forward_replaced(module: torch.nn.Module, forward):
 
 
 def _decoder_and_head(model):
-    """The transformer body (returns hidden states) and the output projection of a causal LM."""
-    decoder = model.get_decoder()
+    """The transformer body (returns hidden states) and the output projection of a causal LM; a vision-language
+    model's body is its whole base model (vision tower, projector, language model), which takes the image inputs
+    and computes its own rotary positions (Qwen2-VL's 3-D ones) from them."""
+    decoder = model.model if is_vision_language(model.config) else model.get_decoder()
     head = model.get_output_embeddings()
     if decoder is None or head is None:
         raise TypeError(f"{type(model).__name__} exposes no decoder / output embeddings")
@@ -350,12 +353,13 @@ def _router_aux_loss(lm, router_logits, attention_mask) -> torch.Tensor:
 
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                          *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None,
-                         decoder_kwargs: dict | None = None):
+                         decoder_kwargs: dict | None = None, vision_inputs: dict | None = None):
     """Log-probs of the labelled tokens of each row.
 
     Args: input_ids, labels: (R, T); labels are -100 where not scored. attention_mask: (R, T), or a
     prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None; `decoder_kwargs`
-    go to the decoder's forward (the spans of a packed batch).
+    go to the decoder's forward (the spans of a packed batch); `vision_inputs` (contracts.VISION_INPUTS:
+    pixel_values, image_grid_thw, ...) go through the wrapped model's forward to a vision-language model.
     Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
     t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
     (mean over the vocabulary, detached) and optionally `sqnorm` (N,).
@@ -369,7 +373,8 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
         return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, **kwargs)
 
     with _forward_replaced(lm, forward):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     **(vision_inputs or {}))
 
 
 # -- per-pair sums --------------------------------------------------------------------------------
@@ -426,7 +431,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
             batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
     out = response_token_logps(model, batch["input_ids"], attention_mask, batch["labels"],
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
-                               position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs)
+                               position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs,
+                               vision_inputs={k: batch[k] for k in VISION_INPUTS if k in batch})
     mask = out["mask"]
     seq, b = _segments(mask, batch, layout)
     counts = torch.bincount(seq, minlength=2 * b)

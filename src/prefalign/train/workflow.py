@@ -30,6 +30,7 @@ from prefalign.modeling.load import (
     load_run_tokenizer,
     save_pissa_adapter,
 )
+from prefalign.modeling.vision import load_vision
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
@@ -45,7 +46,8 @@ def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, Pr
     with config.training.main_process_first(desc="data encoding"):  # the other processes read its cache
         tokenizer, vocab = load_run_tokenizer(config)
         return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train,
-                                        unpaired=config.objective.unpaired), vocab
+                                        unpaired=config.objective.unpaired,
+                                        vision=load_vision(config.model, config.data, tokenizer)), vocab
 
 
 def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
@@ -81,7 +83,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
     layout = choose_layout(ft, config.data, policy, reference.model)
-    collator = run_collator(ft, tokenizer.pad_token_id, layout)
+    collator = run_collator(ft, tokenizer.pad_token_id, layout, data.vision)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
