@@ -49,6 +49,11 @@ class PreferencePair:
     `rejected` the reply of another example that serves as its KL completion (data/feedback.py).
     So a KTO example travels through rendering, encoding, batching, log-probs and the reference
     cache exactly as a pair does, the mismatched pair taking the rejected side.
+
+    `images` / `videos`: the raw file bytes of each image / video of the prompt, in the order of
+    their placeholders; the placeholders stay in the message text as LLaMA-Factory's `<image>` /
+    `<video>` (data/media.py reads them and checks the counts; `open_image` decodes one).
+    Empty for a text-only pair.
     """
 
     prompt: list[Message]

@@ -40,8 +40,8 @@ class PairError(DataError):
         return PairError, (self.stage, self.where, self.field, self.reason)
 
 
-STAGES = ("parse", "render", "prefix", "tokenize")
-"""Where a record can fail: reading it into a pair, rendering it with the chat template, the
+STAGES = ("parse", "media", "render", "prefix", "tokenize")
+"""Where a record can fail: reading it into a pair, reading its images and videos (data/media.py), rendering it with the chat template, the
 prompt/response boundary (the prompt is not a prefix of prompt + reply), tokenizing it."""
 
 

@@ -252,7 +252,7 @@ def test_registry_openai_formatting_reads_messages_with_role_and_content():
 @pytest.mark.parametrize("formatting, columns, tags, says", [
     ("alpaca", {"choosen": "x"}, None, "unknown key \"columns\".\"choosen\" (did you mean 'chosen'?)"),
     ("sharegpt", None, {"role": "x"}, "unknown key \"tags\".\"role\""),
-    ("alpaca", {"images": "img"}, None, "text-only"),
+    ("alpaca", {"audios": "a"}, None, "not audio ones"),
     ("alpaca", {"kto_tag": 3}, None, "\"columns\".\"kto_tag\" is a number (3); expected a name"),
     ("alpaca", {"chosen": 3}, None, "expected a name"),
     ("alpaca", {"chosen": None}, None, "is null"),
@@ -309,7 +309,7 @@ def test_a_field_at_the_length_limit_is_accepted():
     ([{"role": "robot", "content": "x"}], "messages[0].role", "expected one of the roles"),
     ([{"content": "x"}], "messages[0].role", "is missing"),
     ([{"role": "user", "content": 5}], "messages[0].content", "found a number (5)"),
-    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]", "text only"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]", "or an image part"),
     (["just a string"], "messages[0]", "expected a message object"),
     ("not a list", "messages", "expected a list of messages"),
 ])

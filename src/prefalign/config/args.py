@@ -149,6 +149,10 @@ class DataArguments:
         "directories, or hub dataset names."
     )
     dataset_dir: str = _help("The folder holding `dataset_info.json` and the data files.", "data")
+    media_dir: str | None = _help(
+        "The folder that relative image and video paths of the data are in (unset: `dataset_dir`); a path "
+        "not found there is used as given, as LLaMA-Factory does."
+    )
     eval_dataset: list[str] | None = _help("Held-out data, same forms as `dataset`.")
     streaming: bool = _help(
         "Train on the encoded pairs as a stream (datasets' IterableDataset), in order through a shuffle buffer "

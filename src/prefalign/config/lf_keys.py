@@ -157,7 +157,7 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "dataset": _impl(None),
         "eval_dataset": _impl(None),
         "dataset_dir": _impl("data"),
-        "media_dir": _not_here(None, _MULTIMODAL),
+        "media_dir": _impl(None, "unset: dataset_dir; a path not found there is used as given (LF's converter)"),
         "cutoff_len": _impl(2048),
         "train_on_prompt": _stage(False, _SFT),
         # LF's pairwise processor encodes every record as one turn (history in the prompt, never

@@ -161,6 +161,8 @@ def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
         fields = [pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs]
         if pair.desirable is not None:  # a KTO example (a pair's fingerprint is unchanged)
             fields.append(pair.desirable)
+        if pair.images or pair.videos:  # the media by content (a text pair's fingerprint is unchanged)
+            fields.append([hashlib.sha256(item).hexdigest() for item in (*pair.images, b"|", *pair.videos)])
         digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 

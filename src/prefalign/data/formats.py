@@ -53,18 +53,24 @@ FUNCTION_CALL = "function_call"  # a sharegpt turn holding tool calls as JSON; b
 # with assistant turns.
 USER_SIDE = (USER, TOOL)
 
+# LLaMA-Factory's placeholders: where each image / video of the record goes in the message text
+# (data/media.py reads the media and checks the counts).
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
+
 WHOLE_RECORD = "(whole record)"
 """The `field` of a problem that is not in one column: a line that does not parse, a non-object."""
 
 
 class RecordError(Exception):
     """One record that cannot become a `PreferencePair`: `field` names the column (with a path into
-    nested values, e.g. `conversations[2]`), `reason` says what was found and what was expected."""
+    nested values, e.g. `conversations[2]`), `reason` says what was found and what was expected,
+    `stage` where it failed (errors.STAGES: "parse", or "media" for its images and videos)."""
 
-    def __init__(self, field: str, reason: str):
+    def __init__(self, field: str, reason: str, stage: str = "parse"):
         super().__init__(f"field '{field}': {reason}")
         self.field = field
         self.reason = reason
+        self.stage = stage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +98,10 @@ class Columns:
     """Unpaired records: the column of the one reply (alpaca's `output`, TRL's `completion`)."""
     kto_tag: str | None = None
     """Unpaired records: the column of the label (true: desirable, false: undesirable); set for KTO data only."""
+    images: str | None = None
+    """The column of the prompt's images (data/media.py); None: a text dataset."""
+    videos: str | None = None
+    """The column of the prompt's videos (data/media.py); None: no videos."""
 
 
 @dataclass(frozen=True)
@@ -460,14 +470,30 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
     return normalized
 
 
+_MEDIA_PARTS = {"image": IMAGE_PLACEHOLDER, "video": VIDEO_PLACEHOLDER}
+
+
 def _join_text_parts(parts: list, field: str) -> str:
-    texts = []
+    """A message's content parts as one text: text parts joined by newlines; an image (video) part,
+    TRL's `{"type": "image"}`, becomes the placeholder `<image>` (`<video>`) right where it stands,
+    its image read from the record's images column in placeholder order (data/media.py)."""
+    text, last = "", None
     for n, part in enumerate(parts):
-        if not (isinstance(part, dict) and part.get("type") == "text"):
-            raise RecordError(f"{field}[{n}]", f"expected a text part {{'type': 'text', 'text': ...}}, "
-                                               f"found {_kind(part)}: prefalign trains on text only")
-        texts.append(_text(part.get("text"), f"{field}[{n}].text"))
-    return "\n".join(texts)
+        where = f"{field}[{n}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _MEDIA_PARTS:
+            if any(part.get(key) is not None for key in ("image", "video", "url", "path")):
+                raise RecordError(where, f"a {kind} part that carries the {kind} itself: prefalign reads "
+                                         f"media from the record's {kind}s column; keep {{'type': '{kind}'}} "
+                                         f"here and put the {kind} in the column")
+            text, last = text + _MEDIA_PARTS[kind], kind
+            continue
+        if kind != "text":
+            raise RecordError(where, f"expected a text part {{'type': 'text', 'text': ...}} or an image "
+                                     f"part {{'type': 'image'}}, found {_kind(part)}")
+        text += ("\n" if last == "text" else "") + _text(part.get("text"), f"{where}.text")
+        last = "text"
+    return text
 
 
 def _leading_system(turns: list[Turn], record: dict, column: str | None) -> str | None:
@@ -616,7 +642,10 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
         # UltraFeedback-binarized keeps the chosen conversation in `messages` beside `prompt`.
         fits = ["prompt"]
     if len(fits) == 1:
-        return RecordFormat(fits[0], SHAPES[fits[0]].columns, AUTO_TAGS)
+        # media columns by their usual names: LF's `images` / `videos`, TRL's `image` / `images`
+        media = {kind: next((name for name in (f"{kind}s", kind) if name in keys), None) for kind in ("image", "video")}
+        columns = replace(SHAPES[fits[0]].columns, images=media["image"], videos=media["video"])
+        return RecordFormat(fits[0], columns, AUTO_TAGS)
     considered = "; ".join(f"{name} ({', '.join(shape.keys)})" for name, shape in SHAPES.items())
     problem = (f"fit several shapes ({', '.join(fits)})" if fits
                else "fit no preference record shape")
@@ -630,11 +659,9 @@ def detect_format(records: Iterable[Any], where: str) -> RecordFormat:
 
 REGISTRY_FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen",
-               "rejected", "chat_template_kwargs", "kto_tag")
+               "rejected", "chat_template_kwargs", "kto_tag", "images", "videos")
 UNSUPPORTED_COLUMNS = {
-    "images": "prefalign trains text-only models",
-    "videos": "prefalign trains text-only models",
-    "audios": "prefalign trains text-only models",
+    "audios": "prefalign trains text and vision-language models, not audio ones",
 }
 TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag",
             "function_tag", "system_tag")

@@ -75,7 +75,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
     renderer = ChatRenderer.from_config(tokenizer, data_args, vision)
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
-                  interleave_probs=data_args.interleave_probs or None, unpaired=unpaired)
+                  interleave_probs=data_args.interleave_probs or None, unpaired=unpaired,
+                  media_dir=data_args.media_dir)
     summary = DataSummary(template=renderer.name, cutoff_len=data_args.cutoff_len, end_of_turn=renderer.end_of_turn)
     rejects: list[dict] = []
     splits: dict[str, list] = {}

@@ -34,6 +34,7 @@ from prefalign.data.formats import (
     to_pair,
 )
 from prefalign.data.feedback import unpair
+from prefalign.data.media import MediaReader, with_media
 from prefalign.errors import ConfigError, DataError
 
 REGISTRY_FILE = "dataset_info.json"
@@ -67,13 +68,15 @@ def load_preference_pairs(
     interleave_probs: list[float] | None = None,
     seed: int = 42,
     unpaired: bool = False,
+    media_dir: str | None = None,
 ) -> tuple[list[PreferencePair], DataReport]:
     """Read each named dataset, convert its records, and mix them into one list of pairs.
 
     A name is, in this order: an entry of `<dataset_dir>/dataset_info.json`; a local file or
     directory (absolute, relative to the working directory, or relative to `dataset_dir`); a hub
     dataset (only when there is no dataset_info.json). `max_samples` keeps each dataset's first N
-    records (after a registry's `num_samples`). Raises `DataError` for unusable data, `ConfigError`
+    records (after a registry's `num_samples`). Relative media paths are looked up in `media_dir`
+    (default `dataset_dir`, as LLaMA-Factory; data/media.py). Raises `DataError` for unusable data, `ConfigError`
     for bad arguments.
     """
     names = [name.strip() for name in datasets]
@@ -88,7 +91,8 @@ def load_preference_pairs(
             raise DataError(f"{spec.where}: holds unpaired records (one reply with a label, KTO data), not "
                             "preference pairs; train on it with stage: kto")
         records = sample_records(records, spec.num_samples, max_samples, seed, name)
-        converted = convert_records(records, fmt, spec, on_bad_record, report)
+        media = MediaReader(dataset_dir if media_dir is None else media_dir, local=not spec.hub)
+        converted = convert_records(records, fmt, spec, on_bad_record, report, media)
         if unpaired and not fmt.unpaired:
             report.split_pairs[name] = len(converted)
             converted = unpair(converted)
@@ -488,23 +492,26 @@ def sample_records(records: list[RawRecord], num_samples: int | None, max_sample
 
 
 def convert_records(records: list[RawRecord], fmt: RecordFormat, spec: DatasetSpec,
-                    on_bad_record: str, report: DataReport) -> list[PreferencePair]:
-    """Each record → a pair, or (on_bad_record: skip) a counted reject; otherwise a bad record stops
-    the run with a DataError naming file, record, line and field."""
+                    on_bad_record: str, report: DataReport, media: MediaReader | None = None) -> list[PreferencePair]:
+    """Each record → a pair with its media (`media`: where to find them; default: beside the data),
+    or (on_bad_record: skip) a counted reject; otherwise a bad record stops the run with a DataError
+    naming file, record, line and field."""
+    media = media or MediaReader(os.path.dirname(spec.location) or ".", local=not spec.hub)
     pairs = []
     report.skipped[spec.name] = 0
     for raw in records:
         try:
             if raw.error is not None:
                 raise raw.error
-            pairs.append((to_example if fmt.unpaired else to_pair)(raw.value, fmt, raw.source))
+            pair = (to_example if fmt.unpaired else to_pair)(raw.value, fmt, raw.source)
+            pairs.append(with_media(pair, raw.value, fmt, media))
         except RecordError as err:
             if on_bad_record == "error":
                 raise DataError(f"{raw.source}, field '{err.field}': {err.reason}; {SKIP_HINT}") from None
             report.skipped[spec.name] += 1
             report.rejects.append({
                 "dataset": spec.name, "file": raw.source.file, "index": raw.source.index,
-                "line": raw.source.line, "stage": "parse", "field": err.field, "reason": err.reason,
+                "line": raw.source.line, "stage": err.stage, "field": err.field, "reason": err.reason,
                 "record": raw.text if raw.error is not None else _preview(raw.value),
             })
     report.loaded[spec.name] = len(pairs)
@@ -526,6 +533,8 @@ def _preview(value: Any, limit: int = 2000) -> Any:
         return [_preview(item, limit) for item in value]
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, (bytes, bytearray)):  # an image's bytes: their size, not their contents
+        return f"<{len(value):,} bytes>"
     return str(value)
 
 
