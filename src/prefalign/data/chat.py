@@ -27,7 +27,8 @@ from prefalign.contracts import Message, PreferencePair
 from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
 from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
                                       stop_token_ids)
-from prefalign.data.vision import MediaError, VisionProcessor
+from prefalign.data.media import MediaError
+from prefalign.data.vision import VisionProcessor
 from prefalign.errors import ConfigError, PairError
 
 _NO_VIDEO = ("videos are not read yet: prefalign's video path needs torchvision and av (not installed) and is not "

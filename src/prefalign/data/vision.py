@@ -19,12 +19,11 @@ LLaMA-Factory's rules, per plugin (data/mm_plugin.py):
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass, field
 
-IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory's placeholders in message text
-VIDEO_PLACEHOLDER = "<video>"
+from prefalign.data.formats import IMAGE_PLACEHOLDER
+from prefalign.data.media import MediaError, open_image
 
 
 @dataclass(frozen=True)
@@ -54,17 +53,6 @@ PLUGINS = {
     "LlavaPlugin": VisionPlugin("LlavaPlugin", "<image>"),
 }
 """The plugins prefalign implements, by LLaMA-Factory's class name (a template's `mm_plugin`)."""
-
-
-class MediaError(ValueError):
-    """A record's images cannot be used with this template or processor; the message says why."""
-
-
-def _open_rgb(data: bytes):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
 
 
 def _scaled(image, factor: float):
@@ -99,7 +87,7 @@ class VisionProcessor:
 
     def prepared(self, data: bytes):
         """One image's bytes -> the PIL image the processor gets (LLaMA-Factory's _preprocess_image)."""
-        image = _open_rgb(data)
+        image = open_image(data)
         if image.width * image.height > self.max_pixels:
             image = _scaled(image, math.sqrt(self.max_pixels / (image.width * image.height)))
         if image.width * image.height < self.min_pixels:

@@ -1,0 +1,246 @@
+"""Vision-language models: image tokens, batches and log-probs against each family's own processor.
+
+The tiny models (tests/vlm_models.py) are random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA models with
+their real processors; the images are drawn with PIL at sizes LLaMA-Factory's resize leaves alone
+(between image_min_pixels and image_max_pixels, each side at least 28), so the processor alone, given the
+same images, is an independent computation of what prefalign must produce.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm_models import build_vlm, family_processor, png  # noqa: E402
+
+from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments  # noqa: E402
+from prefalign.contracts import IGNORE_INDEX, PreferencePair, RecordSource  # noqa: E402
+from prefalign.data.chat import ChatRenderer  # noqa: E402
+from prefalign.data.collate import PairCollator  # noqa: E402
+from prefalign.data.encode import encode_pair, encode_pairs  # noqa: E402
+from prefalign.data.media import open_image  # noqa: E402
+from prefalign.errors import PairError  # noqa: E402
+from prefalign.modeling.layout import choose_layout  # noqa: E402
+from prefalign.modeling.load import load_causal_lm, load_policy, load_tokenizer  # noqa: E402
+from prefalign.modeling.logprobs import pair_logps  # noqa: E402
+from prefalign.modeling.vision import load_vision  # noqa: E402
+
+FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: build_vlm(family, root / family) for family in FAMILIES}
+
+
+def _run(family, path, **model_keys):
+    model_args = ModelArguments(model_name_or_path=path, **model_keys)
+    data_args = DataArguments(template=FAMILIES[family], dataset=["x"], cutoff_len=1024)
+    tokenizer = load_tokenizer(model_args)
+    vision = load_vision(model_args, data_args, tokenizer)
+    return tokenizer, vision, ChatRenderer.from_config(tokenizer, data_args, vision)
+
+
+def _pairs():
+    """Three pairs: two images (one before the text, one after), one image, three images over two user turns."""
+    src = RecordSource("pairs.json", 0)
+    return [
+        PreferencePair([{"role": "user", "content": "<image>What is this? <image>"}], "A red box.", "A cat.",
+                       src, images=(png(40, 30), png(60, 60, seed=1))),
+        PreferencePair([{"role": "user", "content": "Look: <image>"}], "Blue.", "Green sky is here.",
+                       RecordSource("pairs.json", 1), images=(png(30, 50, (0, 0, 200), seed=2),)),
+        PreferencePair([{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "Two."},
+                        {"role": "user", "content": "Now <image>"}], "One more.", "None.",
+                       RecordSource("pairs.json", 2), images=(png(56, 42, seed=3), png(28, 64, seed=4),
+                                                              png(44, 44, (0, 200, 0), seed=5))),
+    ]
+
+
+def _parts(content: str) -> list[dict]:
+    """A message's text with `<image>` placeholders as the processor's chat-template content parts."""
+    pieces = content.split("<image>")
+    parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for piece in pieces[1:]:
+        parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _reply_end(family: str, tokenizer) -> str:
+    return tokenizer.eos_token if family == "llava" else "<|im_end|>\n"  # LF's assistant slot
+
+
+def _processor_ids(family, processor, pair: PreferencePair, reply: str):
+    """The family's processor on the conversation: (prompt ids, prompt + reply ids, model inputs)."""
+    messages = [{"role": m["role"], "content": _parts(m["content"]) if m["role"] == "user"
+                 else [{"type": "text", "text": m["content"]}]} for m in pair.prompt]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if family == "llava":  # its template ends the user turn with the assistant header itself
+        prompt = processor.apply_chat_template(messages, tokenize=False)
+    images = [open_image(data) for data in pair.images]
+    prompt_ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
+    inputs = processor(text=[prompt + reply + _reply_end(family, processor.tokenizer)], images=images,
+                       return_tensors="pt")
+    return prompt_ids, inputs["input_ids"][0].tolist(), inputs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_image_tokens_and_label_masks_equal_the_processors(vlm_dirs, family):
+    """Each `<image>` becomes as many image tokens as the family's processor writes for that image, at the
+    same place; the collator's labels are -100 exactly on the processor's prompt tokens and padding."""
+    tokenizer, vision, renderer = _run(family, vlm_dirs[family])
+    processor = family_processor(family, vlm_dirs[family])
+    pairs = _pairs()
+    features = []
+    for i, pair in enumerate(pairs):
+        encoded = encode_pair(pair, renderer, 1024)
+        for side, reply in (("chosen_ids", pair.chosen), ("rejected_ids", pair.rejected)):
+            prompt_ids, full_ids, _ = _processor_ids(family, processor, pair, reply)
+            assert encoded["prompt_ids"] == prompt_ids
+            assert encoded["prompt_ids"] + encoded[side] == full_ids
+        features.append({**encoded, "images": list(pair.images), "index": i})
+    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    for row in range(2 * len(pairs)):
+        pair = pairs[row % len(pairs)]
+        prompt_ids, full_ids, _ = _processor_ids(family, processor, pair, pair.chosen if row < 3 else pair.rejected)
+        expected = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        expected += [IGNORE_INDEX] * (batch["labels"].shape[1] - len(expected))
+        assert batch["labels"][row].tolist() == expected
+    image_id = tokenizer.convert_tokens_to_ids(vision.plugin.image_token)
+    assert int((batch["input_ids"] == image_id).sum()) > 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, family):
+    """A batch of three pairs (1-3 images each, padded rows): each pair's summed chosen and rejected
+    log-probs equal the model's own forward on the processor's inputs for that pair alone, summed over the
+    reply's tokens by hand (log-softmax of the logits at the positions before each reply token)."""
+    path = vlm_dirs[family]
+    tokenizer, vision, renderer = _run(family, path)
+    processor = family_processor(family, path)
+    pairs = _pairs()
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
+    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    model = load_causal_lm(path, ModelArguments(model_name_or_path=path)).eval()
+    with torch.no_grad():
+        got = pair_logps(model, batch)
+        for i, pair in enumerate(pairs):
+            for side, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+                prompt_ids, full_ids, inputs = _processor_ids(family, processor, pair, reply)
+                logits = model(**inputs).logits[0, :-1].float()
+                token = logits.log_softmax(-1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
+                expected = token[len(prompt_ids) - 1:].sum()
+                assert torch.allclose(getattr(got, side)[i], expected, atol=1e-4), (family, i, side)
+
+
+def test_lf_resize_rules_shape_the_image_tokens(vlm_dirs):
+    """image_max_pixels scales a large image down before the processor (aspect kept), as LLaMA-Factory:
+    a 100 x 50 image under image_max_pixels 1250 is scaled by sqrt(1250 / 5000) = 0.5 to 50 x 25, then Qwen's
+    28-pixel minimum side makes it 50 x 28; the processor rounds that to 56 x 28 = 4 x 2 patches of 14 px
+    (grid 1 x 2 x 4), 8 / (2 x 2 merge) = 2 image tokens. Unscaled by LF (default limit 768²), 100 x 50 meets
+    only the tiny processor's own max_pixels 64² = 4096: scaled by sqrt(5000 / 4096) and floored to multiples of
+    28, 84 x 28 = 6 x 2 patches, 3 tokens."""
+    _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"], image_max_pixels=1250)
+    assert vision.prepared(png(100, 50)).size == (50, 28)
+    assert vision.seqlen(png(100, 50)) == 2
+    _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    assert vision.seqlen(png(100, 50)) == 3
+    _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    assert vision.prepared(png(40, 20)).size[1] == 28
+
+
+def test_truncation_never_cuts_an_image(vlm_dirs, tmp_path):
+    """A pair whose image tokens do not fit within cutoff_len beside the reply is refused at tokenize with
+    field images, and is a counted skip under on_bad_record: skip; a pair cut only in text before its image
+    keeps every image token."""
+    tokenizer, vision, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    pair = _pairs()[0]
+    with pytest.raises(PairError) as caught:
+        encode_pair(pair, renderer, 16)
+    assert (caught.value.stage, caught.value.field) == ("tokenize", "images")
+    assert "cutoff_len 16" in caught.value.reason
+    long_text = PreferencePair([{"role": "user", "content": "words " * 40 + "<image>"}], "Yes.", "No.",
+                               RecordSource("pairs.json", 3), images=(png(40, 30),))
+    full = encode_pair(long_text, renderer, 1024)
+    cut = encode_pair(long_text, renderer, len(full["prompt_ids"]) - 20)
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert len(cut["prompt_ids"]) < len(full["prompt_ids"])
+    assert cut["prompt_ids"].count(image_id) == full["prompt_ids"].count(image_id) > 0
+    dataset, stats = encode_pairs([pair, long_text], renderer, 16, cache_dir=tmp_path, on_bad_record="skip")
+    assert stats["skipped"] == 1 and len(dataset) == 1
+    assert stats["rejects"][0]["field"] == "images"
+
+
+def test_images_are_part_of_the_cache_keys(vlm_dirs, tmp_path):
+    """The same text with another image encodes to another cache entry (and other image tokens), and the
+    precomputed reference's data fingerprint changes with the image bytes even where the ids do not."""
+    from prefalign.reference_cache import dataset_fingerprint
+
+    _, _, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    one = PreferencePair([{"role": "user", "content": "<image>"}], "a", "b", RecordSource("f", 0),
+                         images=(png(40, 30, seed=1),))
+    other = PreferencePair(one.prompt, "a", "b", one.source, images=(png(40, 30, seed=2),))
+    first, _ = encode_pairs([one], renderer, 256, cache_dir=tmp_path)
+    second, _ = encode_pairs([other], renderer, 256, cache_dir=tmp_path)
+    assert first["prompt_ids"] == second["prompt_ids"]  # same size: same tokens
+    assert first["images"] != second["images"]
+    assert dataset_fingerprint(first) != dataset_fingerprint(second)
+
+
+def test_vision_models_take_the_plain_layout(vlm_dirs):
+    path = vlm_dirs["qwen2_vl"]
+    model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
+    layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
+    assert not layout.packing and not layout.prefix_sharing
+    assert "vision-language" in layout.describe()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_lora_all_never_touches_a_frozen_tower_or_projector(vlm_dirs, family):
+    """lora_target: all adapts the language model's linear layers only (LF's find_all_linear_modules +
+    patch_target_modules); freeze_vision_tower: false lets it adapt the tower's layers too; full tuning trains
+    neither tower nor projector by default, and nothing of the language model with freeze_language_model."""
+    path = vlm_dirs[family]
+    model_args = ModelArguments(model_name_or_path=path)
+    tower, projector = {"qwen2_vl": ("visual.blocks", "visual.merger"),
+                        "llava": ("vision_tower", "multi_modal_projector")}[family]
+    lora = load_policy(model_args, FinetuningArguments(finetuning_type="lora"))
+    adapted = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert adapted and all("lora_" in name and "language_model" in name for name in adapted)
+    lora = load_policy(model_args, FinetuningArguments(finetuning_type="lora", freeze_vision_tower=False))
+    adapted = {name for name, p in lora.named_parameters() if p.requires_grad}
+    assert any(tower in name for name in adapted) and not any(projector in name for name in adapted)
+    full = load_policy(model_args, FinetuningArguments(finetuning_type="full"))
+    trained = {name for name, p in full.named_parameters() if p.requires_grad}
+    assert trained and not any(tower in n or projector in n for n in trained)
+    assert any("language_model" in n for n in trained)
+    frozen_lm = load_policy(model_args, FinetuningArguments(finetuning_type="full", freeze_language_model=True,
+                                                            freeze_multi_modal_projector=False))
+    trained = {name for name, p in frozen_lm.named_parameters() if p.requires_grad}
+    assert trained and all(projector in n for n in trained)
+
+
+def test_step0_loss_is_ln2_with_images(vlm_dirs):
+    """Policy == reference at step 0 (LoRA, the adapter off): every pair's sigmoid DPO loss is ln 2 exactly."""
+    path = vlm_dirs["qwen2_vl"]
+    tokenizer, vision, renderer = _run("qwen2_vl", path)
+    pairs = _pairs()
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
+    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    policy = load_policy(ModelArguments(model_name_or_path=path), FinetuningArguments(finetuning_type="lora"))
+    with torch.no_grad():
+        logps = pair_logps(policy, batch)
+        with policy.disable_adapter():
+            reference = pair_logps(policy, batch)
+    margin = (logps.chosen - reference.chosen) - (logps.rejected - reference.rejected)
+    losses = -torch.nn.functional.logsigmoid(0.1 * margin)
+    assert torch.equal(margin, torch.zeros_like(margin))
+    assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=0, rtol=0)
