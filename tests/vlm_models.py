@@ -151,3 +151,31 @@ def family_processor(family: str, path):
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
     return processor
+
+
+def rlhf_v_dataset(folder, n: int = 8) -> str:
+    """A local dataset shaped like LLaMA-Factory's `rlhf_v` (sharegpt `conversations`, `chosen` / `rejected`
+    turns, `images` paths relative to the folder): one to three images per prompt, some multi-turn, with the
+    dataset_info.json entry LF's own registry has (its file instead of its hub url)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        count = 1 + i % 3
+        names = []
+        for k in range(count):
+            name = f"images/{i}_{k}.png"
+            (folder / name).write_bytes(png(28 + 4 * ((i + k) % 5), 28 + 6 * (k % 3), (40 * i % 256, 90, 30 * k),
+                                            seed=i * 10 + k))
+            names.append(name)
+        conversations = [{"from": "human", "value": "<image>" * count + f" Describe picture {i}."}]
+        if i % 2:
+            conversations += [{"from": "gpt", "value": "Which part?"}, {"from": "human", "value": "The left side."}]
+        records.append({"conversations": conversations,
+                        "chosen": {"from": "gpt", "value": f"It shows shape {i} in red."},
+                        "rejected": {"from": "gpt", "value": "A cat."}, "images": names})
+    (folder / "rlhf_v.json").write_text(json.dumps(records))
+    (folder / "dataset_info.json").write_text(json.dumps({"rlhf_v": {
+        "file_name": "rlhf_v.json", "ranking": True, "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}}}))
+    return str(folder)

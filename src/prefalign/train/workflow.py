@@ -288,7 +288,8 @@ def write_run_report(config: RunConfig, trainer) -> Path:
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
-        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id),
+        vision = getattr(trainer.data_collator, "vision", None)  # pairs with images: the run's image processing
+        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id, vision=vision),
                                  trainer.processing_class, device=trainer.args.device,
                                  split="eval" if held_out else "train")
     if not is_main_process():
