@@ -81,3 +81,50 @@ def test_full_and_freeze_tuning_train_only_the_language_model(tmp_path, finetuni
     assert vision and all(torch.equal(base[key], trained[key]) for key in vision)
     language = [key for key in base if "layers.1." in key and ".visual." not in f".{key}"]  # Qwen2-VL's own key names
     assert any(not torch.equal(base[key], trained[key]) for key in language)
+
+
+@pytest.mark.extended
+def test_data_eval_chat_and_export_take_images(tmp_path):
+    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens and their count (example 0's
+    one 28 x 28 image: LF scales it up to 32 x 32 (image_min_pixels 1024), the processor rounds that to 28 x 28,
+    2 x 2 patches of 14 px merged 2 x 2: 1 token); `eval` scores every pair; `chat --image` answers; `export`
+    writes the image processor beside the merged model, which gives base + adapter's logits."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+                        learning_rate=1e-2, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
+    out, model = tmp_path / "out", tmp_path / "model-qwen2_vl"
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "preprocessor_config.json").is_file()  # the processor beside the adapter, as LF saves it
+
+    shown = prefalign("data", str(config), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "[images: 1, 1 image tokens; image 1: 1 tokens at" in shown.stdout
+    assert "<|vision_start|><|image_pad|>×1<|vision_end|>" in shown.stdout
+
+    scored = prefalign("eval", str(config), f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
+                       cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(row["loss"] > 0 for row in rows)
+
+    image = tmp_path / "data" / "images" / "0_0.png"
+    chat = prefalign("chat", str(config), f"adapter_name_or_path={out}", "--image", str(image), "--prompt",
+                     "What is it?", "max_new_tokens=4", cwd=tmp_path)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "Assistant:" in chat.stdout
+    missing = prefalign("chat", str(config), "--image", str(tmp_path / "nope.png"), "--prompt", "hi", cwd=tmp_path)
+    assert missing.returncode != 0 and "--image" in missing.stderr and "nope.png" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    exported = prefalign("export", str(config), f"adapter_name_or_path={out}", f"export_dir={tmp_path / 'exp'}",
+                         cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    AutoImageProcessor.from_pretrained(tmp_path / "exp")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "exp").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), str(out)).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)

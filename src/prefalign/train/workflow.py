@@ -30,7 +30,8 @@ from prefalign.modeling.load import (
     load_run_tokenizer,
     save_pissa_adapter,
 )
-from prefalign.modeling.vision import load_vision
+from prefalign.modeling.logprobs import causal_lm
+from prefalign.modeling.vision import is_vision_language, load_vision, save_processor
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
@@ -204,9 +205,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_final_model(trainer, out: Path, *, pissa_convert: bool = False) -> list[str]:
+def save_final_model(trainer, out: Path, *, pissa_convert: bool = False, model_args=None) -> list[str]:
     """The final weights and tokenizer, each file renamed into `out` only when fully written (with
-    `pissa_convert`, also the adapter converted to a LoRA of the original base, in `pissa_converted`).
+    `pissa_convert`, also the adapter converted to a LoRA of the original base, in `pissa_converted`; with
+    `model_args` of a vision-language model, its image processor, as LLaMA-Factory saves the processor).
 
     peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output
     (it stays loaded: the final evaluation and the report still need it).
@@ -220,6 +222,8 @@ def save_final_model(trainer, out: Path, *, pissa_convert: bool = False) -> list
     if main and pissa_convert:
         save_pissa_adapter(trainer.accelerator.unwrap_model(trainer.model), staging / PISSA_CONVERTED,
                            initial=out / PISSA_INIT)
+    if main and model_args is not None and is_vision_language(causal_lm(trainer.model).config):
+        save_processor(model_args, staging)
     trainer.accelerator.wait_for_everyone()
     names = []
     if main:
@@ -241,7 +245,8 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
     the main process writes the files."""
     args = config.training
     out = Path(args.output_dir)
-    model_files = save_final_model(trainer, out, pissa_convert=config.finetuning.pissa_convert)
+    model_files = save_final_model(trainer, out, pissa_convert=config.finetuning.pissa_convert,
+                                   model_args=config.model)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
