@@ -244,3 +244,38 @@ def test_step0_loss_is_ln2_with_images(vlm_dirs):
     losses = -torch.nn.functional.logsigmoid(0.1 * margin)
     assert torch.equal(margin, torch.zeros_like(margin))
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_dirs, family):
+    """The concatenated layout's rejected rows repeat the chosen rows' images. Encoding them once and handing
+    each image's features to both rows gives the log-probs and the gradients (of a trained tower, projector
+    and language model) of encoding every row's copy, while the tower's first layer sees half the inputs:
+    Qwen: the pairs' patches once (Σ t·h·w of each image's grid), LLaVA: the pairs' images once."""
+    path = vlm_dirs[family]
+    tokenizer, vision, renderer = _run(family, path)
+    pairs = _pairs()
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
+    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    ft = FinetuningArguments(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    model = load_policy(ModelArguments(model_name_or_path=path), ft)
+    first = model.model.visual.patch_embed if family != "llava" else model.model.vision_tower.embeddings
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    results = {}
+    for once in (False, True):
+        model.zero_grad()
+        seen.clear()
+        logps = pair_logps(model, batch, vision_once=once)
+        (logps.chosen.sum() - 0.5 * logps.rejected.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[once] = (logps, grads, sum(seen))
+    (plain, plain_grads, plain_seen), (shared, shared_grads, shared_seen) = results[False], results[True]
+    assert torch.allclose(plain.chosen, shared.chosen, atol=1e-5)
+    assert torch.allclose(plain.rejected, shared.rejected, atol=1e-5)
+    assert set(plain_grads) == set(shared_grads) and any("visual" in n or "vision_tower" in n for n in plain_grads)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, shared_grads[name], atol=1e-5, rtol=1e-4), name
+    images = [data for p in pairs for data in p.images]
+    once = (int(vision.model_inputs(images)["image_grid_thw"].prod(-1).sum()) if family != "llava" else len(images))
+    assert (plain_seen, shared_seen) == (2 * once, once)

@@ -73,18 +73,21 @@ class PairCollator:
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
         if any(f.get("images") for f in features):
-            batch.update(image_inputs(self.vision, input_ids, [f["images"] for f in features] * 2))
+            batch.update(image_inputs(self.vision, input_ids, [f["images"] for f in features], repeat=2))
         return batch
 
 
-def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]]) -> dict[str, torch.Tensor]:
-    """The image inputs of a batch whose row r holds the tokens of `row_images[r]`, in row order (the model
-    scatters the image features into its image tokens in row-major order): the image processor's tensors and,
-    for the Qwen family, `mm_token_type_ids` (R, T) (1 at image tokens), from which the model computes its
-    3-D rotary positions itself."""
+def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]], repeat: int = 1
+                 ) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch whose row r holds the tokens of `row_images[r % len(row_images)]` (`repeat`
+    times the rows: the concatenated layout's chosen rows, then its rejected rows), in row order (the model
+    scatters the image features into its image tokens in row-major order): the image processor's tensors,
+    computed once and repeated, and, for the Qwen family, `mm_token_type_ids` (R, T) (1 at image tokens),
+    from which the model computes its 3-D rotary positions itself."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
     inputs = vision.model_inputs([data for images in row_images for data in images])
+    inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
     if vision.plugin.qwen:
         image_token = vision.image_token_id
         inputs["mm_token_type_ids"] = (input_ids == image_token).long()
