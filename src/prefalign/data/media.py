@@ -11,7 +11,8 @@ the order of the `<image>` / `<video>` placeholders of the prompt. An item is:
     bytes       the file's bytes
     an object   {"bytes", "path"}: datasets' Image feature as Parquet / Arrow store it (bytes win,
                 else the path as given, as LF's mm_plugin `_regularize_images`)
-    a PIL image a decoded `datasets.Image` value (a hub dataset): kept as PNG bytes (lossless)
+    a PIL image a decoded image (a hub dataset read elsewhere): kept as PNG bytes (lossless); the
+                hub reader itself leaves `datasets.Image` columns undecoded, so their stored bytes come through
 
 Every image is decoded once at load, so a missing, unreadable or truncated file is a record error
 (stage "media") before training starts rather than a crash in the middle of it.
@@ -111,7 +112,7 @@ class MediaReader:
         looked = [os.path.join(self.media_dir, path)] if join else []
         found = next((p for p in looked if os.path.isfile(p)), path)
         if not os.path.isfile(found):
-            tried = ", ".join(dict.fromkeys([*looked, path]))
+            tried = ", ".join(dict.fromkeys([*looked, os.path.abspath(path)]))
             raise RecordError(where, f"file not found: {path!r} (looked at {tried}); fix the path, or set "
                                      "media_dir to the folder it is relative to", MEDIA_STAGE)
         try:

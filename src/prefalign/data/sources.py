@@ -438,8 +438,28 @@ def _read_hub(spec: DatasetSpec) -> list[RawRecord]:
         raise DataError(f"{spec.where}: datasets.load_dataset({spec.location!r}, split={spec.split!r}) "
                         f"failed: {type(err).__name__}: {first_line}. If you meant a local file, "
                         "check its path; for a hub dataset, check the name, split and network") from None
+    dataset = _undecoded_images(dataset)
     file = f"{spec.location}[{spec.split}]"
     return [RawRecord(RecordSource(file, index, None, spec.name), row) for index, row in enumerate(dataset)]
+
+
+def _undecoded_images(dataset):
+    """`dataset` with its Image columns (and lists of images) left as stored, `{"bytes", "path"}`: the
+    file's own bytes reach the pair (data/media.py decodes each once), not a decoded copy re-encoded."""
+    import datasets as hf_datasets
+
+    def undecoded(feature):
+        if isinstance(feature, hf_datasets.Image):
+            return hf_datasets.Image(decode=False)
+        if isinstance(feature, (hf_datasets.List, hf_datasets.Sequence)):
+            inner = undecoded(feature.feature)
+            return None if inner is None else type(feature)(inner)
+        return None
+
+    for name, feature in dataset.features.items():
+        if (changed := undecoded(feature)) is not None:
+            dataset = dataset.cast_column(name, changed)
+    return dataset
 
 
 def _decode(data: bytes, path: str) -> str:
