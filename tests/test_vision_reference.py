@@ -3,6 +3,7 @@ the same image batch, and the precomputed cache is keyed by the image bytes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vlm_models import build_vlm, png, rlhf_v_dataset  # noqa: E402
+from mm_helpers import build_vlm, draw_image, write_rlhf_v  # noqa: E402
 
 from helpers import first_batch  # noqa: E402
 from prefalign.config import build_config  # noqa: E402
@@ -23,7 +24,7 @@ from prefalign.train.workflow import build_trainer  # noqa: E402
 def vlm(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlm-ref")
     return {"base": build_vlm("qwen2_vl", root / "base"), "other": build_vlm("qwen2_vl", root / "other", seed=7),
-            "data": rlhf_v_dataset(root / "data", n=6)}
+            "data": write_rlhf_v(root / "data", count=6)}
 
 
 def _config(vlm, out, **overrides):
@@ -71,7 +72,12 @@ def test_the_precomputed_cache_is_keyed_by_the_image_bytes(vlm, tmp_path):
     first = build_trainer(_config(vlm, tmp_path / "a", dataset_dir=str(data), precompute_ref_log_probs=True))
     again = build_trainer(_config(vlm, tmp_path / "b", dataset_dir=str(data), precompute_ref_log_probs=True))
     assert again.reference.stats["train"]["path"] == first.reference.stats["train"]["path"]
-    (data / "images" / "0_0.png").write_bytes(png(28, 28, (1, 2, 3), seed=99))  # rlhf_v_dataset's first is 28 x 28
+    from PIL import Image
+
+    first_image = data / json.loads((data / "rlhf_v.json").read_text())[0]["images"][0]
+    with Image.open(first_image) as image:
+        size = image.size
+    draw_image(99, size).save(first_image)  # the same size: the same image tokens
     redrawn = build_trainer(_config(vlm, tmp_path / "c", dataset_dir=str(data), precompute_ref_log_probs=True))
     assert redrawn.reference.stats["train"]["path"] != first.reference.stats["train"]["path"]
     assert redrawn.reference.stats["train"]["computed"] == 6

