@@ -153,3 +153,39 @@ def test_qlora_trains_a_vision_language_model(tmp_path):
     policy = load_policy(ModelArguments(model_name_or_path=str(tmp_path / "model-qwen2_vl"), quantization_bit=4),
                          FinetuningArguments(finetuning_type="lora"))
     assert any(isinstance(m, bnb.nn.Linear4bit) for n, m in policy.named_modules() if "language_model" in n)
+
+
+@pytest.mark.extended
+def test_zero3_in_two_processes_trains_what_one_process_trains(tmp_path):
+    """Full tuning of a tiny Qwen2-VL under DeepSpeed ZeRO-3 in 2 CPU processes (2 pairs each; the frozen-copy
+    reference in its own inference engine) logs the losses and margins of one process with 4 pairs per step,
+    and saves the same weights (within 1e-4: Adam's normalised steps carry the processes' fp32 reduction-order
+    differences, 1.5e-5 here), the frozen vision tower and projector the base's, bit for bit."""
+    from transformers import AutoModelForImageTextToText
+
+    common = dict(template="qwen2_vl", finetuning_type="full", max_steps=3, warmup_ratio=0.0, logging_steps=1,
+                  gradient_accumulation_steps=1, learning_rate=1e-2, dataloader_num_workers=0,
+                  preprocessing_num_workers=1, bf16=False)
+    two = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=2,
+                     deepspeed=str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), **common)
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(two), "--nproc", "2",
+                          f"output_dir={tmp_path / 'z3'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=4, **common)
+    run = prefalign("train", str(one), f"output_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = {name: [h for h in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in h] for name in ("z3", "one")}
+    assert len(logs["z3"]) == len(logs["one"]) == 3 and logs["one"][-1]["loss"] < 0.69  # it learned
+    for a, b in zip(logs["z3"], logs["one"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    z3, single, base = (AutoModelForImageTextToText.from_pretrained(tmp_path / name).state_dict()
+                        for name in ("z3", "one", "model-qwen2_vl"))  # ZeRO-3's consolidated save loads too
+    assert z3.keys() == single.keys()
+    for key, value in single.items():
+        assert torch.allclose(z3[key], value, atol=1e-4), key
+        if ".visual." in f".{key}":
+            assert torch.equal(z3[key], base[key]), key
+    assert any(not torch.equal(single[key], base[key]) for key in single if "language_model" in key)
