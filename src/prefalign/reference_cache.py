@@ -278,7 +278,8 @@ class PrecomputedReference(Reference):
         self.stats = stats  # per split: {"computed": n, "reused": n, "path": str}
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> PairLogps:
+    def logps(self, batch: dict[str, torch.Tensor], split: str = "train", image_features: dict | None = None
+              ) -> PairLogps:
         if split not in self.tables:
             raise PrefalignError(f"reference log-probs: no precomputed values for the {split} data")
         if "index" not in batch:

@@ -29,7 +29,7 @@ from prefalign.errors import PairError  # noqa: E402
 from prefalign.modeling.layout import choose_layout  # noqa: E402
 from prefalign.modeling.load import load_causal_lm, load_policy, load_tokenizer  # noqa: E402
 from prefalign.modeling.logprobs import pair_logps  # noqa: E402
-from prefalign.modeling.vision import load_vision  # noqa: E402
+from prefalign.modeling.vision import image_features_fixed, load_vision  # noqa: E402
 
 FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
 
@@ -238,9 +238,11 @@ def test_lora_all_never_touches_a_frozen_tower_or_projector(vlm_dirs, family):
     lora = load_policy(model_args, FinetuningArguments(finetuning_type="lora"))
     adapted = {name for name, p in lora.named_parameters() if p.requires_grad}
     assert adapted and all("lora_" in name and "language_model" in name for name in adapted)
+    assert image_features_fixed(lora)  # its reference may reuse its image features
     lora = load_policy(model_args, FinetuningArguments(finetuning_type="lora", freeze_vision_tower=False))
     adapted = {name for name, p in lora.named_parameters() if p.requires_grad}
     assert any(tower in name for name in adapted) and not any(projector in name for name in adapted)
+    assert not image_features_fixed(lora)  # an adapted tower: the reference encodes the images itself
     full = load_policy(model_args, FinetuningArguments(finetuning_type="full"))
     trained = {name for name, p in full.named_parameters() if p.requires_grad}
     assert trained and not any(tower in n or projector in n for n in trained)
@@ -316,3 +318,38 @@ def test_a_text_template_refuses_image_pairs_by_name(vlm_dirs):
     assert "qwen2_vl" in caught.value.reason
     assert load_vision(ModelArguments(model_name_or_path=path), DataArguments(template="qwen", dataset=["x"]),
                        tokenizer) is None
+
+
+@pytest.mark.parametrize("family, finetuning_type", [("qwen2_vl", "lora"), ("llava", "full"), ("qwen3_vl", "lora")])
+def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_path, family, finetuning_type):
+    """With the tower and projector frozen (the defaults), the adapter-disabled or frozen-copy reference takes
+    the policy's image features: one tower run per batch for policy and reference together, and the same
+    loss as the reference encoding the images itself (the LoRA B / full weights perturbed, so policy != ref)."""
+    from prefalign.config import build_config
+    from prefalign.scoring import build_planned_reference, reference_plan, score_batch
+
+    path = vlm_dirs[family]
+    tokenizer, vision, renderer = _run(family, path)
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i}
+                for i, p in enumerate(_pairs())]
+    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    config = build_config({"model_name_or_path": path, "finetuning_type": finetuning_type, "template": FAMILIES[family],
+                           "dataset": "x", "output_dir": str(tmp_path / "out"), "report_to": "none"})
+    policy = load_policy(config.model, config.finetuning)
+    reference = build_planned_reference(config, reference_plan(config, "train"), policy)
+    assert reference.same_image_features
+    with torch.no_grad():  # as if trained: the policy moves away from its reference
+        for name, param in policy.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    calls = []
+    for model in {id(policy): policy, id(reference.model): reference.model}.values():
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tower = lm.model.visual.patch_embed if family != "llava" else lm.model.vision_tower.embeddings
+        tower.register_forward_hook(lambda module, args, out: calls.append(1))
+    out, _, _ = score_batch(policy, reference, config.objective, batch)
+    assert len(calls) == 1
+    reference.same_image_features = False  # the reference encodes the images itself
+    again, _, _ = score_batch(policy, reference, config.objective, batch)
+    assert len(calls) == 3
+    assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4

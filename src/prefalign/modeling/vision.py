@@ -75,6 +75,29 @@ def freeze_parts(model, ft) -> None:
             param.requires_grad_(False)
 
 
+def image_features_fixed(model) -> bool:
+    """True when `model`'s (a vision-language policy's) vision tower and projector neither train nor drop
+    out: its image features are then what a reference with the same tower computes (scoring reuses them)."""
+    import torch
+
+    from prefalign.modeling.logprobs import causal_lm
+
+    lm = causal_lm(model)
+    parts = composite(lm.config)
+    if parts is None:
+        return False
+    keys = (*parts.vision, *parts.projector)
+    for name, module in lm.named_modules():
+        if not any(key in name for key in keys):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return False
+        rate = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "dropout", 0.0)
+        if module.training and isinstance(rate, float) and rate > 0:  # a layer or an attention's own dropout
+            return False
+    return True
+
+
 def lora_targets(model, ft, targets: list[str]):
     """peft's `target_modules` for `targets` (a list, or ["all"]) on `model`: unchanged for a text model; for
     a vision-language model the full names of the matching linear layers outside the frozen parts."""
