@@ -353,3 +353,15 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
     again, _, _ = score_batch(policy, reference, config.objective, batch)
     assert len(calls) == 3
     assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4
+
+
+def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
+    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos, naming
+    torchvision and av (a PairError, so on_bad_record: skip counts it)."""
+    _, _, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    pair = PreferencePair([{"role": "user", "content": "<video>What happens?"}], "A ball falls.", "Nothing.",
+                          RecordSource("pairs.json", 0), videos=(b"\x00\x00\x00\x18ftypmp42",))
+    with pytest.raises(PairError) as caught:
+        encode_pair(pair, renderer, 1024)
+    assert (caught.value.stage, caught.value.field) == ("render", "videos")
+    assert "torchvision" in caught.value.reason and "av" in caught.value.reason
