@@ -143,10 +143,14 @@ def load_vision(model_args, data_args, tokenizer):
     if plugin is None:
         return None
     path = model_args.model_name_or_path
-    attributes = _processor_attributes(path)
+    attributes = _processor_attributes(path, model_args)
     image_processor = _image_processor(path, model_args)
     if image_processor is None:
         return None
+    if not plugin.qwen and not attributes.get("patch_size"):
+        raise PrefalignError(f"template: {data_args.template}: {path!r} has no processor settings (patch_size in "
+                             "processor_config.json), so its image token count is unknown; use the model's own "
+                             "processor files")
     image_token_id = tokenizer.convert_tokens_to_ids(plugin.image_token)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise PrefalignError(f"template: {data_args.template} writes images as {plugin.image_token}, which the "
@@ -169,13 +173,23 @@ def _image_processor(path: str, model_args):
         return None
 
 
-def _processor_attributes(path: str) -> dict:
-    """The processor's own settings (processor_config.json: LLaVA's patch_size, num_additional_image_tokens,
-    vision_feature_select_strategy), read as data: the processor class itself may need torchvision."""
+_ATTRIBUTES = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
+
+
+def _processor_attributes(path: str, model_args) -> dict:
+    """The processor's own settings (LLaVA's patch_size, num_additional_image_tokens,
+    vision_feature_select_strategy): from transformers' AutoProcessor where it builds one, else read as data
+    from processor_config.json (a Qwen-VL processor cannot be built without torchvision; it needs none)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+        return {key: getattr(processor, key) for key in _ATTRIBUTES if getattr(processor, key, None) is not None}
+    except (ImportError, OSError, ValueError, TypeError):
+        pass
     file = Path(path) / "processor_config.json"
-    if not file.is_file():
-        return {}
-    return json.loads(file.read_text())
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def save_processor(model_args, output_dir) -> None:
