@@ -58,6 +58,9 @@ def test_lf_qwen3vl_dpo_example_runs_unchanged_and_its_adapter_loads_with_peft(t
     assert summary["train"]["pairs"] == 8
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all("language_model" in key for key in weights)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card
+    assert "- Vision-language model: vision tower frozen, projector frozen, language model trained" in card
     base = AutoModelForImageTextToText.from_pretrained(yaml.safe_load(config.read_text())["model_name_or_path"])
     model = PeftModel.from_pretrained(base, str(out))
     assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())
