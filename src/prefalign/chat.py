@@ -15,8 +15,14 @@ from typing import TextIO
 import torch
 
 from prefalign.config import RunConfig
+from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
+from prefalign.data.collate import image_inputs
+from prefalign.data.formats import IMAGE_PLACEHOLDER
+from prefalign.data.media import MediaError, open_image
+from prefalign.errors import PrefalignError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
+from prefalign.modeling.vision import load_vision
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import build_planned_reference, reference_plan
 
@@ -37,9 +43,11 @@ class Speaker:
 class ChatSession:
     """Generates replies for one or two speakers with one tokenizer, template and generation setup."""
 
-    def __init__(self, config: RunConfig, tokenizer, speakers: list[Speaker], *, seed: int, device):
+    def __init__(self, config: RunConfig, tokenizer, speakers: list[Speaker], *, seed: int, device,
+                 vision=None, images: tuple[bytes, ...] = ()):
         self.tokenizer = tokenizer
-        self.renderer = ChatRenderer.from_config(tokenizer, config.data)
+        self.renderer = ChatRenderer.from_config(tokenizer, config.data, vision)
+        self.images = images  # the first user turn's (its placeholders, or before its text, as LF's chat)
         self.speakers = speakers
         self.seed = seed
         self.device = device
@@ -50,14 +58,23 @@ class ChatSession:
         """Append the user turn to `speaker`'s history, generate (streamed to stdout), append and return the reply."""
         from transformers import TextStreamer, set_seed
 
+        if self.images and not speaker.history and IMAGE_PLACEHOLDER not in user_text:
+            user_text = IMAGE_PLACEHOLDER * len(self.images) + user_text
         speaker.history.append({"role": "user", "content": user_text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + speaker.history
+        inputs = {}
+        if self.images:  # the image tokens in the prompt, the image inputs beside it (data/vision.py)
+            pair = PreferencePair(messages, "", "", RecordSource("--image", 0), images=self.images)
+            messages = self.renderer.with_image_tokens(pair)
         input_ids = torch.tensor([self.renderer.prompt_ids(messages)], device=self.device)
+        if self.images:
+            inputs = {k: v.to(self.device) for k, v in
+                      image_inputs(self.renderer.vision, input_ids, [list(self.images)]).items()}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         set_seed(self.seed)  # the same seed for every speaker: differences come from the weights alone
         with torch.no_grad(), speaker.context():
             output = speaker.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                            streamer=streamer, **self.generate_kwargs)
+                                            streamer=streamer, **inputs, **self.generate_kwargs)
         answer = self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
         speaker.history.append({"role": "assistant", "content": answer})
         return answer
@@ -90,13 +107,23 @@ def _generate_kwargs(config: RunConfig, tokenizer, renderer: ChatRenderer) -> di
     return kwargs
 
 
-def build_session(config: RunConfig, *, compare_reference: bool = False, seed: int | None = None) -> ChatSession:
-    """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`."""
+def build_session(config: RunConfig, *, compare_reference: bool = False, seed: int | None = None,
+                  images: list[str] = ()) -> ChatSession:
+    """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`; `images`:
+    the paths of the first message's images (`--image`)."""
     import contextlib
 
     plan = reference_plan(config, "chat") if compare_reference else None
     args = config.training
     tokenizer, vocab = load_run_tokenizer(config)
+    vision, pictures = None, ()
+    if images:
+        vision = load_vision(config.model, config.data, tokenizer)
+        if vision is None:
+            raise PrefalignError(f"--image: {config.model.model_name_or_path!r} with template: {config.data.template} "
+                                 "takes no images; use a vision-language model with its template (qwen2_vl, "
+                                 "qwen3_vl, qwen3_vl_nothink, llava)")
+        pictures = tuple(_read_image(path) for path in images)
     dtype = compute_dtype(config)
     device = args.device
     with loaded_whole():  # one process generates: whole models, whatever `deepspeed:` says
@@ -106,13 +133,26 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
     if compare_reference:
         # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.
         speakers.append(Speaker("Reference", reference.model, reference._model_context))
-    return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device)
+    return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device,
+                       vision=vision, images=pictures)
+
+
+def _read_image(path: str) -> bytes:
+    """An --image file's bytes, checked to be a readable image (one line naming the file otherwise)."""
+    try:
+        data = open(path, "rb").read()
+        open_image(data)
+    except (OSError, MediaError) as exc:
+        raise PrefalignError(f"--image {path}: {str(exc).splitlines()[0]}") from None
+    return data
 
 
 def run_chat(config: RunConfig, *, prompt: str | None = None, compare_reference: bool = False,
-             seed: int | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> list[dict]:
-    """One-shot with `prompt`, else read user turns from `stdin` (default sys.stdin) until EOF or `exit`."""
-    session = build_session(config, compare_reference=compare_reference, seed=seed)
+             seed: int | None = None, stdin: TextIO | None = None, out: TextIO | None = None,
+             images: list[str] = ()) -> list[dict]:
+    """One-shot with `prompt`, else read user turns from `stdin` (default sys.stdin) until EOF or `exit`;
+    `images`: paths of the first message's images."""
+    session = build_session(config, compare_reference=compare_reference, seed=seed, images=images)
     out = out or sys.stdout
     if prompt is not None:
         return [session.turn(prompt, out)]

@@ -68,7 +68,7 @@ def _chat(ns) -> None:
     from prefalign.chat import run_chat
 
     run_chat(_load(ns), prompt=ns.prompt, compare_reference=ns.compare_reference,
-             seed=ns.seed)
+             seed=ns.seed, images=ns.image)
 
 
 def _plot(ns) -> None:
@@ -102,6 +102,9 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-reference", action="store_true",
                    help="also print the reference's answer (adapter disabled, or ref_model), same seed")
     p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image the first message is about (repeat for several; a vision-language model and "
+                        "template); the message's <image> placeholders place them, else they go before its text")
 
 
 def _output_dir_arguments(p: argparse.ArgumentParser) -> None:

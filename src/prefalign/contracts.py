@@ -74,6 +74,11 @@ class PreferencePair:
 #   "index":        int        position of the pair in the loaded data (for eval output, caches)
 #   "desirable":    bool       KTO examples only: the label (chosen_ids is the reply, rejected_ids the
 #                              KL completion, another example's reply, after the same prompt)
+#   "images":       list[bytes] pairs with images only: each image's file bytes, in placeholder order (the
+#                              prompt_ids hold each image's tokens; the collator runs the image processor)
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+"""The batch keys a vision-language model's forward takes besides the ids (data/collate.py adds them)."""
 
 
 # -- batches ---------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from prefalign.distributed import gather_objects, is_main_process, rank, world_s
 from prefalign.errors import ConfigError
 from prefalign.modeling.layout import run_layout
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
+from prefalign.modeling.vision import load_vision
 from prefalign.modeling.zero import loaded_whole
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 
@@ -58,7 +59,7 @@ def load_eval_data(config: RunConfig, tokenizer):
                         "give them as eval_dataset")
         data_args = dataclasses.replace(data_args, val_size=0.0)
     data = prepare_data(data_args, tokenizer, seed=config.training.seed, need_train=False,
-                        unpaired=config.objective.unpaired)
+                        unpaired=config.objective.unpaired, vision=load_vision(config.model, data_args, tokenizer))
     if is_main_process():
         print(data.summary.describe(), flush=True)
     dataset = data.eval if data_args.eval_dataset else data.train
@@ -102,7 +103,8 @@ def run_eval(config: RunConfig) -> dict:
 
     start = time.perf_counter()
     scorer = Scorer(policy, reference, config.objective, config.finetuning.logits_chunk_size)
-    _, collator = run_layout(config.finetuning, config.data, tokenizer.pad_token_id, policy, reference.model)
+    _, collator = run_layout(config.finetuning, config.data, tokenizer.pad_token_id, policy, reference.model,
+                             vision=data.vision)
     # eval_on_each_dataset: each eval dataset scored on its own, its metrics `eval_<name>_*` as training's
     # eval gives them (transformers' dict of eval sets); else one set, `eval_*`
     sets = data.eval_by_dataset or {"": dataset}

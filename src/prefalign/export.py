@@ -14,6 +14,7 @@ from pathlib import Path
 from prefalign.config import RunConfig
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.modeling.load import load_causal_lm, merge_adapters
+from prefalign.modeling.vision import is_vision_language, save_processor
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def run_export(config: RunConfig) -> Path:
         stale.unlink()  # export_overwrite: old shards would otherwise linger beside the new ones
     model.save_pretrained(out, max_shard_size=int(config.export.export_size * 10**9))
     tokenizer.save_pretrained(out)
+    if is_vision_language(model.config):  # the image processor beside the model, as a hub checkpoint has it
+        save_processor(config.model, out)
     print(f"Exported {config.model.model_name_or_path}"
           f"{' + ' + ', '.join(adapters) if adapters else ''} to {out.resolve()}", flush=True)
     return out

@@ -27,7 +27,7 @@ def _front_matter(config, is_adapter: bool) -> dict:
     meta = {
         "base_model": config.model.model_name_or_path,
         "library_name": "peft" if is_adapter else "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if _vision_language(config) else "text-generation",
         "tags": ["dpo", "prefalign"] + ([config.finetuning.finetuning_type] if is_adapter else []),
     }
     if datasets:
@@ -64,8 +64,28 @@ def _method(config, is_adapter: bool) -> list[str]:
     lines.append(f"- Loss: `{','.join(ft.pref_loss)}`{weights}, β = {ft.pref_beta}"
                  + "".join(f", {k} = {v}" for k, v in _changed_loss_settings(config).items())
                  + " (see prefalign's docs/losses.md)")
+    if _vision_language(config):
+        parts = [f"{name} {'frozen' if frozen else 'trained'}" for name, frozen in (
+            ("vision tower", ft.freeze_vision_tower), ("projector", ft.freeze_multi_modal_projector),
+            ("language model", ft.freeze_language_model))]
+        lines.append(f"- Vision-language model: {', '.join(parts)} (image_max_pixels {model.image_max_pixels}, "
+                     f"image_min_pixels {model.image_min_pixels})")
     lines.append(f"- Reference: {reference_plan(config, 'train').description}")
     return lines
+
+
+def _vision_language(config) -> bool:
+    """Whether the run's base model is a vision-language model (its config, read from the base's folder)."""
+    from transformers import AutoConfig
+
+    from prefalign.modeling.vision import is_vision_language
+
+    try:
+        base = AutoConfig.from_pretrained(config.model.model_name_or_path,
+                                          trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError):
+        return False
+    return is_vision_language(base)
 
 
 def _changed_loss_settings(config) -> dict:

@@ -53,6 +53,7 @@ class Reference:
     """Computes reference `PairLogps` for a batch (or returns None for reference-free losses)."""
 
     name = "none"
+    same_image_features = False  # a policy with a frozen tower and projector encodes images as this reference does
 
     def __init__(self, chunk_size: int = 1024, token_level: bool = False):
         self.chunk_size = chunk_size
@@ -70,13 +71,16 @@ class Reference:
         return self._model()
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> PairLogps | None:
-        """Reference log-probs of `batch` (from either collator); `split` matters to precomputed ones only."""
+    def logps(self, batch: dict[str, torch.Tensor], split: str = "train", image_features: dict | None = None
+              ) -> PairLogps | None:
+        """Reference log-probs of `batch` (from either collator); `split` matters to precomputed ones only;
+        `image_features`: the policy's encoded images of the batch to use (modeling/logprobs.pair_logps)."""
         model = self._model()
         if model is None:
             return None
         with self._model_context():
-            return pair_logps(model, batch, chunk_size=self.chunk_size, token_level=self.token_level)
+            return pair_logps(model, batch, chunk_size=self.chunk_size, token_level=self.token_level,
+                              image_features=image_features)
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The tensors that make this reference what it is (for the precompute cache key)."""
@@ -109,6 +113,7 @@ class AdapterDisabledReference(_PolicyReference):
     """The LoRA policy with its adapter disabled: the base weights, shared with the policy."""
 
     name = "adapter-disabled"
+    same_image_features = True  # the base's tower and projector (an adapter on them means they train)
 
     @contextlib.contextmanager
     def _model_context(self):
@@ -140,6 +145,7 @@ class FrozenModelReference(Reference):
         super().__init__(**kwargs)
         self._frozen = model.eval().requires_grad_(False)
         self.name = name
+        self.same_image_features = name == "frozen-copy"  # the policy's initial weights
         self.partitioned = partitioned  # in a ZeRO-3 inference engine: DeepSpeed places its weights
 
     def _model(self):

@@ -74,7 +74,8 @@ def weights_fingerprint(named_tensors) -> str:
 
 
 def dataset_fingerprint(dataset) -> str:
-    """A hash of an encoded split's content: every pair's token ids and index, in order."""
+    """A hash of an encoded split's content: every pair's token ids and index, in order, and the bytes of
+    every image of pairs that have them."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -89,6 +90,11 @@ def dataset_fingerprint(dataset) -> str:
         for part in parts:
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    if "images" in table.column_names:  # the same ids with other images are other log-probs
+        for images in table.column("images").to_pylist():
+            digest.update(b"images")
+            for data in images or ():
+                digest.update(hashlib.sha256(data).digest())
     return digest.hexdigest()
 
 
@@ -272,7 +278,8 @@ class PrecomputedReference(Reference):
         self.stats = stats  # per split: {"computed": n, "reused": n, "path": str}
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor], split: str = "train") -> PairLogps:
+    def logps(self, batch: dict[str, torch.Tensor], split: str = "train", image_features: dict | None = None
+              ) -> PairLogps:
         if split not in self.tables:
             raise PrefalignError(f"reference log-probs: no precomputed values for the {split} data")
         if "index" not in batch:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from helpers import EXAMPLES, ROOT
-from mm_helpers import RLHF_V_ENTRY, draw_image, png_bytes, rlhf_v_records, write_rlhf_v
+from mm_helpers import RLHF_V_ENTRY, build_vlm, draw_image, png_bytes, rlhf_v_records, write_rlhf_v
 from PIL import Image
 
 from prefalign.data.formats import RecordError, detect_format, format_from_registry, to_pair
@@ -160,10 +160,16 @@ def _broken(kind, data_dir):
 BAD = ("missing", "truncated", "not_an_image", "url", "too_many", "no_placeholder", "in_reply")
 
 
+@pytest.fixture(scope="module")
+def qwen2_vl_dir(tmp_path_factory):
+    """Image pairs encode only with a vision-language model and its template (a text model refuses them)."""
+    return build_vlm("qwen2_vl", tmp_path_factory.mktemp("vlm") / "qwen2_vl")
+
+
 def prefalign_data(model_dir, data_dir, *args, cwd):
     return subprocess.run([sys.executable, "-m", "prefalign", "data", str(EXAMPLES / "lora_dpo.yaml"),
                            f"model_name_or_path={model_dir}", "build_demo_model=false", f"dataset_dir={data_dir}",
-                           "dataset=rlhf_v", "val_size=0", *args],
+                           "dataset=rlhf_v", "val_size=0", "template=qwen2_vl", *args],
                           capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
@@ -187,16 +193,16 @@ def test_a_bad_image_is_a_named_record_error_or_a_counted_skip(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "too_many"])
-def test_the_cli_reports_a_bad_image_in_one_line_and_counts_a_skip(kind, tiny_model_dir, tmp_path):
+def test_the_cli_reports_a_bad_image_in_one_line_and_counts_a_skip(kind, qwen2_vl_dir, tmp_path):
     data_dir = tmp_path / "data"
     write_rlhf_v(data_dir, count=4)
     says = _broken(kind, data_dir)
-    run = prefalign_data(tiny_model_dir, data_dir, cwd=tmp_path)
+    run = prefalign_data(qwen2_vl_dir, data_dir, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("prefalign data: error:")]
     assert len(errors) == 1 and "rlhf_v.json record 1" in errors[0] and "on_bad_record: skip" in errors[0]
     assert all(word in errors[0] for word in says), errors[0]
-    run = prefalign_data(tiny_model_dir, data_dir, "on_bad_record=skip", cwd=tmp_path)
+    run = prefalign_data(qwen2_vl_dir, data_dir, "on_bad_record=skip", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert "rlhf_v: 3 pairs" in lines and "rlhf_v: 1 records skipped (see rejected_records.jsonl)" in lines

@@ -102,6 +102,17 @@ class ModelArguments:
     quantization_method: str = _help("How weights are quantized: `bnb` (bitsandbytes) only.", "bnb")
     quantization_type: str = _help("4-bit data type: `nf4` (NormalFloat) or `fp4`.", "nf4")
     double_quantization: bool = _help("4-bit: also quantize the quantization constants (saves ~0.4 bit/weight).", True)
+    # vision-language models (LLaMA-Factory's ProcessorArguments)
+    image_max_pixels: int = _help(
+        "Vision-language models: an image larger than this many pixels is scaled down (aspect kept) before "
+        "the image processor, as LLaMA-Factory does.", 768 * 768)
+    image_min_pixels: int = _help("Vision-language models: an image smaller than this many pixels is scaled up.",
+                                  32 * 32)
+    video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (videos need "
+                                  "torchvision and av).", 256 * 256)
+    video_min_pixels: int = _help("Vision-language models: the fewest pixels of a video frame.", 16 * 16)
+    video_fps: float = _help("Vision-language models: frames sampled per second of video.", 2.0)
+    video_maxlen: int = _help("Vision-language models: the most frames sampled from a video.", 128)
     build_demo_model: bool = _help(
         "prefalign only: build the tiny demo model at `model_name_or_path` when it is missing "
         "(used by examples/quickstart.yaml, so it runs offline).",
@@ -307,6 +318,14 @@ class FinetuningArguments:
     freeze_extra_modules: list[str] | None = _help(
         "Freeze tuning: extra modules outside the layers to train, e.g. `embed_tokens,lm_head`."
     )
+    # vision-language models (modeling/vision.py: which modules are the tower, the projector, the language model)
+    freeze_vision_tower: bool = _help(
+        "Vision-language models: keep the vision tower frozen (full and freeze tuning train none of it; LoRA "
+        "targets none of its layers).", True)
+    freeze_multi_modal_projector: bool = _help(
+        "Vision-language models: keep the projector from image features to the language model frozen.", True)
+    freeze_language_model: bool = _help(
+        "Vision-language models: keep the language model (and its output head) frozen.", False)
     # LoRA
     lora_rank: int = _help("LoRA rank.", 8)
     lora_alpha: int | None = _help("LoRA scaling alpha (default: 2 x lora_rank).")

@@ -27,7 +27,12 @@ from prefalign.contracts import Message, PreferencePair
 from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
 from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
                                       stop_token_ids)
+from prefalign.data.media import MediaError
+from prefalign.data.vision import VisionProcessor
 from prefalign.errors import ConfigError, PairError
+
+_NO_VIDEO = ("videos are not read yet: prefalign's video path needs torchvision and av (not installed) and is not "
+             "built; remove the record's videos, or skip it with on_bad_record: skip")
 
 
 
@@ -58,12 +63,14 @@ class ChatRenderer:
     on_unsupported_system: str = "fold"
     on_prompt_not_prefix: str = "error"
     tool_format: str | None = None
+    vision: VisionProcessor | None = None
 
     @classmethod
-    def from_config(cls, tokenizer, data_args) -> "ChatRenderer":
-        """The renderer of a config's DataArguments: training, eval and chat all build it here."""
+    def from_config(cls, tokenizer, data_args, vision: VisionProcessor | None = None) -> "ChatRenderer":
+        """The renderer of a config's DataArguments: training, eval and chat all build it here; `vision`: the
+        template's image processing (modeling/load.load_vision), None for a text-only model or template."""
         return cls(tokenizer, data_args.template, template_arguments(data_args),
-                   data_args.on_unsupported_system, data_args.on_prompt_not_prefix, data_args.tool_format)
+                   data_args.on_unsupported_system, data_args.on_prompt_not_prefix, data_args.tool_format, vision)
 
     def __post_init__(self):
         choice = self.choice
@@ -113,7 +120,8 @@ class ChatRenderer:
     def identity(self) -> str:
         """Everything about the rendering that changes the encoded data (for cache keys)."""
         return json.dumps([self.template, self.kwargs, self.on_unsupported_system, self.on_prompt_not_prefix]
-                          + ([self.tool_format] if self.tool_format else []), sort_keys=True, default=str)
+                          + ([self.tool_format] if self.tool_format else [])
+                          + ([self.vision.identity] if self.vision is not None else []), sort_keys=True, default=str)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -142,10 +150,25 @@ class ChatRenderer:
                             "reads only enable_thinking")
         if "enable_thinking" in own:
             encoder = encoder.thinking(own["enable_thinking"])
+        prompt = self.with_image_tokens(pair) if pair.images or pair.videos else pair.prompt
         try:
-            return encoder.encode_pair(pair.prompt, pair.chosen, pair.rejected, pair.tools)
+            return encoder.encode_pair(prompt, pair.chosen, pair.rejected, pair.tools)
         except UnsupportedRecord as exc:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
+
+    def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
+        """The pair's prompt with each `<image>` placeholder expanded to its image's tokens (data/vision.py)."""
+        if pair.videos:
+            raise PairError("render", str(pair.source), "videos", _NO_VIDEO)
+        mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
+        if self.vision is None or self.vision.plugin.name != mm_plugin:
+            raise PairError("render", str(pair.source), "images",
+                            f"{self.name} has no image slots for this model; use template: qwen2_vl, qwen3_vl, "
+                            "qwen3_vl_nothink or llava with a vision-language model of that family")
+        try:
+            return self.vision.expand(pair.prompt, pair.images)
+        except (MediaError, OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise PairError("render", str(pair.source), "images", str(exc).splitlines()[0]) from None
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None,
                record_kwargs: dict | None = None) -> str:

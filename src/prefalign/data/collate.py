@@ -34,6 +34,7 @@ from prefalign.contracts import (
     SEGMENT_SHARED,
     BatchLayout,
 )
+from prefalign.errors import ConfigError
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -52,6 +53,7 @@ class PairCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    vision: object | None = None  # data/vision.VisionProcessor: pairs with images get the model's image inputs
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows, labels = [], []
@@ -70,7 +72,26 @@ class PairCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
+        if any(f.get("images") for f in features):
+            batch.update(image_inputs(self.vision, input_ids, [f["images"] for f in features], repeat=2))
         return batch
+
+
+def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]], repeat: int = 1
+                 ) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch whose row r holds the tokens of `row_images[r % len(row_images)]` (`repeat`
+    times the rows: the concatenated layout's chosen rows, then its rejected rows), in row order (the model
+    scatters the image features into its image tokens in row-major order): the image processor's tensors,
+    computed once and repeated, and, for the Qwen family, `mm_token_type_ids` (R, T) (1 at image tokens),
+    from which the model computes its 3-D rotary positions itself."""
+    if vision is None:
+        raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
+    inputs = vision.model_inputs([data for images in row_images for data in images])
+    inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
+    if vision.plugin.qwen:
+        image_token = vision.image_token_id
+        inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    return inputs
 
 
 def per_pair_columns(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -134,14 +155,20 @@ class PrefixSharedCollator:
 
 
 def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: bool = False, packing_length: int = 0,
-                  pad_to_multiple_of: int | None = None):
-    """The collator for a run: packed (data/packing.py), prefix-shared or concatenated."""
+                  pad_to_multiple_of: int | None = None, vision=None):
+    """The collator for a run: packed (data/packing.py), prefix-shared or concatenated; `vision`
+    (data/vision.VisionProcessor) adds the image inputs of pairs with images (the concatenated layout only,
+    as modeling/layout.choose_layout decides)."""
+    if vision is not None and (packing or prefix_sharing):
+        raise ConfigError("packing / prefix_sharing: a vision-language template's batches take the plain layout for "
+                          "now; set packing: false and prefix_sharing: false (or leave them unset)")
     if packing:
         from prefalign.data.packing import PackedCollator
 
         return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of)
-    cls = PrefixSharedCollator if prefix_sharing else PairCollator
-    return cls(pad_token_id, pad_to_multiple_of)
+    if prefix_sharing:
+        return PrefixSharedCollator(pad_token_id, pad_to_multiple_of)
+    return PairCollator(pad_token_id, pad_to_multiple_of, vision)
 
 
 

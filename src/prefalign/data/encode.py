@@ -74,6 +74,8 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
     """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", and flags for the counts};
     a `PairError` naming the stage when it cannot be encoded."""
     tokenizer = renderer.tokenizer
+    if (pair.images or pair.videos) and renderer.lf_encoder is None:
+        renderer.with_image_tokens(pair)  # refuses: only a built-in vision template has image slots
     if renderer.lf_encoder is not None:  # a LLaMA-Factory template: its ids, slot by slot
         prompt_ids, *responses = renderer.encode_lf(pair)
         folded = appended = False
@@ -85,6 +87,8 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
         if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
             raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
     prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
+    if pair.images and len(prompt) < len(prompt_ids):
+        _check_images_kept(pair, renderer, prompt, prompt_ids, cutoff_len)
     return {
         "prompt_ids": prompt,
         "chosen_ids": chosen,
@@ -94,6 +98,19 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
         "folded_system": folded,
         "appended": appended,
     }
+
+
+def _check_images_kept(pair: PreferencePair, renderer: ChatRenderer, kept: list[int], prompt_ids: list[int],
+                       cutoff_len: int) -> None:
+    """Truncation never cuts into an image: a pair whose image tokens do not all survive the prompt's cut is
+    refused (a counted skip under on_bad_record: skip)."""
+    markers = renderer.vision.marker_ids(renderer.tokenizer)
+    image_tokens = sum(token in markers for token in prompt_ids)
+    if sum(token in markers for token in kept) < image_tokens:
+        raise PairError("tokenize", str(pair.source), "images",
+                        f"the prompt's {len(pair.images)} image(s) take {image_tokens} tokens and do not fit within "
+                        f"cutoff_len {cutoff_len} beside the reply (truncation never cuts an image); raise cutoff_len "
+                        "or lower image_max_pixels")
 
 
 def _encode_rendered(pair: PreferencePair, renderer: ChatRenderer) -> tuple[list[int], list[list[int]], bool, bool]:
@@ -181,19 +198,23 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
             return cached
 
     unpaired = bool(pairs) and pairs[0].desirable is not None  # KTO examples carry their label through
+    media = any(p.images or p.videos for p in pairs)  # the encoded pairs keep their image bytes (the collator's)
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
          "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i,
-         **({"desirable": bool(p.desirable)} if unpaired else {})}
+         **({"desirable": bool(p.desirable)} if unpaired else {}),
+         **({"images": list(p.images), "videos": list(p.videos)} if media else {})}
         for i, p in enumerate(pairs)
-    ])
+    ], **({"features": _media_features(unpaired)} if media else {}))
 
     def encode_batch(batch):
         out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", *_FLAGS, "reject")}
-        for prompt, chosen, rejected, tools, kwargs, source in zip(
-                batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"]):
+        no_media = [()] * len(batch["prompt"])
+        for prompt, chosen, rejected, tools, kwargs, source, images, videos in zip(
+                batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"],
+                batch.get("images", no_media), batch.get("videos", no_media)):
             pair = PreferencePair(json.loads(prompt), chosen, rejected, RecordSource(**json.loads(source)), tools,
-                                  json.loads(kwargs))
+                                  json.loads(kwargs), images=tuple(images), videos=tuple(videos))
             try:
                 encoded, reject = encode_pair(pair, renderer, cutoff_len), ""
             except PairError as error:
@@ -226,6 +247,21 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     _write_cache(encoded, stats, path)
     cached = _read_cache(path)  # memory-mapped from disk, as a cached entry is
     return cached if cached is not None else (encoded, stats)
+
+
+def _media_features(unpaired: bool):
+    """The table's columns when pairs carry media: the bytes of each image and video as binary values."""
+    import datasets
+
+    features = {"prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
+                "rejected": datasets.Value("string"), "tools": datasets.Value("string"),
+                "kwargs": datasets.Value("string"), "source": datasets.Value("string"),
+                "index": datasets.Value("int64")}
+    if unpaired:
+        features["desirable"] = datasets.Value("bool")
+    features["images"] = datasets.Sequence(datasets.Value("binary"))
+    features["videos"] = datasets.Sequence(datasets.Value("binary"))
+    return datasets.Features(features)
 
 
 def _write_cache(encoded, stats: dict, path: Path) -> None:

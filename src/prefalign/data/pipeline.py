@@ -34,6 +34,7 @@ class PreparedData:
     rejects: list[dict] = field(default_factory=list)
     # eval_on_each_dataset: each eval_dataset's rows of `eval`, by name (their `index` is eval's)
     eval_by_dataset: dict[str, object] | None = None
+    vision: object | None = None  # data/vision.VisionProcessor the pairs' images were encoded with (the collator's)
 
     @property
     def eval_sets(self):
@@ -64,13 +65,14 @@ def split_held_out(pairs: list, val_size: float, seed: int) -> tuple[list, list]
 
 
 def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: bool = True,
-                 cache_dir: str | None = None, unpaired: bool = False) -> PreparedData:
+                 cache_dir: str | None = None, unpaired: bool = False, vision=None) -> PreparedData:
     """Load, split and encode the training and evaluation data of a config.
 
     `unpaired` (stage: kto, `Objective.unpaired`): the data is KTO examples (data/feedback.py), each
-    split's examples paired with their KL completions after the held-out split.
+    split's examples paired with their KL completions after the held-out split. `vision`
+    (modeling/vision.load_vision): the template's image processing, for pairs with images.
     """
-    renderer = ChatRenderer.from_config(tokenizer, data_args)
+    renderer = ChatRenderer.from_config(tokenizer, data_args, vision)
     common = dict(max_samples=data_args.max_samples, on_bad_record=data_args.on_bad_record,
                   mix_strategy=data_args.mix_strategy, seed=seed,
                   interleave_probs=data_args.interleave_probs or None, unpaired=unpaired,
@@ -131,7 +133,7 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
     if each and encoded.get("eval") is not None:
         by_dataset = _split_by_dataset(encoded["eval"], [p.source.dataset for p in splits["eval"]],
                                        [name.strip() for name in data_args.eval_dataset])
-    return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects, by_dataset)
+    return PreparedData(encoded.get("train"), encoded.get("eval"), summary, rejects, by_dataset, vision)
 
 
 def with_default_system(pair, system: str):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from prefalign.data.collate import make_collator
 from prefalign.errors import ConfigError
 from prefalign.modeling.packed_attention import FLASH_ATTENTION, PACKED_ATTENTION
+from prefalign.modeling.vision import is_vision_language
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
     """Why `model_config`'s attention cannot run packed (or, with `sharing_prompt`, prefix-shared)
     batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can. A setting of
     `true` is refused for this reason, not only left off by default."""
+    if is_vision_language(model_config):
+        return "a vision-language model's batches take the plain layout (its image inputs follow the rows)"
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "the model soft-caps its attention scores"
     window = getattr(model_config, "sliding_window", None)
@@ -97,12 +100,13 @@ def choose_layout(finetuning, data, *models) -> Layout:
     return layout
 
 
-def run_layout(finetuning, data, pad_token_id: int, *models):
+def run_layout(finetuning, data, pad_token_id: int, *models, vision=None):
     """(Layout, collator) of a run: `choose_layout`'s layout and the collator that builds its batches,
-    which training, precomputing the reference and eval share."""
+    which training, precomputing the reference and eval share; `vision` (data/vision.VisionProcessor) for
+    a vision-language template's image inputs."""
     layout = choose_layout(finetuning, data, *models)
     return layout, make_collator(pad_token_id, prefix_sharing=layout.prefix_sharing, packing=layout.packing,
-                                 packing_length=finetuning.packing_length)
+                                 packing_length=finetuning.packing_length, vision=vision)
 
 
 def _not_by_default(module_and_config) -> str | None:

@@ -12,6 +12,7 @@ from prefalign.distributed import full_shape
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.modeling.model_config import apply_model_config
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
+from prefalign.modeling.vision import freeze_parts, is_vision_language, lora_targets, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     """A causal LM from a local directory or the hub, in `dtype` (with `quantization_bit`: quantized at load;
     `trainable`: the policy to train, see model_config.apply_model_config), its embeddings resized for `vocab`
     (before any adapter is loaded on it: a saved resized embedding fits)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = {"trust_remote_code": model_args.trust_remote_code,
               "revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
@@ -90,7 +91,8 @@ def load_causal_lm(path: str, model_args: ModelArguments, dtype: torch.dtype = t
     attn = _attn_implementation(model_args.flash_attn)
     if attn:
         kwargs["attn_implementation"] = attn
-    model = _loaded(AutoModelForCausalLM.from_pretrained, path, kwargs)
+    auto = AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+    model = _loaded(auto.from_pretrained, path, kwargs)
     model.config.use_cache = False
     resize_embeddings(model, vocab)
     pin_cpu_kernels(model)  # quantized at load or saved quantized
@@ -155,6 +157,7 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
         model = merge_adapters(model, adapters)
         if ft.finetuning_type == "freeze":
             _freeze(model, ft)
+        freeze_parts(model, ft)  # a vision-language model's frozen tower, projector or language model
     # Trainable parameters in fp32, whatever the load dtype: optimizer updates stay exact. pure_bf16 keeps
     # them in bf16 (weights, gradients and optimizer state), as LLaMA-Factory does.
     for param in model.parameters():
@@ -178,7 +181,7 @@ def _attach_adapter(model, adapters: list[str], ft: FinetuningArguments, modules
     model = merge_adapters(model, adapters)
     key = "oft_target" if ft.finetuning_type == "oft" else "lora_target"
     try:
-        return get_peft_model(model, peft_config(ft, modules_to_save))
+        return get_peft_model(model, peft_config(ft, modules_to_save, model))
     except ValueError as exc:
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
 
@@ -203,19 +206,20 @@ def freeze_adapter_copy(model) -> None:
             param.requires_grad_(False)
 
 
-def peft_config(ft: FinetuningArguments, modules_to_save: list[str] = ()):
+def peft_config(ft: FinetuningArguments, modules_to_save: list[str] = (), model=None):
     """The peft config of a new adapter of `ft.finetuning_type` (lora or oft), as LLaMA-Factory builds it;
-    `modules_to_save`: trained in full when `additional_target` is unset (the resized embeddings)."""
+    `modules_to_save`: trained in full when `additional_target` is unset (the resized embeddings); `model`: the
+    model it goes on (a vision-language model's targets leave out its frozen parts, modeling/vision.py)."""
     from peft import LoraConfig, OFTConfig
 
     modules_to_save = list(ft.additional_target or modules_to_save or []) or None
     if ft.finetuning_type == "oft":
         return OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
-                         target_modules=_targets(ft.oft_target), module_dropout=ft.module_dropout,
+                         target_modules=_targets(ft, ft.oft_target, model), module_dropout=ft.module_dropout,
                          modules_to_save=modules_to_save)
     return LoraConfig(
         task_type="CAUSAL_LM", r=ft.lora_rank, lora_alpha=ft.lora_alpha or 2 * ft.lora_rank,
-        lora_dropout=ft.lora_dropout, target_modules=_targets(ft.lora_target), use_rslora=ft.use_rslora,
+        lora_dropout=ft.lora_dropout, target_modules=_targets(ft, ft.lora_target, model), use_rslora=ft.use_rslora,
         use_dora=ft.use_dora, modules_to_save=modules_to_save, init_lora_weights=_lora_init(ft),
     )
 
@@ -242,13 +246,15 @@ def save_pissa_adapter(model, folder, *, initial=None) -> None:
         config.init_lora_weights = init
 
 
-def _targets(names: list[str]):
+def _targets(ft: FinetuningArguments, names: list[str], model=None):
+    if model is not None:
+        return lora_targets(model, ft, names)
     return "all-linear" if names == ["all"] else list(names)
 
 
 def _freeze(model, ft: FinetuningArguments) -> None:
     """Freeze tuning: train the last (or, negative, first) N decoder layers and the extra modules."""
-    num_layers = getattr(model.config, "num_hidden_layers", None)
+    num_layers = getattr(text_config(model.config), "num_hidden_layers", None)
     if not num_layers:
         raise ConfigError("finetuning_type: freeze needs a model config with num_hidden_layers")
     n = ft.freeze_trainable_layers

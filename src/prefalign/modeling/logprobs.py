@@ -33,7 +33,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.contracts import IGNORE_INDEX, SEGMENT_REJECTED, BatchLayout, PairLogps, batch_layout
+from prefalign.contracts import IGNORE_INDEX, SEGMENT_REJECTED, VISION_INPUTS, BatchLayout, PairLogps, batch_layout
+from prefalign.modeling.vision import is_vision_language
 
 # Vocabulary columns per logits tile of the fused kernel (tile: chunk_size x columns), by device type.
 # On the CPU a 1024 x 2048 fp32 tile (8 MB) stays in cache through its exp / sum passes: measured 1.2-1.3x
@@ -82,8 +83,10 @@ def _forward_replaced(module: torch.nn.Module, forward):
 
 
 def _decoder_and_head(model):
-    """The transformer body (returns hidden states) and the output projection of a causal LM."""
-    decoder = model.get_decoder()
+    """The transformer body (returns hidden states) and the output projection of a causal LM; a vision-language
+    model's body is its whole base model (vision tower, projector, language model), which takes the image inputs
+    and computes its own rotary positions (Qwen2-VL's 3-D ones) from them."""
+    decoder = model.model if is_vision_language(model.config) else model.get_decoder()
     head = model.get_output_embeddings()
     if decoder is None or head is None:
         raise TypeError(f"{type(model).__name__} exposes no decoder / output embeddings")
@@ -310,15 +313,52 @@ def _head_logps(head, softcap, scale, selected, targets, chunk_size, want_sqnorm
     return torch.cat(columns[0]), torch.cat(columns[1]), (torch.cat(columns[2]) if want_sqnorm else None)
 
 
-def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, **kwargs):
+def _images_encoded_once(decoder, inputs: dict, reuse: dict | None = None) -> None:
+    """Rows [B, 2B) of a concatenated batch hold the same images as rows [0, B) (data/collate.py): run the
+    vision tower and projector on the first half's images only and hand the model each image's features
+    twice (`mm_encoder_outputs`, transformers' own input for encoder outputs computed beforehand), so the
+    tower runs once per pair. The features, and their gradients (summed over both uses), are the same as
+    when the tower encodes every row's copy. A model whose forward takes no such input is left as it is.
+    `reuse` (scoring.score_batch): a dict the first model to encode the batch's images fills and the next one
+    reads, for a reference whose tower and projector are the policy's, frozen."""
+    import inspect
+
+    if "pixel_values" not in inputs or not hasattr(decoder, "get_image_features") or \
+            "mm_encoder_outputs" not in inspect.signature(decoder.forward).parameters:
+        return
+    if reuse is not None and "image" in reuse:
+        del inputs["pixel_values"]
+        inputs["mm_encoder_outputs"] = {"image": reuse["image"]}
+        return
+    pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+    if grid is not None:  # Qwen: patches of all images in one (P, D) tensor, an image's size is its grid
+        half = grid.shape[0] // 2
+        encoded = decoder.get_image_features(pixels[:int(grid[:half].prod(-1).sum())], grid[:half], return_dict=True)
+    else:  # LLaVA: one (C, H, W) image per row of pixel_values
+        encoded = decoder.get_image_features(pixel_values=pixels[:pixels.shape[0] // 2], return_dict=True)
+    encoded.pooler_output = [*encoded.pooler_output, *encoded.pooler_output]
+    if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
+        encoded.deepstack_features = [[*layer, *layer] for layer in encoded.deepstack_features]
+    del inputs["pixel_values"]
+    inputs["mm_encoder_outputs"] = {"image": encoded}
+    if reuse is not None:
+        reuse["image"] = encoded
+
+
+def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, shared_images=False,
+                            reuse=None, **kwargs):
     """The body of `response_token_logps`, run as the causal LM's forward (see the module docstring).
 
     `kwargs` are what the wrappers pass on (input_ids, attention_mask, position_ids, and Nones
     such as labels=None from PEFT); the decoder gets the non-None ones, and `decoder_kwargs`.
+    `shared_images`: the rows' second half repeats the first half's images (`_images_encoded_once`, with
+    `reuse`).
     """
     skip = ("labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
     inputs = {k: v for k, v in kwargs.items() if v is not None and k not in skip}
     decoder, head = _decoder_and_head(lm)
+    if shared_images:
+        _images_encoded_once(decoder, inputs, reuse)
     routed = bool(getattr(lm.config, "output_router_logits", False))
     decoded = decoder(**inputs, **decoder_kwargs, use_cache=False, **({"output_router_logits": True} if routed else {}))
     hidden = decoded.last_hidden_state
@@ -350,12 +390,16 @@ def _router_aux_loss(lm, router_logits, attention_mask) -> torch.Tensor:
 
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                          *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None,
-                         decoder_kwargs: dict | None = None):
+                         decoder_kwargs: dict | None = None, vision_inputs: dict | None = None,
+                         shared_images: bool = False, image_features: dict | None = None):
     """Log-probs of the labelled tokens of each row.
 
     Args: input_ids, labels: (R, T); labels are -100 where not scored. attention_mask: (R, T), or a
     prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None; `decoder_kwargs`
-    go to the decoder's forward (the spans of a packed batch).
+    go to the decoder's forward (the spans of a packed batch); `vision_inputs` (contracts.VISION_INPUTS:
+    pixel_values, image_grid_thw, ...) go through the wrapped model's forward to a vision-language model;
+    `shared_images`: rows [R/2, R) repeat the images of rows [0, R/2), so the vision tower runs on half;
+    `image_features`: a dict to fill with (or read) those encoded images (see `pair_logps`).
     Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
     t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
     (mean over the vocabulary, detached) and optionally `sqnorm` (N,).
@@ -366,10 +410,12 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
     def forward(*args, **kwargs):
         if args:
             raise TypeError("prefalign calls the model with keyword arguments only")
-        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, **kwargs)
+        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, shared_images,
+                                       image_features, **kwargs)
 
     with _forward_replaced(lm, forward):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     **(vision_inputs or {}))
 
 
 # -- per-pair sums --------------------------------------------------------------------------------
@@ -401,7 +447,8 @@ def _left_aligned(values: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor)
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
-               token_level: bool = False, want_sqnorm: bool = False) -> PairLogps:
+               token_level: bool = False, want_sqnorm: bool = False, vision_once: bool = True,
+               image_features: dict | None = None) -> PairLogps:
     """Policy (or reference) log-probs of a batch from `PairCollator`, `PrefixSharedCollator` or `PackedCollator`.
 
     Concatenated batches: rows [0, B) are chosen and [B, 2B) rejected. Prefix-shared batches
@@ -410,7 +457,10 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
     batches: the pairs' tokens carry `pair_ids`, attention follows the batch's spans
     (modeling/packed_attention.py). With `token_level`, `extras` holds the per-token
     `chosen_token_logps` / `rejected_token_logps` (B, L) and their masks (for LD-DPO), and with
-    `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO).
+    `want_sqnorm` also `chosen_token_sqnorm` / `rejected_token_sqnorm` (for WPO). A concatenated
+    batch with images runs the vision tower once per pair (`vision_once`; False: on every row's copy);
+    `image_features`: an empty dict this call fills with the batch's encoded images, or one an earlier call
+    filled, whose features this call uses instead of running the tower (a frozen tower shared with the policy).
     """
     layout = batch_layout(batch)
     attention_mask, decoder_kwargs = batch["attention_mask"], {}
@@ -426,7 +476,10 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
             batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
     out = response_token_logps(model, batch["input_ids"], attention_mask, batch["labels"],
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
-                               position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs)
+                               position_ids=batch.get("position_ids"), decoder_kwargs=decoder_kwargs,
+                               vision_inputs={k: batch[k] for k in VISION_INPUTS if k in batch},
+                               shared_images=vision_once and layout is BatchLayout.CONCATENATED,
+                               image_features=image_features)
     mask = out["mask"]
     seq, b = _segments(mask, batch, layout)
     counts = torch.bincount(seq, minlength=2 * b)

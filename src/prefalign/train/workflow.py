@@ -31,6 +31,8 @@ from prefalign.modeling.load import (
     load_run_tokenizer,
     save_pissa_adapter,
 )
+from prefalign.modeling.logprobs import causal_lm
+from prefalign.modeling.vision import is_vision_language, load_vision, save_processor
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
@@ -46,7 +48,8 @@ def load_data(config: RunConfig, *, need_train: bool = True) -> tuple[object, Pr
     with config.training.main_process_first(desc="data encoding"):  # the other processes read its cache
         tokenizer, vocab = load_run_tokenizer(config)
         return tokenizer, prepare_data(config.data, tokenizer, seed=config.training.seed, need_train=need_train,
-                                        unpaired=config.objective.unpaired), vocab
+                                        unpaired=config.objective.unpaired,
+                                        vision=load_vision(config.model, config.data, tokenizer)), vocab
 
 
 def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple | None = None,
@@ -81,7 +84,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
     plan = reference_plan(config, "train")
     precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
-    layout, collator = run_layout(ft, config.data, tokenizer.pad_token_id, policy, reference.model)
+    layout, collator = run_layout(ft, config.data, tokenizer.pad_token_id, policy, reference.model, vision=data.vision)
     if precompute:
         from prefalign.reference_cache import precompute_reference
 
@@ -202,9 +205,10 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_final_model(trainer, out: Path, *, pissa_convert: bool = False) -> list[str]:
+def save_final_model(trainer, out: Path, *, pissa_convert: bool = False, model_args=None) -> list[str]:
     """The final weights and tokenizer, each file renamed into `out` only when fully written (with
-    `pissa_convert`, also the adapter converted to a LoRA of the original base, in `pissa_converted`).
+    `pissa_convert`, also the adapter converted to a LoRA of the original base, in `pissa_converted`; with
+    `model_args` of a vision-language model, its image processor, as LLaMA-Factory saves the processor).
 
     peft saves every adapter; the frozen copy of an SFT adapter (the reference) is not an output
     (it stays loaded: the final evaluation and the report still need it).
@@ -218,6 +222,8 @@ def save_final_model(trainer, out: Path, *, pissa_convert: bool = False) -> list
     if main and pissa_convert:
         save_pissa_adapter(trainer.accelerator.unwrap_model(trainer.model), staging / PISSA_CONVERTED,
                            initial=out / PISSA_INIT)
+    if main and model_args is not None and is_vision_language(causal_lm(trainer.model).config):
+        save_processor(model_args, staging)
     trainer.accelerator.wait_for_everyone()
     names = []
     if main:
@@ -239,7 +245,8 @@ def save_outputs(config: RunConfig, trainer, result) -> dict:
     the main process writes the files."""
     args = config.training
     out = Path(args.output_dir)
-    model_files = save_final_model(trainer, out, pissa_convert=config.finetuning.pissa_convert)
+    model_files = save_final_model(trainer, out, pissa_convert=config.finetuning.pissa_convert,
+                                   model_args=config.model)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     metrics = dict(result.metrics)
@@ -286,7 +293,8 @@ def write_run_report(config: RunConfig, trainer) -> Path:
     samples = []
     if dataset is not None and len(dataset):
         scorer = Scorer(trainer.model, trainer.reference, config.objective, config.finetuning.logits_chunk_size)
-        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id),
+        vision = getattr(trainer.data_collator, "vision", None)  # pairs with images: the run's image processing
+        samples = scorer.samples(dataset, PairCollator(trainer.processing_class.pad_token_id, vision=vision),
                                  trainer.processing_class, device=trainer.args.device,
                                  split="eval" if held_out else "train")
     if not is_main_process():

@@ -1,0 +1,204 @@
+"""Vision-language models: which modules are the vision tower, the projector and the language model, what
+trains of each, and the image processing a run's template needs.
+
+The module keys are LLaMA-Factory 0.9.5's (model/model_utils/visual.py, COMPOSITE_MODELS), matched as
+substrings of parameter and module names, as LLaMA-Factory matches them:
+- full and freeze tuning never train a frozen part (`freeze_vision_tower`, `freeze_multi_modal_projector`,
+  both true by default; `freeze_language_model`, false);
+- LoRA's `lora_target: all` takes the linear layers outside the projector (always) and outside the vision
+  tower (unless `freeze_vision_tower: false`) and the output head; named targets are matched by their full
+  module names, leaving out the frozen parts and the modules LoRA cannot wrap (patch embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefalign.errors import PrefalignError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Composite:
+    projector: tuple[str, ...]
+    vision: tuple[str, ...]
+    language: tuple[str, ...] = ("language_model", "lm_head")
+    lora_conflicts: tuple[str, ...] = ()
+
+
+_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",))
+COMPOSITES = {
+    "qwen2_vl": _QWEN,
+    "qwen2_5_vl": _QWEN,
+    "qwen3_vl": Composite(("visual.merger",), ("visual.pos_embed", "visual.patch_embed", "visual.blocks",
+                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",)),
+    "llava": Composite(("multi_modal_projector",), ("vision_tower",)),
+    "gemma3": Composite(("multi_modal_projector",), ("vision_tower",)),
+}
+"""The families prefalign loads as vision-language models, by `model_type`."""
+
+
+def is_vision_language(config) -> bool:
+    """True for a composite vision-language model (its config has a vision part)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def composite(config) -> Composite | None:
+    return COMPOSITES.get(getattr(config, "model_type", None)) if is_vision_language(config) else None
+
+
+def frozen_keys(config, ft) -> set[str]:
+    """The module keys that `ft` (FinetuningArguments) keeps frozen in a vision-language model (LF's
+    get_forbidden_modules); empty for any other model."""
+    parts = composite(config)
+    if parts is None:
+        return set()
+    keys = set()
+    if ft.freeze_vision_tower:
+        keys.update(parts.vision)
+    if ft.freeze_multi_modal_projector:
+        keys.update(parts.projector)
+    if ft.freeze_language_model:
+        keys.update(parts.language)
+    return keys
+
+
+def freeze_parts(model, ft) -> None:
+    """Full and freeze tuning: the frozen parts' parameters stop requiring grad."""
+    keys = frozen_keys(model.config, ft)
+    for name, param in model.named_parameters():
+        if any(key in name for key in keys):
+            param.requires_grad_(False)
+
+
+def image_features_fixed(model) -> bool:
+    """True when `model`'s (a vision-language policy's) vision tower and projector neither train nor drop
+    out: its image features are then what a reference with the same tower computes (scoring reuses them)."""
+    import torch
+
+    from prefalign.modeling.logprobs import causal_lm
+
+    lm = causal_lm(model)
+    parts = composite(lm.config)
+    if parts is None:
+        return False
+    keys = (*parts.vision, *parts.projector)
+    for name, module in lm.named_modules():
+        if not any(key in name for key in keys):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return False
+        rate = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "dropout", 0.0)
+        if module.training and isinstance(rate, float) and rate > 0:  # a layer or an attention's own dropout
+            return False
+    return True
+
+
+def lora_targets(model, ft, targets: list[str]):
+    """peft's `target_modules` for `targets` (a list, or ["all"]) on `model`: unchanged for a text model; for
+    a vision-language model the full names of the matching linear layers outside the frozen parts."""
+    parts = composite(model.config)
+    if parts is None:
+        return "all-linear" if targets == ["all"] else list(targets)
+    import torch
+
+    forbidden = frozen_keys(model.config, ft) | set(parts.lora_conflicts)
+    if targets == ["all"]:
+        forbidden |= {"lm_head", *parts.projector}
+        if ft.freeze_vision_tower:
+            forbidden.update(parts.vision)
+        leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                  if isinstance(module, torch.nn.Linear) and not any(key in name for key in forbidden)}
+    else:
+        leaves = set(targets)
+    names = [name for name, module in model.named_modules()
+             if name and name.rsplit(".", 1)[-1] in leaves and not any(key in name for key in forbidden)]
+    if not names:
+        raise PrefalignError(f"lora_target: {','.join(targets)} matches no layer outside the frozen parts "
+                             f"({', '.join(sorted(forbidden))}); name the language model's layers, or unfreeze a part")
+    return names
+
+
+def text_config(config):
+    """The language model's config (a composite model's text_config; a text model's own)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def load_vision(model_args, data_args, tokenizer):
+    """The run's image processing (data/vision.VisionProcessor) when its template is a vision template
+    prefalign implements and the model ships an image processor; None otherwise (text-only encoding).
+
+    The processor is the model's own (transformers' AutoProcessor; without torchvision its image processor
+    alone, AutoImageProcessor picks the PIL one), with LLaMA-Factory's pixel limits of `model_args`.
+    """
+    from prefalign.data.templates import resolve_template
+    from prefalign.data.vision import VisionProcessor, plugin_for
+
+    builtin = resolve_template(data_args.template).builtin if data_args.template else None
+    plugin = plugin_for(builtin.lf.mm_plugin) if builtin is not None else None
+    if plugin is None:
+        return None
+    path = model_args.model_name_or_path
+    attributes = _processor_attributes(path, model_args)
+    image_processor = _image_processor(path, model_args)
+    if image_processor is None:
+        return None
+    if not plugin.qwen and not attributes.get("patch_size"):
+        raise PrefalignError(f"template: {data_args.template}: {path!r} has no processor settings (patch_size in "
+                             "processor_config.json), so its image token count is unknown; use the model's own "
+                             "processor files")
+    image_token_id = tokenizer.convert_tokens_to_ids(plugin.image_token)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise PrefalignError(f"template: {data_args.template} writes images as {plugin.image_token}, which the "
+                             f"tokenizer of {path!r} does not have; is it a model of that template's family?")
+    return VisionProcessor(plugin, image_processor, model_args.image_max_pixels, model_args.image_min_pixels,
+                           patch_size=attributes.get("patch_size"),
+                           num_additional_image_tokens=attributes.get("num_additional_image_tokens") or 0,
+                           vision_feature_select_strategy=attributes.get("vision_feature_select_strategy") or "default",
+                           image_token_id=image_token_id)
+
+
+def _image_processor(path: str, model_args):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    except (OSError, ValueError) as exc:
+        logger.info("No image processor in %s (%s): images are refused", path, str(exc).splitlines()[0])
+        return None
+
+
+_ATTRIBUTES = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
+
+
+def _processor_attributes(path: str, model_args) -> dict:
+    """The processor's own settings (LLaVA's patch_size, num_additional_image_tokens,
+    vision_feature_select_strategy): from transformers' AutoProcessor where it builds one, else read as data
+    from processor_config.json (a Qwen-VL processor cannot be built without torchvision; it needs none)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+        return {key: getattr(processor, key) for key in _ATTRIBUTES if getattr(processor, key, None) is not None}
+    except (ImportError, OSError, ValueError, TypeError):
+        pass
+    file = Path(path) / "processor_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def save_processor(model_args, output_dir) -> None:
+    """Write the model's image processor and processor settings beside exported weights (export)."""
+    import shutil
+
+    image_processor = _image_processor(model_args.model_name_or_path, model_args)
+    if image_processor is not None:
+        image_processor.save_pretrained(str(output_dir))
+    source = Path(model_args.model_name_or_path) / "processor_config.json"
+    if source.is_file():
+        shutil.copyfile(source, Path(output_dir) / "processor_config.json")

@@ -1,0 +1,194 @@
+"""Vision-language DPO through the real command line, on tiny models and an rlhf_v-shaped local dataset.
+
+LLaMA-Factory 0.9.5's own VLM DPO example (tests/fixtures/llamafactory/qwen3vl_lora_dpo.yaml, copied
+from its sdist) runs unchanged but for model_name_or_path, dataset_dir and output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mm_helpers import build_vlm, write_rlhf_v  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LF_EXAMPLE = ROOT / "tests" / "fixtures" / "llamafactory" / "qwen3vl_lora_dpo.yaml"
+
+
+def prefalign(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "prefalign", *args], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ), timeout=600)
+
+
+def _lf_config(tmp_path, family: str, **changes) -> Path:
+    model = build_vlm(family, tmp_path / f"model-{family}")
+    data = write_rlhf_v(tmp_path / "data")
+    config = yaml.safe_load(LF_EXAMPLE.read_text())
+    config.update(model_name_or_path=model, dataset_dir=data, output_dir=str(tmp_path / "out"), **changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.extended
+def test_lf_qwen3vl_dpo_example_runs_unchanged_and_its_adapter_loads_with_peft(tmp_path):
+    """The example trains (LoRA, 3 epochs of 8 pairs with 1-3 images each, accumulation 8, bf16 autocast on
+    the CPU) to completion; policy == reference at the start, so with its learning rate of 5e-6 the mean
+    loss stays ln 2 = 0.6931 to 4 digits; the saved adapter adapts only the language model (lora_target:
+    all never reaches the frozen vision tower or projector) and loads with peft on the base model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    config = _lf_config(tmp_path, "qwen3_vl")
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    assert abs(json.loads((out / "train_results.json").read_text())["train_loss"] - 0.6931) < 1e-4
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["train"]["pairs"] == 8
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("language_model" in key for key in weights)
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card
+    assert "- Vision-language model: vision tower frozen, projector frozen, language model trained" in card
+    base = AutoModelForImageTextToText.from_pretrained(yaml.safe_load(config.read_text())["model_name_or_path"])
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("finetuning_type", ["full", "freeze"])
+def test_full_and_freeze_tuning_train_only_the_language_model(tmp_path, finetuning_type):
+    """Full and freeze tuning of a Qwen2-VL model (two steps, a large learning rate): the saved weights of the
+    vision tower and projector are the base model's, bit for bit; language-model weights changed."""
+    from safetensors.torch import load_file
+
+    config = _lf_config(tmp_path, "qwen2_vl", finetuning_type=finetuning_type, template="qwen2_vl",
+                        learning_rate=1e-2, num_train_epochs=1.0, max_steps=2, gradient_accumulation_steps=1,
+                        dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    base = load_file(str(tmp_path / "model-qwen2_vl" / "model.safetensors"))
+    trained = load_file(str(tmp_path / "out" / "model.safetensors"))
+    vision = [key for key in base if ".visual." in f".{key}"]
+    assert vision and all(torch.equal(base[key], trained[key]) for key in vision)
+    language = [key for key in base if "layers.1." in key and ".visual." not in f".{key}"]  # Qwen2-VL's own key names
+    assert any(not torch.equal(base[key], trained[key]) for key in language)
+
+
+@pytest.mark.extended
+def test_data_eval_chat_and_export_take_images(tmp_path):
+    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens, where and how many (as
+    many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
+    `eval` scores every pair; `chat --image` answers; `export` writes the image processor beside the merged
+    model, which gives base + adapter's logits."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+                        learning_rate=1e-2, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
+    out, model = tmp_path / "out", tmp_path / "model-qwen2_vl"
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "preprocessor_config.json").is_file()  # the processor beside the adapter, as LF saves it
+
+    shown = prefalign("data", str(config), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    records = json.loads((tmp_path / "data" / "rlhf_v.json").read_text())
+    assert f"[images: {len(records[0]['images'])}, " in shown.stdout and " tokens at " in shown.stdout
+    assert "<|vision_start|><|image_pad|>×" in shown.stdout
+
+    scored = prefalign("eval", str(config), f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
+                       cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "eval_pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(row["loss"] > 0 for row in rows)
+
+    image = tmp_path / "data" / records[0]["images"][0]
+    chat = prefalign("chat", str(config), f"adapter_name_or_path={out}", "--image", str(image), "--prompt",
+                     "What is it?", "max_new_tokens=4", cwd=tmp_path)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "Assistant:" in chat.stdout
+    missing = prefalign("chat", str(config), "--image", str(tmp_path / "nope.png"), "--prompt", "hi", cwd=tmp_path)
+    assert missing.returncode != 0 and "--image" in missing.stderr and "nope.png" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    exported = prefalign("export", str(config), f"adapter_name_or_path={out}", f"export_dir={tmp_path / 'exp'}",
+                         cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    AutoImageProcessor.from_pretrained(tmp_path / "exp")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "exp").eval()
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), str(out)).eval()
+    ids = torch.tensor([[1, 5, 9, 12, 40, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.extended
+def test_qlora_trains_a_vision_language_model(tmp_path):
+    """quantization_bit: 4 (bitsandbytes on the CPU) on a tiny Qwen2-VL through LF's example: the language
+    model's linear layers load as 4-bit layers, the run finishes at ln 2 (policy == reference at the start,
+    two steps at lr 1e-3 move the loss by less than 1e-3 here), and the adapter adapts the language model only."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from prefalign.config.args import FinetuningArguments, ModelArguments
+    from prefalign.modeling.load import load_policy
+
+    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+                        learning_rate=1e-3, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False,
+                        quantization_bit=4)
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert abs(json.loads((tmp_path / "out" / "train_results.json").read_text())["train_loss"] - 0.6931) < 1e-3
+    weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert weights and all("language_model" in key for key in weights)
+    policy = load_policy(ModelArguments(model_name_or_path=str(tmp_path / "model-qwen2_vl"), quantization_bit=4),
+                         FinetuningArguments(finetuning_type="lora"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for n, m in policy.named_modules() if "language_model" in n)
+
+
+@pytest.mark.extended
+def test_zero3_in_two_processes_trains_what_one_process_trains(tmp_path):
+    """Full tuning of a tiny Qwen2-VL under DeepSpeed ZeRO-3 in 2 CPU processes (2 pairs each; the frozen-copy
+    reference in its own inference engine) logs the losses and margins of one process with 4 pairs per step,
+    and saves the same weights (within 1e-4: Adam's normalised steps carry the processes' fp32 reduction-order
+    differences, 1.5e-5 here), the frozen vision tower and projector the base's, bit for bit."""
+    from transformers import AutoModelForImageTextToText
+
+    common = dict(template="qwen2_vl", finetuning_type="full", max_steps=3, warmup_ratio=0.0, logging_steps=1,
+                  gradient_accumulation_steps=1, learning_rate=1e-2, dataloader_num_workers=0,
+                  preprocessing_num_workers=1, bf16=False)
+    two = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=2,
+                     deepspeed=str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), **common)
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(two), "--nproc", "2",
+                          f"output_dir={tmp_path / 'z3'}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=4, **common)
+    run = prefalign("train", str(one), f"output_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = {name: [h for h in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in h] for name in ("z3", "one")}
+    assert len(logs["z3"]) == len(logs["one"]) == 3 and logs["one"][-1]["loss"] < 0.69  # it learned
+    for a, b in zip(logs["z3"], logs["one"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    z3, single, base = (AutoModelForImageTextToText.from_pretrained(tmp_path / name).state_dict()
+                        for name in ("z3", "one", "model-qwen2_vl"))  # ZeRO-3's consolidated save loads too
+    assert z3.keys() == single.keys()
+    for key, value in single.items():
+        assert torch.allclose(z3[key], value, atol=1e-4), key
+        if ".visual." in f".{key}":
+            assert torch.equal(z3[key], base[key]), key
+    assert any(not torch.equal(single[key], base[key]) for key in single if "language_model" in key)
