@@ -393,10 +393,12 @@ class FinetuningArguments:
     ref_model_quantization_bit: int | None = _help(
         "Load `ref_model` with its weights in 4 or 8 bits (bitsandbytes), like `quantization_bit`."
     )
-    precompute_ref_log_probs: bool = _help(
+    precompute_ref_log_probs: bool | None = _help(
         "Compute the reference log-probs once before training, cache them on disk and free the "
-        "reference model.",
-        False,
+        "reference model. Default (null): on where it saves work or memory: more than one epoch reads "
+        "the reference, or full tuning's frozen copy (or `ref_model`) then need not be held; off for "
+        "streamed pairs and runs that end within the first epoch (the log says which and why).",
+        None,
     )
     # speed
     prefix_sharing: bool | None = _help(

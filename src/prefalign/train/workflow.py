@@ -31,6 +31,7 @@ from prefalign.modeling.load import (
     save_pissa_adapter,
 )
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
+from prefalign.reference import plan_precompute, reference_reads
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
 from prefalign.train.lock import LOCK_NAME, OutputDirLock
@@ -78,7 +79,13 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         save_pissa_adapter(policy, staging)
         replace_folder(staging, Path(args.output_dir) / PISSA_INIT)
     plan = reference_plan(config, "train")
-    precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
+    train_pairs = len(data.train) if data.train is not None else None
+    eval_pairs = len(data.eval) if data.eval is not None else 0
+    precompute_plan = plan_precompute(
+        ft.precompute_ref_log_probs, plan.strategy, streaming=config.data.streaming, train_pairs=train_pairs,
+        eval_pairs=eval_pairs, reads=reference_reads(args, train_pairs or 0, eval_pairs))
+    logger.info("Reference precompute: %s", precompute_plan.describe())
+    precompute = precompute_plan.on
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
     layout = choose_layout(ft, config.data, policy, reference.model)
     collator = run_collator(ft, tokenizer.pad_token_id, layout)
