@@ -111,19 +111,22 @@ def lf_data_dir(cache: str | None = None) -> Path:
     return folder
 
 
-def demo_rows_that_fit(tokenizer, data_dir: Path, cutoff_len: int) -> list[dict]:
+def demo_rows_that_fit(tokenizer, data_dir: Path, cutoff_len: int, system: str | None = None) -> list[dict]:
     """The demo's records, in file order, whose prompt + longer reply fit `cutoff_len` tokens under the
-    tokenizer's own chat template (none is truncated, so every trainer sees the same tokens)."""
+    tokenizer's own chat template, with `system` as the system message of records without one (none
+    is truncated, so every trainer sees the same tokens)."""
     rows = json.loads((data_dir / f"{DEMO}.json").read_text())
     kept = []
     for row in rows:
         prompt = [{"role": {"human": "user", "gpt": "assistant", "system": "system"}[m["from"]],
                    "content": m["value"]} for m in row["conversations"]]
-        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-        prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids
+        if system and prompt[0]["role"] != "system":
+            prompt.insert(0, {"role": "system", "content": row.get("system") or system})
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt_len = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         longest = max(len(tokenizer(row[k]["value"], add_special_tokens=False)["input_ids"])
                       for k in ("chosen", "rejected"))
-        if len(prompt_ids) + longest + 2 <= cutoff_len:  # + the end-of-turn markup
+        if prompt_len + longest + 2 <= cutoff_len:  # + the end-of-turn markup
             kept.append(row)
     return kept
 
