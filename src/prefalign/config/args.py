@@ -422,6 +422,13 @@ class FinetuningArguments:
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
     )
+    activation_offload: bool = _help(
+        "Long sequences on a GPU: keep the activations the policy's backward needs in (pinned) CPU memory "
+        "instead of GPU memory (torch.autograd.graph.save_on_cpu), copied back for the backward; the same "
+        "numbers, GPU memory for transfer time. On a CPU they already live in host memory: use "
+        "`gradient_checkpointing: true` (recomputes each layer's activations in the backward) there.",
+        False,
+    )
     early_stopping_steps: int | None = _help(
         "Stop training after this many evaluations in a row without improvement of `metric_for_best_model` "
         "(transformers' EarlyStoppingCallback with this patience, as LLaMA-Factory); needs `eval_strategy` and "

@@ -121,7 +121,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         data_collator=collator, processing_class=tokenizer,
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
-        galore=ft if ft.use_galore else None,
+        galore=ft if ft.use_galore else None, activation_offload=ft.activation_offload,
     )
     if ft.use_swanlab:
         trainer.add_callback(swanlab_callback(ft))
