@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
     p.add_argument("--lf-python", default="/work/venvs/lf/bin/python")
     p.add_argument("--cache", default=None, help="where the model and data are prepared (real_model.py)")
+    p.add_argument("--shape", default="real", choices=("real", "0.5b"),
+                   help="real: SmolLM2's weights; 0.5b: a random model of Qwen2.5-0.5B's body (24 x 896, MLP 4864, "
+                        "14 / 2 heads, tied) with SmolLM2's tokenizer and vocabulary (49,152)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -74,6 +77,8 @@ def prepare(args, workdir: Path) -> dict:
 
     model = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model)
+    if args.shape == "0.5b":
+        model = random_05b(model, workdir / "model-0.5b")
     rows = demo_rows_that_fit(tokenizer, lf_data_dir(args.cache), args.cutoff_len, system=SYSTEM)
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +104,20 @@ def prepare(args, workdir: Path) -> dict:
     forward = 2 * body * tokens + 2 * c.hidden_size * c.vocab_size * replies  # FLOPs of one forward, all trained pairs
     return {"model": str(model), "data_dir": str(data_dir), "trl_data": str(workdir / "trl.json"),
             "rows": len(rows), "trained_tokens": tokens, "forward_flops": forward}
+
+
+def random_05b(real: Path, folder: Path) -> Path:
+    """A random Llama of Qwen2.5-0.5B's body shape with `real`'s tokenizer and vocabulary, saved to `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(real)
+    config.update(dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, head_dim=64, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(real).save_pretrained(folder)
+    return folder
 
 
 def trl_record(row: dict) -> dict:
@@ -210,7 +229,8 @@ def run_child(python: str, spec: dict) -> dict:
 
 
 def report(args, prepared: dict, rate: float, results: dict) -> str:
-    lines = [f"SmolLM2-135M-Instruct (GGUF), LF dpo_en_demo rows that fit {args.cutoff_len}: {prepared['rows']}; "
+    model = "SmolLM2-135M-Instruct (GGUF)" if args.shape == "real" else "random Qwen2.5-0.5B-shaped body"
+    lines = [f"{model}, LF dpo_en_demo rows that fit {args.cutoff_len}: {prepared['rows']}; "
              f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, fp32, threads "
              f"{sorted({r['threads'] for r in results.values()})}; matmul rate {rate / 1e9:.0f} GFLOP/s",
              f"machine: {machine()}", "",
@@ -254,6 +274,10 @@ def main(argv=None) -> None:
         results = {}
         for name in args.runs.split(","):
             spec = {**common, **RUNS[name], "name": name, "cache_dir": str(workdir / f"cache-{name}")}
+            module = {"prefalign": "transformers", "trl": "trl", "lf": "llamafactory"}[spec["impl"]]
+            if subprocess.run([pythons[spec["impl"]], "-c", f"import {module}"], capture_output=True).returncode:
+                print(f"{name}: skipped ({pythons[spec['impl']]} cannot import {module})", flush=True)
+                continue
             started = time.perf_counter()
             results[name] = r = run_child(pythons[spec["impl"]], spec)
             gpu = f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if r.get("peak_gpu_mib") else ""
