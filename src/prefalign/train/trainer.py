@@ -17,6 +17,8 @@ computed positions that are padding, and the MFU-style figure.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from collections import defaultdict
 
@@ -37,7 +39,9 @@ from prefalign.train.guard import RunWatch
 
 class PreferenceTrainer(Trainer):
     def __init__(self, *args, reference: Reference, objective: Objective, chunk_size: int = 1024,
-                 loraplus: tuple[float, float] | None = None, optimizer_keys=None, **kwargs):
+                 loraplus: tuple[float, float] | None = None, optimizer_keys=None, activation_offload: bool = False,
+                 **kwargs):
+        self.activation_offload = activation_offload  # the policy's saved activations in CPU memory
         self.loraplus = loraplus  # (loraplus_lr_ratio, loraplus_lr_embedding), or None: the Trainer's groups
         self.optimizer_keys = optimizer_keys  # FinetuningArguments with an LF optimizer key set (use_galore...), or None
         super().__init__(*args, **kwargs)
@@ -89,7 +93,10 @@ class PreferenceTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.throughput_meter(model).add(inputs)  # before the forward: the meter's clock starts at its first batch
-        loss, out, policy = self.batch_loss(model, inputs)
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
+            if self.activation_offload and torch.is_grad_enabled() else contextlib.nullcontext()
+        with offload:
+            loss, out, policy = self.batch_loss(model, inputs)
         self._store_metrics(out, policy, "train")
         return (loss, out) if return_outputs else loss
 

@@ -34,6 +34,7 @@ from prefalign.modeling.load import (
 from prefalign.modeling.logprobs import causal_lm
 from prefalign.modeling.vision import is_vision_language, load_vision, save_processor
 from prefalign.modeling.zero import return_gathered_memory_on_cpu
+from prefalign.reference import plan_precompute, reference_reads
 from prefalign.scoring import Scorer, build_planned_reference, reference_plan
 from prefalign.train import checkpoints
 from prefalign.train.lock import LOCK_NAME, OutputDirLock
@@ -82,7 +83,13 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         save_pissa_adapter(policy, staging)
         replace_folder(staging, Path(args.output_dir) / PISSA_INIT)
     plan = reference_plan(config, "train")
-    precompute = ft.precompute_ref_log_probs and config.objective.needs_reference
+    train_pairs = len(data.train) if data.train is not None else None
+    eval_pairs = len(data.eval) if data.eval is not None else 0
+    precompute_plan = plan_precompute(
+        ft.precompute_ref_log_probs, plan.strategy, streaming=config.data.streaming, train_pairs=train_pairs,
+        eval_pairs=eval_pairs, reads=reference_reads(args, train_pairs or 0, eval_pairs))
+    logger.info("Reference precompute: %s", precompute_plan.describe())
+    precompute = precompute_plan.on
     reference = build_planned_reference(config, plan, policy, dtype=dtype, for_precompute=precompute, vocab=vocab)
     layout, collator = run_layout(ft, config.data, tokenizer.pad_token_id, policy, reference.model, vision=data.vision)
     if precompute:
@@ -118,6 +125,7 @@ def build_trainer(config: RunConfig, *, need_train: bool = True, prepared: tuple
         reference=reference, objective=config.objective, chunk_size=ft.logits_chunk_size,
         loraplus=None if ft.loraplus_lr_ratio is None else (ft.loraplus_lr_ratio, ft.loraplus_lr_embedding),
         optimizer_keys=ft if any(getattr(ft, key) for key in OPTIMIZER_KEYS) else None,
+        activation_offload=ft.activation_offload,
     )
     if ft.use_swanlab:
         trainer.add_callback(swanlab_callback(ft))
