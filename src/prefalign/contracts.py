@@ -41,7 +41,7 @@ class PreferencePair:
     `prompt` holds the conversation before the reply: an optional leading system message, then
     alternating user/assistant turns, ending with a user turn. `chosen` and `rejected` are the
     preferred and dispreferred assistant replies (plain text). `tools`: the tool definitions as a
-    JSON list of `{"type": "function", "function": {...}}`; `template_kwargs`: the record's own
+    JSON list, each as the record writes it (bare or `{"type": "function", "function": {...}}`); `template_kwargs`: the record's own
     chat-template arguments (its `chat_template_kwargs` column).
 
     An unpaired example (KTO: one reply with a thumbs-up or thumbs-down) is the same record with

@@ -179,13 +179,23 @@ def test_each_tool_format_writes_llama_factorys_text():
                 assert fmt.calls([tuple(c) for c in calls]) == theirs, name
 
 
+def test_the_definitions_reach_the_tool_formats_as_the_record_writes_them():
+    """LF's seed_oss format prints the record's tools JSON as it is (a bare definition stays bare): read through
+    prefalign's reader, the fixture records' definitions give the text LF's tool_utils wrote for them."""
+    from prefalign.data.lf_tools import TOOL_FORMATS
+
+    theirs = FROZEN_TOOLS["texts"]["formats"]["seed_oss"]["tools"]
+    assert [TOOL_FORMATS["seed_oss"].tools(json.loads(pair.tools), TODAY) for pair in tool_pairs()] == theirs
+    assert '"type": "function"' not in theirs[0]  # the records' definitions are bare
+
+
 def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     """Hand-checked against Qwen 2.5's format: the default system, then '# Tools' and each definition as one
     JSON line inside <tools>, all before the first user turn; the call as a <tool_call> JSON block in the
     assistant turn, the result in a user turn's <tool_response>."""
     qwen = tokenizer("qwen2")
     text = qwen.decode(encode_pair(tool_pairs()[0], tool_renderer("qwen2/qwen"), NO_CUT)["prompt_ids"])
-    weather = json.loads(tool_pairs()[0].tools)[0]
+    weather = {"type": "function", "function": json.loads(tool_pairs()[0].tools)[0]}  # Qwen wraps a bare one
     system = text[:text.index("<|im_start|>user\n")]
     assert system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                              "assistant.\n\n# Tools\n\n")

@@ -149,11 +149,13 @@ class ChatRenderer:
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None,
                record_kwargs: dict | None = None) -> str:
-        """`messages` as text; `tools` is a JSON list of tool definitions, `record_kwargs` a record's
-        own chat_template_kwargs."""
+        """`messages` as text; `tools` is a JSON list of tool definitions (bare ones are wrapped as
+        {"type": "function", "function": ...}, the form Hugging Face chat templates read), `record_kwargs`
+        a record's own chat_template_kwargs."""
         kwargs = {**self.kwargs, **(record_kwargs or {})}
         if tools:
-            kwargs["tools"] = json.loads(tools)
+            kwargs["tools"] = [tool if "type" in tool else {"type": "function", "function": tool}
+                               for tool in json.loads(tools)]
         builtin = self.choice.builtin  # its slots' text: for display, never for training's ids
         return self.tokenizer.apply_chat_template(
             messages,

@@ -22,9 +22,10 @@ or sharegpt/openai (the conversation's last assistant message is the reply).
 A reply (`chosen`/`rejected`) may be a string, one assistant message, a list holding one assistant
 message, or the whole conversation (the prompt's messages, then one assistant message).
 
-Tools, in the three shapes people have them, become one form (the one Hugging Face chat templates
-read): `tools` (LLaMA-Factory's JSON string of function definitions, or TRL's list of JSON schemas)
-→ a JSON list of {"type": "function", "function": {...}}; a sharegpt `function_call` turn (JSON
+Tools, in the three shapes people have them, become one form: `tools` (LLaMA-Factory's JSON string of
+function definitions, or TRL's list of JSON schemas) → a JSON list of the definitions as the record
+writes them (bare or {"type": "function", "function": {...}}: LLaMA-Factory's seed_oss prints them as
+given; data/chat.py wraps bare ones for a tokenizer's own template); a sharegpt `function_call` turn (JSON
 {"name", "arguments"} or a list of them) or an OpenAI assistant message's `tool_calls` → an
 assistant message with `tool_calls` [{"type": "function", "function": {"name", "arguments"}}],
 arguments parsed from JSON when they are a JSON object; an `observation` turn or `tool` message →
@@ -520,10 +521,11 @@ def _shared_length(a: list[Turn], b: list[Turn]) -> int:
 
 
 def _tools(record: dict, column: str | None) -> str | None:
-    """Tool definitions as a JSON list of {"type": "function", "function": {...}}; None when absent.
+    """Tool definitions as a JSON list, each as the record writes it; None when absent.
 
-    The column holds a list or an object, or (LLaMA-Factory) a JSON string of one; a bare function
-    definition ({"name", "description", "parameters"}) is wrapped as a function tool.
+    The column holds a list or an object, or (LLaMA-Factory) a JSON string of one. A bare function
+    definition ({"name", "description", "parameters"}) stays bare: LLaMA-Factory's tool formats read
+    either, and its seed_oss format prints the list as given.
     """
     value = _optional(record, column)
     expected = "a JSON list of tool definitions"
@@ -538,7 +540,6 @@ def _tools(record: dict, column: str | None) -> str | None:
     for n, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RecordError(f"{column}[{n}]", f"expected a tool definition (an object), found {_kind(tool)}")
-    tools = [tool if "type" in tool else {"type": "function", "function": tool} for tool in tools]
     return json.dumps(tools, ensure_ascii=False)
 
 
