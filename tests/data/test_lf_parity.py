@@ -130,10 +130,15 @@ def test_the_frozen_tool_ids_are_llama_factorys_and_cover_the_tool_formats():
     equal = {key for key, value in FROZEN_TOOLS["ids"].items() if "records" in value}
     assert {"qwen2/qwen", "qwen2/qwen3", "llama3.1-bpe/llama3", "qwen2/mistral", "qwen2/default",
             "qwen2/qwen/tool_format=llama3", "qwen2/llama2/tool_format=mistral"} <= equal
+    assert "qwen2/seed_oss" in equal
     pairs = tool_pairs()
-    assert len(pairs) == 3 and all(pair.tools for pair in pairs)
+    assert len(pairs) == 5 and all(pair.tools for pair in pairs)
     assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "tool"]
     assert pairs[0].prompt[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    # records 3 and 4: the chosen, then the rejected reply is a tool call (a function_call message)
+    assert (pairs[3].chosen, pairs[3].chosen_calls[0]["function"]) == ("", {"name": "get_weather",
+                                                                           "arguments": {"city": "Oslo"}})
+    assert pairs[4].rejected_calls[0]["function"]["name"] == "get_weather" and pairs[4].chosen_calls is None
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v))
@@ -146,6 +151,18 @@ def test_tool_record_ids_equal_llama_factorys(key):
         assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
         assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
         assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v))
+def test_an_openai_style_reply_with_tool_calls_encodes_as_the_sharegpt_function_call_reply(key):
+    """The OpenAI-style record (an assistant reply with `tool_calls`) is the ShareGPT record 3 (a function_call
+    reply) written otherwise: it gets LF's ids of that record, the calls in the function slot. (LF's own openai
+    converter drops a reply's tool_calls and trains its empty text: the difference README states.)"""
+    openai = load_preference_pairs(["lf_parity_openai"], str(PARITY / "tools_data"))[0]
+    lf = FROZEN_TOOLS["ids"][key]["records"][3]
+    ours = encode_pair(openai[0], tool_renderer(key), NO_CUT)
+    assert (ours["prompt_ids"], ours["chosen_ids"], ours["rejected_ids"]) == (lf["prompt"], lf["chosen"],
+                                                                           lf["rejected"])
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "added" in v))
@@ -203,3 +220,4 @@ def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     assert system.endswith("</tool_call><|im_end|>\n")
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
             '"unit": "celsius"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temperature": 22') in text
+

@@ -143,7 +143,8 @@ class ChatRenderer:
         if "enable_thinking" in own:
             encoder = encoder.thinking(own["enable_thinking"])
         try:
-            return encoder.encode_pair(pair.prompt, pair.chosen, pair.rejected, pair.tools)
+            return encoder.encode_pair(pair.prompt, pair.reply_message("chosen"), pair.reply_message("rejected"),
+                                       pair.tools)
         except UnsupportedRecord as exc:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
 
@@ -194,8 +195,7 @@ class ChatRenderer:
         replies, appended = [], False
         for field in ("chosen", "rejected"):
             reply = getattr(pair, field)
-            full = self._render_pair(pair, messages + [{"role": "assistant", "content": reply}], field,
-                                     add_generation_prompt=False)
+            full = self._render_pair(pair, messages + [pair.reply_message(field)], field, add_generation_prompt=False)
             if full.startswith(prompt_text):
                 response = full[len(prompt_text):]
             elif self.on_prompt_not_prefix == "append":

@@ -119,7 +119,9 @@ def reject_entry(error: PairError, pair: PreferencePair) -> dict:
     source = pair.source
     return {"dataset": source.dataset, "file": source.file, "index": source.index, "line": source.line,
             "stage": error.stage, "field": error.field, "reason": error.reason,
-            "record": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "tools": pair.tools}}
+            "record": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "tools": pair.tools,
+                       **{f"{f}_calls": getattr(pair, f"{f}_calls") for f in ("chosen", "rejected")
+                          if getattr(pair, f"{f}_calls")}}}
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -144,6 +146,8 @@ def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
         fields = [pair.prompt, pair.chosen, pair.rejected, pair.tools, pair.template_kwargs]
         if pair.desirable is not None:  # a KTO example (a pair's fingerprint is unchanged)
             fields.append(pair.desirable)
+        if pair.chosen_calls or pair.rejected_calls:  # a reply that calls tools
+            fields += [pair.chosen_calls, pair.rejected_calls]
         digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -182,16 +186,19 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
          "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i,
+         "calls": json.dumps([p.chosen_calls, p.rejected_calls]),
          **({"desirable": bool(p.desirable)} if unpaired else {})}
         for i, p in enumerate(pairs)
     ])
 
     def encode_batch(batch):
         out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", *_FLAGS, "reject")}
-        for prompt, chosen, rejected, tools, kwargs, source in zip(
-                batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"]):
+        for prompt, chosen, rejected, tools, kwargs, source, calls in zip(
+                batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"],
+                batch["calls"]):
+            chosen_calls, rejected_calls = json.loads(calls)
             pair = PreferencePair(json.loads(prompt), chosen, rejected, RecordSource(**json.loads(source)), tools,
-                                  json.loads(kwargs))
+                                  json.loads(kwargs), chosen_calls=chosen_calls, rejected_calls=rejected_calls)
             try:
                 encoded, reject = encode_pair(pair, renderer, cutoff_len), ""
             except PairError as error:
@@ -206,7 +213,7 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
 
     encoded = table.map(
         encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc and num_proc > 1 and len(pairs) > 256 else None,
-        remove_columns=["prompt", "chosen", "rejected", "tools", "kwargs", "source"], desc="Encoding pairs",
+        remove_columns=["prompt", "chosen", "rejected", "tools", "kwargs", "source", "calls"], desc="Encoding pairs",
     )
     rejects = [json.loads(r) for r in encoded["reject"] if r]
     if rejects:
