@@ -221,3 +221,33 @@ def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
             '"unit": "celsius"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temperature": 22') in text
 
+
+# -- truncation: tests/fixtures/lf_parity/frozen_truncated.json (`freeze`, LF's venv): the plain records cut
+# by LF's pairwise processor (its infer_seqlen) at several cutoff_len, for a few names.
+FROZEN_TRUNCATED = json.loads((PARITY / "frozen_truncated.json").read_text())
+
+
+def test_the_frozen_truncated_ids_are_llama_factorys_and_cut():
+    assert FROZEN_TRUNCATED["llamafactory"] == "0.9.5"
+    cutoffs = {int(key.rsplit("=", 1)[1]) for key in FROZEN_TRUNCATED["ids"]}
+    assert len(cutoffs) >= 3
+    whole = FROZEN["ids"]["qwen2/qwen"]["records"]
+    cut = FROZEN_TRUNCATED["ids"]["qwen2/qwen/cutoff_len=24"]["records"]
+    assert all(len(c["prompt"]) + len(c["chosen"]) <= 24 for c in cut)
+    # LF keeps the prompt's START: a cut prompt is a prefix of the whole one (here every prompt is cut)
+    assert all(c["prompt"] == w["prompt"][:len(c["prompt"])] and len(c["prompt"]) < len(w["prompt"])
+               for c, w in zip(cut, whole, strict=True))
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TRUNCATED["ids"].items() if "records" in v))
+def test_truncated_ids_equal_llama_factorys(key):
+    """A built-in template truncates by LLaMA-Factory's rule: the prompt, chosen and rejected ids LF's pairwise
+    processor keeps at that cutoff_len."""
+    family, name, case = key.split("/")
+    cutoff = int(case.removeprefix("cutoff_len="))
+    encoder = ChatRenderer(tokenizer(family), name, {})
+    for index, (pair, lf) in enumerate(zip(pairs(), FROZEN_TRUNCATED["ids"][key]["records"], strict=True)):
+        ours = encode_pair(pair, encoder, cutoff)
+        assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
+        assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
+        assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")

@@ -1,12 +1,18 @@
 """Tokenize rendered pairs, truncate them to `cutoff_len`, and cache the encoded dataset.
 
-Truncation rule (per pair, so chosen and rejected keep the same prompt tokens), with
-P = prompt tokens, R = the longer response's tokens, C = cutoff_len:
-  1. P + R <= C: nothing is cut.
-  2. Otherwise the prompt keeps max(C - R, min(P, C // 2)) tokens, cutting its head (the tail,
-     with the assistant header that marks the boundary, stays; a leading BOS token stays too);
-  3. each response keeps at most C - (kept prompt) tokens, cutting its tail.
-So responses are kept whole whenever they fit next to half the budget of prompt.
+Truncation is per pair (chosen and rejected keep the same prompt tokens), with P = prompt tokens,
+R = the longer response's tokens, C = cutoff_len; P + R <= C cuts nothing. The rule follows the
+template's rule set (`truncation_rule`, the one place that picks it):
+
+- `template: NAME` (LLaMA-Factory's slots): LLaMA-Factory's own (`infer_seqlen` in its
+  processor_utils.py, as its pairwise processor applies it), so the pair is LF's tokens cut where LF
+  cuts them: the responses keep R' = R if 2R < C, else C - P if 2P < C, else int(C * R / (P + R))
+  (never more than R); the prompt keeps its first min(P, C - R') tokens (its START: a cut prompt loses
+  its end, the assistant header included, as in LLaMA-Factory); each response its first R'.
+- the tokenizer's own template (`template` unset): prefalign's, which keeps the boundary: the
+  prompt keeps max(C - R, min(P, C // 2)) tokens, cutting its head (the tail, with the assistant
+  header, stays; a leading BOS token stays too); each response keeps at most C - (kept prompt)
+  tokens, cutting its tail. So responses are kept whole whenever they fit next to half the budget.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from prefalign.integrity import damaged_files, folder_checksums, replace_folder,
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "5"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "6"  # bump when the encoding rule changes, to invalidate caches
 MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
@@ -47,12 +53,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
 
 
+def truncation_rule(renderer: ChatRenderer) -> str:
+    """`llamafactory` for a built-in (LLaMA-Factory) template, `keep_boundary` for the tokenizer's own."""
+    return "llamafactory" if renderer.lf_encoder is not None else "keep_boundary"
+
+
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int,
-                  bos_token_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
-    """Apply the module's truncation rule; returns new (prompt, chosen, rejected) id lists."""
+                  bos_token_id: int | None = None, rule: str = "keep_boundary"
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Apply the module's truncation `rule`; returns new (prompt, chosen, rejected) id lists."""
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= cutoff_len:
         return prompt, chosen, rejected
+    if rule == "llamafactory":
+        if 2 * longest < cutoff_len:
+            keep_response = longest
+        elif 2 * len(prompt) < cutoff_len:
+            keep_response = min(longest, cutoff_len - len(prompt))
+        else:
+            keep_response = min(longest, int(cutoff_len * (longest / (len(prompt) + longest))))
+        keep_prompt = min(len(prompt), max(cutoff_len - keep_response, 0))
+        return prompt[:keep_prompt], chosen[:keep_response], rejected[:keep_response]
     keep_prompt = min(len(prompt), max(cutoff_len - longest, min(len(prompt), cutoff_len // 2)))
     if keep_prompt < len(prompt):
         keeps_bos = bos_token_id is not None and prompt and prompt[0] == bos_token_id and keep_prompt > 1
@@ -84,7 +105,13 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
     for field, response in zip(("chosen", "rejected"), responses):
         if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
             raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
-    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
+    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id,
+                                             truncation_rule(renderer))
+    if not chosen:  # LLaMA-Factory's rule, a prompt far longer than cutoff_len: LF would train no reply token
+        raise PairError("tokenize", str(pair.source), "prompt",
+                        f"the prompt's {len(prompt_ids)} tokens leave no reply token within cutoff_len {cutoff_len} "
+                        f"under LLaMA-Factory's truncation (it keeps the prompt's start); raise cutoff_len or "
+                        "shorten the prompt")
     return {
         "prompt_ids": prompt,
         "chosen_ids": chosen,
