@@ -206,6 +206,56 @@ def test_the_definitions_reach_the_tool_formats_as_the_record_writes_them():
     assert '"type": "function"' not in theirs[0]  # the records' definitions are bare
 
 
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v and
+                                     k.split("/")[0] == "qwen2" and
+                                     k.split("/")[1:] in (["qwen"], ["mistral"], ["chatml"], ["default"], ["llama3"])))
+def test_the_exported_chat_template_writes_the_tool_records_as_llama_factory_encodes_them(key):
+    """The Jinja template export writes (for serving) renders each tool record, definitions, calls in the prompt
+    and tool-call replies included, to the text of LF's ids (prompt + chosen) (byte-level tokenizers decode
+    losslessly); llama3's prompt states the day it renders."""
+    from datetime import datetime
+
+    from prefalign.data.templates import get_template
+
+    name = key.split("/")[1]
+    tok = tool_renderer(key).lf_encoder._fixed  # with LF's fix (llama3: <|eot_id|> added, the EOS replaced)
+    for pair, lf in zip(tool_pairs(), FROZEN_TOOLS["ids"][key]["records"], strict=True):
+        text = tok.apply_chat_template(pair.prompt + [pair.reply_message("chosen")], tools=json.loads(pair.tools),
+                                       chat_template=get_template(name).jinja, tokenize=False)
+        theirs = tok.decode(lf["prompt"] + lf["chosen"]).replace(TODAY, datetime.now().strftime("%d %b %Y"))
+        assert text == theirs, key
+
+
+def test_the_exported_tool_macros_write_llama_factorys_texts():
+    """Each tool format the export writes in Jinja (lf_tools.JINJA): its definitions' text and its calls' text
+    (one call, parallel calls; glm4 refuses parallel ones) equal LF's tool_utils' frozen texts."""
+    from datetime import datetime
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from prefalign.data.lf_tools import JINJA
+
+    def run(macros, call, **kwargs):
+        return render_jinja_template([[{"role": "user", "content": "x"}]], chat_template="".join(macros) + call,
+                                     **kwargs)[0][0]
+
+    records = json.loads((PARITY / "tools_data" / "lf_parity_tools.json").read_text())
+    texts = FROZEN_TOOLS["texts"]
+    assert {"default", "qwen", "llama3", "mistral", "glm4", "seed_oss", "ling"} <= set(JINJA)
+    for name, macros in JINJA.items():
+        lf = texts["formats"][name]
+        for record, theirs in zip(records, lf["tools"], strict=True):
+            theirs = theirs.replace(TODAY, datetime.now().strftime("%d %b %Y"))
+            assert run(macros, "{{ tools_text(tools) }}", tools=json.loads(record["tools"])) == theirs, name
+        for calls, theirs in zip(texts["calls"], lf["calls"], strict=True):
+            tool_calls = [{"type": "function", "function": {"name": n, "arguments": json.loads(a)}} for n, a in calls]
+            if isinstance(theirs, dict):  # LF refuses (glm4: no parallel calls)
+                with pytest.raises(Exception, match="one tool call per assistant turn"):
+                    run(macros, "{{ calls_text(calls) }}", calls=tool_calls)
+            else:
+                assert run(macros, "{{ calls_text(calls) }}", calls=tool_calls) == theirs, name
+
+
 def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     """Hand-checked against Qwen 2.5's format: the default system, then '# Tools' and each definition as one
     JSON line inside <tools>, all before the first user turn; the call as a <tool_call> JSON block in the
