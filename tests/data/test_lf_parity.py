@@ -226,6 +226,24 @@ def test_the_exported_chat_template_writes_the_tool_records_as_llama_factory_enc
         assert text == theirs, key
 
 
+def test_a_tool_call_reply_under_a_tokenizers_own_template_is_its_assistant_message_with_tool_calls():
+    """`template` unset: the reply that is a tool call is rendered as an assistant message with tool_calls. With
+    the exported qwen template as the tokenizer's own, its ids are LF's ids of that record up to the end-of-turn
+    token (the newline after it is left untrained: the documented difference)."""
+    import copy
+
+    from prefalign.data.templates import get_template
+
+    tok = copy.deepcopy(tokenizer("qwen2"))
+    tok.chat_template = get_template("qwen").jinja
+    lf = FROZEN_TOOLS["ids"]["qwen2/qwen"]["records"]
+    for index in (3, 4):  # the chosen, then the rejected reply is a tool call
+        ours = encode_pair(tool_pairs()[index], ChatRenderer(tok, None), NO_CUT)
+        assert ours["prompt_ids"] == lf[index]["prompt"], index
+        assert ours["chosen_ids"] == lf[index]["chosen"][:-1] and ours["rejected_ids"] == lf[index]["rejected"][:-1]
+        assert tok.decode(lf[index]["chosen"][-1:]) == "\n"
+
+
 def test_the_exported_tool_macros_write_llama_factorys_texts():
     """Each tool format the export writes in Jinja (lf_tools.JINJA): its definitions' text and its calls' text
     (one call, parallel calls; glm4 refuses parallel ones) equal LF's tool_utils' frozen texts."""
