@@ -15,20 +15,26 @@ Two halves, one script, two Pythons (LLaMA-Factory cannot be installed into pref
 
 `shrink` writes the tests' small tokenizers (tests/fixtures/lf_parity/tokenizers: real ones, their
 vocabulary cut to its first ids), and `freeze` (run with LF's venv, like `lf`) writes the small frozen
-set of LF's ids the tests check (tests/fixtures/lf_parity/frozen.json) for the most used names:
+set of LF's ids the tests check (tests/fixtures/lf_parity/frozen.json) for the most used names, and
+the same records cut at CUTOFFS for a few names (frozen_truncated.json):
     PYTHONPATH=src python benchmarks/lf_template_parity.py shrink
     /work/venvs/lf/bin/python benchmarks/lf_template_parity.py freeze --lf-data LF_SRC/data
 
 Tool records (ShareGPT with a `tools` column, `function_call` and `observation` turns; TOOL_RECORDS)
 go the same way with `--tools` (`lf --tools`, `compare --tools`), and `freeze-tools` writes their
-frozen set (tests/fixtures/lf_parity/frozen_tools.json). Both sides state one fixed date in llama3's
-tool prompt (LLaMA-Factory writes the day it encodes).
+frozen set (tests/fixtures/lf_parity/frozen_tools.json); two of those records' chosen or rejected reply
+is a tool call (a `function_call` message), and OPENAI_RECORDS (an OpenAI-style dataset in the same
+folder) has one as an assistant message with `tool_calls`. Both sides state one fixed date in llama3's
+tool prompt (LLaMA-Factory writes the day it encodes). Truncation: `lf --truncate` / `compare --truncate`
+encode the plain records at each of CUTOFFS for TRUNCATION_NAMES (lf_truncated_ids.json).
+Without `--lf-data`, `lf` and `freeze` reuse the records already in the output's data folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -83,7 +89,32 @@ TOOL_RECORDS = [
     {"conversations": [{"from": "human", "value": "Say hello."}],
      "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Bye."},
      "system": "", "tools": json.dumps([_SEARCH])},
+    # the chosen reply is a tool call (a function_call turn), then the rejected one after a tool result
+    {"conversations": [{"from": "human", "value": "Is it cold in Oslo?"}],
+     "chosen": {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+     "rejected": {"from": "gpt", "value": "Yes, always."},
+     "system": "", "tools": json.dumps([_WEATHER])},
+    {"conversations": [{"from": "human", "value": "Find the docs, then tell me the weather in Rome."},
+                       {"from": "function_call", "value": json.dumps({"name": "search", "arguments": {
+                           "query": "LLaMA-Factory docs"}})},
+                       {"from": "observation", "value": "llamafactory.readthedocs.io"}],
+     "chosen": {"from": "gpt", "value": "The docs are at llamafactory.readthedocs.io."},
+     "rejected": {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {
+         "city": "Rome", "unit": "celsius"}})},
+     "system": "You are a helpful assistant with tools.", "tools": json.dumps([_WEATHER, _SEARCH])},
 ]
+OPENAI_DATASET = "lf_parity_openai"
+# The same kind of pairs written OpenAI-style: the reply an assistant message with `tool_calls`.
+OPENAI_RECORDS = [
+    {"messages": [{"role": "user", "content": "Is it cold in Oslo?"}],
+     "chosen": {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+     "rejected": {"role": "assistant", "content": "Yes, always."}, "tools": [_WEATHER]},
+]
+# Truncation: the plain records cut at each of these cutoff_len, for TRUNCATION_NAMES (x every tokenizer).
+CUTOFFS = (24, 64, 160)
+TRUNCATION_NAMES = ("qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral", "phi", "alpaca", "vicuna",
+                    "default", "zephyr", "chatml", "smollm2", "gemma", "empty", "glm4", "seed_oss")
 
 
 def pick_records(lf_data: Path, per_kind: int = 2) -> list[dict]:
@@ -98,14 +129,29 @@ def pick_records(lf_data: Path, per_kind: int = 2) -> list[dict]:
     return records + [SYSTEM_RECORD, THINKING_RECORD]
 
 
+def records_for(args, folder: Path, per_kind: int = 2) -> list[dict]:
+    """The plain records: picked from LF's demo files (--lf-data), else the ones already written in `folder`
+    (a earlier run's, e.g. when LF's sdist is not at hand)."""
+    if args.lf_data:
+        return pick_records(Path(args.lf_data), per_kind)
+    return json.loads((folder / f"{DATASET}.json").read_text())
+
+
 def write_data(folder: Path, records: list[dict], dataset: str = DATASET) -> None:
+    """An LF data folder holding `records` as `dataset`; the tool records' folder also holds OPENAI_RECORDS."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{dataset}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
     columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"}
+    info = {dataset: {"file_name": f"{dataset}.json", "ranking": True, "formatting": "sharegpt", "columns": columns}}
     if dataset == TOOLS_DATASET:
         columns["tools"] = "tools"
-    (folder / "dataset_info.json").write_text(json.dumps({dataset: {
-        "file_name": f"{dataset}.json", "ranking": True, "formatting": "sharegpt", "columns": columns}}))
+        (folder / f"{OPENAI_DATASET}.json").write_text(json.dumps(OPENAI_RECORDS, ensure_ascii=False, indent=1))
+        info[OPENAI_DATASET] = {
+            "file_name": f"{OPENAI_DATASET}.json", "ranking": True, "formatting": "openai",
+            "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected", "tools": "tools"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                     "observation_tag": "tool", "system_tag": "system"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
 
 
 def prefalign_names() -> list[str]:
@@ -142,7 +188,7 @@ def _fix_lf_date() -> None:
 
 
 def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True, dataset: str = DATASET,
-              tool_format: str | None = None) -> dict:
+              tool_format: str | None = None, cutoff_len: int = CUTOFF) -> dict:
     """LF's ids for every record of the data folder with (a copy of) the tokenizer `original` (with
     "added": the tokens LF's template fix adds to it), or {"error": ...} where LF refuses.
 
@@ -163,7 +209,7 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True,
     tokenizer = _COPIES[key]
     size = len(original)
     _fix_lf_date()
-    data_args = DataArguments(template=name, cutoff_len=CUTOFF, enable_thinking=enable_thinking,
+    data_args = DataArguments(template=name, cutoff_len=cutoff_len, enable_thinking=enable_thinking,
                               dataset=dataset, dataset_dir=str(data_dir), tool_format=tool_format)
     saved = copy.deepcopy(TEMPLATES[name])  # get_template_and_fix_tokenizer writes into the registry
     try:
@@ -177,7 +223,7 @@ def lf_encode(original, name: str, data_dir: Path, enable_thinking: bool = True,
         _COPIES.pop(key)
         added = sorted(set(tokenizer.get_vocab()) - set(original.get_vocab()))
     attr = get_dataset_list([dataset], str(data_dir))[0]
-    converter = get_dataset_converter("sharegpt", attr, data_args)
+    converter = get_dataset_converter(attr.formatting, attr, data_args)
     rows = [converter(r) for r in json.loads((data_dir / f"{dataset}.json").read_text())]
     batch = {key: [row[key] for row in rows] for key in rows[0]}
     processor = PairwiseDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
@@ -203,8 +249,10 @@ def run_lf(args) -> None:
     out = Path(args.out)
     if args.tools:
         return run_lf_tools(args)
-    records = pick_records(Path(args.lf_data))
+    records = records_for(args, out / "data")
     write_data(out / "data", records)
+    if args.truncate:
+        return run_lf_truncated(args)
     families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
     result = {"llamafactory": version("llamafactory"), "transformers": version("transformers"),
               "tokenizers_dir": str(args.tokenizers), "families": families, "ids": {}}
@@ -218,6 +266,27 @@ def run_lf(args) -> None:
             result["ids"][f"{family}/{name}"] = lf_encode(tokenizer, name, out / "data")
         print(f"{family}: done", file=sys.stderr, flush=True)
     (out / "lf_ids.json").write_text(json.dumps(result))
+
+
+def run_lf_truncated(args) -> None:
+    """LF's ids of the plain records cut at each of CUTOFFS, for TRUNCATION_NAMES x every tokenizer folder:
+    lf_truncated_ids.json, keyed FAMILY/NAME/cutoff_len=N."""
+    from importlib.metadata import version
+
+    from transformers import AutoTokenizer
+
+    out = Path(args.out)
+    families = sorted(p.name for p in Path(args.tokenizers).iterdir() if (p / "tokenizer_config.json").is_file())
+    result = {"llamafactory": version("llamafactory"), "transformers": version("transformers"),
+              "tokenizers_dir": str(args.tokenizers), "families": families, "ids": {}}
+    for family in families:
+        tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizers) / family)
+        for name in TRUNCATION_NAMES:
+            for cutoff in CUTOFFS:
+                result["ids"][f"{family}/{name}/cutoff_len={cutoff}"] = lf_encode(tokenizer, name, out / "data",
+                                                                                   cutoff_len=cutoff)
+        print(f"{family}: done", file=sys.stderr, flush=True)
+    (out / "lf_truncated_ids.json").write_text(json.dumps(result))
 
 
 def run_lf_tools(args) -> None:
@@ -235,6 +304,9 @@ def run_lf_tools(args) -> None:
         tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizers) / family)
         for name in prefalign_names():
             result["ids"][f"{family}/{name}"] = lf_encode(tokenizer, name, out / "tools_data", dataset=TOOLS_DATASET)
+            if "records" in result["ids"][f"{family}/{name}"]:  # where LF encodes the ShareGPT tool records
+                result["ids"][f"{family}/{name}/openai"] = lf_encode(tokenizer, name, out / "tools_data",
+                                                                     dataset=OPENAI_DATASET)
         print(f"{family}: done", file=sys.stderr, flush=True)
     (out / "lf_tool_ids.json").write_text(json.dumps(result))
 
@@ -254,7 +326,7 @@ def prefalign_renderer(tokenizer, name: str, kwargs: dict | None = None, tool_fo
     return renderer
 
 
-def prefalign_encode(tokenizer, name: str, pairs) -> dict:
+def prefalign_encode(tokenizer, name: str, pairs, cutoff_len: int = CUTOFF) -> dict:
     from prefalign.data.encode import encode_pair
     from prefalign.errors import ConfigError, PairError
 
@@ -265,7 +337,7 @@ def prefalign_encode(tokenizer, name: str, pairs) -> dict:
     results = []
     for pair in pairs:
         try:
-            encoded = encode_pair(pair, renderer, CUTOFF)
+            encoded = encode_pair(pair, renderer, cutoff_len)
         except PairError as exc:
             results.append({"error": str(exc)})
             continue
@@ -307,22 +379,32 @@ def run_compare(args) -> None:
     from prefalign.data.sources import load_preference_pairs
 
     out = Path(args.out)
-    dataset, folder, ids = (TOOLS_DATASET, "tools_data", "lf_tool_ids") if args.tools else (DATASET, "data", "lf_ids")
+    kind = "tools" if args.tools else "truncated" if args.truncate else ""
+    folder, ids = {"tools": ("tools_data", "lf_tool_ids"), "truncated": ("data", "lf_truncated_ids")}.get(
+        kind, ("data", "lf_ids"))
     lf = json.loads((out / f"{ids}.json").read_text())
-    pairs, _ = load_preference_pairs([dataset], str(out / folder))
+    pairs = {"": load_preference_pairs([TOOLS_DATASET if args.tools else DATASET], str(out / folder))[0]}
+    if args.tools:  # keys FAMILY/NAME/openai: the OpenAI-style records
+        pairs["openai"] = load_preference_pairs([OPENAI_DATASET], str(out / folder))[0]
     rows, counts = [], {}
     for family in lf["families"]:
         tokenizer = AutoTokenizer.from_pretrained(Path(lf["tokenizers_dir"]) / family)
         for key, theirs in sorted(lf["ids"].items()):
             if not key.startswith(family + "/"):
                 continue
-            name = key.split("/", 1)[1]
-            verdict, detail = compare_one(tokenizer, theirs, prefalign_encode(tokenizer, name, pairs))
+            name, _, case = key.split("/", 1)[1].partition("/")
+            cutoff = int(case.removeprefix("cutoff_len=")) if case.startswith("cutoff_len=") else CUTOFF
+            records = pairs.get(case, pairs[""])
+            verdict, detail = compare_one(tokenizer, theirs, prefalign_encode(tokenizer, name, records, cutoff))
+            if case == "openai" and verdict == "differs":  # LF's openai converter drops a reply's tool_calls
+                textual = [dataclasses.replace(p, chosen_calls=None, rejected_calls=None) for p in records]
+                if compare_one(tokenizer, theirs, prefalign_encode(tokenizer, name, textual))[0] == "equal":
+                    verdict = "LF drops the reply's tool_calls"
             counts[verdict] = counts.get(verdict, 0) + 1
-            rows.append({"family": family, "name": name, "verdict": verdict, "detail": detail})
-    (out / ("compare_tools.json" if args.tools else "compare.json")).write_text(json.dumps({"llamafactory": lf["llamafactory"], "counts": counts, "rows": rows},
-                                                 ensure_ascii=False, indent=1))
-    print(f"LLaMA-Factory {lf['llamafactory']} vs prefalign, {len(pairs)} records, {len(lf['families'])} tokenizers: "
+            rows.append({"family": family, "name": key.split("/", 1)[1], "verdict": verdict, "detail": detail})
+    (out / f"compare{'_' + kind if kind else ''}.json").write_text(json.dumps(
+        {"llamafactory": lf["llamafactory"], "counts": counts, "rows": rows}, ensure_ascii=False, indent=1))
+    print(f"LLaMA-Factory {lf['llamafactory']} vs prefalign, {sum(map(len, pairs.values()))} records, {len(lf['families'])} tokenizers: "
           + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())))
     for row in rows:
         if row["verdict"] != "equal":
@@ -336,13 +418,17 @@ FROZEN_NAMES = ("qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral",
                 "default", "zephyr", "chatml", "smollm2", "gemma")
 
 
+FROZEN_TRUNCATED_NAMES = ("qwen", "qwen3", "llama2", "llama3", "mistral", "alpaca")
+FROZEN_TRUNCATED_FAMILIES = ("llama-spm", "llama3.1-bpe", "qwen2")
+
+
 def run_freeze(args) -> None:
     from importlib.metadata import version
 
     from transformers import AutoTokenizer
 
     fixtures = Path(args.fixtures)
-    records = pick_records(Path(args.lf_data), per_kind=1)
+    records = records_for(args, fixtures / "data", per_kind=1)
     write_data(fixtures / "data", records)
     frozen = {"llamafactory": version("llamafactory"), "transformers": version("transformers"), "ids": {}}
     for family in sorted(p.name for p in (fixtures / "tokenizers").iterdir()):
@@ -352,11 +438,20 @@ def run_freeze(args) -> None:
                 key = f"{family}/{name}" + ("" if thinking else "/enable_thinking=false")
                 frozen["ids"][key] = lf_encode(tokenizer, name, fixtures / "data", thinking)
     (fixtures / "frozen.json").write_text(json.dumps(frozen, separators=(",", ":")))
+    truncated = {**frozen, "ids": {}}  # the same records cut by LF's pairwise processor (frozen_truncated.json)
+    for family in FROZEN_TRUNCATED_FAMILIES:
+        tokenizer = AutoTokenizer.from_pretrained(fixtures / "tokenizers" / family)
+        for name in FROZEN_TRUNCATED_NAMES:
+            for cutoff in CUTOFFS:
+                truncated["ids"][f"{family}/{name}/cutoff_len={cutoff}"] = lf_encode(
+                    tokenizer, name, fixtures / "data", cutoff_len=cutoff)
+    (fixtures / "frozen_truncated.json").write_text(json.dumps(truncated, separators=(",", ":")))
 
 
 # The tool-capable names frozen for the tool records, each with its own tool format, and qwen with another.
 FROZEN_TOOL_CASES = (("qwen", None), ("qwen3", None), ("llama3", None), ("mistral", None), ("glm4", None),
-                     ("chatml", None), ("default", None), ("qwen", "llama3"), ("llama2", "mistral"))
+                     ("chatml", None), ("default", None), ("seed_oss", None), ("qwen", "llama3"),
+                     ("llama2", "mistral"))
 
 
 def run_freeze_tools(args) -> None:
@@ -419,10 +514,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=("lf", "compare", "freeze", "freeze-tools", "shrink"))
     parser.add_argument("--tools", action="store_true", help="lf / compare: the tool records (TOOL_RECORDS)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="lf / compare: the plain records cut at each of CUTOFFS (TRUNCATION_NAMES)")
     parser.add_argument("--families", nargs="*", default=["llama-bpe", "llama-spm", "phi-3", "qwen2"])
     parser.add_argument("--add", nargs="*", help="lf: encode only these tokenizer folders, added to lf_ids.json")
     parser.add_argument("--keep", type=int, default=2000, help="shrink: the BPE merges kept")
-    parser.add_argument("--lf-data", help="LLaMA-Factory's data/ folder (its sdist has it)")
+    parser.add_argument("--lf-data", help="LLaMA-Factory's data/ folder (its sdist has it); without it, the records "
+                                          "already in the output's data/ folder")
     parser.add_argument("--tokenizers", default="/work/artifacts/tokenizers")
     parser.add_argument("--out", default="/work/artifacts/lf_parity")
     parser.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lf_parity"))

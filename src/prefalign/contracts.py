@@ -40,9 +40,12 @@ class PreferencePair:
 
     `prompt` holds the conversation before the reply: an optional leading system message, then
     alternating user/assistant turns, ending with a user turn. `chosen` and `rejected` are the
-    preferred and dispreferred assistant replies (plain text). `tools`: the tool definitions as a
-    JSON list of `{"type": "function", "function": {...}}`; `template_kwargs`: the record's own
-    chat-template arguments (its `chat_template_kwargs` column).
+    preferred and dispreferred assistant replies (plain text); a reply that calls tools has its calls
+    in `chosen_calls` / `rejected_calls` (an assistant message's `tool_calls`: [{"type": "function",
+    "function": {"name", "arguments"}}], its text, often empty, in chosen / rejected; None: no calls).
+    `tools`: the tool definitions as a JSON list, each as the record writes it (bare or
+    `{"type": "function", "function": {...}}`); `template_kwargs`: the record's own chat-template
+    arguments (its `chat_template_kwargs` column).
 
     An unpaired example (KTO: one reply with a thumbs-up or thumbs-down) is the same record with
     `desirable` set (True or False; None for a preference pair): `chosen` is its reply, and
@@ -65,6 +68,13 @@ class PreferencePair:
     desirable: bool | None = None
     images: tuple[bytes, ...] = ()
     videos: tuple[bytes, ...] = ()
+    chosen_calls: list[dict] | None = None
+    rejected_calls: list[dict] | None = None
+
+    def reply_message(self, field: str) -> Message:
+        """The `chosen` or `rejected` reply as an assistant message (with its tool calls, if any)."""
+        calls = getattr(self, f"{field}_calls")
+        return {"role": "assistant", "content": getattr(self, field), **({"tool_calls": calls} if calls else {})}
 
 
 # An encoded pair is a plain dict (it lives in a `datasets.Dataset`) with these keys:

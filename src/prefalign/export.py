@@ -71,7 +71,7 @@ def run_export(config: RunConfig) -> Path:
     from transformers import AutoTokenizer
 
     from prefalign.data.chat import ChatRenderer
-    from prefalign.data.templates import resolve_template, stop_token_ids
+    from prefalign.data.templates import resolve_template, stop_token_ids, tool_macros
     from prefalign.data.vocab import extend_tokenizer
 
     out = check_export(config)
@@ -92,6 +92,10 @@ def run_export(config: RunConfig) -> Path:
     builtin = resolve_template(template).builtin
     if builtin is not None:
         tokenizer.chat_template = builtin.jinja
+        if tool_macros(builtin.lf) is None:
+            logger.info("export: the chat template written for template: %s refuses tools: its tool format (%s) is "
+                        "not written in Jinja; render tool conversations with prefalign chat", template,
+                        builtin.lf.tool_format)
     # the ids chat stops at (LLaMA-Factory's stop words for a built-in), or the eos alone without a template
     stop_ids = (ChatRenderer.from_config(tokenizer, config.data).stop_ids
                 if builtin is not None or tokenizer.chat_template else stop_token_ids(tokenizer, None))

@@ -95,6 +95,32 @@ def test_truncation_of_long_responses_keeps_half_the_budget_for_the_prompt():
     assert p == prompt[-5:] and c == chosen[:5] and r == [7, 8]
 
 
+@pytest.mark.parametrize("prompt_len, longest, cutoff, kept", [
+    (8, 4, 10, (6, 4)),     # 2R < C: responses whole, the prompt keeps C - R = 6 (its first 6)
+    (4, 12, 10, (4, 6)),    # 2P < C: the prompt whole, responses keep C - P = 6
+    (12, 8, 10, (6, 4)),    # both long: responses keep int(10 * 8 / 20) = 4, the prompt 10 - 4 = 6
+    (40, 5, 8, None),       # int(8 * 5 / 45) = 0: no reply token left (encode_pair refuses such a pair)
+])
+def test_llamafactory_truncation_keeps_the_prompt_start(prompt_len, longest, cutoff, kept):
+    """LLaMA-Factory's infer_seqlen (processor_utils.py), by hand for its three cases."""
+    prompt, chosen, rejected = list(range(100, 100 + prompt_len)), list(range(longest)), [7, 8]
+    p, c, r = truncate_pair(prompt, chosen, rejected, cutoff, bos_token_id=100, rule="llamafactory")
+    if kept is None:
+        assert c == [] and r == []
+        return
+    assert p == prompt[:kept[0]] and c == chosen[:kept[1]] and r == rejected[:kept[1]]
+
+
+def test_a_builtin_template_refuses_a_pair_llamafactorys_truncation_leaves_no_reply(tiny_tokenizer):
+    """cutoff_len 8, a prompt of far more than 8 tokens and replies of at least 4: LF's rule keeps
+    int(8 * R / (P + R)) = 0 reply tokens; prefalign refuses the pair (LF would train none of it)."""
+    from prefalign.errors import PairError
+
+    pair = make_pair(prompt=[{"role": "user", "content": "word " * 200}], chosen="a b c d e f", rejected="g h i j k l")
+    with pytest.raises(PairError, match="no reply token within cutoff_len 8"):
+        encode_pair(pair, ChatRenderer(tiny_tokenizer, "empty"), 8)
+
+
 def test_truncation_keeps_bos():
     p, _, _ = truncate_pair([0, 11, 12, 13, 14, 15], [1, 2, 3], [4], 6, bos_token_id=0)
     assert p == [0, 14, 15]

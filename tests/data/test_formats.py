@@ -77,7 +77,7 @@ def test_sharegpt_maps_function_call_to_assistant_and_observation_to_tool():
     assert pair.prompt[1] == {"role": "assistant", "content": "",
                               "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {}}}]}
     assert (pair.chosen, pair.rejected) == ("Sunny.", "Snow.")
-    assert json.loads(pair.tools) == [{"type": "function", "function": {"name": "weather"}}]
+    assert json.loads(pair.tools) == [{"name": "weather"}]  # as the record writes it (LF's seed_oss prints it so)
 
 
 def test_sharegpt_leading_system_turn_wins_over_the_system_column():
@@ -174,9 +174,10 @@ def test_implicit_strings_that_are_not_matching_transcripts_are_refused(chosen, 
     assert says in err.reason
 
 
-def test_tools_given_as_a_list_become_a_json_string():
-    pair = convert({"prompt": "Q", "chosen": "a", "rejected": "b", "tools": [{"name": "f"}]})
-    assert json.loads(pair.tools) == [{"type": "function", "function": {"name": "f"}}]
+def test_tools_given_as_a_list_become_a_json_string_of_the_definitions_as_written():
+    wrapped = {"type": "function", "function": {"name": "g"}}
+    pair = convert({"prompt": "Q", "chosen": "a", "rejected": "b", "tools": [{"name": "f"}, wrapped]})
+    assert json.loads(pair.tools) == [{"name": "f"}, wrapped]
 
 
 # --- shape detection --------------------------------------------------------------------------

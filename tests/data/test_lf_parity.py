@@ -130,10 +130,15 @@ def test_the_frozen_tool_ids_are_llama_factorys_and_cover_the_tool_formats():
     equal = {key for key, value in FROZEN_TOOLS["ids"].items() if "records" in value}
     assert {"qwen2/qwen", "qwen2/qwen3", "llama3.1-bpe/llama3", "qwen2/mistral", "qwen2/default",
             "qwen2/qwen/tool_format=llama3", "qwen2/llama2/tool_format=mistral"} <= equal
+    assert "qwen2/seed_oss" in equal
     pairs = tool_pairs()
-    assert len(pairs) == 3 and all(pair.tools for pair in pairs)
+    assert len(pairs) == 5 and all(pair.tools for pair in pairs)
     assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "tool"]
     assert pairs[0].prompt[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    # records 3 and 4: the chosen, then the rejected reply is a tool call (a function_call message)
+    assert (pairs[3].chosen, pairs[3].chosen_calls[0]["function"]) == ("", {"name": "get_weather",
+                                                                           "arguments": {"city": "Oslo"}})
+    assert pairs[4].rejected_calls[0]["function"]["name"] == "get_weather" and pairs[4].chosen_calls is None
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v))
@@ -146,6 +151,18 @@ def test_tool_record_ids_equal_llama_factorys(key):
         assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
         assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
         assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v))
+def test_an_openai_style_reply_with_tool_calls_encodes_as_the_sharegpt_function_call_reply(key):
+    """The OpenAI-style record (an assistant reply with `tool_calls`) is the ShareGPT record 3 (a function_call
+    reply) written otherwise: it gets LF's ids of that record, the calls in the function slot. (LF's own openai
+    converter drops a reply's tool_calls and trains its empty text: the difference README states.)"""
+    openai = load_preference_pairs(["lf_parity_openai"], str(PARITY / "tools_data"))[0]
+    lf = FROZEN_TOOLS["ids"][key]["records"][3]
+    ours = encode_pair(openai[0], tool_renderer(key), NO_CUT)
+    assert (ours["prompt_ids"], ours["chosen_ids"], ours["rejected_ids"]) == (lf["prompt"], lf["chosen"],
+                                                                           lf["rejected"])
 
 
 @pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "added" in v))
@@ -179,13 +196,91 @@ def test_each_tool_format_writes_llama_factorys_text():
                 assert fmt.calls([tuple(c) for c in calls]) == theirs, name
 
 
+def test_the_definitions_reach_the_tool_formats_as_the_record_writes_them():
+    """LF's seed_oss format prints the record's tools JSON as it is (a bare definition stays bare): read through
+    prefalign's reader, the fixture records' definitions give the text LF's tool_utils wrote for them."""
+    from prefalign.data.lf_tools import TOOL_FORMATS
+
+    theirs = FROZEN_TOOLS["texts"]["formats"]["seed_oss"]["tools"]
+    assert [TOOL_FORMATS["seed_oss"].tools(json.loads(pair.tools), TODAY) for pair in tool_pairs()] == theirs
+    assert '"type": "function"' not in theirs[0]  # the records' definitions are bare
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TOOLS["ids"].items() if "records" in v and
+                                     k.split("/")[0] == "qwen2" and
+                                     k.split("/")[1:] in (["qwen"], ["mistral"], ["chatml"], ["default"], ["llama3"])))
+def test_the_exported_chat_template_writes_the_tool_records_as_llama_factory_encodes_them(key):
+    """The Jinja template export writes (for serving) renders each tool record, definitions, calls in the prompt
+    and tool-call replies included, to the text of LF's ids (prompt + chosen) (byte-level tokenizers decode
+    losslessly); llama3's prompt states the day it renders."""
+    from datetime import datetime
+
+    from prefalign.data.templates import get_template
+
+    name = key.split("/")[1]
+    tok = tool_renderer(key).lf_encoder._fixed  # with LF's fix (llama3: <|eot_id|> added, the EOS replaced)
+    for pair, lf in zip(tool_pairs(), FROZEN_TOOLS["ids"][key]["records"], strict=True):
+        text = tok.apply_chat_template(pair.prompt + [pair.reply_message("chosen")], tools=json.loads(pair.tools),
+                                       chat_template=get_template(name).jinja, tokenize=False)
+        theirs = tok.decode(lf["prompt"] + lf["chosen"]).replace(TODAY, datetime.now().strftime("%d %b %Y"))
+        assert text == theirs, key
+
+
+def test_a_tool_call_reply_under_a_tokenizers_own_template_is_its_assistant_message_with_tool_calls():
+    """`template` unset: the reply that is a tool call is rendered as an assistant message with tool_calls. With
+    the exported qwen template as the tokenizer's own, its ids are LF's ids of that record up to the end-of-turn
+    token (the newline after it is left untrained: the documented difference)."""
+    import copy
+
+    from prefalign.data.templates import get_template
+
+    tok = copy.deepcopy(tokenizer("qwen2"))
+    tok.chat_template = get_template("qwen").jinja
+    lf = FROZEN_TOOLS["ids"]["qwen2/qwen"]["records"]
+    for index in (3, 4):  # the chosen, then the rejected reply is a tool call
+        ours = encode_pair(tool_pairs()[index], ChatRenderer(tok, None), NO_CUT)
+        assert ours["prompt_ids"] == lf[index]["prompt"], index
+        assert ours["chosen_ids"] == lf[index]["chosen"][:-1] and ours["rejected_ids"] == lf[index]["rejected"][:-1]
+        assert tok.decode(lf[index]["chosen"][-1:]) == "\n"
+
+
+def test_the_exported_tool_macros_write_llama_factorys_texts():
+    """Each tool format the export writes in Jinja (lf_tools.JINJA): its definitions' text and its calls' text
+    (one call, parallel calls; glm4 refuses parallel ones) equal LF's tool_utils' frozen texts."""
+    from datetime import datetime
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from prefalign.data.lf_tools import JINJA
+
+    def run(macros, call, **kwargs):
+        return render_jinja_template([[{"role": "user", "content": "x"}]], chat_template="".join(macros) + call,
+                                     **kwargs)[0][0]
+
+    records = json.loads((PARITY / "tools_data" / "lf_parity_tools.json").read_text())
+    texts = FROZEN_TOOLS["texts"]
+    assert {"default", "qwen", "llama3", "mistral", "glm4", "seed_oss", "ling"} <= set(JINJA)
+    for name, macros in JINJA.items():
+        lf = texts["formats"][name]
+        for record, theirs in zip(records, lf["tools"], strict=True):
+            theirs = theirs.replace(TODAY, datetime.now().strftime("%d %b %Y"))
+            assert run(macros, "{{ tools_text(tools) }}", tools=json.loads(record["tools"])) == theirs, name
+        for calls, theirs in zip(texts["calls"], lf["calls"], strict=True):
+            tool_calls = [{"type": "function", "function": {"name": n, "arguments": json.loads(a)}} for n, a in calls]
+            if isinstance(theirs, dict):  # LF refuses (glm4: no parallel calls)
+                with pytest.raises(Exception, match="one tool call per assistant turn"):
+                    run(macros, "{{ calls_text(calls) }}", calls=tool_calls)
+            else:
+                assert run(macros, "{{ calls_text(calls) }}", calls=tool_calls) == theirs, name
+
+
 def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     """Hand-checked against Qwen 2.5's format: the default system, then '# Tools' and each definition as one
     JSON line inside <tools>, all before the first user turn; the call as a <tool_call> JSON block in the
     assistant turn, the result in a user turn's <tool_response>."""
     qwen = tokenizer("qwen2")
     text = qwen.decode(encode_pair(tool_pairs()[0], tool_renderer("qwen2/qwen"), NO_CUT)["prompt_ids"])
-    weather = json.loads(tool_pairs()[0].tools)[0]
+    weather = {"type": "function", "function": json.loads(tool_pairs()[0].tools)[0]}  # Qwen wraps a bare one
     system = text[:text.index("<|im_start|>user\n")]
     assert system.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                              "assistant.\n\n# Tools\n\n")
@@ -193,3 +288,34 @@ def test_qwen_tool_record_puts_the_definitions_in_the_system_turn():
     assert system.endswith("</tool_call><|im_end|>\n")
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
             '"unit": "celsius"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temperature": 22') in text
+
+
+# -- truncation: tests/fixtures/lf_parity/frozen_truncated.json (`freeze`, LF's venv): the plain records cut
+# by LF's pairwise processor (its infer_seqlen) at several cutoff_len, for a few names.
+FROZEN_TRUNCATED = json.loads((PARITY / "frozen_truncated.json").read_text())
+
+
+def test_the_frozen_truncated_ids_are_llama_factorys_and_cut():
+    assert FROZEN_TRUNCATED["llamafactory"] == "0.9.5"
+    cutoffs = {int(key.rsplit("=", 1)[1]) for key in FROZEN_TRUNCATED["ids"]}
+    assert len(cutoffs) >= 3
+    whole = FROZEN["ids"]["qwen2/qwen"]["records"]
+    cut = FROZEN_TRUNCATED["ids"]["qwen2/qwen/cutoff_len=24"]["records"]
+    assert all(len(c["prompt"]) + len(c["chosen"]) <= 24 for c in cut)
+    # LF keeps the prompt's START: a cut prompt is a prefix of the whole one (here every prompt is cut)
+    assert all(c["prompt"] == w["prompt"][:len(c["prompt"])] and len(c["prompt"]) < len(w["prompt"])
+               for c, w in zip(cut, whole, strict=True))
+
+
+@pytest.mark.parametrize("key", sorted(k for k, v in FROZEN_TRUNCATED["ids"].items() if "records" in v))
+def test_truncated_ids_equal_llama_factorys(key):
+    """A built-in template truncates by LLaMA-Factory's rule: the prompt, chosen and rejected ids LF's pairwise
+    processor keeps at that cutoff_len."""
+    family, name, case = key.split("/")
+    cutoff = int(case.removeprefix("cutoff_len="))
+    encoder = ChatRenderer(tokenizer(family), name, {})
+    for index, (pair, lf) in enumerate(zip(pairs(), FROZEN_TRUNCATED["ids"][key]["records"], strict=True)):
+        ours = encode_pair(pair, encoder, cutoff)
+        assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
+        assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
+        assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")

@@ -140,12 +140,15 @@ def test_tool_results_use_the_observation_slot(tiny_tokenizer):
         '<s>[INST] Hi[/INST] Hello!</s>[TOOL_RESULTS] {"content": 42}[/TOOL_RESULTS]')
 
 
-def test_tool_definitions_and_calls_need_the_tokenizers_own_template(tiny_tokenizer):
-    with pytest.raises(Exception, match="chatml template renders no tool definitions.*leave template unset"):
-        render(tiny_tokenizer, "chatml", [U1], tools=[{"type": "function", "function": {"name": "f"}}])
+def test_a_template_whose_tool_format_has_no_jinja_refuses_tools_naming_it(tiny_tokenizer):
+    """lfm2's tool format (Pythonic calls) is not written in Jinja: the exported template says so in one line,
+    for definitions and for calls; without tools it renders as before."""
+    with pytest.raises(Exception, match=r"^The lfm2 template's tool format \(lfm2, LLaMA-Factory's\) is not written"):
+        render(tiny_tokenizer, "lfm2", [U1], tools=[{"type": "function", "function": {"name": "f"}}])
     call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
-    with pytest.raises(Exception, match="renders no tool definitions or tool calls"):
-        render(tiny_tokenizer, "llama3", [U1, call, U2])
+    with pytest.raises(Exception, match="tool format .lfm2, LLaMA-Factory's. is not written in this exported"):
+        render(tiny_tokenizer, "lfm2", [U1, call, U2])
+    assert render(tiny_tokenizer, "lfm2", [U1], True).endswith("Hi<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))

@@ -200,8 +200,10 @@ class DataArguments:
         "error",
     )
     cutoff_len: int = _help(
-        "Maximum tokens of prompt + response. Longer pairs lose the head of the prompt first, "
-        "then the tails of the responses; the prompt/response boundary is always kept.",
+        "Maximum tokens of prompt + response. With `template: NAME` a longer pair is cut as LLaMA-Factory "
+        "cuts it (its infer_seqlen: the prompt keeps its start, the responses their head); with the "
+        "tokenizer's own template the prompt loses its head first, then the responses their tails, and "
+        "the prompt/response boundary is always kept.",
         2048,
     )
     max_samples: int | None = _help("Use at most this many records of each dataset (for quick runs).")

@@ -152,7 +152,8 @@ class ChatRenderer:
             encoder = encoder.thinking(own["enable_thinking"])
         prompt = self.with_image_tokens(pair) if pair.images or pair.videos else pair.prompt
         try:
-            return encoder.encode_pair(prompt, pair.chosen, pair.rejected, pair.tools)
+            return encoder.encode_pair(prompt, pair.reply_message("chosen"), pair.reply_message("rejected"),
+                                       pair.tools)
         except UnsupportedRecord as exc:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
 
@@ -172,11 +173,13 @@ class ChatRenderer:
 
     def render(self, messages: list[Message], *, add_generation_prompt: bool, tools: str | None = None,
                record_kwargs: dict | None = None) -> str:
-        """`messages` as text; `tools` is a JSON list of tool definitions, `record_kwargs` a record's
-        own chat_template_kwargs."""
+        """`messages` as text; `tools` is a JSON list of tool definitions (bare ones are wrapped as
+        {"type": "function", "function": ...}, the form Hugging Face chat templates read), `record_kwargs`
+        a record's own chat_template_kwargs."""
         kwargs = {**self.kwargs, **(record_kwargs or {})}
         if tools:
-            kwargs["tools"] = json.loads(tools)
+            kwargs["tools"] = [tool if "type" in tool else {"type": "function", "function": tool}
+                               for tool in json.loads(tools)]
         builtin = self.choice.builtin  # its slots' text: for display, never for training's ids
         return self.tokenizer.apply_chat_template(
             messages,
@@ -215,8 +218,7 @@ class ChatRenderer:
         replies, appended = [], False
         for field in ("chosen", "rejected"):
             reply = getattr(pair, field)
-            full = self._render_pair(pair, messages + [{"role": "assistant", "content": reply}], field,
-                                     add_generation_prompt=False)
+            full = self._render_pair(pair, messages + [pair.reply_message(field)], field, add_generation_prompt=False)
             if full.startswith(prompt_text):
                 response = full[len(prompt_text):]
             elif self.on_prompt_not_prefix == "append":

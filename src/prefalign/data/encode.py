@@ -1,12 +1,18 @@
 """Tokenize rendered pairs, truncate them to `cutoff_len`, and cache the encoded dataset.
 
-Truncation rule (per pair, so chosen and rejected keep the same prompt tokens), with
-P = prompt tokens, R = the longer response's tokens, C = cutoff_len:
-  1. P + R <= C: nothing is cut.
-  2. Otherwise the prompt keeps max(C - R, min(P, C // 2)) tokens, cutting its head (the tail,
-     with the assistant header that marks the boundary, stays; a leading BOS token stays too);
-  3. each response keeps at most C - (kept prompt) tokens, cutting its tail.
-So responses are kept whole whenever they fit next to half the budget of prompt.
+Truncation is per pair (chosen and rejected keep the same prompt tokens), with P = prompt tokens,
+R = the longer response's tokens, C = cutoff_len; P + R <= C cuts nothing. The rule follows the
+template's rule set (`truncation_rule`, the one place that picks it):
+
+- `template: NAME` (LLaMA-Factory's slots): LLaMA-Factory's own (`infer_seqlen` in its
+  processor_utils.py, as its pairwise processor applies it), so the pair is LF's tokens cut where LF
+  cuts them: the responses keep R' = R if 2R < C, else C - P if 2P < C, else int(C * R / (P + R))
+  (never more than R); the prompt keeps its first min(P, C - R') tokens (its START: a cut prompt loses
+  its end, the assistant header included, as in LLaMA-Factory); each response its first R'.
+- the tokenizer's own template (`template` unset): prefalign's, which keeps the boundary: the
+  prompt keeps max(C - R, min(P, C // 2)) tokens, cutting its head (the tail, with the assistant
+  header, stays; a leading BOS token stays too); each response keeps at most C - (kept prompt)
+  tokens, cutting its tail. So responses are kept whole whenever they fit next to half the budget.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from prefalign.integrity import damaged_files, folder_checksums, replace_folder,
 
 logger = logging.getLogger(__name__)
 
-_ENCODING_VERSION = "5"  # bump when the encoding rule changes, to invalidate caches
+_ENCODING_VERSION = "6"  # bump when the encoding rule changes, to invalidate caches
 MANIFEST = "prefalign_manifest.json"  # written last: the counts and a SHA-256 of every file of the cache entry
 
 
@@ -47,12 +53,27 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
 
 
+def truncation_rule(renderer: ChatRenderer) -> str:
+    """`llamafactory` for a built-in (LLaMA-Factory) template, `keep_boundary` for the tokenizer's own."""
+    return "llamafactory" if renderer.lf_encoder is not None else "keep_boundary"
+
+
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], cutoff_len: int,
-                  bos_token_id: int | None = None) -> tuple[list[int], list[int], list[int]]:
-    """Apply the module's truncation rule; returns new (prompt, chosen, rejected) id lists."""
+                  bos_token_id: int | None = None, rule: str = "keep_boundary"
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Apply the module's truncation `rule`; returns new (prompt, chosen, rejected) id lists."""
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= cutoff_len:
         return prompt, chosen, rejected
+    if rule == "llamafactory":
+        if 2 * longest < cutoff_len:
+            keep_response = longest
+        elif 2 * len(prompt) < cutoff_len:
+            keep_response = min(longest, cutoff_len - len(prompt))
+        else:
+            keep_response = min(longest, int(cutoff_len * (longest / (len(prompt) + longest))))
+        keep_prompt = min(len(prompt), max(cutoff_len - keep_response, 0))
+        return prompt[:keep_prompt], chosen[:keep_response], rejected[:keep_response]
     keep_prompt = min(len(prompt), max(cutoff_len - longest, min(len(prompt), cutoff_len // 2)))
     if keep_prompt < len(prompt):
         keeps_bos = bos_token_id is not None and prompt and prompt[0] == bos_token_id and keep_prompt > 1
@@ -86,7 +107,13 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
     for field, response in zip(("chosen", "rejected"), responses):
         if _blank(tokenizer, response):  # the formats refuse an empty reply, so its text was dropped
             raise PairError("tokenize", str(pair.source), field, _DROPPED.format(what="the reply"))
-    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id)
+    prompt, chosen, rejected = truncate_pair(prompt_ids, *responses, cutoff_len, tokenizer.bos_token_id,
+                                             truncation_rule(renderer))
+    if not chosen:  # LLaMA-Factory's rule, a prompt far longer than cutoff_len: LF would train no reply token
+        raise PairError("tokenize", str(pair.source), "prompt",
+                        f"the prompt's {len(prompt_ids)} tokens leave no reply token within cutoff_len {cutoff_len} "
+                        f"under LLaMA-Factory's truncation (it keeps the prompt's start); raise cutoff_len or "
+                        "shorten the prompt")
     if pair.images and len(prompt) < len(prompt_ids):
         _check_images_kept(pair, renderer, prompt, prompt_ids, cutoff_len)
     return {
@@ -136,7 +163,9 @@ def reject_entry(error: PairError, pair: PreferencePair) -> dict:
     source = pair.source
     return {"dataset": source.dataset, "file": source.file, "index": source.index, "line": source.line,
             "stage": error.stage, "field": error.field, "reason": error.reason,
-            "record": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "tools": pair.tools}}
+            "record": {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected, "tools": pair.tools,
+                       **{f"{f}_calls": getattr(pair, f"{f}_calls") for f in ("chosen", "rejected")
+                          if getattr(pair, f"{f}_calls")}}}
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -163,6 +192,8 @@ def _pairs_fingerprint(pairs: list[PreferencePair]) -> str:
             fields.append(pair.desirable)
         if pair.images or pair.videos:  # the media by content (a text pair's fingerprint is unchanged)
             fields.append([hashlib.sha256(item).hexdigest() for item in (*pair.images, b"|", *pair.videos)])
+        if pair.chosen_calls or pair.rejected_calls:  # a reply that calls tools
+            fields += [pair.chosen_calls, pair.rejected_calls]
         digest.update(json.dumps(fields, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -202,6 +233,7 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     table = datasets.Dataset.from_list([
         {"prompt": json.dumps(p.prompt), "chosen": p.chosen, "rejected": p.rejected, "tools": p.tools,
          "kwargs": json.dumps(p.template_kwargs), "source": json.dumps(asdict(p.source)), "index": i,
+          "calls": json.dumps([p.chosen_calls, p.rejected_calls]),
          **({"desirable": bool(p.desirable)} if unpaired else {}),
          **({"images": list(p.images), "videos": list(p.videos)} if media else {})}
         for i, p in enumerate(pairs)
@@ -210,11 +242,13 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
     def encode_batch(batch):
         out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", *_FLAGS, "reject")}
         no_media = [()] * len(batch["prompt"])
-        for prompt, chosen, rejected, tools, kwargs, source, images, videos in zip(
+        for prompt, chosen, rejected, tools, kwargs, source, calls, images, videos in zip(
                 batch["prompt"], batch["chosen"], batch["rejected"], batch["tools"], batch["kwargs"], batch["source"],
-                batch.get("images", no_media), batch.get("videos", no_media)):
+                batch["calls"], batch.get("images", no_media), batch.get("videos", no_media)):
+            chosen_calls, rejected_calls = json.loads(calls)
             pair = PreferencePair(json.loads(prompt), chosen, rejected, RecordSource(**json.loads(source)), tools,
-                                  json.loads(kwargs), images=tuple(images), videos=tuple(videos))
+                                  json.loads(kwargs), chosen_calls=chosen_calls, rejected_calls=rejected_calls,
+                                  images=tuple(images), videos=tuple(videos))
             try:
                 encoded, reject = encode_pair(pair, renderer, cutoff_len), ""
             except PairError as error:
@@ -229,7 +263,7 @@ def encode_pairs(pairs: list[PreferencePair], renderer: ChatRenderer, cutoff_len
 
     encoded = table.map(
         encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if num_proc and num_proc > 1 and len(pairs) > 256 else None,
-        remove_columns=["prompt", "chosen", "rejected", "tools", "kwargs", "source"], desc="Encoding pairs",
+        remove_columns=["prompt", "chosen", "rejected", "tools", "kwargs", "source", "calls"], desc="Encoding pairs",
     )
     rejects = [json.loads(r) for r in encoded["reject"] if r]
     if rejects:
@@ -256,7 +290,7 @@ def _media_features(unpaired: bool):
     features = {"prompt": datasets.Value("string"), "chosen": datasets.Value("string"),
                 "rejected": datasets.Value("string"), "tools": datasets.Value("string"),
                 "kwargs": datasets.Value("string"), "source": datasets.Value("string"),
-                "index": datasets.Value("int64")}
+                "index": datasets.Value("int64"), "calls": datasets.Value("string")}
     if unpaired:
         features["desirable"] = datasets.Value("bool")
     features["images"] = datasets.Sequence(datasets.Value("binary"))

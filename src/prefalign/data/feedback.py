@@ -25,14 +25,16 @@ from prefalign.contracts import PreferencePair
 def unpair(pairs: list[PreferencePair]) -> list[PreferencePair]:
     """Each pair as two KTO examples, as TRL's `unpair_preference_dataset` does: first every chosen reply
     (desirable), then every rejected one (undesirable), in the pairs' order; `rejected` left empty."""
-    desirable = [dataclasses.replace(p, rejected="", desirable=True) for p in pairs]
-    undesirable = [dataclasses.replace(p, chosen=p.rejected, rejected="", desirable=False) for p in pairs]
+    desirable = [dataclasses.replace(p, rejected="", rejected_calls=None, desirable=True) for p in pairs]
+    undesirable = [dataclasses.replace(p, chosen=p.rejected, chosen_calls=p.rejected_calls, rejected="",
+                                       rejected_calls=None, desirable=False) for p in pairs]
     return desirable + undesirable
 
 
 def with_kl_completions(examples: list[PreferencePair]) -> list[PreferencePair]:
     """The examples with `rejected` set to their KL completion: example i - 1's reply (module docstring)."""
-    return [dataclasses.replace(example, rejected=examples[i - 1].chosen) for i, example in enumerate(examples)]
+    return [dataclasses.replace(example, rejected=examples[i - 1].chosen, rejected_calls=examples[i - 1].chosen_calls)
+            for i, example in enumerate(examples)]
 
 
 def label_counts(examples) -> tuple[int, int]:

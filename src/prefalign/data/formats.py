@@ -20,11 +20,14 @@ KTO data (`to_example`: one reply with a true/false label) also comes as LLaMA-F
 or sharegpt/openai (the conversation's last assistant message is the reply).
 
 A reply (`chosen`/`rejected`) may be a string, one assistant message, a list holding one assistant
-message, or the whole conversation (the prompt's messages, then one assistant message).
+message, or the whole conversation (the prompt's messages, then one assistant message). A reply that
+is a tool call (a sharegpt `function_call` message, an assistant message with `tool_calls`) keeps its
+calls (`PreferencePair.chosen_calls` / `rejected_calls`) and its text, which may then be empty.
 
-Tools, in the three shapes people have them, become one form (the one Hugging Face chat templates
-read): `tools` (LLaMA-Factory's JSON string of function definitions, or TRL's list of JSON schemas)
-→ a JSON list of {"type": "function", "function": {...}}; a sharegpt `function_call` turn (JSON
+Tools, in the three shapes people have them, become one form: `tools` (LLaMA-Factory's JSON string of
+function definitions, or TRL's list of JSON schemas) → a JSON list of the definitions as the record
+writes them (bare or {"type": "function", "function": {...}}: LLaMA-Factory's seed_oss prints them as
+given; data/chat.py wraps bare ones for a tokenizer's own template); a sharegpt `function_call` turn (JSON
 {"name", "arguments"} or a list of them) or an OpenAI assistant message's `tool_calls` → an
 assistant message with `tool_calls` [{"type": "function", "function": {"name", "arguments"}}],
 arguments parsed from JSON when they are a JSON object; an `observation` turn or `tool` message →
@@ -162,21 +165,31 @@ class Turn(NamedTuple):
     extra: dict | None = None
 
 
-# What a shape reader returns: prompt turns (no system), system text, chosen text, rejected text.
-Parts = tuple[list[Turn], "str | None", str, str]
+# What a shape reader returns: prompt turns (no system), system text, chosen and rejected (a text, or the
+# assistant Turn, which may hold tool calls).
+Parts = tuple[list[Turn], "str | None", "str | Turn", "str | Turn"]
+
+
+def _reply_parts(reply: "str | Turn") -> tuple[str, list[dict] | None]:
+    """A reader's reply as (text, tool calls or None)."""
+    if isinstance(reply, Turn):
+        return reply.content, (reply.extra or {}).get("tool_calls")
+    return reply, None
 
 
 def to_pair(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferencePair:
     """Convert one record to a `PreferencePair`; raise `RecordError` if it is not a usable pair."""
     if not isinstance(record, dict):
         raise RecordError(WHOLE_RECORD, f"expected an object with named fields, found {_kind(record)}")
-    turns, system, chosen, rejected = SHAPES[fmt.shape].read(record, fmt)
+    turns, system, *replies = SHAPES[fmt.shape].read(record, fmt)
+    (chosen, chosen_calls), (rejected, rejected_calls) = map(_reply_parts, replies)
     _check_prompt(turns, fmt)
-    _check_replies(chosen, rejected, fmt.columns)
+    _check_replies((chosen, chosen_calls), (rejected, rejected_calls), fmt.columns)
     prompt: list[Message] = [{"role": SYSTEM, "content": system}] if system else []
     prompt += [{"role": turn.role, "content": turn.content, **(turn.extra or {})} for turn in turns]
     return PreferencePair(prompt, chosen, rejected, source, _tools(record, fmt.columns.tools),
-                          _template_kwargs(record, fmt.columns.chat_template_kwargs))
+                          _template_kwargs(record, fmt.columns.chat_template_kwargs),
+                          chosen_calls=chosen_calls, rejected_calls=rejected_calls)
 
 
 def to_example(record: Any, fmt: RecordFormat, source: RecordSource) -> PreferencePair:
@@ -196,19 +209,20 @@ def to_example(record: Any, fmt: RecordFormat, source: RecordSource) -> Preferen
         system = _leading_system(turns, record, cols.system)
         if not turns:
             raise RecordError(cols.messages, "is an empty list: expected a conversation ending with the reply")
-        reply = _assistant(turns.pop(), "the last message (the labelled reply)")
+        reply, calls = _reply_parts(_assistant(turns.pop(), "the last message (the labelled reply)"))
     else:  # TRL's unpaired shape: prompt, completion, label
         turns = _prompt_turns(record, fmt)
         system = _leading_system(turns, record, cols.system)
-        reply = _reply(_required(record, cols.response), cols.response, turns, fmt.tags)
+        reply, calls = _reply_parts(_reply(_required(record, cols.response), cols.response, turns, fmt.tags))
     _check_prompt(turns, fmt)
-    if not reply.strip():
+    if not reply.strip() and not calls:
         raise RecordError(cols.response or cols.messages, "the reply is empty or whitespace only: expected the "
                                                           "assistant's reply")
     prompt: list[Message] = [{"role": SYSTEM, "content": system}] if system else []
     prompt += [{"role": turn.role, "content": turn.content, **(turn.extra or {})} for turn in turns]
     return PreferencePair(prompt, reply, "", source, _tools(record, cols.tools),
-                          _template_kwargs(record, cols.chat_template_kwargs), desirable=desirable)
+                          _template_kwargs(record, cols.chat_template_kwargs), desirable=desirable,
+                          chosen_calls=calls)
 
 
 def _label(record: dict, column: str) -> bool:
@@ -504,13 +518,13 @@ def _leading_system(turns: list[Turn], record: dict, column: str | None) -> str 
     return _optional_text(record, column)
 
 
-def _replies(record: dict, fmt: RecordFormat, turns: list[Turn]) -> tuple[str, str]:
+def _replies(record: dict, fmt: RecordFormat, turns: list[Turn]) -> tuple["str | Turn", "str | Turn"]:
     cols = fmt.columns
     return (_reply(_required(record, cols.chosen), cols.chosen, turns, fmt.tags),
             _reply(_required(record, cols.rejected), cols.rejected, turns, fmt.tags))
 
 
-def _reply(value: Any, field: str, prompt: list[Turn], tags: Tags) -> str:
+def _reply(value: Any, field: str, prompt: list[Turn], tags: Tags) -> "str | Turn":
     """A reply: a string, an assistant message, or a message list (one assistant message, or the
     prompt's messages followed by one assistant message, as in UltraFeedback-binarized)."""
     if isinstance(value, dict):
@@ -531,10 +545,10 @@ def _reply(value: Any, field: str, prompt: list[Turn], tags: Tags) -> str:
     return _assistant(turns[-1], "the reply")
 
 
-def _assistant(turn: Turn, what: str) -> str:
+def _assistant(turn: Turn, what: str) -> Turn:
     if turn.role != ASSISTANT:
         raise RecordError(turn.field, f"{what} has role '{turn.role}': expected an assistant message")
-    return turn.content
+    return turn
 
 
 def _shared_length(a: list[Turn], b: list[Turn]) -> int:
@@ -546,10 +560,11 @@ def _shared_length(a: list[Turn], b: list[Turn]) -> int:
 
 
 def _tools(record: dict, column: str | None) -> str | None:
-    """Tool definitions as a JSON list of {"type": "function", "function": {...}}; None when absent.
+    """Tool definitions as a JSON list, each as the record writes it; None when absent.
 
-    The column holds a list or an object, or (LLaMA-Factory) a JSON string of one; a bare function
-    definition ({"name", "description", "parameters"}) is wrapped as a function tool.
+    The column holds a list or an object, or (LLaMA-Factory) a JSON string of one. A bare function
+    definition ({"name", "description", "parameters"}) stays bare: LLaMA-Factory's tool formats read
+    either, and its seed_oss format prints the list as given.
     """
     value = _optional(record, column)
     expected = "a JSON list of tool definitions"
@@ -564,7 +579,6 @@ def _tools(record: dict, column: str | None) -> str | None:
     for n, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise RecordError(f"{column}[{n}]", f"expected a tool definition (an object), found {_kind(tool)}")
-    tools = [tool if "type" in tool else {"type": "function", "function": tool} for tool in tools]
     return json.dumps(tools, ensure_ascii=False)
 
 
@@ -611,11 +625,12 @@ def _check_prompt(turns: list[Turn], fmt: RecordFormat) -> None:
         raise RecordError(turns[-1].field, "the last user message is empty")
 
 
-def _check_replies(chosen: str, rejected: str, cols: Columns) -> None:
-    for text, column in ((chosen, cols.chosen), (rejected, cols.rejected)):
-        if not text.strip():
+def _check_replies(chosen: tuple[str, list | None], rejected: tuple[str, list | None], cols: Columns) -> None:
+    """Each reply (text, tool calls) says something; the two differ."""
+    for (text, calls), column in ((chosen, cols.chosen), (rejected, cols.rejected)):
+        if not text.strip() and not calls:
             raise RecordError(column, "is empty or whitespace only: expected the assistant's reply")
-    if chosen.strip() == rejected.strip():
+    if (chosen[0].strip(), chosen[1]) == (rejected[0].strip(), rejected[1]):
         raise RecordError(cols.rejected, f"is identical to '{cols.chosen}': such a pair carries no "
                                          "preference (its DPO loss cannot change)")
 

@@ -14,7 +14,9 @@ prefix check to fail. The rules, as LLaMA-Factory 0.9.5 applies them (template.p
   number `{{idx}}` (= message index // 2);
 - a tool result is an observation message (the observation slot); an assistant turn with tool calls
   is a function message: its text, then the calls as the tool format writes them, in the function
-  slot (`tool_format` set: LLaMA-Factory's default function slot, content then EOS);
+  slot (`tool_format` set: LLaMA-Factory's default function slot, content then EOS); a chosen or
+  rejected reply that calls tools is a function message too (the response is its function slot),
+  as LLaMA-Factory's pairwise processor encodes a ShareGPT `function_call` reply;
 - the tokenizer is fixed first (`fixed_tokenizer`, data/vocab.py): `replace_eos` makes the first stop
   word the EOS, the other stop words become special tokens, a missing EOS becomes `<|endoftext|>`;
   a token that adds to the vocabulary is resized into the models as LLaMA-Factory does (vocab.py);
@@ -95,15 +97,14 @@ class LFEncoder:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def encode_pair(self, prompt: list[Message], chosen: str, rejected: str, tools: str | None = None
+    def encode_pair(self, prompt: list[Message], chosen: Message, rejected: Message, tools: str | None = None
                     ) -> tuple[list[int], list[int], list[int]]:
         """(prompt ids, chosen ids, rejected ids) as LLaMA-Factory's pairwise processor makes them
-        (before truncation); the prompt is the one encoded with the chosen reply."""
+        (before truncation) for two assistant replies (each may call tools); the prompt is the one
+        encoded with the chosen reply."""
         system, messages, definitions = self._split(prompt, tools)
-        prompt_ids, chosen_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": chosen}], system,
-                                                      definitions)
-        _, rejected_ids = self._encode_oneturn(messages + [{"role": "assistant", "content": rejected}], system,
-                                               definitions)
+        prompt_ids, chosen_ids = self._encode_oneturn(messages + [_lf_message(chosen)], system, definitions)
+        _, rejected_ids = self._encode_oneturn(messages + [_lf_message(rejected)], system, definitions)
         if self.template.efficient_eos:
             chosen_ids, rejected_ids = chosen_ids + [self.eos_token_id], rejected_ids + [self.eos_token_id]
         return prompt_ids, chosen_ids, rejected_ids
@@ -124,12 +125,7 @@ class LFEncoder:
                 continue
             if role not in _LF_ROLES:
                 raise UnsupportedRecord(f"template: {self.name} has no {role} turns after the first message")
-            if message.get("tool_calls"):
-                calls = [(call["function"]["name"], json.dumps(call["function"]["arguments"], ensure_ascii=False))
-                         for call in message["tool_calls"]]
-                messages.append({"role": "function", "content": message["content"], "calls": calls})
-            else:
-                messages.append({"role": _LF_ROLES[role], "content": message["content"]})
+            messages.append(_lf_message(message))
         return system, messages, json.loads(tools) if tools else None
 
     def _encode_oneturn(self, messages: list[dict], system: str, tools: list[dict] | None
@@ -237,6 +233,16 @@ class LFEncoder:
                 if token_id is not None:
                     ids.append(token_id)
         return ids
+
+
+def _lf_message(message: Message) -> dict:
+    """A message in LLaMA-Factory's roles: an assistant message with tool calls is a function message
+    holding its text and its calls as (name, arguments JSON)."""
+    if message.get("tool_calls"):
+        calls = [(call["function"]["name"], json.dumps(call["function"]["arguments"], ensure_ascii=False))
+                 for call in message["tool_calls"]]
+        return {"role": "function", "content": message["content"], "calls": calls}
+    return {"role": _LF_ROLES[message["role"]], "content": message["content"]}
 
 
 def _fill(slot, **values: str) -> list:

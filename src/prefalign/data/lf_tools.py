@@ -302,6 +302,100 @@ def _gemma4_calls(calls: list[Call]) -> str:
     return "".join(texts)
 
 
+# -- the same texts as Jinja, for the chat template export writes -----------------------------------------
+# Each is two macros, tools_text(tools) and calls_text(calls) (an assistant message's tool_calls), writing what
+# the Python functions above write; tests/data/test_lf_parity.py renders them against LLaMA-Factory's frozen
+# texts. No text lives outside expressions (Hugging Face renders with trim_blocks).
+
+
+def jinja_literal(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+_J_BARE = "(t['function'] if t['type'] == 'function' else t)"
+_J_WRAPPED = "(t if t['type'] == 'function' else {'type': 'function', 'function': t})"
+_J_CALL = "{%- set f = c['function'] if c['function'] is defined else c -%}"
+_NL = jinja_literal("\n")
+
+
+def _jinja(tools_body: str, calls_body: str) -> tuple[str, str]:
+    return ("{%- macro tools_text(tools) -%}" + tools_body + "{%- endmacro -%}",
+            "{%- macro calls_text(calls) -%}" + calls_body + "{%- endmacro -%}")
+
+
+def _j_each_call(text: str, setup: str = "") -> str:
+    """`text` (an expression of f, the call's function) for each call, one per line."""
+    return ("{%- for c in calls -%}" + _J_CALL + setup + "{%- if not loop.first -%}{{ " + _NL + " }}{%- endif -%}"
+            "{{ " + text + " }}{%- endfor -%}")
+
+
+def _j_text(text: str) -> str:
+    return "{{ " + jinja_literal(text) + " }}"
+
+
+def _j_call_list(key: str) -> str:
+    return ("{%- set ns = namespace(items=[]) -%}{%- for c in calls -%}" + _J_CALL +
+            "{%- set ns.items = ns.items + [{'name': f['name'], '" + key + "': f['arguments']}] -%}{%- endfor -%}")
+
+
+_J_DEFAULT_TOOLS = (
+    "{%- set ns = namespace(text='', names=[], params='') -%}{%- for t in tools -%}{%- set f = " + _J_BARE + " -%}"
+    "{%- set ns.params = '' -%}{%- for name, param in f['parameters']['properties'].items() -%}"
+    "{%- set ns.params = ns.params + '  - ' + name + ' (' + (param['type'] or '') + "
+    "(', required' if name in (f['parameters']['required'] or []) else '') + '): ' + (param['description'] or '') + "
+    "((', should be one of [' + param['enum'] | join(', ') + ']') if param['enum'] else '') + "
+    "((', where each item should be ' + (param['items']['type'] or '')) if 'items' in param and param['items'] "
+    "else '') + " + _NL + " -%}"  # 'items' tested by key: param['items'] alone would find the dict's method
+    "{%- endfor -%}"
+    "{%- set ns.text = ns.text + '> Tool Name: ' + f['name'] + " + jinja_literal("\nTool Description: ") + " + "
+    "(f['description'] or '') + " + jinja_literal("\nTool Args:\n") + " + ns.params + " + _NL + " -%}"
+    "{%- set ns.names = ns.names + [f['name']] -%}{%- endfor -%}"
+    "{{ " + jinja_literal("You have access to the following tools:\n") + " + ns.text + " +
+    jinja_literal("Use the following format if using a tool:\n```\nAction: tool name (one of [") +
+    " + ns.names | join(', ') + " +
+    jinja_literal("])\nAction Input: the input to the tool, in a JSON format representing the kwargs "
+                  '(e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n') + " }}")
+_J_QWEN_LINES = "{%- for t in tools -%}{{ " + _NL + " + " + _J_WRAPPED + " | tojson }}{%- endfor -%}"
+_J_QWEN_CALLS = _j_each_call(jinja_literal("<tool_call>\n") + " + {'name': f['name'], 'arguments': f['arguments']}"
+                             " | tojson + " + jinja_literal("\n</tool_call>"))
+_SEED_HEAD, _SEED_TAIL = _seed_oss_tools([], "").split("[]")
+_LLAMA3_HEAD, _LLAMA3_TAIL = _llama3_tools([], "TODAY").split("TODAY")
+
+JINJA: dict[str, tuple[str, str]] = {
+    "default": _jinja(_J_DEFAULT_TOOLS, _j_each_call(
+        "'Action: ' + f['name'] + " + jinja_literal("\nAction Input: ") + " + f['arguments'] | tojson")),
+    "qwen": _jinja(_j_text("\n\n" + _QWEN_TOOLS_HEAD) + _J_QWEN_LINES + _j_text(_QWEN_TOOLS_TAIL), _J_QWEN_CALLS),
+    "ling": _jinja(_j_text(_QWEN_TOOLS_HEAD) + _J_QWEN_LINES + _j_text(_QWEN_TOOLS_TAIL + "\ndetailed thinking off"),
+                   _J_QWEN_CALLS),
+    "llama3": _jinja(
+        "{{ " + jinja_literal(_LLAMA3_HEAD) + " + strftime_now('%d %b %Y') + " + jinja_literal(_LLAMA3_TAIL) + " }}"
+        "{%- for t in tools -%}{{ " + _J_WRAPPED + " | tojson(indent=4) + " + jinja_literal("\n\n") + " }}"
+        "{%- endfor -%}",
+        _j_call_list("parameters") + "{{ (ns.items[0] if ns.items | length == 1 else ns.items) | tojson }}"),
+    "mistral": _jinja(
+        "{%- set ns = namespace(items=[]) -%}{%- for t in tools -%}{%- set ns.items = ns.items + [" + _J_WRAPPED +
+        "] -%}{%- endfor -%}{{ '[AVAILABLE_TOOLS] ' + ns.items | tojson + '[/AVAILABLE_TOOLS]' }}",
+        _j_call_list("arguments") + "{{ ns.items | tojson }}"),
+    "glm4": _jinja(
+        _j_text(_glm4_tools([], "")) + "{%- for t in tools -%}{%- set f = " + _J_BARE + " -%}{{ " +
+        jinja_literal("\n\n## ") + " + f['name'] + " + jinja_literal("\n\n") + " + f | tojson(indent=4) + " +
+        jinja_literal("\n在调用上述函数时，请使用 Json 格式表示调用的参数。") + " }}{%- endfor -%}",
+        "{%- if calls | length > 1 -%}{{ raise_exception('tool_format glm4 writes one tool call per assistant turn "
+        "(GLM-4 has no parallel calls)') }}{%- endif -%}" +
+        _j_each_call("f['name'] + " + _NL + " + f['arguments'] | tojson")),
+    "seed_oss": _jinja(
+        "{{ " + jinja_literal(_SEED_HEAD) + " + tools | tojson + " + jinja_literal(_SEED_TAIL) + " }}",
+        _j_each_call(jinja_literal("\n<seed:tool_call>\n<function=") + " + f['name'] + ns.params + " +
+                     jinja_literal("\n</function>\n</seed:tool_call>"),
+                     "{%- set ns = namespace(params='') -%}{%- for key, value in f['arguments'].items() -%}"
+                     "{%- set ns.params = ns.params + " + jinja_literal("\n<parameter=") + " + key + '>' + "
+                     "(value if value is string else value | tojson) + '</parameter>' -%}{%- endfor -%}")),
+}
+"""The tool formats the exported chat template writes, as Jinja macros (tools_text, calls_text). The others (gemma4, lfm2, minimax1,
+minimax2, qwen3_5, glm4_moe) are not written: the exported template refuses tools for them, naming why."""
+
+
 @dataclass(frozen=True)
 class ToolFormat:
     """One LLaMA-Factory tool format: the definitions' text and the calls' text."""

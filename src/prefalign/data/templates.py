@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 
 from prefalign.data.lf_templates import LF_TEMPLATES, LF_VERSION
+from prefalign.data.lf_tools import JINJA as TOOL_JINJA
+from prefalign.data.lf_tools import jinja_literal as _literal
 from prefalign.data.template_formats import OLDER_TEMPLATES, LFTemplate, Special, Token
 from prefalign.errors import ConfigError, closest
 
@@ -88,10 +90,6 @@ LF_TEMPLATE_ARGUMENTS = ("enable_thinking",)
 # Slots → Jinja (for export)
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
 def _expression(slot, content: str = "content") -> str:
     """A slot as a Jinja expression, `{{content}}` standing for the variable `content`."""
     parts = []
@@ -115,29 +113,50 @@ def _raise(text: str) -> str:
     return "{{ raise_exception(" + text + ") }}"
 
 
+def tool_macros(fmt: LFTemplate) -> tuple[str, str] | None:
+    """The Jinja macros (tools_text, calls_text) of `fmt`'s tool format; None where it has none (its
+    exported template refuses tools)."""
+    macros = TOOL_JINJA.get(fmt.tool_format)
+    if macros is not None and fmt.tools is not None:  # a plain tools slot: the definitions' JSON in it
+        macros = ("{%- macro tools_text(tools) -%}{{ " + _expression(fmt.tools, "(tools | tojson)") +
+                  " }}{%- endmacro -%}", macros[1])
+    return macros
+
+
 def format_to_jinja(name: str, fmt: LFTemplate) -> str:
     """The Jinja chat template that writes the text of `fmt`'s slots for a list of messages.
 
-    As in LLaMA-Factory: the prefix, then (if the record or the template has a system message) the
-    system slot, before the first turn or, for llama2 rules, inside it; then each turn's slot.
+    As in LLaMA-Factory: the prefix, then (if the record or the template has a system message, or there
+    are tools) the system slot, before the first turn or, for llama2 rules, inside it, its content the
+    system text followed by the tool definitions as the template's tool format writes them; then each
+    turn's slot, an assistant message with tool calls in the function slot (its text, then the calls).
+    A tool format not written in Jinja (lf_tools.JINJA) makes the template refuse tools, saying so.
     """
-    no_tools = (f"'The {name} template renders no tool definitions or tool calls; leave template unset to "
-                "use the tokenizer\\'s own chat template for data with tools.'")
     llama2 = fmt.rules == "llama2"
-    system = _expression(fmt.system, "system_message")
+    system = _expression(fmt.system, "system_content")
+    macros = tool_macros(fmt)
+    writes_tools = macros is not None
+    no_tools = _literal(f"The {name} template's tool format ({fmt.tool_format}, LLaMA-Factory's) is not written in "
+                        "this exported chat template (its Jinja is not written: only default, glm4, ling, llama3, "
+                        "mistral, qwen and seed_oss are); render tools with prefalign chat, or use a template with "
+                        "one of those.")
     parts = [
-        "{% if tools %}" + _raise(no_tools) + "{% endif %}",
+        "".join(macros) if writes_tools else "{% if tools %}" + _raise(no_tools) + "{% endif %}",
         "{{ " + _expression(fmt.prefix) + " }}" if fmt.prefix else "",
         "{% if messages and messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
         "{% set loop_messages = messages[1:] %}{% else %}{% set system_message = '' %}"
         "{% set loop_messages = messages %}{% endif %}",
         "{% if not system_message %}{% set system_message = " + _literal(fmt.default_system) + " %}{% endif %}",
-        "" if llama2 else "{% if system_message %}{{ " + system + " }}{% endif %}",
-        "{% for message in loop_messages %}{% set content = message['content'] %}",
-        "{% if loop.first and system_message %}{% set content = " + system + " + content %}{% endif %}"
+        "{% set system_content = system_message + (tools_text(tools) if tools else '') %}" if writes_tools
+        else "{% set system_content = system_message %}",
+        "" if llama2 else "{% if system_content %}{{ " + system + " }}{% endif %}",
+        "{% for message in loop_messages %}{% set content = message['content'] or '' %}",
+        "{% if loop.first and system_content %}{% set content = " + system + " + content %}{% endif %}"
         if llama2 else "",
-        "{% if message['tool_calls'] %}" + _raise(no_tools) + "{% endif %}",
-        "{% if message['role'] == 'user' %}{{ " + _expression(fmt.user) + " }}",
+        ("{% if message['tool_calls'] %}{% set content = content + calls_text(message['tool_calls']) %}"
+         "{{ " + _expression(fmt.function or fmt.assistant) + " }}") if writes_tools
+        else "{% if message['tool_calls'] %}" + _raise(no_tools),
+        "{% elif message['role'] == 'user' %}{{ " + _expression(fmt.user) + " }}",
         "{% elif message['role'] == 'assistant' %}{{ " + _expression(fmt.assistant) + " }}",
         "{% elif message['role'] == 'tool' %}{{ " + _expression(fmt.observation or fmt.user) + " }}",
         "{% else %}" + _raise(f"'The {name} template has no ' + message['role'] + ' turns after the first.'"),
