@@ -356,6 +356,10 @@ def compare_one(tokenizer, lf: dict, ours: dict) -> tuple[str, str]:
     """(verdict, detail): equal / differs / refused (prefalign) / LF refuses / both refuse / not in LF."""
     if lf.get("error", "").startswith("LLaMA-Factory has no template"):
         return "not in LF", lf["error"]
+    if "error" not in lf and any(None in record.get(part, ()) for record in lf["records"]
+                                 for part in ("prompt", "chosen", "rejected")):
+        # LF writes a named token the tokenizer lacks (no unknown token) as the id None: it cannot train it
+        lf = {"error": "LLaMA-Factory encodes a token the tokenizer lacks as None"}
     if "error" in lf and "error" in ours:
         return "both refuse", ours["error"]
     if "error" in lf:

@@ -183,14 +183,15 @@ def test_lf_resize_rules_shape_the_image_tokens(vlm_dirs):
 def test_truncation_never_cuts_an_image(vlm_dirs, tmp_path):
     """A pair whose image tokens do not fit within cutoff_len beside the reply is refused at tokenize with
     field images, and is a counted skip under on_bad_record: skip; a pair cut only in text before its image
-    keeps every image token."""
+    keeps every image token (a built-in template cuts as LLaMA-Factory does, keeping the prompt's start, so the
+    text after the image is cut)."""
     tokenizer, vision, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
     pair = _pairs()[0]
     with pytest.raises(PairError) as caught:
         encode_pair(pair, renderer, 16)
     assert (caught.value.stage, caught.value.field) == ("tokenize", "images")
     assert "cutoff_len 16" in caught.value.reason
-    long_text = PreferencePair([{"role": "user", "content": "words " * 40 + "<image>"}], "Yes.", "No.",
+    long_text = PreferencePair([{"role": "user", "content": "<image>" + " words" * 40}], "Yes.", "No.",
                                RecordSource("pairs.json", 3), images=(png(40, 30),))
     full = encode_pair(long_text, renderer, 1024)
     cut = encode_pair(long_text, renderer, len(full["prompt_ids"]) - 20)

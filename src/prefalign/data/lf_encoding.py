@@ -227,7 +227,13 @@ class LFEncoder:
                 if element:
                     ids += tokenizer.encode(element, add_special_tokens=False)
             elif isinstance(element, Token):
-                ids.append(tokenizer.convert_tokens_to_ids(element.text))
+                token_id = tokenizer.convert_tokens_to_ids(element.text)
+                if token_id is None:  # no such token and no unknown token to stand for it
+                    raise UnsupportedRecord(
+                        f"template: {self.name} writes the token {element.text!r}, which this tokenizer does not have "
+                        "(nor an unknown token); use the template of the model's family, or the tokenizer's own "
+                        "(leave template unset)")
+                ids.append(token_id)
             elif isinstance(element, Special):
                 token_id = self._eos if element.attribute == "eos_token" else tokenizer.bos_token_id
                 if token_id is not None:
