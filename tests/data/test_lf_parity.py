@@ -319,3 +319,17 @@ def test_truncated_ids_equal_llama_factorys(key):
         assert ours["prompt_ids"] == lf["prompt"], (key, index, "prompt")
         assert ours["chosen_ids"] == lf["chosen"], (key, index, "chosen")
         assert ours["rejected_ids"] == lf["rejected"], (key, index, "rejected")
+
+
+def test_a_named_token_the_tokenizer_lacks_is_a_one_line_refusal():
+    """chatglm3's slots write [gMASK]; llama-bpe has no such token and no unknown token, so LLaMA-Factory's id
+    for it is None. prefalign refuses the record at render, naming the template and the token; where the
+    tokenizer has an unknown token (llama-spm), LF writes that token's id and so does prefalign."""
+    from prefalign.errors import PairError
+
+    with pytest.raises(PairError) as caught:
+        encode_pair(pairs()[0], ChatRenderer(tokenizer("llama-bpe"), "chatglm3", {}), NO_CUT)
+    assert caught.value.stage == "render" and "'[gMASK]'" in str(caught.value) and "\n" not in str(caught.value)
+    spm = tokenizer("llama-spm")
+    encoded = encode_pair(pairs()[0], ChatRenderer(spm, "chatglm3", {}), NO_CUT)
+    assert encoded["prompt_ids"][:1] == [spm.unk_token_id]
