@@ -39,6 +39,30 @@ def _lf_config(tmp_path, family: str, **changes) -> Path:
     return path
 
 
+def _zero_and_one_process(tmp_path, zero: str, **changes) -> None:
+    """A 3-step run of a tiny Qwen2-VL under DeepSpeed `zero` (z2 / z3) in 2 CPU processes of 2 pairs each
+    (output tmp_path/zero) logs the losses, margins and chosen log-probs (within 1e-5) of its one-process
+    twin with 4 pairs per step (tmp_path/one), which learned."""
+    common = dict(template="qwen2_vl", max_steps=3, warmup_ratio=0.0, logging_steps=1,
+                  gradient_accumulation_steps=1, learning_rate=1e-2, dataloader_num_workers=0,
+                  preprocessing_num_workers=1, bf16=False, **changes)
+    two = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=2,
+                     deepspeed=str(ROOT / "examples" / "deepspeed" / f"ds_{zero}_config.json"), **common)
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(two), "--nproc", "2",
+                          f"output_dir={tmp_path / zero}"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=4, **common)
+    run = prefalign("train", str(one), f"output_dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = {name: [h for h in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in h] for name in (zero, "one")}
+    assert len(logs[zero]) == len(logs["one"]) == 3 and logs["one"][-1]["loss"] < 0.69  # it learned
+    for a, b in zip(logs[zero], logs["one"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
 @pytest.mark.extended
 def test_lf_qwen3vl_dpo_example_runs_unchanged_and_its_adapter_loads_with_peft(tmp_path):
     """The example trains (LoRA, 3 epochs of 8 pairs with 1-3 images each, accumulation 8, bf16 autocast on
@@ -166,24 +190,7 @@ def test_zero3_in_two_processes_trains_what_one_process_trains(tmp_path):
     differences, 1.5e-5 here), the frozen vision tower and projector the base's, bit for bit."""
     from transformers import AutoModelForImageTextToText
 
-    common = dict(template="qwen2_vl", finetuning_type="full", max_steps=3, warmup_ratio=0.0, logging_steps=1,
-                  gradient_accumulation_steps=1, learning_rate=1e-2, dataloader_num_workers=0,
-                  preprocessing_num_workers=1, bf16=False)
-    two = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=2,
-                     deepspeed=str(ROOT / "examples" / "deepspeed" / "ds_z3_config.json"), **common)
-    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(two), "--nproc", "2",
-                          f"output_dir={tmp_path / 'z3'}"], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = _lf_config(tmp_path, "qwen2_vl", per_device_train_batch_size=4, **common)
-    run = prefalign("train", str(one), f"output_dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    logs = {name: [h for h in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
-                   if "loss" in h] for name in ("z3", "one")}
-    assert len(logs["z3"]) == len(logs["one"]) == 3 and logs["one"][-1]["loss"] < 0.69  # it learned
-    for a, b in zip(logs["z3"], logs["one"]):
-        for key in ("loss", "rewards/margins", "logps/chosen"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    _zero_and_one_process(tmp_path, "z3", finetuning_type="full")
     z3, single, base = (AutoModelForImageTextToText.from_pretrained(tmp_path / name).state_dict()
                         for name in ("z3", "one", "model-qwen2_vl"))  # ZeRO-3's consolidated save loads too
     assert z3.keys() == single.keys()
@@ -192,3 +199,23 @@ def test_zero3_in_two_processes_trains_what_one_process_trains(tmp_path):
         if ".visual." in f".{key}":
             assert torch.equal(z3[key], base[key]), key
     assert any(not torch.equal(single[key], base[key]) for key in single if "language_model" in key)
+
+
+@pytest.mark.extended
+def test_zero2_lora_in_two_processes_trains_what_one_process_trains(tmp_path):
+    """LoRA on a tiny Qwen2-VL under DeepSpeed ZeRO-2 in 2 CPU processes (2 pairs each; the adapter-disabled
+    reference) logs the losses and margins of one process with 4 pairs per step; the saved adapter equals the
+    one-process adapter (within 1e-4), adapts the language model only and loads with peft on the base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    _zero_and_one_process(tmp_path, "z2")
+    z2, single = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("z2", "one"))
+    assert z2 and z2.keys() == single.keys() and all("language_model" in key for key in z2)
+    for key, value in single.items():
+        assert torch.allclose(z2[key], value, atol=1e-4), key
+    model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tmp_path / "model-qwen2_vl"),
+                                      str(tmp_path / "z2"))
+    loaded = [param for name, param in model.named_parameters() if "lora_B" in name]
+    assert loaded and any(param.abs().sum() > 0 for param in loaded)
