@@ -184,3 +184,85 @@ def test_optimizer_refusals(extra, words):
     with pytest.raises(ConfigError) as info:
         build_config({"model_name_or_path": "m", "dataset": "d", **extra})
     assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+
+
+def test_badam_layer_steps_equal_badams_own_block_optimizer_on_the_same_gradients(tiny_model_dir, tmp_path):
+    """use_badam (layer mode, LF's build): BlockOptimizer over the Trainer's AdamW on the two decay groups, one
+    decoder layer trained at a time. Four steps with badam_switch_interval 2, ascending from block 0: BAdam
+    switches when (steps taken + 1) % interval == 0, so after step 1 and then every 2 steps: step 1 moves only
+    layer 0, steps 2-3 only layer 1, step 4 layer 0 again; embeddings and the final norm never move. A
+    BlockOptimizer built by hand on a copy, fed the same gradients, ends at the same weights."""
+    badam = pytest.importorskip("badam")
+    import copy
+
+    keys = dict(finetuning_type="full", use_badam=True, badam_mode="layer", badam_switch_interval=2,
+                badam_start_block=0, badam_switch_mode="ascending", optim="adamw_torch", learning_rate=1e-2,
+                weight_decay=0.1, max_steps=4)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    twin = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is badam.BlockOptimizer
+    decay = trainer.get_decay_parameter_names(twin)
+    named = list(twin.named_parameters())
+    hand = badam.BlockOptimizer(
+        base_optimizer=torch.optim.AdamW([{"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                                          {"params": [p for n, p in named if n in decay], "weight_decay": 0.1}],
+                                         lr=1e-2, betas=(0.9, 0.999), eps=1e-8),
+        named_parameters_list=named, switch_block_every=2, start_block=0, switch_mode="ascending", verbose=0)
+    batch = first_batch(trainer)
+    moved = []
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.batch_loss(model, batch)[0].backward()
+        for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+            other.grad = None if param.grad is None else param.grad.clone()
+        optimizer.step()
+        hand.step()
+        model.zero_grad(set_to_none=True)
+        moved.append({n.split(".")[2] if n.startswith("model.layers.") else n
+                      for n, p in model.named_parameters() if not torch.equal(p, before[n])})
+    assert moved == [{"0"}, {"1"}, {"1"}, {"0"}], moved
+    for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(param, other, atol=1e-7, rtol=0), name
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(model.get_parameter(name), start[name]), name
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"finetuning_type": "lora"}, "use_badam with finetuning_type: lora: BAdam trains blocks of the full"),
+    ({"finetuning_type": "full", "deepspeed": {"zero_optimization": {"stage": 3}}}, "use_badam with deepspeed"),
+    ({"finetuning_type": "full", "badam_mode": "rows"}, "badam_mode: 'rows'"),
+    ({"finetuning_type": "full", "badam_switch_interval": 0}, "badam_switch_interval: 0 must be at least 1"),
+])
+def test_badam_refusals(extra, words):
+    with pytest.raises(ConfigError) as info:
+        build_config({"model_name_or_path": "m", "dataset": "d", "use_badam": True, **extra})
+    assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+
+
+def test_badam_ratio_step_updates_the_masked_share_by_adams_first_step(tiny_model_dir, tmp_path):
+    """use_badam, badam_mode ratio (BlockOptimizerRatio, LF's build): the gradient hook keeps badam_update_ratio of
+    each weight's entries (adjacent mask from offset 0: flat entries 0..n/2-1 with ratio 0.5), and the sparse AdamW
+    step moves those by Adam's first step with eps added before the bias correction (as torch's SparseAdam):
+    lr·sqrt(1-β2)/(1-β1) · (1-β1)g / (sqrt(1-β2)|g| + eps) = lr·g/(|g| + eps/sqrt(1-β2)); no weight decay (BAdam's
+    sparse step applies none); the other entries do not move; the embeddings (which the tiny model ties to its head) stay frozen."""
+    pytest.importorskip("badam")
+    keys = dict(finetuning_type="full", use_badam=True, badam_mode="ratio", badam_update_ratio=0.5,
+                badam_mask_mode="adjacent", learning_rate=1e-2, weight_decay=0.1, max_steps=1)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = model.get_parameter(q).detach().clone()
+    optimizer = trainer.create_optimizer()  # before the backward: its hooks sparsify the gradients
+    trainer.batch_loss(model, first_batch(trainer))[0].backward()
+    grad = model.get_parameter(q).grad.to_dense().flatten()
+    optimizer.step()
+    half = before.numel() // 2
+    step = (before.flatten() - model.get_parameter(q).detach().flatten())
+    assert torch.equal(step[half:], torch.zeros_like(step[half:]))
+    expected = 1e-2 * grad[:half] / (grad[:half].abs() + 1e-8 / 0.001 ** 0.5)
+    assert torch.allclose(step[:half], expected, atol=1e-6, rtol=0)
+    assert (step[:half] != 0).float().mean() > 0.9
+    assert model.get_parameter("model.embed_tokens.weight").grad is None

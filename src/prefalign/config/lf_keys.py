@@ -255,12 +255,12 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "apollo_layerwise": _not_here(False, "layer-wise APOLLO (per-parameter optimizers stepped from gradient hooks)"),
     },
     "BAdamArgument": {
-        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; LF's integration also "
-                                        "swaps accelerate's clip_grad_norm_ and adds BAdam's callback: not wired up yet)") for key, default in {
-            "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
+        "use_badam": _impl(False, "badam's BlockOptimizer (layer) / BlockOptimizerRatio (ratio) with LF's groups, "
+                                  "clip_grad_norm_ and callback; full tuning, one process (extra: badam)"),
+        **{key: _impl(default) for key, default in {
+            "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
-            "badam_verbose": 0,
-        }.items()
+            "badam_verbose": 0}.items()},
     },
     "SwanLabArguments": {
         "use_swanlab": _impl(False, "transformers' SwanLabCallback (`pip install prefalign[swanlab]`)"),

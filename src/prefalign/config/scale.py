@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore", "apollo_torch": "apollo",
-          "adam_mini": "adam_mini"}  # package -> the prefalign extra installing it
+          "adam_mini": "adam_mini", "badam": "badam"}  # package -> the prefalign extra installing it
 
 
 def _missing(package: str) -> str | None:
@@ -161,7 +161,8 @@ def problems(model, ft, train: dict) -> list[str]:
 # the LLaMA-Factory optimizer key -> (its name, the package it needs or None, its AdamW class where `optim` must be AdamW)
 _OPTIMIZERS = {"use_galore": ("GaLore", "galore_torch", "GaLoreAdamW"),
                "use_apollo": ("APOLLO", "apollo_torch", "APOLLOAdamW"),
-               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None)}
+               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None),
+               "use_badam": ("BAdam", "badam", None)}
 
 
 def _optimizer_problems(ft, train: dict) -> list[str]:

@@ -47,6 +47,8 @@ _PREFALIGN_KEYS = (
     "moe_aux_loss_coef", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
     "galore_proj_type", "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
     "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_scale_front", "use_muon", "use_adam_mini",
+    "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
+    "badam_mask_mode",
     "early_stopping_steps",
 )
 _TRAINING_KEYS = (
@@ -174,6 +176,14 @@ class Previous:
     finished: bool
 
 
+def _badam_refuses_resume(config, folder: Path) -> None:
+    """BAdam's BlockOptimizer keeps its active block and step count outside its state dict, so a resumed run would
+    restart the block order and load one block's AdamW state into another's."""
+    if config.finetuning.use_badam:
+        raise ConfigError(f"use_badam: {folder} would be resumed, but BAdam's block position is not checkpointed; "
+                          f"{_FIX}")
+
+
 def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
     """The checkpoint (or finished run) this run continues, or None to start fresh; raises when that is unsafe.
 
@@ -189,6 +199,7 @@ def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
             newest = newest_complete(folder.parent)
             hint = f"; the newest complete one is {newest}" if newest else ""
             raise ConfigError(f"resume_from_checkpoint: {folder} is not a complete checkpoint ({reason}){hint}")
+        _badam_refuses_resume(config, folder)
         return Previous(folder, read_marker(folder), finished=False)
     out = Path(args.output_dir)
     held = [p for p in out.iterdir() if p.name not in ignore] if out.is_dir() else []
@@ -203,6 +214,7 @@ def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
         if reason is None:
             if skipped:
                 logger.warning("Skipping incomplete checkpoints: %s", "; ".join(skipped))
+            _badam_refuses_resume(config, folder)
             logger.info("Resuming from %s (set overwrite_output_dir: true to start over)", folder)
             return Previous(folder, read_marker(folder), finished=False)
         skipped.append(f"{folder.name} ({reason})")
