@@ -89,8 +89,7 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 @pytest.mark.parametrize("key, value, words", [
     ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
                          "support yet"),
-    ("apollo_layerwise", True, "apollo_layerwise: layer-wise APOLLO (per-parameter optimizers stepped from gradient "
-                               "hooks) is a LLaMA-Factory feature"),
+    ("mixture_of_depths", "convert", "mixture_of_depths: mixture of depths is a LLaMA-Factory feature"),
     ("swanlab_lark_webhook_url", "https://x", "swanlab_lark_webhook_url: SwanLab's Lark notifications is a LLaMA-Factory"),
     ("image_do_pan_and_scan", True, "image_do_pan_and_scan: Gemma 3's pan-and-scan crops is a LLaMA-Factory"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),

@@ -54,12 +54,59 @@ def test_galore_step_equals_galore_torchs_own_step_on_the_same_gradients(tiny_mo
     assert (model.get_parameter(q) - plain).abs().max() > 1e-3
 
 
+def test_layerwise_galore_step_equals_galore_torch_stepped_per_parameter(tiny_model_dir, tmp_path):
+    """galore_layerwise: the Trainer's optimizer is transformers' LayerWiseDummyOptimizer (its step a no-op) and
+    the backward itself steps each parameter with its own GaLoreAdamW (LF's groups: q/v weights projected with
+    decay, the rest decayed or not), zeroing its gradient. The hand step: a copy of the model takes the same
+    loss's gradients without hooks, then one GaLoreAdamW per parameter with its group's settings steps it."""
+    galore_torch = pytest.importorskip("galore_torch")
+    import copy
+
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **GALORE, galore_layerwise=True))
+    model = trainer.model
+    twin = copy.deepcopy(model)
+    batch = first_batch(trainer)
+    trainer.batch_loss(twin, batch)[0].backward()
+    optimizer = trainer.create_optimizer()  # before the backward: the steps run in its hooks
+    assert type(optimizer) is LayerWiseDummyOptimizer
+    trainer.batch_loss(model, batch)[0].backward()
+    assert all(p.grad is None for p in model.parameters())  # each hook zeroed its gradient
+
+    decay = set(trainer.get_decay_parameter_names(twin))
+    projection = {"rank": 4, "update_proj_gap": 50, "scale": 0.5, "proj_type": "std"}
+    for name, param in twin.named_parameters():
+        if (".q_proj." in name or ".v_proj." in name) and name.endswith("weight"):
+            group = {"weight_decay": 0.1, **projection}
+        else:
+            group = {"weight_decay": 0.1 if name in decay else 0.0}
+        galore_torch.GaLoreAdamW([{"params": [param], **group}], lr=1e-2, betas=(0.9, 0.999), eps=1e-8).step()
+    for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(param, other, atol=1e-7, rtol=0), name
+    # the projected q took GaLore's step, not AdamW's
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = trainer.reference.model.get_parameter(q).detach()
+    assert (model.get_parameter(q) - before).abs().max() > 1e-4
+
+
+def test_layerwise_galore_trains_with_the_trainers_scheduler(tiny_model_dir, tmp_path):
+    """Through Trainer.train: transformers' get_scheduler gives each parameter its scheduler (warm-up then linear
+    decay of lr 1e-2 over 3 steps: 1e-2, 2/3·1e-2, 1/3·1e-2 logged) and the weights move."""
+    pytest.importorskip("galore_torch")
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **{**GALORE, "max_steps": 3}, galore_layerwise=True))
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert lrs == pytest.approx([1e-2, 2e-2 / 3, 1e-2 / 3]), lrs
+    assert all(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+
+
 @pytest.mark.parametrize("extra, words", [
     ({"finetuning_type": "lora"}, "use_galore with finetuning_type: lora: GaLore projects the gradients of full"),
     ({"finetuning_type": "full", "optim": "sgd"}, "use_galore with optim: sgd: prefalign's GaLore is GaLoreAdamW"),
-    ({"finetuning_type": "full", "galore_layerwise": True}, "galore_layerwise: layer-wise GaLore (per-parameter "
-                                                            "optimizers stepped from gradient hooks) is a LLaMA-Factory "
-                                                            "feature prefalign does not support yet"),
+    ({"finetuning_type": "full", "galore_layerwise": True, "gradient_accumulation_steps": 2},
+     "galore_layerwise with gradient_accumulation_steps: 2: each parameter steps as soon as its gradient is ready"),
 ])
 def test_galore_refusals(extra, words):
     with pytest.raises(ConfigError) as info:
@@ -178,7 +225,8 @@ def test_adam_mini_step_equals_adam_minis_own_step_on_the_same_gradients(tiny_mo
     ({"use_muon": True, "deepspeed": {"zero_optimization": {"stage": 2}}}, "use_muon with deepspeed: Muon's"),
     ({"use_apollo": True, "finetuning_type": "full", "optim": "sgd"}, "use_apollo with optim: sgd: prefalign's "
                                                                       "APOLLO is APOLLOAdamW"),
-    ({"apollo_layerwise": True}, "apollo_layerwise: layer-wise APOLLO"),
+    ({"use_apollo": True, "finetuning_type": "full", "apollo_layerwise": True, "gradient_accumulation_steps": 4},
+     "apollo_layerwise with gradient_accumulation_steps: 4"),
 ])
 def test_optimizer_refusals(extra, words):
     with pytest.raises(ConfigError) as info:

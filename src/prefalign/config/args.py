@@ -393,6 +393,10 @@ class FinetuningArguments:
     galore_scale: float = _help("GaLore: the scale of the projected update.", 2.0)
     galore_proj_type: str = _help("GaLore: `std`, `reverse_std`, `right`, `left` or `full` (galore-torch's projector).",
                                   "std")
+    galore_layerwise: bool = _help(
+        "GaLore: one optimizer per parameter, stepped as soon as its gradient is ready (saves the memory of all "
+        "gradients at once). No gradient accumulation, one process, no resume; gradient clipping has no effect.",
+        False)
     # APOLLO (LLaMA-Factory's keys)
     use_apollo: bool = _help(
         "APOLLO: AdamW with the second moments of low-rank projected gradients scaling the targeted linear weights' "
@@ -409,6 +413,8 @@ class FinetuningArguments:
     apollo_proj_type: str = _help("APOLLO: `std`, `right` or `left`.", "std")
     apollo_scale_type: str = _help("APOLLO: `channel` (one scale per channel) or `tensor`.", "channel")
     apollo_scale_front: bool = _help("APOLLO: scale the gradient before the norm-growth limiter.", False)
+    apollo_layerwise: bool = _help(
+        "APOLLO: one optimizer per parameter, stepped as soon as its gradient is ready, as `galore_layerwise`.", False)
     # the other optimizers of LLaMA-Factory's keys
     use_muon: bool = _help(
         "Muon (torch.optim.Muon, its update scaled as AdamW's RMS, as LLaMA-Factory's Muon) for the 2-D weights but "

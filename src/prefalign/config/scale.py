@@ -182,4 +182,10 @@ def _optimizer_problems(ft, train: dict) -> list[str]:
                          f"(LLaMA-Factory refuses GaLore and APOLLO with it too); remove deepspeed or {key}")
         if package and (reason := _missing(package)):
             found.append(f"{key}: {reason}")
+    for method in ("galore", "apollo"):
+        layerwise = f"{method}_layerwise"
+        if getattr(ft, f"use_{method}") and getattr(ft, layerwise) and int(train.get("gradient_accumulation_steps", 1)) > 1:
+            found.append(f"{layerwise} with gradient_accumulation_steps: {train['gradient_accumulation_steps']}: each "
+                         "parameter steps as soon as its gradient is ready (LLaMA-Factory refuses accumulation too); "
+                         f"set gradient_accumulation_steps: 1 or remove {layerwise}")
     return found

@@ -99,7 +99,10 @@ def custom_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: 
     for method, package, cls in (("galore", "galore_torch", "GaLoreAdamW"), ("apollo", "apollo_torch", "APOLLOAdamW")):
         if getattr(ft, f"use_{method}"):
             optimizer_cls = getattr(_package(package, f"use_{method}"), cls)
-            return optimizer_cls(projected_parameter_groups(model, ft, method, args.weight_decay, decay_names), **adamw)
+            groups = projected_parameter_groups(model, ft, method, args.weight_decay, decay_names)
+            if getattr(ft, f"{method}_layerwise"):
+                return layerwise_optimizer(optimizer_cls, groups, adamw, f"{method}_layerwise")
+            return optimizer_cls(groups, **adamw)
     if ft.use_muon:
         muon, rest = muon_parameters(model)
         return MuonWithAdamW(muon, rest, lr=args.learning_rate, weight_decay=args.weight_decay,
@@ -117,6 +120,33 @@ def custom_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: 
             n_heads=getattr(config, "num_attention_heads", None), n_kv_heads=getattr(config, "num_key_value_heads", None),
             verbose=False)
     return None
+
+
+def layerwise_optimizer(optimizer_cls, groups: list[dict], kwargs: dict, key: str) -> torch.optim.Optimizer:
+    """LLaMA-Factory's layer-wise GaLore / APOLLO: one `optimizer_cls` per parameter (its group's settings), stepped
+    and zeroed from the parameter's post-accumulate-grad hook, so only one parameter's gradient lives at a time;
+    the Trainer gets transformers' LayerWiseDummyOptimizer, from which its get_scheduler builds one scheduler per
+    parameter, stepped from the same hook. Hence no gradient accumulation and no clipping (the Trainer sees the
+    gradients already zeroed; config/scale.py refuses accumulation), and one process (the hooks step before any
+    all-reduce)."""
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    from prefalign.distributed import world_size
+
+    if world_size() > 1:
+        raise PrefalignError(f"{key} with {world_size()} processes: the per-parameter steps run before the gradients "
+                             f"are averaged across processes (LLaMA-Factory refuses it too); use one process or remove {key}")
+    per_param = {param: optimizer_cls([{**group, "params": [param]}], **kwargs)
+                 for group in groups for param in group["params"]}
+
+    def step(param):
+        if param.grad is not None:
+            per_param[param].step()
+            per_param[param].zero_grad()
+
+    for param in per_param:
+        param.register_post_accumulate_grad_hook(step)
+    return LayerWiseDummyOptimizer(optimizer_dict=per_param, lr=kwargs.get("lr", 1e-3))
 
 
 def badam_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: dict) -> torch.optim.Optimizer:
