@@ -89,9 +89,7 @@ def test_lfs_full_key_set_at_lfs_defaults_trains_the_same_losses(tiny_model_dir,
 @pytest.mark.parametrize("key, value, words", [
     ("shift_attn", True, "shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not "
                          "support yet"),
-    ("apollo_layerwise", True, "apollo_layerwise: layer-wise APOLLO (per-parameter optimizers stepped from gradient "
-                               "hooks) is a LLaMA-Factory feature"),
-    ("badam_mode", "ratio", "badam_mode: the BAdam optimizer (badam installs from PyPI; LF's integration also"),
+    ("mixture_of_depths", "convert", "mixture_of_depths: mixture of depths is a LLaMA-Factory feature"),
     ("swanlab_lark_webhook_url", "https://x", "swanlab_lark_webhook_url: SwanLab's Lark notifications is a LLaMA-Factory"),
     ("image_do_pan_and_scan", True, "image_do_pan_and_scan: Gemma 3's pan-and-scan crops is a LLaMA-Factory"),
     ("ppo_epochs", 2, "ppo_epochs: only LLaMA-Factory's ppo stage reads it, and prefalign runs stage: dpo"),
@@ -142,14 +140,13 @@ def test_a_no_effect_key_is_accepted_and_logged(caplog):
 
 def test_the_cli_refuses_an_lf_feature_in_one_line(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("model_name_or_path: m\ndataset: d\nstage: dpo\nuse_badam: true\n")
+    config.write_text("model_name_or_path: m\ndataset: d\nstage: dpo\nshift_attn: true\n")
     run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(config)], capture_output=True, text=True,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
-    assert ("use_badam: the BAdam optimizer (badam installs from PyPI; LF's integration also swaps accelerate's "
-            "clip_grad_norm_ and adds BAdam's callback: not wired up yet) is a LLaMA-Factory feature prefalign does not support yet; remove the key (or set it to "
-            "LLaMA-Factory's default, false)") in run.stderr
+    assert ("shift_attn: shift short attention (LongLoRA) is a LLaMA-Factory feature prefalign does not support yet; "
+            "remove the key (or set it to LLaMA-Factory's default, false)") in run.stderr
 
 
 def test_readme_lf_key_table_is_current():

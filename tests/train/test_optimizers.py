@@ -54,12 +54,59 @@ def test_galore_step_equals_galore_torchs_own_step_on_the_same_gradients(tiny_mo
     assert (model.get_parameter(q) - plain).abs().max() > 1e-3
 
 
+def test_layerwise_galore_step_equals_galore_torch_stepped_per_parameter(tiny_model_dir, tmp_path):
+    """galore_layerwise: the Trainer's optimizer is transformers' LayerWiseDummyOptimizer (its step a no-op) and
+    the backward itself steps each parameter with its own GaLoreAdamW (LF's groups: q/v weights projected with
+    decay, the rest decayed or not), zeroing its gradient. The hand step: a copy of the model takes the same
+    loss's gradients without hooks, then one GaLoreAdamW per parameter with its group's settings steps it."""
+    galore_torch = pytest.importorskip("galore_torch")
+    import copy
+
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **GALORE, galore_layerwise=True))
+    model = trainer.model
+    twin = copy.deepcopy(model)
+    batch = first_batch(trainer)
+    trainer.batch_loss(twin, batch)[0].backward()
+    optimizer = trainer.create_optimizer()  # before the backward: the steps run in its hooks
+    assert type(optimizer) is LayerWiseDummyOptimizer
+    trainer.batch_loss(model, batch)[0].backward()
+    assert all(p.grad is None for p in model.parameters())  # each hook zeroed its gradient
+
+    decay = set(trainer.get_decay_parameter_names(twin))
+    projection = {"rank": 4, "update_proj_gap": 50, "scale": 0.5, "proj_type": "std"}
+    for name, param in twin.named_parameters():
+        if (".q_proj." in name or ".v_proj." in name) and name.endswith("weight"):
+            group = {"weight_decay": 0.1, **projection}
+        else:
+            group = {"weight_decay": 0.1 if name in decay else 0.0}
+        galore_torch.GaLoreAdamW([{"params": [param], **group}], lr=1e-2, betas=(0.9, 0.999), eps=1e-8).step()
+    for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(param, other, atol=1e-7, rtol=0), name
+    # the projected q took GaLore's step, not AdamW's
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = trainer.reference.model.get_parameter(q).detach()
+    assert (model.get_parameter(q) - before).abs().max() > 1e-4
+
+
+def test_layerwise_galore_trains_with_the_trainers_scheduler(tiny_model_dir, tmp_path):
+    """Through Trainer.train: transformers' get_scheduler gives each parameter its scheduler (warm-up then linear
+    decay of lr 1e-2 over 3 steps: 1e-2, 2/3·1e-2, 1/3·1e-2 logged) and the weights move."""
+    pytest.importorskip("galore_torch")
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **{**GALORE, "max_steps": 3}, galore_layerwise=True))
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert lrs == pytest.approx([1e-2, 2e-2 / 3, 1e-2 / 3]), lrs
+    assert all(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+
+
 @pytest.mark.parametrize("extra, words", [
     ({"finetuning_type": "lora"}, "use_galore with finetuning_type: lora: GaLore projects the gradients of full"),
     ({"finetuning_type": "full", "optim": "sgd"}, "use_galore with optim: sgd: prefalign's GaLore is GaLoreAdamW"),
-    ({"finetuning_type": "full", "galore_layerwise": True}, "galore_layerwise: layer-wise GaLore (per-parameter "
-                                                            "optimizers stepped from gradient hooks) is a LLaMA-Factory "
-                                                            "feature prefalign does not support yet"),
+    ({"finetuning_type": "full", "galore_layerwise": True, "gradient_accumulation_steps": 2},
+     "galore_layerwise with gradient_accumulation_steps: 2: each parameter steps as soon as its gradient is ready"),
 ])
 def test_galore_refusals(extra, words):
     with pytest.raises(ConfigError) as info:
@@ -178,9 +225,92 @@ def test_adam_mini_step_equals_adam_minis_own_step_on_the_same_gradients(tiny_mo
     ({"use_muon": True, "deepspeed": {"zero_optimization": {"stage": 2}}}, "use_muon with deepspeed: Muon's"),
     ({"use_apollo": True, "finetuning_type": "full", "optim": "sgd"}, "use_apollo with optim: sgd: prefalign's "
                                                                       "APOLLO is APOLLOAdamW"),
-    ({"apollo_layerwise": True}, "apollo_layerwise: layer-wise APOLLO"),
+    ({"use_apollo": True, "finetuning_type": "full", "apollo_layerwise": True, "gradient_accumulation_steps": 4},
+     "apollo_layerwise with gradient_accumulation_steps: 4"),
 ])
 def test_optimizer_refusals(extra, words):
     with pytest.raises(ConfigError) as info:
         build_config({"model_name_or_path": "m", "dataset": "d", **extra})
     assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+
+
+def test_badam_layer_steps_equal_badams_own_block_optimizer_on_the_same_gradients(tiny_model_dir, tmp_path):
+    """use_badam (layer mode, LF's build): BlockOptimizer over the Trainer's AdamW on the two decay groups, one
+    decoder layer trained at a time. Four steps with badam_switch_interval 2, ascending from block 0: BAdam
+    switches when (steps taken + 1) % interval == 0, so after step 1 and then every 2 steps: step 1 moves only
+    layer 0, steps 2-3 only layer 1, step 4 layer 0 again; embeddings and the final norm never move. A
+    BlockOptimizer built by hand on a copy, fed the same gradients, ends at the same weights."""
+    badam = pytest.importorskip("badam")
+    import copy
+
+    keys = dict(finetuning_type="full", use_badam=True, badam_mode="layer", badam_switch_interval=2,
+                badam_start_block=0, badam_switch_mode="ascending", optim="adamw_torch", learning_rate=1e-2,
+                weight_decay=0.1, max_steps=4)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    twin = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is badam.BlockOptimizer
+    decay = trainer.get_decay_parameter_names(twin)
+    named = list(twin.named_parameters())
+    hand = badam.BlockOptimizer(
+        base_optimizer=torch.optim.AdamW([{"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+                                          {"params": [p for n, p in named if n in decay], "weight_decay": 0.1}],
+                                         lr=1e-2, betas=(0.9, 0.999), eps=1e-8),
+        named_parameters_list=named, switch_block_every=2, start_block=0, switch_mode="ascending", verbose=0)
+    batch = first_batch(trainer)
+    moved = []
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.batch_loss(model, batch)[0].backward()
+        for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+            other.grad = None if param.grad is None else param.grad.clone()
+        optimizer.step()
+        hand.step()
+        model.zero_grad(set_to_none=True)
+        moved.append({n.split(".")[2] if n.startswith("model.layers.") else n
+                      for n, p in model.named_parameters() if not torch.equal(p, before[n])})
+    assert moved == [{"0"}, {"1"}, {"1"}, {"0"}], moved
+    for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(param, other, atol=1e-7, rtol=0), name
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(model.get_parameter(name), start[name]), name
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"finetuning_type": "lora"}, "use_badam with finetuning_type: lora: BAdam trains blocks of the full"),
+    ({"finetuning_type": "full", "deepspeed": {"zero_optimization": {"stage": 3}}}, "use_badam with deepspeed"),
+    ({"finetuning_type": "full", "badam_mode": "rows"}, "badam_mode: 'rows'"),
+    ({"finetuning_type": "full", "badam_switch_interval": 0}, "badam_switch_interval: 0 must be at least 1"),
+])
+def test_badam_refusals(extra, words):
+    with pytest.raises(ConfigError) as info:
+        build_config({"model_name_or_path": "m", "dataset": "d", "use_badam": True, **extra})
+    assert any(line.startswith(words) for line in info.value.problems), info.value.problems
+
+
+def test_badam_ratio_step_updates_the_masked_share_by_adams_first_step(tiny_model_dir, tmp_path):
+    """use_badam, badam_mode ratio (BlockOptimizerRatio, LF's build): the gradient hook keeps badam_update_ratio of
+    each weight's entries (adjacent mask from offset 0: flat entries 0..n/2-1 with ratio 0.5), and the sparse AdamW
+    step moves those by Adam's first step with eps added before the bias correction (as torch's SparseAdam):
+    lr·sqrt(1-β2)/(1-β1) · (1-β1)g / (sqrt(1-β2)|g| + eps) = lr·g/(|g| + eps/sqrt(1-β2)); no weight decay (BAdam's
+    sparse step applies none); the other entries do not move; the embeddings (which the tiny model ties to its head) stay frozen."""
+    pytest.importorskip("badam")
+    keys = dict(finetuning_type="full", use_badam=True, badam_mode="ratio", badam_update_ratio=0.5,
+                badam_mask_mode="adjacent", learning_rate=1e-2, weight_decay=0.1, max_steps=1)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    q = "model.layers.0.self_attn.q_proj.weight"
+    before = model.get_parameter(q).detach().clone()
+    optimizer = trainer.create_optimizer()  # before the backward: its hooks sparsify the gradients
+    trainer.batch_loss(model, first_batch(trainer))[0].backward()
+    grad = model.get_parameter(q).grad.to_dense().flatten()
+    optimizer.step()
+    half = before.numel() // 2
+    step = (before.flatten() - model.get_parameter(q).detach().flatten())
+    assert torch.equal(step[half:], torch.zeros_like(step[half:]))
+    expected = 1e-2 * grad[:half] / (grad[:half].abs() + 1e-8 / 0.001 ** 0.5)
+    assert torch.allclose(step[:half], expected, atol=1e-6, rtol=0)
+    assert (step[:half] != 0).float().mean() > 0.9
+    assert model.get_parameter("model.embed_tokens.weight").grad is None

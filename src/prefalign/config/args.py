@@ -17,7 +17,7 @@ ADAPTER_TYPES = ("lora", "oft")  # peft adapters: the base stays frozen, the ref
 ON_BAD_RECORD = ("error", "skip")
 GALORE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the `optim` values GaLoreAdamW stands in for
 GALORE_PROJECTIONS = ("std", "reverse_std", "right", "left", "full")
-OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_muon", "use_adam_mini")  # each replaces the Trainer's optimizer
+OPTIMIZER_KEYS = ("use_galore", "use_apollo", "use_muon", "use_adam_mini", "use_badam")  # each replaces the Trainer's optimizer
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")  # LLaMA-Factory's choices, each a transformers rope type
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 STAGE_LOSSES = {"dpo": ["sigmoid"], "kto": ["kto"]}
@@ -395,6 +395,10 @@ class FinetuningArguments:
     galore_scale: float = _help("GaLore: the scale of the projected update.", 2.0)
     galore_proj_type: str = _help("GaLore: `std`, `reverse_std`, `right`, `left` or `full` (galore-torch's projector).",
                                   "std")
+    galore_layerwise: bool = _help(
+        "GaLore: one optimizer per parameter, stepped as soon as its gradient is ready (saves the memory of all "
+        "gradients at once). No gradient accumulation, one process, no resume; gradient clipping has no effect.",
+        False)
     # APOLLO (LLaMA-Factory's keys)
     use_apollo: bool = _help(
         "APOLLO: AdamW with the second moments of low-rank projected gradients scaling the targeted linear weights' "
@@ -411,6 +415,8 @@ class FinetuningArguments:
     apollo_proj_type: str = _help("APOLLO: `std`, `right` or `left`.", "std")
     apollo_scale_type: str = _help("APOLLO: `channel` (one scale per channel) or `tensor`.", "channel")
     apollo_scale_front: bool = _help("APOLLO: scale the gradient before the norm-growth limiter.", False)
+    apollo_layerwise: bool = _help(
+        "APOLLO: one optimizer per parameter, stepped as soon as its gradient is ready, as `galore_layerwise`.", False)
     # the other optimizers of LLaMA-Factory's keys
     use_muon: bool = _help(
         "Muon (torch.optim.Muon, its update scaled as AdamW's RMS, as LLaMA-Factory's Muon) for the 2-D weights but "
@@ -423,6 +429,25 @@ class FinetuningArguments:
         "\"prefalign[adam_mini]\"`), with the model's hidden size and head counts, as LLaMA-Factory.",
         False,
     )
+    # BAdam (LLaMA-Factory's keys)
+    use_badam: bool = _help(
+        "BAdam: block coordinate descent, AdamW on one block of the model at a time (the badam package, "
+        "`pip install \"prefalign[badam]\"`; built as LLaMA-Factory builds it). Full tuning, one process, no DeepSpeed.",
+        False,
+    )
+    badam_mode: str = _help("BAdam: `layer` (one decoder layer at a time, BlockOptimizer) or `ratio` (a share of "
+                            "every weight's entries, BlockOptimizerRatio).", "layer")
+    badam_start_block: int | None = _help("BAdam layer mode: the index of the first block trained (default: the "
+                                          "switch mode's first).")
+    badam_switch_mode: str = _help("BAdam layer mode: the order of blocks, `ascending`, `descending`, `random` or "
+                                   "`fixed`.", "ascending")
+    badam_switch_interval: int = _help("BAdam layer mode: optimizer steps before the next block (-1: never switch).",
+                                       50)
+    badam_update_ratio: float = _help("BAdam ratio mode: the share of each weight's entries updated.", 0.05)
+    badam_mask_mode: str = _help("BAdam ratio mode: `adjacent` (a run of entries) or `scatter` (random entries).",
+                                 "adjacent")
+    badam_verbose: int = _help("BAdam: 0 quiet, 1 print the trainable block at each switch, 2 also its parameters.",
+                               0)
     # preference loss
     pref_beta: float = _help("β, the strength of the KL constraint towards the reference.", 0.1)
     pref_loss: list[str] | None = _help(
@@ -558,6 +583,7 @@ class FinetuningArguments:
             elif self.loraplus_lr_ratio <= 0:
                 problems.append(f"loraplus_lr_ratio: {self.loraplus_lr_ratio} must be positive, e.g. 16")
         problems += self._pissa_problems() + self._galore_problems() + self._optimizer_problems()
+        problems += self._badam_problems()
         if self.finetuning_type == "oft":
             if (self.oft_rank == 0) == (self.oft_block_size == 0):
                 problems.append(f"oft_rank: {self.oft_rank} and oft_block_size: {self.oft_block_size}: give exactly "
@@ -599,6 +625,22 @@ class FinetuningArguments:
             problems += _one_of("apollo_proj", self.apollo_proj, ("random", "svd"))
             problems += _one_of("apollo_proj_type", self.apollo_proj_type, ("std", "right", "left"))
             problems += _one_of("apollo_scale_type", self.apollo_scale_type, ("channel", "tensor"))
+        return problems
+
+    def _badam_problems(self) -> list[str]:
+        if not self.use_badam:
+            return []
+        problems = []
+        if self.finetuning_type != "full":
+            problems.append(f"use_badam with finetuning_type: {self.finetuning_type}: BAdam trains blocks of the full "
+                            "model (LLaMA-Factory refuses it with LoRA too); use finetuning_type: full")
+        problems += _one_of("badam_mode", self.badam_mode, ("layer", "ratio"))
+        problems += _one_of("badam_switch_mode", self.badam_switch_mode, ("ascending", "descending", "random", "fixed"))
+        problems += _one_of("badam_mask_mode", self.badam_mask_mode, ("adjacent", "scatter"))
+        if self.badam_switch_interval == 0 or self.badam_switch_interval < -1:
+            problems.append(f"badam_switch_interval: {self.badam_switch_interval} must be at least 1 (or -1: never switch)")
+        if not 1e-6 < self.badam_update_ratio <= 1:
+            problems.append(f"badam_update_ratio: {self.badam_update_ratio} must be in (0, 1]")
         return problems
 
     def _pissa_problems(self) -> list[str]:

@@ -244,7 +244,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         **{key: _impl(default) for key, default in {
             "galore_target": "all", "galore_rank": 16, "galore_update_interval": 200, "galore_scale": 2.0,
             "galore_proj_type": "std"}.items()},
-        "galore_layerwise": _not_here(False, "layer-wise GaLore (per-parameter optimizers stepped from gradient hooks)"),
+        "galore_layerwise": _impl(False, "one GaLoreAdamW per parameter stepped from its gradient hook, transformers' "
+                                          "LayerWiseDummyOptimizer; no accumulation, one process, no resume"),
     },
     "ApolloArguments": {
         "use_apollo": _impl(False, "apollo-torch's APOLLOAdamW with LF's parameter groups, GaLore's (extra: apollo)"),
@@ -252,15 +253,15 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
             "apollo_target": "all", "apollo_rank": 16, "apollo_update_interval": 200, "apollo_scale": 32.0,
             "apollo_proj": "random", "apollo_proj_type": "std", "apollo_scale_type": "channel",
             "apollo_scale_front": False}.items()},
-        "apollo_layerwise": _not_here(False, "layer-wise APOLLO (per-parameter optimizers stepped from gradient hooks)"),
+        "apollo_layerwise": _impl(False, "one APOLLOAdamW per parameter stepped from its gradient hook, as galore_layerwise"),
     },
     "BAdamArgument": {
-        key: _not_here(default, "the BAdam optimizer (badam installs from PyPI; LF's integration also "
-                                        "swaps accelerate's clip_grad_norm_ and adds BAdam's callback: not wired up yet)") for key, default in {
-            "use_badam": False, "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
+        "use_badam": _impl(False, "badam's BlockOptimizer (layer) / BlockOptimizerRatio (ratio) with LF's groups, "
+                                  "clip_grad_norm_ and callback; full tuning, one process (extra: badam)"),
+        **{key: _impl(default) for key, default in {
+            "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",
-            "badam_verbose": 0,
-        }.items()
+            "badam_verbose": 0}.items()},
     },
     "SwanLabArguments": {
         "use_swanlab": _impl(False, "transformers' SwanLabCallback (`pip install prefalign[swanlab]`)"),

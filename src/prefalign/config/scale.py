@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore", "apollo_torch": "apollo",
-          "adam_mini": "adam_mini"}  # package -> the prefalign extra installing it
+          "adam_mini": "adam_mini", "badam": "badam"}  # package -> the prefalign extra installing it
 
 
 def _missing(package: str) -> str | None:
@@ -161,7 +161,8 @@ def problems(model, ft, train: dict) -> list[str]:
 # the LLaMA-Factory optimizer key -> (its name, the package it needs or None, its AdamW class where `optim` must be AdamW)
 _OPTIMIZERS = {"use_galore": ("GaLore", "galore_torch", "GaLoreAdamW"),
                "use_apollo": ("APOLLO", "apollo_torch", "APOLLOAdamW"),
-               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None)}
+               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None),
+               "use_badam": ("BAdam", "badam", None)}
 
 
 def _optimizer_problems(ft, train: dict) -> list[str]:
@@ -181,4 +182,10 @@ def _optimizer_problems(ft, train: dict) -> list[str]:
                          f"(LLaMA-Factory refuses GaLore and APOLLO with it too); remove deepspeed or {key}")
         if package and (reason := _missing(package)):
             found.append(f"{key}: {reason}")
+    for method in ("galore", "apollo"):
+        layerwise = f"{method}_layerwise"
+        if getattr(ft, f"use_{method}") and getattr(ft, layerwise) and int(train.get("gradient_accumulation_steps", 1)) > 1:
+            found.append(f"{layerwise} with gradient_accumulation_steps: {train['gradient_accumulation_steps']}: each "
+                         "parameter steps as soon as its gradient is ready (LLaMA-Factory refuses accumulation too); "
+                         f"set gradient_accumulation_steps: 1 or remove {layerwise}")
     return found

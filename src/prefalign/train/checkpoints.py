@@ -47,6 +47,8 @@ _PREFALIGN_KEYS = (
     "moe_aux_loss_coef", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
     "galore_proj_type", "use_apollo", "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
     "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_scale_front", "use_muon", "use_adam_mini",
+    "use_badam", "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
+    "badam_mask_mode", "galore_layerwise", "apollo_layerwise",
     "early_stopping_steps",
 )
 _TRAINING_KEYS = (
@@ -174,6 +176,18 @@ class Previous:
     finished: bool
 
 
+def _refuse_unsaved_optimizer(config, folder: Path) -> None:
+    """Optimizers whose state a checkpoint misses: BAdam's BlockOptimizer keeps its active block and step count
+    outside its state dict (a resumed run would restart the block order and load one block's AdamW state into
+    another's); layer-wise GaLore / APOLLO keep theirs in per-parameter optimizers the Trainer never saves."""
+    ft = config.finetuning
+    for key, lost in (("use_badam", "BAdam's block position"),
+                      ("galore_layerwise", "the per-parameter GaLore state"),
+                      ("apollo_layerwise", "the per-parameter APOLLO state")):
+        if getattr(ft, key) and (key == "use_badam" or getattr(ft, "use_" + key.split("_")[0])):
+            raise ConfigError(f"{key}: {folder} would be resumed, but {lost} is not checkpointed; {_FIX}")
+
+
 def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
     """The checkpoint (or finished run) this run continues, or None to start fresh; raises when that is unsafe.
 
@@ -189,6 +203,7 @@ def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
             newest = newest_complete(folder.parent)
             hint = f"; the newest complete one is {newest}" if newest else ""
             raise ConfigError(f"resume_from_checkpoint: {folder} is not a complete checkpoint ({reason}){hint}")
+        _refuse_unsaved_optimizer(config, folder)
         return Previous(folder, read_marker(folder), finished=False)
     out = Path(args.output_dir)
     held = [p for p in out.iterdir() if p.name not in ignore] if out.is_dir() else []
@@ -203,6 +218,7 @@ def find_previous(config, ignore: tuple[str, ...] = ()) -> Previous | None:
         if reason is None:
             if skipped:
                 logger.warning("Skipping incomplete checkpoints: %s", "; ".join(skipped))
+            _refuse_unsaved_optimizer(config, folder)
             logger.info("Resuming from %s (set overwrite_output_dir: true to start over)", folder)
             return Previous(folder, read_marker(folder), finished=False)
         skipped.append(f"{folder.name} ({reason})")

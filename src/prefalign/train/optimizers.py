@@ -1,6 +1,7 @@
 """The optimizers of LLaMA-Factory's keys, each built as LLaMA-Factory 0.9.5 builds it (train/trainer_utils.py):
 GaLore (galore-torch) and APOLLO (apollo-torch) on the same three parameter groups, Muon (torch.optim.Muon)
-with AdamW for what Muon does not take, and Adam-mini (adam-mini). The packages are imported when used."""
+with AdamW for what Muon does not take, Adam-mini (adam-mini) and BAdam (badam's BlockOptimizer /
+BlockOptimizerRatio). The packages are imported when used."""
 
 from __future__ import annotations
 
@@ -98,11 +99,16 @@ def custom_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: 
     for method, package, cls in (("galore", "galore_torch", "GaLoreAdamW"), ("apollo", "apollo_torch", "APOLLOAdamW")):
         if getattr(ft, f"use_{method}"):
             optimizer_cls = getattr(_package(package, f"use_{method}"), cls)
-            return optimizer_cls(projected_parameter_groups(model, ft, method, args.weight_decay, decay_names), **adamw)
+            groups = projected_parameter_groups(model, ft, method, args.weight_decay, decay_names)
+            if getattr(ft, f"{method}_layerwise"):
+                return layerwise_optimizer(optimizer_cls, groups, adamw, f"{method}_layerwise")
+            return optimizer_cls(groups, **adamw)
     if ft.use_muon:
         muon, rest = muon_parameters(model)
         return MuonWithAdamW(muon, rest, lr=args.learning_rate, weight_decay=args.weight_decay,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    if ft.use_badam:
+        return badam_optimizer(model, ft, args, decay_names, optimizer_kwargs)
     if ft.use_adam_mini:
         from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -114,6 +120,67 @@ def custom_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: 
             n_heads=getattr(config, "num_attention_heads", None), n_kv_heads=getattr(config, "num_key_value_heads", None),
             verbose=False)
     return None
+
+
+def layerwise_optimizer(optimizer_cls, groups: list[dict], kwargs: dict, key: str) -> torch.optim.Optimizer:
+    """LLaMA-Factory's layer-wise GaLore / APOLLO: one `optimizer_cls` per parameter (its group's settings), stepped
+    and zeroed from the parameter's post-accumulate-grad hook, so only one parameter's gradient lives at a time;
+    the Trainer gets transformers' LayerWiseDummyOptimizer, from which its get_scheduler builds one scheduler per
+    parameter, stepped from the same hook. Hence no gradient accumulation and no clipping (the Trainer sees the
+    gradients already zeroed; config/scale.py refuses accumulation), and one process (the hooks step before any
+    all-reduce)."""
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    from prefalign.distributed import world_size
+
+    if world_size() > 1:
+        raise PrefalignError(f"{key} with {world_size()} processes: the per-parameter steps run before the gradients "
+                             f"are averaged across processes (LLaMA-Factory refuses it too); use one process or remove {key}")
+    per_param = {param: optimizer_cls([{**group, "params": [param]}], **kwargs)
+                 for group in groups for param in group["params"]}
+
+    def step(param):
+        if param.grad is not None:
+            per_param[param].step()
+            per_param[param].zero_grad()
+
+    for param in per_param:
+        param.register_post_accumulate_grad_hook(step)
+    return LayerWiseDummyOptimizer(optimizer_dict=per_param, lr=kwargs.get("lr", 1e-3))
+
+
+def badam_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: dict) -> torch.optim.Optimizer:
+    """LLaMA-Factory's BAdam: the trainable parameters in two groups (no decay, decay). Layer mode wraps the
+    Trainer's optimizer on them in BlockOptimizer, which trains one decoder layer at a time (the blocks inferred
+    from the parameter names, embeddings and head never trained) and moves on every `badam_switch_interval`
+    steps; ratio mode is BlockOptimizerRatio's sparse AdamW on `badam_update_ratio` of every weight's entries.
+    One process only (LF's distributed BAdam needs ZeRO-3, which prefalign's optimizers do not take)."""
+    from prefalign.distributed import world_size
+
+    if world_size() > 1:
+        raise PrefalignError(f"use_badam with {world_size()} processes: BAdam runs in one process here (LLaMA-Factory "
+                             "spreads it only with DeepSpeed ZeRO-3); train with --nproc 1 or remove use_badam")
+    badam = _package("badam", "use_badam")
+    named = list(model.named_parameters())
+    trainable = [(name, p) for name, p in named if p.requires_grad]
+    groups = [{"params": [p for name, p in trainable if name not in decay_names], "weight_decay": 0.0},
+              {"params": [p for name, p in trainable if name in decay_names], "weight_decay": args.weight_decay}]
+    if ft.badam_mode == "ratio":
+        adamw = {k: v for k, v in optimizer_kwargs.items() if k in ("lr", "betas", "eps")}
+        # it freezes the embeddings and the head (LF's include_embedding=False); a tied head has no parameter of
+        # its own to freeze, which BlockOptimizerRatio would fail on: include_lm_head then leaves nothing out
+        tied = not any("lm_head" in name for name, _ in named)
+        return badam.BlockOptimizerRatio(param_groups=groups, named_parameters_list=named,
+                                         update_ratio=ft.badam_update_ratio, mask_mode=ft.badam_mask_mode,
+                                         verbose=ft.badam_verbose, include_embedding=False, include_lm_head=tied,
+                                         **adamw)
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return badam.BlockOptimizer(base_optimizer=optimizer_cls(groups, **kwargs), named_parameters_list=named,
+                                block_prefix_list=None, switch_block_every=ft.badam_switch_interval,
+                                start_block=ft.badam_start_block, switch_mode=ft.badam_switch_mode,
+                                verbose=ft.badam_verbose)
 
 
 def _package(name: str, key: str):

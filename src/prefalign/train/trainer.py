@@ -52,13 +52,26 @@ class PreferenceTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._metric_sums: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if optimizer_keys is not None and optimizer_keys.use_badam:
+            self._badam_hooks()
         self.watch = RunWatch()
         self.add_callback(self.watch)
         self.resume_settings: dict = {}  # recorded in every checkpoint's marker (set by the workflow)
         self._throughput: ThroughputMeter | None = None
 
+    def _badam_hooks(self) -> None:
+        """What BAdam needs of the Trainer (as LLaMA-Factory wires it): the torch 1.13 clip_grad_norm_ (ratio mode's
+        gradients are sparse, which torch's foreach norm refuses) and BAdam's callback (gradient checkpointing
+        that backpropagates into the active block only)."""
+        from types import MethodType
+
+        from badam import BAdamCallback, clip_grad_norm_old_version
+
+        self.accelerator.clip_grad_norm_ = MethodType(clip_grad_norm_old_version, self.accelerator)
+        self.add_callback(BAdamCallback)
+
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer; with an LF optimizer key (use_galore, use_apollo, use_muon, use_adam_mini), that
+        """The Trainer's optimizer; with an LF optimizer key (use_galore, use_apollo, use_muon, use_adam_mini, use_badam), that
         optimizer (train/optimizers.py); with LoRA+, peft's LoRA+ parameter groups (peft.optimizers): A matrices
         at learning_rate, B matrices and 1-D parameters at learning_rate x ratio, the parameters of LoRA
         embedding layers at loraplus_lr_embedding; weight decay the Trainer's `weight_decay`."""
