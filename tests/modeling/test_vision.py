@@ -378,7 +378,7 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
     tokenizer, vision, renderer = _run(family, path)
     features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i}
                 for i, p in enumerate(_pairs())]
-    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    collators = [PairCollator] + ([PrefixSharedCollator] if family != "llava" else [])
     config = build_config({"model_name_or_path": path, "finetuning_type": finetuning_type, "template": FAMILIES[family],
                            "dataset": "x", "output_dir": str(tmp_path / "out"), "report_to": "none"})
     policy = load_policy(config.model, config.finetuning)
@@ -393,12 +393,16 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         tower = lm.model.visual.patch_embed if family != "llava" else lm.model.vision_tower.embeddings
         tower.register_forward_hook(lambda module, args, out: calls.append(1))
-    out, _, _ = score_batch(policy, reference, config.objective, batch)
-    assert len(calls) == 1
-    reference.same_image_features = False  # the reference encodes the images itself
-    again, _, _ = score_batch(policy, reference, config.objective, batch)
-    assert len(calls) == 3
-    assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4
+    for collator in collators:  # the plain layout, and the prefix-shared one
+        batch = collator(tokenizer.pad_token_id, vision=vision)(features)
+        calls.clear()
+        reference.same_image_features = True
+        out, _, _ = score_batch(policy, reference, config.objective, batch)
+        assert len(calls) == 1
+        reference.same_image_features = False  # the reference encodes the images itself
+        again, _, _ = score_batch(policy, reference, config.objective, batch)
+        assert len(calls) == 3
+        assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4
 
 
 def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
