@@ -22,10 +22,10 @@ from mm_helpers import build_vlm, draw_image, load_processor, png_bytes  # noqa:
 from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments  # noqa: E402
 from prefalign.contracts import IGNORE_INDEX, PreferencePair, RecordSource  # noqa: E402
 from prefalign.data.chat import ChatRenderer  # noqa: E402
-from prefalign.data.collate import PairCollator  # noqa: E402
+from prefalign.data.collate import PairCollator, PrefixSharedCollator  # noqa: E402
 from prefalign.data.encode import encode_pair, encode_pairs  # noqa: E402
 from prefalign.data.media import open_image  # noqa: E402
-from prefalign.errors import PairError  # noqa: E402
+from prefalign.errors import ConfigError, PairError  # noqa: E402
 from prefalign.modeling.layout import choose_layout  # noqa: E402
 from prefalign.modeling.load import load_causal_lm, load_policy, load_tokenizer  # noqa: E402
 from prefalign.modeling.logprobs import pair_logps  # noqa: E402
@@ -219,12 +219,58 @@ def test_images_are_part_of_the_cache_keys(vlm_dirs, tmp_path):
     assert dataset_fingerprint(first) != dataset_fingerprint(second)
 
 
-def test_vision_models_take_the_plain_layout(vlm_dirs):
-    path = vlm_dirs["qwen2_vl"]
+def test_vision_models_share_the_prompt_by_default_and_never_pack(vlm_dirs):
+    """Qwen families: prefix sharing on by default, packing off with its reason (and a `true` refused);
+    LLaVA: the plain layout, with the reason for each."""
+    for family in ("qwen2_vl", "qwen3_vl"):
+        path = vlm_dirs[family]
+        model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
+        layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
+        assert not layout.packing and layout.prefix_sharing, family
+        assert layout.notes == ("packing off: a vision-language model's batches are not packed (its image inputs "
+                                "follow the rows)",)
+        with pytest.raises(ConfigError, match="packing: true"):
+            choose_layout(FinetuningArguments(packing=True), DataArguments(dataset=["x"]), model)
+    path = vlm_dirs["llava"]
     model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
     layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
     assert not layout.packing and not layout.prefix_sharing
-    assert "vision-language" in layout.describe()
+    assert len(layout.notes) == 2 and "plain layout" in layout.notes[1]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_prefix_sharing_with_images_equals_the_plain_layout(vlm_dirs, family):
+    """Prompt+chosen+rejected in one row, the prompt's images once: each pair's chosen and rejected log-probs
+    and every gradient (tower, projector and language model all trained) equal the plain layout's, on pairs
+    with one to three images and a multi-turn prompt; the tower sees each pair's patches once. Without the
+    3-D positions (the collator's 1-D ones, as for text), or with the rejected reply's positions counted from
+    the chosen reply's end, this test fails (both checked by changing the code)."""
+    path = vlm_dirs[family]
+    tokenizer, vision, renderer = _run(family, path)
+    pairs = _pairs()
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
+    plain = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    shared = PrefixSharedCollator(tokenizer.pad_token_id, vision=vision)(features)
+    ft = FinetuningArguments(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False)
+    model = load_policy(ModelArguments(model_name_or_path=path), ft)
+    seen = []
+    model.model.visual.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    results = []
+    for batch in (plain, shared):
+        model.zero_grad()
+        seen.clear()
+        logps = pair_logps(model, batch)
+        (logps.chosen.sum() - 0.5 * logps.rejected.sum()).backward()
+        results.append((logps, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        sum(seen)))
+    (want, want_grads, want_seen), (got, got_grads, got_seen) = results
+    assert torch.allclose(got.chosen, want.chosen, atol=1e-5, rtol=0)
+    assert torch.allclose(got.rejected, want.rejected, atol=1e-5, rtol=0)
+    assert torch.equal(got.chosen_tokens, want.chosen_tokens) and torch.equal(got.rejected_tokens, want.rejected_tokens)
+    assert set(got_grads) == set(want_grads) and any("visual" in n for n in want_grads)
+    for name, grad in want_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert got_seen == want_seen == int(shared["image_grid_thw"].prod(-1).sum())
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
@@ -333,7 +379,7 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
     tokenizer, vision, renderer = _run(family, path)
     features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i}
                 for i, p in enumerate(_pairs())]
-    batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
+    collators = [PairCollator] + ([PrefixSharedCollator] if family != "llava" else [])
     config = build_config({"model_name_or_path": path, "finetuning_type": finetuning_type, "template": FAMILIES[family],
                            "dataset": "x", "output_dir": str(tmp_path / "out"), "report_to": "none"})
     policy = load_policy(config.model, config.finetuning)
@@ -348,12 +394,16 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         tower = lm.model.visual.patch_embed if family != "llava" else lm.model.vision_tower.embeddings
         tower.register_forward_hook(lambda module, args, out: calls.append(1))
-    out, _, _ = score_batch(policy, reference, config.objective, batch)
-    assert len(calls) == 1
-    reference.same_image_features = False  # the reference encodes the images itself
-    again, _, _ = score_batch(policy, reference, config.objective, batch)
-    assert len(calls) == 3
-    assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4
+    for collator in collators:  # the plain layout, and the prefix-shared one
+        batch = collator(tokenizer.pad_token_id, vision=vision)(features)
+        calls.clear()
+        reference.same_image_features = True
+        out, _, _ = score_batch(policy, reference, config.objective, batch)
+        assert len(calls) == 1
+        reference.same_image_features = False  # the reference encodes the images itself
+        again, _, _ = score_batch(policy, reference, config.objective, batch)
+        assert len(calls) == 3
+        assert torch.allclose(out.losses, again.losses, atol=1e-6) and (out.losses - math.log(2)).abs().max() > 1e-4
 
 
 def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):

@@ -139,6 +139,7 @@ class PrefixSharedCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    vision: object | None = None  # data/vision.VisionProcessor (a Qwen family's): the prompt's images, once per row
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         packed = [pack_pair(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]) for f in features]
@@ -151,23 +152,25 @@ class PrefixSharedCollator:
                 batch[key][i, :n] = torch.tensor(p[key])
             batch["attention_mask"][i, :n] = 1
         batch.update(per_pair_columns(features))
-        return batch
+        if any(f.get("images") for f in features):  # in the prompt, so once per row; the model places the rotary
+            batch.update(image_inputs(self.vision, batch["input_ids"], [f["images"] for f in features]))
+        return batch  # positions of the image rows (modeling/prefix.shared_prefix_rope_positions)
 
 
 def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: bool = False, packing_length: int = 0,
                   pad_to_multiple_of: int | None = None, vision=None):
     """The collator for a run: packed (data/packing.py), prefix-shared or concatenated; `vision`
-    (data/vision.VisionProcessor) adds the image inputs of pairs with images (the concatenated layout only,
-    as modeling/layout.choose_layout decides)."""
-    if vision is not None and (packing or prefix_sharing):
-        raise ConfigError("packing / prefix_sharing: a vision-language template's batches take the plain layout for "
-                          "now; set packing: false and prefix_sharing: false (or leave them unset)")
+    (data/vision.VisionProcessor) adds the image inputs of pairs with images (the concatenated layout, and the
+    prefix-shared one for the Qwen families, as modeling/layout.choose_layout decides)."""
+    if vision is not None and (packing or (prefix_sharing and not vision.plugin.qwen)):
+        raise ConfigError(f"{'packing' if packing else 'prefix_sharing'}: this vision-language template's batches do "
+                          "not take that layout; set it to false (or leave it unset)")
     if packing:
         from prefalign.data.packing import PackedCollator
 
         return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of)
     if prefix_sharing:
-        return PrefixSharedCollator(pad_token_id, pad_to_multiple_of)
+        return PrefixSharedCollator(pad_token_id, pad_to_multiple_of, vision)
     return PairCollator(pad_token_id, pad_to_multiple_of, vision)
 
 

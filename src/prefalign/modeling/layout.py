@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from prefalign.data.collate import make_collator
 from prefalign.errors import ConfigError
 from prefalign.modeling.packed_attention import FLASH_ATTENTION, PACKED_ATTENTION
-from prefalign.modeling.vision import is_vision_language
+from prefalign.modeling.vision import composite, is_vision_language
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,12 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
     batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can. A setting of
     `true` is refused for this reason, not only left off by default."""
     if is_vision_language(model_config):
-        return "a vision-language model's batches take the plain layout (its image inputs follow the rows)"
+        if not sharing_prompt:
+            return "a vision-language model's batches are not packed (its image inputs follow the rows)"
+        parts = composite(model_config)
+        if parts is None or not parts.prefix_sharing:
+            return "this vision-language model's batches take the plain layout (its rotary positions of a shared " \
+                   "prompt with images are not known to prefalign)"
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "the model soft-caps its attention scores"
     window = getattr(model_config, "sliding_window", None)

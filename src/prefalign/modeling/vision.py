@@ -28,14 +28,17 @@ class Composite:
     vision: tuple[str, ...]
     language: tuple[str, ...] = ("language_model", "lm_head")
     lora_conflicts: tuple[str, ...] = ()
+    prefix_sharing: bool = False  # its rotary positions come from `get_rope_index` (modeling/prefix.py)
 
 
-_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",))
+_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",),
+                  prefix_sharing=True)
 COMPOSITES = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": Composite(("visual.merger",), ("visual.pos_embed", "visual.patch_embed", "visual.blocks",
-                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",)),
+                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",),
+                          prefix_sharing=True),
     "llava": Composite(("multi_modal_projector",), ("vision_tower",)),
     "gemma3": Composite(("multi_modal_projector",), ("vision_tower",)),
 }
