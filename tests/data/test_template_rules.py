@@ -200,7 +200,9 @@ def test_tools_in_three_shapes_render_the_same_boundary_and_masks(tiny_tokenizer
 def test_tool_data_with_a_builtin_template_encodes(shape, tiny_tokenizer, tmp_path):
     """Tool records of each shape encode with a built-in template (LLaMA-Factory's tool slots: their ids are checked
     against LF's in tests/data/test_lf_parity.py): the definitions, the call and the result are in the prompt."""
-    data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES[shape]], template="qwen")
+    # cutoff_len 1024: the prompt (qwen's system text and tool prompt, the call, the result) fits; a built-in template
+    # cuts as LLaMA-Factory does, keeping the prompt's start, so a shorter one cuts the call and the result
+    data = prepare(tiny_tokenizer, tmp_path, [TOOL_SHAPES[shape]], template="qwen", cutoff_len=1024)
     assert len(data.train) == 1 and not data.summary.skipped_by_stage
     prompt = tiny_tokenizer.decode(data.train[0]["prompt_ids"])
     assert all(word in prompt for word in ("get_weather", "Paris", "<tool_call>", "<tool_response>")), prompt

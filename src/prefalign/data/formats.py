@@ -203,6 +203,7 @@ def to_example(record: Any, fmt: RecordFormat, source: RecordSource) -> Preferen
     if fmt.shape == "alpaca":
         turns = _alpaca_turns(record, cols)
         system, reply = _optional_text(record, cols.system), _text(_required(record, cols.response), cols.response)
+        calls = None  # an Alpaca reply is text
     elif fmt.shape in ("sharegpt", "openai"):
         # LLaMA-Factory's KTO records: the conversation's last (assistant) message is the reply.
         turns = _messages(_required(record, cols.messages), cols.messages, fmt.tags)
