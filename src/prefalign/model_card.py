@@ -81,7 +81,8 @@ def _vision_language(config) -> bool:
     from prefalign.modeling.vision import is_vision_language
 
     try:
-        base = AutoConfig.from_pretrained(config.model.model_name_or_path,
+        # local files only: the run loaded the base already, and a card is never worth a network wait
+        base = AutoConfig.from_pretrained(config.model.model_name_or_path, local_files_only=True,
                                           trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError):
         return False
