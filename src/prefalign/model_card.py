@@ -22,12 +22,12 @@ _HYPER_PARAMETERS = (
 )
 
 
-def _front_matter(config, is_adapter: bool) -> dict:
+def _front_matter(config, is_adapter: bool, vision_language: bool) -> dict:
     datasets = list(config.data.dataset or []) + list(config.data.eval_dataset or [])
     meta = {
         "base_model": config.model.model_name_or_path,
         "library_name": "peft" if is_adapter else "transformers",
-        "pipeline_tag": "image-text-to-text" if _vision_language(config) else "text-generation",
+        "pipeline_tag": "image-text-to-text" if vision_language else "text-generation",
         "tags": ["dpo", "prefalign"] + ([config.finetuning.finetuning_type] if is_adapter else []),
     }
     if datasets:
@@ -35,7 +35,7 @@ def _front_matter(config, is_adapter: bool) -> dict:
     return meta
 
 
-def _method(config, is_adapter: bool) -> list[str]:
+def _method(config, is_adapter: bool, vision_language: bool) -> list[str]:
     ft, model = config.finetuning, config.model
     lines = []
     adapters = list(model.adapter_name_or_path or [])
@@ -64,7 +64,7 @@ def _method(config, is_adapter: bool) -> list[str]:
     lines.append(f"- Loss: `{','.join(ft.pref_loss)}`{weights}, β = {ft.pref_beta}"
                  + "".join(f", {k} = {v}" for k, v in _changed_loss_settings(config).items())
                  + " (see prefalign's docs/losses.md)")
-    if _vision_language(config):
+    if vision_language:
         parts = [f"{name} {'frozen' if frozen else 'trained'}" for name, frozen in (
             ("vision tower", ft.freeze_vision_tower), ("projector", ft.freeze_multi_modal_projector),
             ("language model", ft.freeze_language_model))]
@@ -182,7 +182,8 @@ def model_card(config, out: str | Path) -> str:
         values["max_steps"] = None
     hyper = "\n".join(f"| {k} | {getattr(v, 'value', v)} |" for k, v in values.items() if v is not None)
     versions = _versions(__version__)
-    front = yaml.safe_dump(_front_matter(config, is_adapter), sort_keys=False, allow_unicode=True)
+    vision_language = _vision_language(config)  # the base's config, read once for both sections
+    front = yaml.safe_dump(_front_matter(config, is_adapter, vision_language), sort_keys=False, allow_unicode=True)
     what = "a LoRA adapter for" if is_adapter else "a fine-tune of"
     return "\n".join([
         f"---\n{front}---",
@@ -196,7 +197,7 @@ def model_card(config, out: str | Path) -> str:
         "## Training",
         "",
         f"- Base model: `{config.model.model_name_or_path}`",
-        *_method(config, is_adapter),
+        *_method(config, is_adapter, vision_language),
         "",
         "### Data",
         "",
