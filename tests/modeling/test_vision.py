@@ -407,12 +407,23 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
 
 
 def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
-    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos, naming
-    torchvision and av (a PairError, so on_bad_record: skip counts it)."""
+    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos (a PairError, so
+    on_bad_record: skip counts it), whose reason says which of PyAV and torchvision this environment lacks, as a
+    fresh interpreter finds them (torchvision 0.28.0's PyPI wheel is a CUDA build: beside torch 2.13.0+cpu it is
+    installed and fails to import)."""
+    import importlib.util
+    import subprocess
+
     _, _, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
     pair = PreferencePair([{"role": "user", "content": "<video>What happens?"}], "A ball falls.", "Nothing.",
                           RecordSource("pairs.json", 0), videos=(b"\x00\x00\x00\x18ftypmp42",))
     with pytest.raises(PairError) as caught:
         encode_pair(pair, renderer, 1024)
     assert (caught.value.stage, caught.value.field) == ("render", "videos")
-    assert "torchvision" in caught.value.reason and "av" in caught.value.reason
+    reason = caught.value.reason
+    assert "\n" not in reason and "on_bad_record: skip" in reason and "no video path" in reason
+    assert ("PyAV (av) is not installed" in reason) == (importlib.util.find_spec("av") is None)
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    assert ("torchvision is not installed" in reason) == ("ModuleNotFoundError" in probe.stderr)
+    broken = probe.returncode != 0 and "ModuleNotFoundError" not in probe.stderr
+    assert (f"does not load with torch {torch.__version__}" in reason) == broken
