@@ -219,3 +219,51 @@ def test_zero2_lora_in_two_processes_trains_what_one_process_trains(tmp_path):
                                       str(tmp_path / "z2"))
     loaded = [param for name, param in model.named_parameters() if "lora_B" in name]
     assert loaded and any(param.abs().sum() > 0 for param in loaded)
+
+
+def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(tmp_path):
+    """LF's VLM DPO example with `template: gemma3` on a tiny Gemma 3 (4 soft tokens per image) and 8 rlhf_v
+    pairs, of which record 1's first image is cut short and record 2 has a video: without on_bad_record the
+    command fails in one line naming record 1's image; with `skip` the 6 good pairs train (LoRA, learning rate
+    1e-2, 2 steps: the loss leaves ln 2), the summary counts one skip at media and one at render, the rejects
+    file says why the video was refused, and the adapter adapts only the language model and loads with peft."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    config = _lf_config(tmp_path, "gemma3", template="gemma3", max_steps=2, gradient_accumulation_steps=1,
+                        per_device_train_batch_size=3, learning_rate=1e-2, logging_steps=1, warmup_ratio=0.0,
+                        dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
+    data = tmp_path / "data"
+    records = json.loads((data / "rlhf_v.json").read_text())
+    image = data / records[1]["images"][0]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+    (data / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    records[2]["videos"] = ["clip.mp4"]
+    records[2]["conversations"][0]["value"] = "<video>" + records[2]["conversations"][0]["value"]
+    (data / "rlhf_v.json").write_text(json.dumps(records))
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["rlhf_v"]["columns"]["videos"] = "videos"
+    (data / "dataset_info.json").write_text(json.dumps(info))
+
+    failed = prefalign("train", str(config), cwd=tmp_path)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("prefalign train: error:")]
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert len(errors) == 1 and "rlhf_v.json record 1" in errors[0] and records[1]["images"][0] in errors[0]
+    assert "on_bad_record: skip" in errors[0]
+
+    run = prefalign("train", str(config), "on_bad_record=skip", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["train"]["pairs"] == 6 and summary["skipped_by_stage"] == {"media": 1, "render": 1}
+    rejects = [json.loads(line) for line in (out / "rejected_records.jsonl").read_text().splitlines()]
+    video = next(r for r in rejects if r["stage"] == "render")
+    assert video["index"] == 2 and "no video path" in json.dumps(video)
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("language_model" in key for key in weights)
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "model-gemma3")
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())
