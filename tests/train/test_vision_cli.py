@@ -111,17 +111,21 @@ def test_full_and_freeze_tuning_train_only_the_language_model(tmp_path, finetuni
 
 
 @pytest.mark.extended
-def test_data_eval_chat_and_export_take_images(tmp_path):
-    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens, where and how many (as
-    many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
+@pytest.mark.parametrize("family, template, shown_image", [
+    ("qwen2_vl", "qwen2_vl", "<|vision_start|><|image_pad|>×"),
+    ("gemma3", "gemma3", "<start_of_image><image_soft_token>×4<end_of_image>"),
+])
+def test_data_eval_chat_and_export_take_images(tmp_path, family, template, shown_image):
+    """After a short LoRA run on a tiny Qwen2-VL or Gemma 3: `data` shows each image's tokens, where and how
+    many (as many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
     `eval` scores every pair; `chat --image` answers; `export` writes the image processor beside the merged
     model, which gives base + adapter's logits."""
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+    config = _lf_config(tmp_path, family, template=template, max_steps=2, gradient_accumulation_steps=1,
                         learning_rate=1e-2, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
-    out, model = tmp_path / "out", tmp_path / "model-qwen2_vl"
+    out, model = tmp_path / "out", tmp_path / f"model-{family}"
     run = prefalign("train", str(config), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "preprocessor_config.json").is_file()  # the processor beside the adapter, as LF saves it
@@ -130,7 +134,7 @@ def test_data_eval_chat_and_export_take_images(tmp_path):
     assert shown.returncode == 0, shown.stderr[-3000:]
     records = json.loads((tmp_path / "data" / "rlhf_v.json").read_text())
     assert f"[images: {len(records[0]['images'])}, " in shown.stdout and " tokens at " in shown.stdout
-    assert "<|vision_start|><|image_pad|>×" in shown.stdout
+    assert shown_image in shown.stdout
 
     scored = prefalign("eval", str(config), f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
                        cwd=tmp_path)
@@ -169,7 +173,7 @@ def test_qlora_trains_a_vision_language_model(tmp_path):
     from prefalign.config.args import FinetuningArguments, ModelArguments
     from prefalign.modeling.load import load_policy
 
-    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+    config = _lf_config(tmp_path, family, template=template, max_steps=2, gradient_accumulation_steps=1,
                         learning_rate=1e-3, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False,
                         quantization_bit=4)
     run = prefalign("train", str(config), cwd=tmp_path)
