@@ -88,6 +88,11 @@ def test_the_engines_a_config_uses():
     assert engines_used({**plain, "quantization_bit": 4}) == {"bitsandbytes"}
     assert engines_used({**plain, "optim": "paged_adamw_8bit"}) == {"bitsandbytes"}
     assert engines_used({"model_name_or_path": "Qwen/Qwen2.5-0.5B"}) == {"bitsandbytes"}  # a hub id: unknown
+    # an LF optimizer key needs its package (hidden, `prefalign train` with use_badam said it was not installed)
+    for key, package in (("use_galore", "galore_torch"), ("use_apollo", "apollo_torch"),
+                         ("use_adam_mini", "adam_mini"), ("use_badam", "badam")):
+        assert engines_used({**plain, key: True}) == {package}, key
+    assert engines_used({**plain, "use_muon": True, "use_badam": False}) == set()  # torch's own Muon
 
 
 def test_a_local_model_counts_as_quantized_by_its_config(tmp_path):
