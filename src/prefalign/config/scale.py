@@ -13,6 +13,9 @@ from pathlib import Path
 
 EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore", "apollo_torch": "apollo",
           "adam_mini": "adam_mini", "badam": "badam"}  # package -> the prefalign extra installing it
+# the optional packages an optimizer package imports when it is imported (galore_torch and apollo_torch import
+# their 8-bit AdamW, which imports bitsandbytes)
+_IMPORTS = {"galore_torch": {"bitsandbytes"}, "apollo_torch": {"bitsandbytes"}}
 
 
 def _missing(package: str) -> str | None:
@@ -31,11 +34,13 @@ def engines_used(values: dict) -> set[str]:
     bitsandbytes: quantized loading (`quantization_bit`, `ref_model_quantization_bit`), an 8-bit or
     paged optimizer, or a model or `ref_model` that is not a local folder free of a quantization_config
     (a hub id or a pre-quantized checkpoint). deepspeed: a `deepspeed:` value, or accelerate told to use it.
-    An optimizer's package (galore_torch, apollo_torch, adam_mini, badam): its key (`use_galore`, ...) given.
+    An optimizer's package (galore_torch, apollo_torch, adam_mini, badam): its key (`use_galore`, ...) given; with
+    it the packages it imports (`_IMPORTS`).
     """
     import os
 
     used = {package for key, (_, package, *_) in _OPTIMIZERS.items() if package and values.get(key)}
+    used |= {dependency for package in used for dependency in _IMPORTS.get(package, ())}
     if values.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         used.add("deepspeed")
     optim = str(values.get("optim") or "")
