@@ -28,6 +28,7 @@ TOL = 1e-5
 COMMON = dict(max_steps=3, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0,
               logging_steps=1, max_samples=16)
 Z2, Z3 = str(EXAMPLES / "deepspeed" / "ds_z2_config.json"), str(EXAMPLES / "deepspeed" / "ds_z3_config.json")
+ADDED = "capital"  # add_tokens: a word of the demo pairs ("The capital of Colombia"), a new token of its own
 
 
 def _argv(command, model_dir, out, **overrides):
@@ -148,12 +149,13 @@ DEEPSPEED_RUNS = {
     "z3-sft": dict(deepspeed=Z3, adapter_name_or_path="{sft}"),  # sft-adapter
     "z3-separate": dict(deepspeed=Z3, finetuning_type="full", ref_model="{model}", ref_model_adapters="{sft}"),
     "z3-lora-precomputed": dict(deepspeed=Z3, precompute_ref_log_probs=True),  # 8 pairs per rank
+    "z3-full-vocab": dict(deepspeed=Z3, finetuning_type="full", add_tokens=ADDED),  # ZeRO-3 resizes the embeddings
 }
 # Launched with them, checked apart: bf16 ZeRO-3 (16-bit weights in the engine, so not equal to 1e-5)
 BF16_RUN = {"z3-full-bf16": dict(deepspeed=Z3, finetuning_type="full", bf16=True)}
 # The one-process twin of each (the precomputed reference equals the live one).
 TWINS = {"fsdp2-full": "full", "z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
-         "z3-separate": "separate", "z3-lora-precomputed": "lora"}
+         "z3-separate": "separate", "z3-lora-precomputed": "lora", "z3-full-vocab": "vocab"}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,8 @@ def twins(tiny_model_dir, launched, tmp_path_factory):
     """The one-process runs, 4 pairs per step."""
     root, sft = tmp_path_factory.mktemp("twins"), launched["sft"]
     settings = {"lora": {}, "full": dict(finetuning_type="full"), "sft": dict(adapter_name_or_path=sft),
-                "separate": dict(finetuning_type="full", ref_model=str(tiny_model_dir), ref_model_adapters=sft)}
+                "separate": dict(finetuning_type="full", ref_model=str(tiny_model_dir), ref_model_adapters=sft),
+                "vocab": dict(finetuning_type="full", add_tokens=ADDED)}
     return {name: _single(tiny_model_dir, root / name, **overrides) for name, overrides in settings.items()}
 
 
@@ -208,6 +211,23 @@ def test_eval_scores_a_shard_per_process_and_writes_every_pair_once(tiny_model_d
 def test_deepspeed_run_equals_one_process(name, launched, twins):
     """FSDP2; ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
     _assert_same_run(launched["root"] / name, twins[TWINS[name]], full=DEEPSPEED_RUNS[name].get("finetuning_type") == "full")
+
+
+def test_zero3_adds_the_token_and_saves_the_resized_embeddings(tiny_model_dir, launched):
+    """add_tokens under ZeRO-3 (resize_vocab turned on by it, as in LF): the run above trains what one process
+    trains (test_deepspeed_run_equals_one_process[z3-full-vocab]); its saved tokenizer has the token, after the
+    tiny tokenizer's 1634, and the saved embedding (tied to the head) has 1635 rounded up to 64 = 1664 rows."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    out = launched["root"] / "z3-full-vocab"
+    base, saved = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(out)
+    assert len(base) == 1634 and ADDED not in base.get_vocab()
+    assert len(saved) == 1635 and saved.convert_tokens_to_ids(ADDED) == 1634
+    assert ADDED in saved.tokenize("The capital of Colombia")  # the demo pairs use it: its row is trained
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.get_slice("model.embed_tokens.weight").get_shape() == [1664, 32]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1664
 
 
 def test_bf16_zero3_on_the_cpu_trains_what_fp32_one_process_trains(tiny_model_dir, launched, twins):
