@@ -178,8 +178,11 @@ def resize_embeddings(model, change: VocabChange | None) -> int:
         raise ConfigError("resize_vocab: this model's output layer is not a Linear layer, so it cannot be resized")
     # Under ZeRO-3, transformers gathers the partitioned old rows and puts whole, unpartitioned weights in their
     # place, the same in every process (DeepSpeed partitions them when the Trainer builds its engine): the new
-    # rows are written below as in one process.
-    model.resize_token_embeddings(change.size, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
+    # rows are written below as in one process. The layers transformers builds draw their (overwritten) initial
+    # rows from torch's global generator, and more of them under ZeRO-3 (an untied-looking head is rebuilt too):
+    # drawn from a fork, so what draws next (a LoRA adapter's initial A) is what it is without the resize.
+    with torch.random.fork_rng(devices=[]):
+        model.resize_token_embeddings(change.size, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
     embed_input = model.get_input_embeddings()
     new = full_shape(embed_input.weight)[0] - current
     generator = torch.Generator().manual_seed(change.seed)
