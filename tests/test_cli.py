@@ -88,6 +88,13 @@ def test_the_engines_a_config_uses():
     assert engines_used({**plain, "quantization_bit": 4}) == {"bitsandbytes"}
     assert engines_used({**plain, "optim": "paged_adamw_8bit"}) == {"bitsandbytes"}
     assert engines_used({"model_name_or_path": "Qwen/Qwen2.5-0.5B"}) == {"bitsandbytes"}  # a hub id: unknown
+    # an LF optimizer key needs its package (hidden, `prefalign train` with use_badam said it was not installed)
+    # (and galore_torch / apollo_torch import bitsandbytes for their 8-bit AdamW)
+    for key, packages in (("use_galore", {"galore_torch", "bitsandbytes"}),
+                          ("use_apollo", {"apollo_torch", "bitsandbytes"}),
+                          ("use_adam_mini", {"adam_mini"}), ("use_badam", {"badam"})):
+        assert engines_used({**plain, key: True}) == packages, key
+    assert engines_used({**plain, "use_muon": True, "use_badam": False}) == set()  # torch's own Muon
 
 
 def test_a_local_model_counts_as_quantized_by_its_config(tmp_path):

@@ -28,6 +28,8 @@ TOL = 1e-5
 COMMON = dict(max_steps=3, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", warmup_steps=0,
               logging_steps=1, max_samples=16)
 Z2, Z3 = str(EXAMPLES / "deepspeed" / "ds_z2_config.json"), str(EXAMPLES / "deepspeed" / "ds_z3_config.json")
+ADDED = "capital"  # add_tokens: a word of the demo pairs ("The capital of Colombia"), a new token of its own
+SPECIAL = "<|tool|>"  # add_special_tokens: a token the pairs never use
 
 
 def _argv(command, model_dir, out, **overrides):
@@ -88,6 +90,10 @@ def _assert_same_run(multi, single, *, full):
         assert i == j and c == pytest.approx(c1, abs=1e-4) and r == pytest.approx(r1, abs=1e-4)
     # the saved model (ZeRO-3: consolidated) loads with from_pretrained and equals the twin's; an adapter likewise
     a, b = (_weights(multi), _weights(single)) if full else (_adapter(multi), _adapter(single))
+    if not full:  # with modules_to_save (a resized vocabulary) peft's one-process save adds the base's untrained
+        # rows (`original_module`), which the base model holds anyway; ZeRO-3's consolidated save leaves them out,
+        # and both adapters export to the same weights (to 1.5e-7, measured)
+        b = {k: v for k, v in b.items() if ".original_module." not in k or k in a}
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=TOL), name
@@ -148,12 +154,15 @@ DEEPSPEED_RUNS = {
     "z3-sft": dict(deepspeed=Z3, adapter_name_or_path="{sft}"),  # sft-adapter
     "z3-separate": dict(deepspeed=Z3, finetuning_type="full", ref_model="{model}", ref_model_adapters="{sft}"),
     "z3-lora-precomputed": dict(deepspeed=Z3, precompute_ref_log_probs=True),  # 8 pairs per rank
+    "z3-full-vocab": dict(deepspeed=Z3, finetuning_type="full", add_tokens=ADDED),  # ZeRO-3 resizes the embeddings
+    "z3-lora-vocab": dict(deepspeed=Z3, add_tokens=ADDED, add_special_tokens=SPECIAL),  # + the LoRA init after it
 }
 # Launched with them, checked apart: bf16 ZeRO-3 (16-bit weights in the engine, so not equal to 1e-5)
 BF16_RUN = {"z3-full-bf16": dict(deepspeed=Z3, finetuning_type="full", bf16=True)}
 # The one-process twin of each (the precomputed reference equals the live one).
 TWINS = {"fsdp2-full": "full", "z2-lora": "lora", "z2-full": "full", "z3-full": "full", "z3-lora": "lora", "z3-sft": "sft",
-         "z3-separate": "separate", "z3-lora-precomputed": "lora"}
+         "z3-separate": "separate", "z3-lora-precomputed": "lora", "z3-full-vocab": "vocab",
+         "z3-lora-vocab": "lora-vocab"}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +190,9 @@ def twins(tiny_model_dir, launched, tmp_path_factory):
     """The one-process runs, 4 pairs per step."""
     root, sft = tmp_path_factory.mktemp("twins"), launched["sft"]
     settings = {"lora": {}, "full": dict(finetuning_type="full"), "sft": dict(adapter_name_or_path=sft),
-                "separate": dict(finetuning_type="full", ref_model=str(tiny_model_dir), ref_model_adapters=sft)}
+                "separate": dict(finetuning_type="full", ref_model=str(tiny_model_dir), ref_model_adapters=sft),
+                "vocab": dict(finetuning_type="full", add_tokens=ADDED),
+                "lora-vocab": dict(add_tokens=ADDED, add_special_tokens=SPECIAL)}
     return {name: _single(tiny_model_dir, root / name, **overrides) for name, overrides in settings.items()}
 
 
@@ -208,6 +219,32 @@ def test_eval_scores_a_shard_per_process_and_writes_every_pair_once(tiny_model_d
 def test_deepspeed_run_equals_one_process(name, launched, twins):
     """FSDP2; ZeRO-2 / ZeRO-3, LoRA and full, every reference strategy, precomputed or not: one process's run."""
     _assert_same_run(launched["root"] / name, twins[TWINS[name]], full=DEEPSPEED_RUNS[name].get("finetuning_type") == "full")
+
+
+def test_zero3_adds_the_token_and_saves_the_resized_embeddings(tiny_model_dir, launched):
+    """add_tokens under ZeRO-3 (resize_vocab turned on by it, as in LF): the runs above train what one process
+    trains (test_deepspeed_run_equals_one_process[z3-full-vocab, z3-lora-vocab]: with LoRA the resize must not
+    move the global generator the adapter's initial A is drawn from after it); the saved tokenizer has the
+    token, after the tiny tokenizer's 1634, and the saved embedding (tied to the head) has 1635 rounded up to
+    64 = 1664 rows."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    out = launched["root"] / "z3-full-vocab"
+    base, saved = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(out)
+    assert len(base) == 1634 and ADDED not in base.get_vocab()
+    assert len(saved) == 1635 and saved.convert_tokens_to_ids(ADDED) == 1634
+    assert ADDED in saved.tokenize("The capital of Colombia")  # the demo pairs use it: its row is trained
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.get_slice("model.embed_tokens.weight").get_shape() == [1664, 32]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 1664
+    # LoRA: the special token too (1636 tokens, still 1664 rows), the embedding saved in full beside the adapter
+    out = launched["root"] / "z3-lora-vocab"
+    saved = AutoTokenizer.from_pretrained(out)
+    assert len(saved) == 1636 and saved.convert_tokens_to_ids([ADDED, SPECIAL]) == [1634, 1635]
+    assert saved.added_tokens_decoder[1635].special and not saved.added_tokens_decoder[1634].special
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as fh:
+        assert fh.get_slice("base_model.model.model.embed_tokens.modules_to_save.weight").get_shape() == [1664, 32]
 
 
 def test_bf16_zero3_on_the_cpu_trains_what_fp32_one_process_trains(tiny_model_dir, launched, twins):

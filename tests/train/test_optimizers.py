@@ -217,12 +217,61 @@ def test_adam_mini_step_equals_adam_minis_own_step_on_the_same_gradients(tiny_mo
     assert _off_adamws_step(trainer, hand) > 1e-4  # one second moment per block is not AdamW's
 
 
+def test_layerwise_apollo_step_equals_apollo_torch_stepped_per_parameter(tiny_model_dir, tmp_path):
+    """apollo_layerwise alone (no GaLore): LayerWiseDummyOptimizer for the Trainer, and the backward steps each
+    parameter with its own APOLLOAdamW (LF's groups: q/v weights with the random rank-4 projection and decay, the
+    rest decayed or not) and zeroes its gradient. The hand step: a copy takes the same loss's gradients without
+    hooks, then one APOLLOAdamW per parameter with its group's settings steps it (each optimizer holds one
+    parameter, so each projection is seeded 0, as in LF's per-parameter build)."""
+    apollo_torch = pytest.importorskip("apollo_torch")
+    import copy
+
+    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
+
+    projection = {"rank": 4, "proj": "random", "proj_type": "std", "update_proj_gap": 50, "scale": 8.0,
+                  "scale_type": "tensor", "scale_front": False}
+    keys = dict(finetuning_type="full", use_apollo=True, apollo_layerwise=True, apollo_target="q_proj,v_proj",
+                apollo_rank=4, apollo_update_interval=50, apollo_scale=8.0, apollo_proj="random",
+                apollo_proj_type="std", apollo_scale_type="tensor", optim="adamw_torch", learning_rate=1e-2,
+                weight_decay=0.1, max_steps=1)
+    trainer = build_trainer(config_for(tiny_model_dir, tmp_path, **keys))
+    model = trainer.model
+    twin = copy.deepcopy(model)
+    batch = first_batch(trainer)
+    trainer.batch_loss(twin, batch)[0].backward()
+    optimizer = trainer.create_optimizer()  # before the backward: the steps run in its hooks
+    assert type(optimizer) is LayerWiseDummyOptimizer
+    assert {type(o) for o in optimizer.optimizer_dict.values()} == {apollo_torch.APOLLOAdamW}
+    trainer.batch_loss(model, batch)[0].backward()
+    assert all(p.grad is None for p in model.parameters())  # each hook zeroed its gradient
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+    plain = twin.get_parameter(q).detach().clone().requires_grad_(True)
+    plain.grad = twin.get_parameter(q).grad.clone()
+    torch.optim.AdamW([plain], lr=1e-2, weight_decay=0.1, eps=1e-8).step()
+    decay = set(trainer.get_decay_parameter_names(twin))
+    projected = 0
+    for name, param in twin.named_parameters():
+        if (".q_proj." in name or ".v_proj." in name) and name.endswith("weight"):
+            group, projected = {"weight_decay": 0.1, **projection}, projected + 1
+        else:
+            group = {"weight_decay": 0.1 if name in decay else 0.0}
+        apollo_torch.APOLLOAdamW([{"params": [param], **group}], lr=1e-2, betas=(0.9, 0.999), eps=1e-8).step()
+    assert projected == 4  # 2 layers x (q, v)
+    for (name, param), (_, other) in zip(model.named_parameters(), twin.named_parameters()):
+        assert torch.allclose(param, other, atol=1e-7, rtol=0), name
+    # the projected q took APOLLO's step, not AdamW's
+    before = trainer.reference.model.get_parameter(q).detach()
+    assert (model.get_parameter(q) - before).abs().max() > 1e-4
+    assert (model.get_parameter(q) - plain).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("extra, words", [
     ({"use_apollo": True, "finetuning_type": "lora"}, "use_apollo with finetuning_type: lora: APOLLO projects"),
     ({"use_apollo": True, "finetuning_type": "full", "apollo_proj": "qr"}, "apollo_proj: 'qr'"),
     ({"use_apollo": True, "use_muon": True, "finetuning_type": "full"}, "use_apollo and use_muon both given"),
     ({"use_muon": True, "loraplus_lr_ratio": 16}, "loraplus_lr_ratio and use_muon both given"),
-    ({"use_muon": True, "deepspeed": {"zero_optimization": {"stage": 2}}}, "use_muon with deepspeed: Muon's"),
+    ({"use_muon": True, "deepspeed": {"zero_optimization": {"stage": 2}}}, "use_muon with deepspeed: prefalign does not run Muon under DeepSpeed yet"),
     ({"use_apollo": True, "finetuning_type": "full", "optim": "sgd"}, "use_apollo with optim: sgd: prefalign's "
                                                                       "APOLLO is APOLLOAdamW"),
     ({"use_apollo": True, "finetuning_type": "full", "apollo_layerwise": True, "gradient_accumulation_steps": 4},
@@ -280,7 +329,8 @@ def test_badam_layer_steps_equal_badams_own_block_optimizer_on_the_same_gradient
 
 @pytest.mark.parametrize("extra, words", [
     ({"finetuning_type": "lora"}, "use_badam with finetuning_type: lora: BAdam trains blocks of the full"),
-    ({"finetuning_type": "full", "deepspeed": {"zero_optimization": {"stage": 3}}}, "use_badam with deepspeed"),
+    ({"finetuning_type": "full", "deepspeed": {"zero_optimization": {"stage": 3}}},
+     "use_badam with deepspeed: prefalign does not run BAdam under DeepSpeed yet"),
     ({"finetuning_type": "full", "badam_mode": "rows"}, "badam_mode: 'rows'"),
     ({"finetuning_type": "full", "badam_switch_interval": 0}, "badam_switch_interval: 0 must be at least 1"),
 ])

@@ -258,7 +258,8 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
     },
     "BAdamArgument": {
         "use_badam": _impl(False, "badam's BlockOptimizer (layer) / BlockOptimizerRatio (ratio) with LF's groups, "
-                                  "clip_grad_norm_ and callback; full tuning, one process (extra: badam)"),
+                                  "clip_grad_norm_ and callback; full tuning, one process, not under DeepSpeed yet (LF: layer "
+                                  "mode under ZeRO-3) (extra: badam)"),
         **{key: _impl(default) for key, default in {
             "badam_mode": "layer", "badam_start_block": None, "badam_switch_mode": "ascending",
             "badam_switch_interval": 50, "badam_update_ratio": 0.05, "badam_mask_mode": "adjacent",

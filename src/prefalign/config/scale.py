@@ -13,6 +13,9 @@ from pathlib import Path
 
 EXTRAS = {"deepspeed": "deepspeed", "bitsandbytes": "qlora", "galore_torch": "galore", "apollo_torch": "apollo",
           "adam_mini": "adam_mini", "badam": "badam"}  # package -> the prefalign extra installing it
+# the optional packages an optimizer package imports when it is imported (galore_torch and apollo_torch import
+# their 8-bit AdamW, which imports bitsandbytes)
+_IMPORTS = {"galore_torch": {"bitsandbytes"}, "apollo_torch": {"bitsandbytes"}}
 
 
 def _missing(package: str) -> str | None:
@@ -31,10 +34,13 @@ def engines_used(values: dict) -> set[str]:
     bitsandbytes: quantized loading (`quantization_bit`, `ref_model_quantization_bit`), an 8-bit or
     paged optimizer, or a model or `ref_model` that is not a local folder free of a quantization_config
     (a hub id or a pre-quantized checkpoint). deepspeed: a `deepspeed:` value, or accelerate told to use it.
+    An optimizer's package (galore_torch, apollo_torch, adam_mini, badam): its key (`use_galore`, ...) given; with
+    it the packages it imports (`_IMPORTS`).
     """
     import os
 
-    used = set()
+    used = {package for key, (_, package, *_) in _OPTIMIZERS.items() if package and values.get(key)}
+    used |= {dependency for package in used for dependency in _IMPORTS.get(package, ())}
     if values.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         used.add("deepspeed")
     optim = str(values.get("optim") or "")
@@ -158,28 +164,33 @@ def problems(model, ft, train: dict) -> list[str]:
     return found
 
 
-# the LLaMA-Factory optimizer key -> (its name, the package it needs or None, its AdamW class where `optim` must be AdamW)
-_OPTIMIZERS = {"use_galore": ("GaLore", "galore_torch", "GaLoreAdamW"),
-               "use_apollo": ("APOLLO", "apollo_torch", "APOLLOAdamW"),
-               "use_muon": ("Muon", None, None), "use_adam_mini": ("Adam-mini", "adam_mini", None),
-               "use_badam": ("BAdam", "badam", None)}
+# the LLaMA-Factory optimizer key -> (its name, the package it needs or None, its AdamW class where `optim` must be
+# AdamW, what LLaMA-Factory 0.9.5 does with it under DeepSpeed)
+_OPTIMIZERS = {"use_galore": ("GaLore", "galore_torch", "GaLoreAdamW", "refuses it too"),
+               "use_apollo": ("APOLLO", "apollo_torch", "APOLLOAdamW", "refuses it too"),
+               "use_muon": ("Muon", None, None, "hands its Muon to DeepSpeed as the client optimizer"),
+               "use_adam_mini": ("Adam-mini", "adam_mini", None, "runs it with model_sharding under ZeRO-3"),
+               "use_badam": ("BAdam", "badam", None, "runs layer-mode BAdam under ZeRO-3, the badam package "
+                                                     "rebuilding DeepSpeed's partitions at each block switch")}
 
 
 def _optimizer_problems(ft, train: dict) -> list[str]:
     """The optimizer keys against the training arguments: GaLore / APOLLO are AdamWs (`optim` an AdamW), and none
-    of them runs under DeepSpeed, which hands an optimizer flat shards instead of whole named weights."""
+    of them runs under DeepSpeed here, which hands an optimizer flat shards instead of whole named weights (each
+    message says what LLaMA-Factory does instead)."""
     from prefalign.config.args import GALORE_OPTIMS
 
     found = []
-    for key, (name, package, cls) in _OPTIMIZERS.items():
+    for key, (name, package, cls, in_lf) in _OPTIMIZERS.items():
         if not getattr(ft, key):
             continue
         optim = str(train.get("optim", GALORE_OPTIMS[1]))
         if cls and optim not in GALORE_OPTIMS:
             found.append(f"{key} with optim: {optim}: prefalign's {name} is {cls}; set optim: adamw_torch")
         if train.get("deepspeed"):
-            found.append(f"{key} with deepspeed: {name}'s optimizer needs whole weights, which DeepSpeed shards "
-                         f"(LLaMA-Factory refuses GaLore and APOLLO with it too); remove deepspeed or {key}")
+            found.append(f"{key} with deepspeed: prefalign does not run {name} under DeepSpeed yet, whose flat shards "
+                         f"are not the whole named weights {name} steps (LLaMA-Factory {in_lf}); remove deepspeed "
+                         f"or {key}")
         if package and (reason := _missing(package)):
             found.append(f"{key}: {reason}")
     for method in ("galore", "apollo"):

@@ -20,7 +20,9 @@ fix_special_tokens: `replace_eos` makes the first stop word the EOS, a missing E
   from torch's global generator; prefalign from its own, seeded with the run's `seed`, so the
   policy and a separately loaded reference (and a rerun) get the same rows;
 - LoRA / OFT: with `resize_vocab`, the embedding and head modules are trained and saved in full
-  (`modules_to_save`) unless `additional_target` is set (model/adapter.py).
+  (`modules_to_save`) unless `additional_target` is set (model/adapter.py);
+- under DeepSpeed ZeRO-3 the resize is the same: transformers' resize_token_embeddings gathers the
+  partitioned rows itself, and every process writes the same seeded new rows.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.distributed import full_shape, partitioned
+from prefalign.distributed import full_shape
 from prefalign.errors import ConfigError
 
 PAD_TO_MULTIPLE_OF = 64  # LF's resize_token_embeddings(..., pad_to_multiple_of=64)
@@ -164,9 +166,6 @@ def resize_embeddings(model, change: VocabChange | None) -> int:
     current = full_shape(weight)[0]
     if change.size <= current:
         return 0
-    if partitioned(weight) and change.resize:
-        raise ConfigError("resize_vocab: the embeddings of a model partitioned by DeepSpeed ZeRO-3 are not resized "
-                          "here yet; train with ZeRO-2 (or one process), or use the tokenizer the model was trained with")
     if not change.resize:
         raise ConfigError(
             f"the tokenizer now has {change.size} tokens ({', '.join(change.added) or 'added ones'} added), more than "
@@ -177,10 +176,16 @@ def resize_embeddings(model, change: VocabChange | None) -> int:
                           "remove quantization_bit or the added tokens")
     if not isinstance(model.get_output_embeddings(), torch.nn.Linear):
         raise ConfigError("resize_vocab: this model's output layer is not a Linear layer, so it cannot be resized")
-    model.resize_token_embeddings(change.size, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
-    new = model.get_input_embeddings().weight.shape[0] - current
-    generator = torch.Generator().manual_seed(change.seed)
+    # Under ZeRO-3, transformers gathers the partitioned old rows and puts whole, unpartitioned weights in their
+    # place, the same in every process (DeepSpeed partitions them when the Trainer builds its engine): the new
+    # rows are written below as in one process. The layers transformers builds draw their (overwritten) initial
+    # rows from torch's global generator, and more of them under ZeRO-3 (an untied-looking head is rebuilt too):
+    # drawn from a fork, so what draws next (a LoRA adapter's initial A) is what it is without the resize.
+    with torch.random.fork_rng(devices=[]):
+        model.resize_token_embeddings(change.size, pad_to_multiple_of=PAD_TO_MULTIPLE_OF, mean_resizing=False)
     embed_input = model.get_input_embeddings()
+    new = full_shape(embed_input.weight)[0] - current
+    generator = torch.Generator().manual_seed(change.seed)
     tied = getattr(model.config, "tie_word_embeddings", False) or \
         model.get_output_embeddings().weight is embed_input.weight
     with torch.no_grad():

@@ -154,12 +154,14 @@ def badam_optimizer(model, ft, args, decay_names: list[str], optimizer_kwargs: d
     Trainer's optimizer on them in BlockOptimizer, which trains one decoder layer at a time (the blocks inferred
     from the parameter names, embeddings and head never trained) and moves on every `badam_switch_interval`
     steps; ratio mode is BlockOptimizerRatio's sparse AdamW on `badam_update_ratio` of every weight's entries.
-    One process only (LF's distributed BAdam needs ZeRO-3, which prefalign's optimizers do not take)."""
+    One process only: LF spreads layer-mode BAdam over processes only under DeepSpeed ZeRO-3, and prefalign does not
+    run BAdam under DeepSpeed yet (config/scale.py refuses the pair)."""
     from prefalign.distributed import world_size
 
     if world_size() > 1:
-        raise PrefalignError(f"use_badam with {world_size()} processes: BAdam runs in one process here (LLaMA-Factory "
-                             "spreads it only with DeepSpeed ZeRO-3); train with --nproc 1 or remove use_badam")
+        raise PrefalignError(f"use_badam with {world_size()} processes: prefalign runs BAdam in one process only "
+                             "(LLaMA-Factory spreads layer-mode BAdam only under DeepSpeed ZeRO-3, which prefalign "
+                             "does not run BAdam under yet); train in one process or remove use_badam")
     badam = _package("badam", "use_badam")
     named = list(model.named_parameters())
     trainable = [(name, p) for name, p in named if p.requires_grad]
