@@ -1,7 +1,8 @@
 """Vision-language DPO through the real command line, on tiny models and an rlhf_v-shaped local dataset.
 
-LLaMA-Factory 0.9.5's own VLM DPO example (tests/fixtures/llamafactory/qwen3vl_lora_dpo.yaml, copied
-from its sdist) runs unchanged but for model_name_or_path, dataset_dir and output_dir.
+LLaMA-Factory's three VLM DPO examples (tests/fixtures/llamafactory/: qwen3vl_lora_dpo.yaml from the 0.9.5
+sdist, qwen2vl_lora_dpo.yaml and qwen2_5vl_lora_dpo.yaml from its repository) run unchanged but for
+model_name_or_path, dataset_dir and output_dir.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mm_helpers import build_vlm, write_rlhf_v  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-LF_EXAMPLE = ROOT / "tests" / "fixtures" / "llamafactory" / "qwen3vl_lora_dpo.yaml"
+LF_EXAMPLES = ROOT / "tests" / "fixtures" / "llamafactory"
+LF_EXAMPLE = LF_EXAMPLES / "qwen3vl_lora_dpo.yaml"
 
 
 def prefalign(*args, cwd):
@@ -29,10 +31,10 @@ def prefalign(*args, cwd):
                           env=dict(os.environ), timeout=600)
 
 
-def _lf_config(tmp_path, family: str, **changes) -> Path:
+def _lf_config(tmp_path, family: str, example: Path = LF_EXAMPLE, **changes) -> Path:
     model = build_vlm(family, tmp_path / f"model-{family}")
     data = write_rlhf_v(tmp_path / "data")
-    config = yaml.safe_load(LF_EXAMPLE.read_text())
+    config = yaml.safe_load(example.read_text())
     config.update(model_name_or_path=model, dataset_dir=data, output_dir=str(tmp_path / "out"), **changes)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -64,22 +66,28 @@ def _zero_and_one_process(tmp_path, zero: str, **changes) -> None:
 
 
 @pytest.mark.extended
-def test_lf_qwen3vl_dpo_example_runs_unchanged_and_its_adapter_loads_with_peft(tmp_path):
-    """The example trains (LoRA, 3 epochs of 8 pairs with 1-3 images each, accumulation 8, bf16 autocast on
-    the CPU) to completion; policy == reference at the start, so with its learning rate of 5e-6 the mean
-    loss stays ln 2 = 0.6931 to 4 digits; the saved adapter adapts only the language model (lora_target:
-    all never reaches the frozen vision tower or projector) and loads with peft on the base model."""
+@pytest.mark.parametrize("example, family", [("qwen3vl_lora_dpo.yaml", "qwen3_vl"),
+                                             ("qwen2vl_lora_dpo.yaml", "qwen2_vl"),
+                                             ("qwen2_5vl_lora_dpo.yaml", "qwen2_5_vl")])
+def test_lf_vlm_dpo_examples_run_unchanged_and_their_adapters_load_with_peft(tmp_path, example, family):
+    """Each example trains (LoRA, 3 epochs of 8 pairs with 1-3 images each, accumulation 8, bf16 autocast on
+    the CPU; qwen2vl's holds out val_size 0.1 and evaluates) to completion; policy == reference at the start,
+    so with its learning rate of 5e-6 the mean loss stays ln 2 = 0.6931 to 4 digits; the saved adapter adapts
+    only the language model (lora_target: all never reaches the frozen vision tower or projector) and loads
+    with peft on the base model."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    config = _lf_config(tmp_path, "qwen3_vl")
+    config = _lf_config(tmp_path, family, LF_EXAMPLES / example)
     run = prefalign("train", str(config), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = tmp_path / "out"
     assert abs(json.loads((out / "train_results.json").read_text())["train_loss"] - 0.6931) < 1e-4
     summary = json.loads((out / "data_summary.json").read_text())
-    assert summary["train"]["pairs"] == 8
+    held_out = (summary.get("eval") or {}).get("pairs", 0)
+    assert summary["train"]["pairs"] + held_out == 8
+    assert (held_out > 0) == ("val_size" in yaml.safe_load((LF_EXAMPLES / example).read_text()))
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and all("language_model" in key for key in weights)
     card = (out / "README.md").read_text()
