@@ -286,6 +286,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child_main(json.loads(args.child))
+    import torch
+
+    if SHAPES[args.shape][0]["hidden_size"] > 1024 and not torch.cuda.is_available():
+        print(f"bench_vlm.py --shape {args.shape}: skipped (torch sees no CUDA device; a 2B model is a GPU's work)")
+        return None
     pythons = {"prefalign": sys.executable, "trl": args.trl_python}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
