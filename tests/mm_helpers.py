@@ -2,7 +2,7 @@
 and an `rlhf_v`-shaped dataset folder (LLaMA-Factory's multimodal DPO data).
 
     build_vlm(family, path)      a tiny random model of a family (FAMILIES: qwen2_vl, qwen2_5_vl,
-                                 qwen3_vl, llava) saved with its image processor (PIL backend) and a
+                                 qwen3_vl, llava, gemma3) saved with its image processor (PIL backend) and a
                                  tokenizer trained locally that has the family's vision tokens and a
                                  chat template; returns the path
     load_processor(path)         the family's processor for such a folder (see below)
@@ -47,6 +47,18 @@ LLAVA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# Gemma 3: "<bos><start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\nreply<end_of_turn>\n"
+GEMMA3_TEMPLATE = (
+    "{% set IMAGE = '<start_of_image>' %}{% set VIDEO = '' %}{{ bos_token }}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ '<start_of_turn>user\\n' }}" + _PARTS + "{{ '<end_of_turn>\\n' }}"
+    "{% else %}{{ '<start_of_turn>model\\n' }}" + _PARTS + "{{ '<end_of_turn>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+GEMMA3_NAMED_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                       "image_token": "<image_soft_token>"}
+"""The tokenizer attributes Gemma3Processor reads (a hub Gemma 3 tokenizer_config.json's named tokens)."""
+
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 WORDS = ("what is in the picture red green blue square circle line left right top bottom "
@@ -65,7 +77,8 @@ class Family:
     eos: str = "<|im_end|>"
     default_system: str | None = None
     image_token: str = "<|image_pad|>"
-    extra: dict = field(default_factory=dict)
+    bos: str | None = None
+    named_tokens: dict = field(default_factory=dict)  # tokenizer attributes naming special tokens
 
 
 def _text_config(tokenizer, hidden: int, **extra) -> dict:
@@ -140,6 +153,22 @@ def _llava(tokenizer, hidden):
     return t.LlavaForConditionalGeneration(config), images, t.LlavaProcessor, kwargs
 
 
+def _gemma3(tokenizer, hidden):
+    import transformers as t
+
+    text = {**_text_config(tokenizer, hidden, head_dim=hidden // 4, sliding_window=512,
+                           layer_types=["sliding_attention", "full_attention"]),
+            "bos_token_id": tokenizer.bos_token_id}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    # 28 / 14 = 2 x 2 patches, pooled to mm_tokens_per_image 4 (a 2 x 2 grid: pooling kernel 1)
+    config = t.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                            **_ids(tokenizer, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                                   image_token_index="<image_soft_token>"))
+    images = t.Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    return t.Gemma3ForConditionalGeneration(config), images, t.Gemma3Processor, dict(image_seq_length=4)
+
+
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": Family("qwen2_vl", QWEN_VISION_TOKENS, QWEN_VL_TEMPLATE, _qwen2_vl,
                        default_system="You are a helpful assistant."),
@@ -147,6 +176,9 @@ FAMILIES: dict[str, Family] = {
                          default_system="You are a helpful assistant."),
     "qwen3_vl": Family("qwen3_vl_nothink", QWEN_VISION_TOKENS, QWEN_VL_TEMPLATE, _qwen3_vl),
     "llava": Family("llava", ("<image>",), LLAVA_TEMPLATE, _llava, eos="</s>", image_token="<image>"),
+    "gemma3": Family("gemma3", ("<bos>", "<start_of_turn>", *GEMMA3_NAMED_TOKENS.values()), GEMMA3_TEMPLATE,
+                     _gemma3, eos="<end_of_turn>", image_token="<image_soft_token>", bos="<bos>",
+                     named_tokens=GEMMA3_NAMED_TOKENS),
 }
 
 PROCESSOR_FILE = "prefalign_test_processor.json"
@@ -167,6 +199,10 @@ def vlm_tokenizer(family: str):
     extra = [token for token in (*spec.special_tokens, spec.eos) if token not in tokenizer.get_vocab()]
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *extra]})
     tokenizer.eos_token = spec.eos
+    if spec.bos:
+        tokenizer.bos_token = spec.bos
+    if spec.named_tokens:  # saved in tokenizer_config.json, read back as attributes (transformers' named tokens)
+        tokenizer._set_model_specific_special_tokens(spec.named_tokens)
     template = spec.chat_template.replace("DEFAULT_SYSTEM", repr(spec.default_system or ""))
     tokenizer.chat_template = template
     return tokenizer

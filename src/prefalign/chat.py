@@ -20,6 +20,7 @@ from prefalign.data.chat import ChatRenderer
 from prefalign.data.collate import image_inputs
 from prefalign.data.formats import IMAGE_PLACEHOLDER
 from prefalign.data.media import MediaError, open_image
+from prefalign.data.vision import TESTED_TEMPLATES
 from prefalign.errors import PrefalignError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.vision import load_vision
@@ -121,8 +122,8 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
         vision = load_vision(config.model, config.data, tokenizer)
         if vision is None:
             raise PrefalignError(f"--image: {config.model.model_name_or_path!r} with template: {config.data.template} "
-                                 "takes no images; use a vision-language model with its template (qwen2_vl, "
-                                 "qwen3_vl, qwen3_vl_nothink, llava)")
+                                 "takes no images; use a vision-language model with its template "
+                                 f"({', '.join(TESTED_TEMPLATES)})")
         pictures = tuple(_read_image(path) for path in images)
     dtype = compute_dtype(config)
     device = args.device

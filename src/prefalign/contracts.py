@@ -87,7 +87,7 @@ class PreferencePair:
 #   "images":       list[bytes] pairs with images only: each image's file bytes, in placeholder order (the
 #                              prompt_ids hold each image's tokens; the collator runs the image processor)
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "image_sizes")
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids", "image_sizes")
 """The batch keys a vision-language model's forward takes besides the ids (data/collate.py adds them)."""
 
 

@@ -1,6 +1,6 @@
 """Vision-language models: image tokens, batches and log-probs against each family's own processor.
 
-The tiny models (tests/mm_helpers.py) are random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA models with
+The tiny models (tests/mm_helpers.py) are random Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA and Gemma 3 models with
 their real processors; the images are drawn with PIL at sizes LLaMA-Factory's resize leaves alone
 (between image_min_pixels and image_max_pixels, each side at least 28), so the processor alone, given the
 same images, is an independent computation of what prefalign must produce.
@@ -31,7 +31,8 @@ from prefalign.modeling.load import load_causal_lm, load_policy, load_tokenizer 
 from prefalign.modeling.logprobs import pair_logps  # noqa: E402
 from prefalign.modeling.vision import image_features_fixed, load_vision  # noqa: E402
 
-FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava"}
+FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink", "llava": "llava",
+            "gemma3": "gemma3"}
 
 # The conversation as LLaMA-Factory's template of each family writes it, as a chat template for the family's
 # processor (image parts as the family's image marker, which the processor expands).
@@ -52,7 +53,17 @@ LLAVA_CHAT = (
     "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{{ ' ASSISTANT:' }}{% else %}{{ message['content'][0]['text'] + eos_token }}{% endif %}{% endfor %}"
 )
-CHAT = {"qwen2_vl": QWEN2_VL_CHAT, "qwen2_5_vl": QWEN2_VL_CHAT, "qwen3_vl": QWEN3_VL_CHAT, "llava": LLAVA_CHAT}
+# LLaMA-Factory's gemma3: BOS, then user turns that end with the model's header (the processor writes each
+# <start_of_image> as its full image sequence)
+GEMMA3_CHAT = (
+    "{{ '<bos>' }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '<start_of_turn>user\\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{{ '<end_of_turn>\\n<start_of_turn>model\\n' }}"
+    "{% else %}{{ message['content'][0]['text'] + '<end_of_turn>\\n' }}{% endif %}{% endfor %}"
+)
+CHAT = {"qwen2_vl": QWEN2_VL_CHAT, "qwen2_5_vl": QWEN2_VL_CHAT, "qwen3_vl": QWEN3_VL_CHAT, "llava": LLAVA_CHAT,
+        "gemma3": GEMMA3_CHAT}
+REPLY_END = {"llava": "</s>", "gemma3": "<end_of_turn>\n"}  # LF's assistant slot after the reply (Qwen: below)
 
 
 def png(width: int, height: int, *, seed: int = 0) -> bytes:
@@ -100,15 +111,15 @@ def _parts(content: str) -> list[dict]:
 
 
 def _reply_end(family: str, tokenizer) -> str:
-    return tokenizer.eos_token if family == "llava" else "<|im_end|>\n"  # LF's assistant slot
+    return REPLY_END.get(family, "<|im_end|>\n")
 
 
 def _processor_ids(family, processor, pair: PreferencePair, reply: str):
     """The family's processor on the conversation: (prompt ids, prompt + reply ids, model inputs)."""
     messages = [{"role": m["role"], "content": _parts(m["content"]) if m["role"] == "user"
                  else [{"type": "text", "text": m["content"]}]} for m in pair.prompt]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=family != "llava", tokenize=False,
-                                           chat_template=CHAT[family])  # LLaVA's user turn ends with its header
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=family not in REPLY_END,
+                                           tokenize=False, chat_template=CHAT[family])  # user turns end with the header
     images = [open_image(data) for data in pair.images]
     prompt_ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0].tolist()
     inputs = processor(text=[prompt + reply + _reply_end(family, processor.tokenizer)], images=images,
@@ -119,7 +130,9 @@ def _processor_ids(family, processor, pair: PreferencePair, reply: str):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_image_tokens_and_label_masks_equal_the_processors(vlm_dirs, family):
     """Each `<image>` becomes as many image tokens as the family's processor writes for that image, at the
-    same place; the collator's labels are -100 exactly on the processor's prompt tokens and padding."""
+    same place; the collator's labels are -100 exactly on the processor's prompt tokens and padding; the token
+    types the processor gives the model (Gemma 3's `token_type_ids`: its bidirectional attention within an image;
+    Qwen's `mm_token_type_ids`) are the batch's, row by row."""
     tokenizer, vision, renderer = _run(family, vlm_dirs[family])
     processor = load_processor(vlm_dirs[family])
     pairs = _pairs()
@@ -134,10 +147,16 @@ def test_image_tokens_and_label_masks_equal_the_processors(vlm_dirs, family):
     batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
     for row in range(2 * len(pairs)):
         pair = pairs[row % len(pairs)]
-        prompt_ids, full_ids, _ = _processor_ids(family, processor, pair, pair.chosen if row < 3 else pair.rejected)
+        reply = pair.chosen if row < 3 else pair.rejected
+        prompt_ids, full_ids, inputs = _processor_ids(family, processor, pair, reply)
         expected = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
         expected += [IGNORE_INDEX] * (batch["labels"].shape[1] - len(expected))
         assert batch["labels"][row].tolist() == expected
+        for key in ("token_type_ids", "mm_token_type_ids"):
+            if key in inputs:
+                assert batch[key][row, :len(full_ids)].tolist() == inputs[key][0].tolist(), key
+                assert not batch[key][row, len(full_ids):].any()
+    assert family != "gemma3" or "token_type_ids" in inputs  # (so the check above is not vacuous)
     image_id = tokenizer.convert_tokens_to_ids(vision.plugin.image_token)
     assert int((batch["input_ids"] == image_id).sum()) > 0
 
@@ -221,7 +240,7 @@ def test_images_are_part_of_the_cache_keys(vlm_dirs, tmp_path):
 
 def test_vision_models_share_the_prompt_by_default_and_never_pack(vlm_dirs):
     """Qwen families: prefix sharing on by default, packing off with its reason (and a `true` refused);
-    LLaVA: the plain layout, with the reason for each."""
+    LLaVA and Gemma 3: the plain layout, with the reason for each."""
     for family in ("qwen2_vl", "qwen3_vl"):
         path = vlm_dirs[family]
         model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
@@ -231,11 +250,12 @@ def test_vision_models_share_the_prompt_by_default_and_never_pack(vlm_dirs):
                                 "follow the rows)",)
         with pytest.raises(ConfigError, match="packing: true"):
             choose_layout(FinetuningArguments(packing=True), DataArguments(dataset=["x"]), model)
-    path = vlm_dirs["llava"]
-    model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
-    layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
-    assert not layout.packing and not layout.prefix_sharing
-    assert len(layout.notes) == 2 and "plain layout" in layout.notes[1]
+    for family in ("llava", "gemma3"):
+        path = vlm_dirs[family]
+        model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
+        layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
+        assert not layout.packing and not layout.prefix_sharing
+        assert len(layout.notes) == 2 and "plain layout" in layout.notes[1]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
@@ -273,7 +293,7 @@ def test_prefix_sharing_with_images_equals_the_plain_layout(vlm_dirs, family):
     assert got_seen == want_seen == int(shared["image_grid_thw"].prod(-1).sum())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
 def test_lora_all_never_touches_a_frozen_tower_or_projector(vlm_dirs, family):
     """lora_target: all adapts the language model's linear layers only (LF's find_all_linear_modules +
     patch_target_modules); freeze_vision_tower: false lets it adapt the tower's layers too; full tuning trains
@@ -281,7 +301,8 @@ def test_lora_all_never_touches_a_frozen_tower_or_projector(vlm_dirs, family):
     path = vlm_dirs[family]
     model_args = ModelArguments(model_name_or_path=path)
     tower, projector = {"qwen2_vl": ("visual.blocks", "visual.merger"),
-                        "llava": ("vision_tower", "multi_modal_projector")}[family]
+                        "llava": ("vision_tower", "multi_modal_projector"),
+                        "gemma3": ("vision_tower", "multi_modal_projector")}[family]
     lora = load_policy(model_args, FinetuningArguments(finetuning_type="lora"))
     adapted = {name for name, p in lora.named_parameters() if p.requires_grad}
     assert adapted and all("lora_" in name and "language_model" in name for name in adapted)
@@ -323,7 +344,7 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
     """The concatenated layout's rejected rows repeat the chosen rows' images. Encoding them once and handing
     each image's features to both rows gives the log-probs and the gradients (of a trained tower, projector
     and language model) of encoding every row's copy, while the tower's first layer sees half the inputs:
-    Qwen: the pairs' patches once (Σ t·h·w of each image's grid), LLaVA: the pairs' images once."""
+    Qwen: the pairs' patches once (Σ t·h·w of each image's grid), LLaVA and Gemma 3: the pairs' images once."""
     path = vlm_dirs[family]
     tokenizer, vision, renderer = _run(family, path)
     pairs = _pairs()
@@ -331,7 +352,7 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
     batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
     ft = FinetuningArguments(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False)
     model = load_policy(ModelArguments(model_name_or_path=path), ft)
-    first = model.model.visual.patch_embed if family != "llava" else model.model.vision_tower.embeddings
+    first = model.model.visual.patch_embed if family.startswith("qwen") else model.model.vision_tower.embeddings
     seen = []
     first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     results = {}
@@ -349,7 +370,8 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, shared_grads[name], atol=1e-5, rtol=1e-4), name
     images = [data for p in pairs for data in p.images]
-    once = (int(vision.model_inputs(images)["image_grid_thw"].prod(-1).sum()) if family != "llava" else len(images))
+    once = (int(vision.model_inputs(images)["image_grid_thw"].prod(-1).sum()) if family.startswith("qwen")
+            else len(images))
     assert (plain_seen, shared_seen) == (2 * once, once)
 
 
@@ -367,7 +389,8 @@ def test_a_text_template_refuses_image_pairs_by_name(vlm_dirs):
                        tokenizer) is None
 
 
-@pytest.mark.parametrize("family, finetuning_type", [("qwen2_vl", "lora"), ("llava", "full"), ("qwen3_vl", "lora")])
+@pytest.mark.parametrize("family, finetuning_type", [("qwen2_vl", "lora"), ("llava", "full"), ("qwen3_vl", "lora"),
+                                                       ("gemma3", "lora")])
 def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_path, family, finetuning_type):
     """With the tower and projector frozen (the defaults), the adapter-disabled or frozen-copy reference takes
     the policy's image features: one tower run per batch for policy and reference together, and the same
@@ -379,7 +402,7 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
     tokenizer, vision, renderer = _run(family, path)
     features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i}
                 for i, p in enumerate(_pairs())]
-    collators = [PairCollator] + ([PrefixSharedCollator] if family != "llava" else [])
+    collators = [PairCollator] + ([PrefixSharedCollator] if family.startswith("qwen") else [])
     config = build_config({"model_name_or_path": path, "finetuning_type": finetuning_type, "template": FAMILIES[family],
                            "dataset": "x", "output_dir": str(tmp_path / "out"), "report_to": "none"})
     policy = load_policy(config.model, config.finetuning)
@@ -392,7 +415,7 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
     calls = []
     for model in {id(policy): policy, id(reference.model): reference.model}.values():
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        tower = lm.model.visual.patch_embed if family != "llava" else lm.model.vision_tower.embeddings
+        tower = lm.model.visual.patch_embed if family.startswith("qwen") else lm.model.vision_tower.embeddings
         tower.register_forward_hook(lambda module, args, out: calls.append(1))
     for collator in collators:  # the plain layout, and the prefix-shared one
         batch = collator(tokenizer.pad_token_id, vision=vision)(features)
@@ -407,12 +430,23 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
 
 
 def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
-    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos, naming
-    torchvision and av (a PairError, so on_bad_record: skip counts it)."""
+    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos (a PairError, so
+    on_bad_record: skip counts it), whose reason says which of PyAV and torchvision this environment lacks, as a
+    fresh interpreter finds them (torchvision 0.28.0's PyPI wheel is a CUDA build: beside torch 2.13.0+cpu it is
+    installed and fails to import)."""
+    import importlib.util
+    import subprocess
+
     _, _, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
     pair = PreferencePair([{"role": "user", "content": "<video>What happens?"}], "A ball falls.", "Nothing.",
                           RecordSource("pairs.json", 0), videos=(b"\x00\x00\x00\x18ftypmp42",))
     with pytest.raises(PairError) as caught:
         encode_pair(pair, renderer, 1024)
     assert (caught.value.stage, caught.value.field) == ("render", "videos")
-    assert "torchvision" in caught.value.reason and "av" in caught.value.reason
+    reason = caught.value.reason
+    assert "\n" not in reason and "on_bad_record: skip" in reason and "no video path" in reason
+    assert ("PyAV (av) is not installed" in reason) == (importlib.util.find_spec("av") is None)
+    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    assert ("torchvision is not installed" in reason) == ("ModuleNotFoundError" in probe.stderr)
+    broken = probe.returncode != 0 and "ModuleNotFoundError" not in probe.stderr
+    assert (f"does not load with torch {torch.__version__}" in reason) == broken

@@ -111,17 +111,21 @@ def test_full_and_freeze_tuning_train_only_the_language_model(tmp_path, finetuni
 
 
 @pytest.mark.extended
-def test_data_eval_chat_and_export_take_images(tmp_path):
-    """After a short LoRA run on a tiny Qwen2-VL: `data` shows each image's tokens, where and how many (as
-    many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
+@pytest.mark.parametrize("family, template, shown_image", [
+    ("qwen2_vl", "qwen2_vl", "<|vision_start|><|image_pad|>×"),
+    ("gemma3", "gemma3", "<start_of_image><image_soft_token>×4<end_of_image>"),
+])
+def test_data_eval_chat_and_export_take_images(tmp_path, family, template, shown_image):
+    """After a short LoRA run on a tiny Qwen2-VL or Gemma 3: `data` shows each image's tokens, where and how
+    many (as many as the image processor makes for the image: tests/modeling/test_vision.py checks the counts);
     `eval` scores every pair; `chat --image` answers; `export` writes the image processor beside the merged
     model, which gives base + adapter's logits."""
     from peft import PeftModel
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+    config = _lf_config(tmp_path, family, template=template, max_steps=2, gradient_accumulation_steps=1,
                         learning_rate=1e-2, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
-    out, model = tmp_path / "out", tmp_path / "model-qwen2_vl"
+    out, model = tmp_path / "out", tmp_path / f"model-{family}"
     run = prefalign("train", str(config), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "preprocessor_config.json").is_file()  # the processor beside the adapter, as LF saves it
@@ -130,7 +134,7 @@ def test_data_eval_chat_and_export_take_images(tmp_path):
     assert shown.returncode == 0, shown.stderr[-3000:]
     records = json.loads((tmp_path / "data" / "rlhf_v.json").read_text())
     assert f"[images: {len(records[0]['images'])}, " in shown.stdout and " tokens at " in shown.stdout
-    assert "<|vision_start|><|image_pad|>×" in shown.stdout
+    assert shown_image in shown.stdout
 
     scored = prefalign("eval", str(config), f"adapter_name_or_path={out}", f"output_dir={tmp_path / 'eval'}",
                        cwd=tmp_path)
@@ -169,7 +173,7 @@ def test_qlora_trains_a_vision_language_model(tmp_path):
     from prefalign.config.args import FinetuningArguments, ModelArguments
     from prefalign.modeling.load import load_policy
 
-    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
+    config = _lf_config(tmp_path, family, template=template, max_steps=2, gradient_accumulation_steps=1,
                         learning_rate=1e-3, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False,
                         quantization_bit=4)
     run = prefalign("train", str(config), cwd=tmp_path)
@@ -268,3 +272,51 @@ def test_report_and_card_count_images_and_name_the_processor(tmp_path):
             "merge_size 2), saved beside the model (`preprocessor_config.json`") in card
     assert "at most image_max_pixels 3136 and at least image_min_pixels 784 pixels" in card
     assert 'processor = AutoProcessor.from_pretrained("' in card and "AutoModelForImageTextToText" in card
+
+
+def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(tmp_path):
+    """LF's VLM DPO example with `template: gemma3` on a tiny Gemma 3 (4 soft tokens per image) and 8 rlhf_v
+    pairs, of which record 1's first image is cut short and record 2 has a video: without on_bad_record the
+    command fails in one line naming record 1's image; with `skip` the 6 good pairs train (LoRA, learning rate
+    1e-2, 2 steps: the loss leaves ln 2), the summary counts one skip at media and one at render, the rejects
+    file says why the video was refused, and the adapter adapts only the language model and loads with peft."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    config = _lf_config(tmp_path, "gemma3", template="gemma3", max_steps=2, gradient_accumulation_steps=1,
+                        per_device_train_batch_size=3, learning_rate=1e-2, logging_steps=1, warmup_ratio=0.0,
+                        dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False)
+    data = tmp_path / "data"
+    records = json.loads((data / "rlhf_v.json").read_text())
+    image = data / records[1]["images"][0]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+    (data / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    records[2]["videos"] = ["clip.mp4"]
+    records[2]["conversations"][0]["value"] = "<video>" + records[2]["conversations"][0]["value"]
+    (data / "rlhf_v.json").write_text(json.dumps(records))
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["rlhf_v"]["columns"]["videos"] = "videos"
+    (data / "dataset_info.json").write_text(json.dumps(info))
+
+    failed = prefalign("train", str(config), cwd=tmp_path)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("prefalign train: error:")]
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert len(errors) == 1 and "rlhf_v.json record 1" in errors[0] and records[1]["images"][0] in errors[0]
+    assert "on_bad_record: skip" in errors[0]
+
+    run = prefalign("train", str(config), "on_bad_record=skip", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["train"]["pairs"] == 6 and summary["skipped_by_stage"] == {"media": 1, "render": 1}
+    rejects = [json.loads(line) for line in (out / "rejected_records.jsonl").read_text().splitlines()]
+    video = next(r for r in rejects if r["stage"] == "render")
+    assert video["index"] == 2 and "no video path" in json.dumps(video)
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and all("language_model" in key for key in weights)
+    base = AutoModelForImageTextToText.from_pretrained(tmp_path / "model-gemma3")
+    model = PeftModel.from_pretrained(base, str(out))
+    assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())

@@ -108,8 +108,8 @@ class ModelArguments:
         "the image processor, as LLaMA-Factory does.", 768 * 768)
     image_min_pixels: int = _help("Vision-language models: an image smaller than this many pixels is scaled up.",
                                   32 * 32)
-    video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (videos need "
-                                  "torchvision and av).", 256 * 256)
+    video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (accepted as "
+                                  "LLaMA-Factory's configs set it; videos are refused: no video path yet).", 256 * 256)
     video_min_pixels: int = _help("Vision-language models: the fewest pixels of a video frame.", 16 * 16)
     video_fps: float = _help("Vision-language models: frames sampled per second of video.", 2.0)
     video_maxlen: int = _help("Vision-language models: the most frames sampled from a video.", 128)

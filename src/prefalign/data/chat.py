@@ -27,13 +27,9 @@ from prefalign.contracts import Message, PreferencePair
 from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
 from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
                                       stop_token_ids)
-from prefalign.data.media import MediaError
-from prefalign.data.vision import VisionProcessor
+from prefalign.data.media import MediaError, video_refusal
+from prefalign.data.vision import TESTED_TEMPLATES, VisionProcessor
 from prefalign.errors import ConfigError, PairError
-
-_NO_VIDEO = ("videos are not read yet: prefalign's video path needs torchvision and av (not installed) and is not "
-             "built; remove the record's videos, or skip it with on_bad_record: skip")
-
 
 
 @dataclass(frozen=True)
@@ -160,12 +156,12 @@ class ChatRenderer:
     def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
         """The pair's prompt with each `<image>` placeholder expanded to its image's tokens (data/vision.py)."""
         if pair.videos:
-            raise PairError("render", str(pair.source), "videos", _NO_VIDEO)
+            raise PairError("render", str(pair.source), "videos", video_refusal())
         mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
         if self.vision is None or self.vision.plugin.name != mm_plugin:
             raise PairError("render", str(pair.source), "images",
-                            f"{self.name} has no image slots for this model; use template: qwen2_vl, qwen3_vl, "
-                            "qwen3_vl_nothink or llava with a vision-language model of that family")
+                            f"{self.name} has no image slots for this model; use template: "
+                            f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
         try:
             return self.vision.expand(pair.prompt, pair.images)
         except (MediaError, OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError

@@ -82,15 +82,15 @@ def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]],
     """The image inputs of a batch whose row r holds the tokens of `row_images[r % len(row_images)]` (`repeat`
     times the rows: the concatenated layout's chosen rows, then its rejected rows), in row order (the model
     scatters the image features into its image tokens in row-major order): the image processor's tensors,
-    computed once and repeated, and, for the Qwen family, `mm_token_type_ids` (R, T) (1 at image tokens),
-    from which the model computes its 3-D rotary positions itself."""
+    computed once and repeated, and the plugin's token types (R, T) (1 at image tokens): the Qwen families'
+    `mm_token_type_ids`, from which the model computes its 3-D rotary positions itself; Gemma 3's
+    `token_type_ids`, its bidirectional attention within an image."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
     inputs = vision.model_inputs([data for images in row_images for data in images])
     inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
-    if vision.plugin.qwen:
-        image_token = vision.image_token_id
-        inputs["mm_token_type_ids"] = (input_ids == image_token).long()
+    if vision.plugin.type_ids:
+        inputs[vision.plugin.type_ids] = (input_ids == vision.image_token_id).long()
     return inputs
 
 

@@ -58,6 +58,30 @@ def open_image(data: bytes):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def video_refusal() -> str:
+    """Why a record's videos are refused, in one line: prefalign has no video path (decoding with PyAV,
+    frames through transformers' video processor, which runs on torchvision), and which of its two packages
+    this environment lacks. torchvision's PyPI wheel for torch 2.13 (0.28.0) is a CUDA build: beside a
+    CPU-only torch it is installed but fails to import, so an installed package is imported to be sure."""
+    import importlib.util
+
+    missing = [] if importlib.util.find_spec("av") else ["PyAV (av) is not installed"]
+    try:
+        import torchvision  # noqa: F401
+    except ModuleNotFoundError:
+        missing.append("torchvision is not installed")
+    except Exception as exc:  # a torchvision built for another torch fails while registering its ops
+        import torch
+
+        missing.append(f"the installed torchvision does not load with torch {torch.__version__} "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}: it needs a torchvision "
+                       "built for this torch)")
+    here = "; ".join(missing) if missing else "both are installed, the video path itself is what is missing"
+    return (f"videos are not read yet: prefalign has no video path (it would decode with PyAV and run transformers' "
+            f"video processor, which needs torchvision; here {here}); remove the record's videos, or skip it "
+            "with on_bad_record: skip")
+
+
 @dataclass(frozen=True)
 class MediaReader:
     """How to find a dataset's media: `media_dir` for relative paths, `local` whether the dataset was

@@ -13,7 +13,11 @@ LLaMA-Factory's rules, per plugin (data/mm_plugin.py):
 - Qwen2-VL / Qwen2.5-VL / Qwen3-VL (`Qwen2VLPlugin`, `Qwen3VLPlugin`): a placeholder becomes
   `<|vision_start|>` + `<|image_pad|>` x (grid_t * grid_h * grid_w // merge_size²) + `<|vision_end|>`;
 - LLaVA (`LlavaPlugin`): a placeholder becomes `<image>` x ((H // patch) * (W // patch) + the
-  processor's additional tokens, minus 1 with the `default` feature strategy), H x W the processed size.
+  processor's additional tokens, minus 1 with the `default` feature strategy), H x W the processed size;
+- Gemma 3 (`Gemma3Plugin`, without pan-and-scan): a placeholder becomes the processor's
+  `full_image_sequence`, `\\n\\n<start_of_image>` + `<image_soft_token>` x `image_seq_length` +
+  `<end_of_image>\\n\\n` (every image the same count, the projector pools it to that many), and the model
+  gets `token_type_ids` (1 at the soft tokens: its attention is bidirectional within an image).
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ class VisionPlugin:
     start: str = ""  # written before each image's tokens
     end: str = ""  # and after them
     qwen: bool = False  # Qwen's resize rules, grid-sized images
+    around: str = ""  # written before `start` and after `end` (Gemma 3's blank lines)
+    count: str = "grid"  # how an image's token count is known: grid (Qwen), patches (LLaVA), fixed (Gemma 3)
+    type_ids: str | None = None  # the model's input that marks image tokens with 1 (collate.image_inputs)
 
     def image_text(self, seqlen: int) -> str:
-        return self.start + self.image_token * seqlen + self.end
+        return self.around + self.start + self.image_token * seqlen + self.end + self.around
 
     def marker_tokens(self) -> list[str]:
         """The tokens that belong to images (what truncation must never cut)."""
@@ -47,12 +54,17 @@ class VisionPlugin:
 
 PLUGINS = {
     "Qwen2VLPlugin": VisionPlugin("Qwen2VLPlugin", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                  "<|vision_end|>", qwen=True),
+                                  "<|vision_end|>", qwen=True, type_ids="mm_token_type_ids"),
     "Qwen3VLPlugin": VisionPlugin("Qwen3VLPlugin", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                  "<|vision_end|>", qwen=True),
-    "LlavaPlugin": VisionPlugin("LlavaPlugin", "<image>"),
+                                  "<|vision_end|>", qwen=True, type_ids="mm_token_type_ids"),
+    "LlavaPlugin": VisionPlugin("LlavaPlugin", "<image>", count="patches"),
+    "Gemma3Plugin": VisionPlugin("Gemma3Plugin", "<image_soft_token>", start="<start_of_image>", end="<end_of_image>",
+                                 around="\n\n", count="fixed", type_ids="token_type_ids"),
 }
 """The plugins prefalign implements, by LLaMA-Factory's class name (a template's `mm_plugin`)."""
+
+TESTED_TEMPLATES = ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "gemma3")
+"""The vision templates the tests check against each family's own processor (the ones errors suggest)."""
 
 
 def _scaled(image, factor: float):
@@ -64,7 +76,8 @@ class VisionProcessor:
     """A template's plugin with the model's image processor and LLaMA-Factory's pixel limits.
 
     `patch_size`, `num_additional_image_tokens`, `vision_feature_select_strategy`: the LLaVA processor's
-    own attributes (its processor_config.json); the Qwen plugins read the image processor's merge size.
+    own attributes (its processor_config.json); `image_seq_length`: Gemma 3's processor's; the Qwen plugins
+    read the image processor's merge size.
     """
 
     plugin: VisionPlugin
@@ -75,6 +88,7 @@ class VisionProcessor:
     num_additional_image_tokens: int = 0
     vision_feature_select_strategy: str = "default"
     image_token_id: int | None = None  # the image token's id in the run's tokenizer
+    image_seq_length: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -83,7 +97,7 @@ class VisionProcessor:
         settings = self.image_processor.to_json_string() if hasattr(self.image_processor, "to_json_string") else ""
         return hashlib.sha256("|".join(map(str, (
             self.plugin.name, self.max_pixels, self.min_pixels, self.patch_size, self.num_additional_image_tokens,
-            self.vision_feature_select_strategy, settings))).encode()).hexdigest()[:16]
+            self.vision_feature_select_strategy, self.image_seq_length, settings))).encode()).hexdigest()[:16]
 
     def prepared(self, data: bytes):
         """One image's bytes -> the PIL image the processor gets (LLaMA-Factory's _preprocess_image)."""
@@ -111,10 +125,12 @@ class VisionProcessor:
 
     def seqlen(self, data: bytes) -> int:
         """How many image tokens this image becomes (LLaMA-Factory's process_messages); cached by its hash."""
+        if self.plugin.count == "fixed":  # the processor's own count, the same for every image
+            return self.image_seq_length
         key = hashlib.sha256(data).hexdigest()
         if key not in self._cache:
             inputs = self.model_inputs([data])
-            if self.plugin.qwen:
+            if self.plugin.count == "grid":
                 merge = getattr(self.image_processor, "merge_size", 2)
                 self._cache[key] = int(inputs["image_grid_thw"][0].prod()) // (merge * merge)
             else:

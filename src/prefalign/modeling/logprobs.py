@@ -335,9 +335,10 @@ def _images_encoded_once(decoder, inputs: dict, reuse: dict | None = None, copie
     if grid is not None:  # Qwen: patches of all images in one (P, D) tensor, an image's size is its grid
         part = grid.shape[0] // copies
         encoded = decoder.get_image_features(pixels[:int(grid[:part].prod(-1).sum())], grid[:part], return_dict=True)
-    else:  # LLaVA: one (C, H, W) image per row of pixel_values
+    else:  # LLaVA, Gemma 3: one (C, H, W) image per row of pixel_values
         encoded = decoder.get_image_features(pixel_values=pixels[:pixels.shape[0] // copies], return_dict=True)
-    encoded.pooler_output = list(encoded.pooler_output) * copies
+    pooled = encoded.pooler_output  # per image: a list (Qwen, LLaVA) or one (n, tokens, D) tensor (Gemma 3)
+    encoded.pooler_output = torch.cat([pooled] * copies) if torch.is_tensor(pooled) else list(pooled) * copies
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
         encoded.deepstack_features = [list(layer) * copies for layer in encoded.deepstack_features]
     del inputs["pixel_values"]

@@ -217,8 +217,9 @@ def load_vision(model_args, data_args, tokenizer):
     image_processor = _image_processor(path, model_args)
     if image_processor is None:
         return None
-    if not plugin.qwen and not attributes.get("patch_size"):
-        raise PrefalignError(f"template: {data_args.template}: {path!r} has no processor settings (patch_size in "
+    needed = _COUNT_ATTRIBUTE.get(plugin.count)
+    if needed and not attributes.get(needed):
+        raise PrefalignError(f"template: {data_args.template}: {path!r} has no processor settings ({needed} in "
                              "processor_config.json), so its image token count is unknown; use the model's own "
                              "processor files")
     image_token_id = tokenizer.convert_tokens_to_ids(plugin.image_token)
@@ -229,7 +230,7 @@ def load_vision(model_args, data_args, tokenizer):
                            patch_size=attributes.get("patch_size"),
                            num_additional_image_tokens=attributes.get("num_additional_image_tokens") or 0,
                            vision_feature_select_strategy=attributes.get("vision_feature_select_strategy") or "default",
-                           image_token_id=image_token_id)
+                           image_token_id=image_token_id, image_seq_length=attributes.get("image_seq_length"))
 
 
 def _image_processor(path: str, model_args):
@@ -243,13 +244,16 @@ def _image_processor(path: str, model_args):
         return None
 
 
-_ATTRIBUTES = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
+_ATTRIBUTES = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy", "image_seq_length")
+_COUNT_ATTRIBUTE = {"patches": "patch_size", "fixed": "image_seq_length"}
+"""The processor setting an image's token count is computed from, by the plugin's `count` (data/vision.py)."""
 
 
 def _processor_attributes(path: str, model_args) -> dict:
     """The processor's own settings (LLaVA's patch_size, num_additional_image_tokens,
-    vision_feature_select_strategy): from transformers' AutoProcessor where it builds one, else read as data
-    from processor_config.json (a Qwen-VL processor cannot be built without torchvision; it needs none)."""
+    vision_feature_select_strategy; Gemma 3's image_seq_length): from transformers' AutoProcessor where it
+    builds one, else read as data from processor_config.json (a Qwen-VL processor cannot be built without
+    torchvision; it needs none)."""
     from transformers import AutoProcessor
 
     try:
