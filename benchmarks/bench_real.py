@@ -194,7 +194,9 @@ def run_lf(spec, out, clock):
              "disable_gradient_checkpointing": True, "plot_loss": False, **_settings(spec)}, callbacks=[clock])
 
 
-def child_main(spec: dict) -> None:
+def child_main(spec: dict, runners: dict | None = None) -> None:
+    """One run in this process (`runners[spec["impl"]](spec, out, clock)`; a runner may return a dict of
+    extra figures), printed as one `RESULT {json}` line for `run_child`."""
     import resource
 
     import torch
@@ -203,10 +205,11 @@ def child_main(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     os.environ["PREFALIGN_CACHE"] = spec["cache_dir"]
     clock = _clock_callback()
+    runners = runners or {"prefalign": run_prefalign, "trl": run_trl, "lf": run_lf}
     with tempfile.TemporaryDirectory() as out:
-        {"prefalign": run_prefalign, "trl": run_trl, "lf": run_lf}[spec["impl"]](spec, out, clock)
+        extra = runners[spec["impl"]](spec, out, clock) or {}
     pairs = spec["steps"] * spec["batch_size"] * spec["grad_accum"]
-    print("RESULT " + json.dumps({
+    print("RESULT " + json.dumps({**extra,
         "loop_s": clock.end - clock.begin, "pairs_per_s": pairs / (clock.end - clock.begin),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": clock.losses,
         "step_s": [round(b - a, 2) for a, b in zip([clock.begin] + clock.step_ends, clock.step_ends)],
@@ -216,11 +219,13 @@ def child_main(spec: dict) -> None:
                     if clock.throughput else None)}), flush=True)
 
 
-def run_child(python: str, spec: dict) -> dict:
+def run_child(python: str, spec: dict, script: str = __file__) -> dict:
+    """`script --child SPEC` in `python` (prefalign's runs with this checkout's src/, the peers' without
+    any PYTHONPATH): the dict of its `RESULT` line."""
     src = str(HERE.parent / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")} \
         if spec["impl"] == "prefalign" else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([python, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([python, script, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

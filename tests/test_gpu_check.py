@@ -4,6 +4,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,17 @@ def test_gpu_check_dry_run_trains_prefalign_and_trl_from_the_same_start(tmp_path
 
 def test_gpu_check_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_vlm_comparison_at_the_2b_shape_skips_cleanly_without_a_gpu():
+    """gpu_check.sh runs bench_vlm.py at Qwen2-VL-2B's shape; on a machine without CUDA it says so and exits 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the comparison would run")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_vlm.py"), "--shape", "2b", "--bf16"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == ("bench_vlm.py --shape 2b: skipped (torch sees no CUDA device; a 2B model is a "
+                                  "GPU's work)")

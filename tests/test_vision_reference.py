@@ -81,3 +81,25 @@ def test_the_precomputed_cache_is_keyed_by_the_image_bytes(vlm, tmp_path):
     redrawn = build_trainer(_config(vlm, tmp_path / "c", dataset_dir=str(data), precompute_ref_log_probs=True))
     assert redrawn.reference.stats["train"]["path"] != first.reference.stats["train"]["path"]
     assert redrawn.reference.stats["train"]["computed"] == 6
+
+
+@pytest.mark.parametrize("overrides, rows, runs", [
+    ({"prefix_sharing": False}, 6, 1.0),
+    ({"prefix_sharing": False, "ref_model": "OTHER"}, 6, 2.0),
+    ({}, 3, 1.0),
+])
+def test_tower_runs_per_pair_count_each_pairs_images_once_per_encoding(vlm, tmp_path, overrides, rows, runs):
+    """`vision/tower_runs_per_pair` after one training batch (3 pairs, 1-3 images each): the policy encodes each
+    pair's images once, whether the batch holds them twice (concatenated: 6 rows) or once (prefix-shared:
+    3 rows); a reference on the policy's frozen tower reuses those features (1 run per pair), a separate
+    reference model encodes them again (2). The images the towers encoded are that many times the images of
+    the batch's 3 records in rlhf_v.json (pair `index` = record number: no record is skipped or held out)."""
+    overrides = {k: vlm["other"] if v == "OTHER" else v for k, v in overrides.items()}
+    trainer = build_trainer(_config(vlm, tmp_path, **overrides))
+    batch = first_batch(trainer)
+    assert batch["input_ids"].shape[0] == rows
+    records = json.loads((Path(vlm["data"]) / "rlhf_v.json").read_text())
+    images = sum(len(records[i]["images"]) for i in batch["index"].tolist())
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer._towers.encoded == runs * images
+    assert trainer._towers.report() == {"vision/tower_runs_per_pair": runs}

@@ -35,7 +35,7 @@ def _front_matter(config, is_adapter: bool, vision_language: bool) -> dict:
     return meta
 
 
-def _method(config, is_adapter: bool, vision_language: bool) -> list[str]:
+def _method(config, is_adapter: bool, vision_language: bool, out: Path) -> list[str]:
     ft, model = config.finetuning, config.model
     lines = []
     adapters = list(model.adapter_name_or_path or [])
@@ -70,8 +70,30 @@ def _method(config, is_adapter: bool, vision_language: bool) -> list[str]:
             ("language model", ft.freeze_language_model))]
         lines.append(f"- Vision-language model: {', '.join(parts)} (image_max_pixels {model.image_max_pixels}, "
                      f"image_min_pixels {model.image_min_pixels})")
+        lines.append(_processor_line(config, out))
     lines.append(f"- Reference: {reference_plan(config, 'train').description}")
     return lines
+
+
+def _processor_line(config, out: Path) -> str:
+    """The image processing of a vision-language run: the processor saved beside the model (modeling/vision.
+    save_processor) and the pixel limits its images were resized to first, as LLaMA-Factory resizes them."""
+    model = config.model
+    saved = out / "preprocessor_config.json"
+    if not saved.is_file():
+        return (f"- Processor: the base model's (none was saved in this folder); images were resized to at most "
+                f"image_max_pixels {model.image_max_pixels} and at least image_min_pixels {model.image_min_pixels} "
+                "pixels before it")
+    settings = json.loads(saved.read_text())
+    name = settings.get("image_processor_type") or settings.get("processor_class") or "image processor"
+    size = settings.get("size") if isinstance(settings.get("size"), dict) else {}
+    limits = ", ".join([f"size {key} {value}" for key, value in size.items()]
+                       + [f"{key} {settings[key]}" for key in ("min_pixels", "max_pixels", "patch_size", "merge_size")
+                          if key in settings])
+    return (f"- Processor: `{name}`{f' ({limits})' if limits else ''}, saved beside the model "
+            f"(`preprocessor_config.json`{', `processor_config.json`' if (out / 'processor_config.json').is_file() else ''}); "
+            f"the training images were first resized to at most image_max_pixels {model.image_max_pixels} and at "
+            f"least image_min_pixels {model.image_min_pixels} pixels (LLaMA-Factory's rule): give new images the same.")
 
 
 def _vision_language(config) -> bool:
@@ -128,7 +150,22 @@ def _data(config, summary: DataSummary | None) -> list[str]:
     return lines
 
 
-def _usage(config, out: Path, is_adapter: bool) -> str:
+def _vision_usage(config, path: str, is_adapter: bool) -> str:
+    """The snippet for a vision-language model: its Auto class, the processor saved beside it, one image."""
+    base = (f'base = AutoModelForImageTextToText.from_pretrained("{config.model.model_name_or_path}")\n'
+            f'model = PeftModel.from_pretrained(base, "{path}")\n' if is_adapter else
+            f'model = AutoModelForImageTextToText.from_pretrained("{path}")\n')
+    return (("from peft import PeftModel\n" if is_adapter else "")
+            + "from PIL import Image\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+            + base + f'processor = AutoProcessor.from_pretrained("{path}")  # the processor saved beside the model\n\n'
+            'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this image?"}]}]\n'
+            "text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)\n"
+            'inputs = processor(text=[text], images=[Image.open("photo.png")], return_tensors="pt")\n'
+            "output = model.generate(**inputs, max_new_tokens=64)\n"
+            'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
+
+
+def _usage(config, out: Path, is_adapter: bool, vision_language: bool = False) -> str:
     from prefalign.data.templates import resolve_template
 
     path = str(out)
@@ -144,6 +181,8 @@ def _usage(config, out: Path, is_adapter: bool) -> str:
             'inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)\n'
             "output = model.generate(**inputs, max_new_tokens=64)\n"
             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n')
+    if vision_language:
+        code = _vision_usage(config, path, is_adapter)
     notes = []
     if resolve_template(config.data.template).builtin is not None:
         notes.append(f"The model was trained with LLaMA-Factory's `{config.data.template}` template (its slots, "
@@ -155,7 +194,8 @@ def _usage(config, out: Path, is_adapter: bool) -> str:
                   f"adapter_name_or_path={path} export_dir=merged`." if is_adapter else "")
     return "\n\n".join([f"```python\n{code}```"] + notes + ([standalone] if standalone else [])
                        + [f"Or chat in the terminal: `prefalign chat CONFIG.yaml "
-                          f"{'adapter_name_or_path' if is_adapter else 'model_name_or_path'}={path}`."])
+                          f"{'adapter_name_or_path' if is_adapter else 'model_name_or_path'}={path}"
+                          + (" --image PATH" if vision_language else "") + "`."])
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -197,7 +237,7 @@ def model_card(config, out: str | Path) -> str:
         "## Training",
         "",
         f"- Base model: `{config.model.model_name_or_path}`",
-        *_method(config, is_adapter, vision_language),
+        *_method(config, is_adapter, vision_language, out),
         "",
         "### Data",
         "",
@@ -218,7 +258,7 @@ def model_card(config, out: str | Path) -> str:
         "",
         "## How to use",
         "",
-        _usage(config, out, is_adapter),
+        _usage(config, out, is_adapter, vision_language),
         "",
         "## Framework versions",
         "",

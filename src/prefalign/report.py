@@ -20,7 +20,8 @@ from prefalign.data.summary import DataSummary
 from prefalign.errors import PrefalignError
 
 PLOTTED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-SPEED = ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu")  # modeling/throughput.py
+SPEED = ("throughput/tokens_per_second", "throughput/padding_fraction", "throughput/mfu",  # modeling/throughput.py
+         "vision/tower_runs_per_pair")  # modeling/vision.TowerCounter
 SAMPLES_FILE = "report_samples.json"
 REPORT_FILE = "report.html"
 NUM_SAMPLES = 5
@@ -167,9 +168,12 @@ def _speed_section(history: list[dict] | None) -> str:
             rows.append(f"<tr><th>{_esc(key)}</th>{_num(sum(values) / len(values))}{_num(values[-1])}</tr>")
     if not rows:
         return '<p class="muted">No throughput figures were logged.</p>'
+    towers = ("; tower runs per pair: how many times the vision tower encoded each pair's images, policy and "
+              "reference together (1: once per pair, the reference reusing the policy's features; a plain "
+              "concatenated batch with a live reference needs 4)" if any(SPEED[-1] in h for h in history) else "")
     return ("<p>Tokens/s counts real tokens; the padding fraction is the share of computed positions that are "
             "padding (<code>packing: true</code> computes none); MFU is the model FLOPs per second over this "
-            "device's matmul rate measured at start-up.</p>"
+            f"device's matmul rate measured at start-up{towers}.</p>"
             '<table id="speed"><thead><tr><th>figure</th><th>mean over logged steps</th><th>last</th></tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
 
@@ -189,6 +193,11 @@ def _data_section(summary: DataSummary | None) -> str:
         parts.append(f'<table id="splits"><thead><tr><th>split</th><th>pairs</th><th>prompts truncated</th>'
                      f"<th>responses truncated</th><th>system turns folded</th><th>pairs skipped</th></tr></thead>"
                      f"<tbody>{rows}</tbody></table>")
+    if any(st.images for _, st in splits):
+        rows = "".join(f"<tr><th>{s}</th>{_num(st.pairs_with_images)}{_num(st.images)}{_num(st.image_tokens)}</tr>"
+                       for s, st in splits)
+        parts.append(f'<table id="images"><thead><tr><th>split</th><th>pairs with images</th><th>images</th>'
+                     f"<th>image tokens</th></tr></thead><tbody>{rows}</tbody></table>")
     lengths = [(split, part, q) for split, st in splits for part, q in st.token_lengths.items()]
     if lengths:
         rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>"

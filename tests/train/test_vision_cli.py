@@ -233,6 +233,55 @@ def test_zero2_lora_in_two_processes_trains_what_one_process_trains(tmp_path):
     assert loaded and any(param.abs().sum() > 0 for param in loaded)
 
 
+@pytest.mark.slow
+def test_report_and_card_count_images_and_name_the_processor(tmp_path):
+    """A 2-step LoRA run of a tiny Qwen2-VL on 8 rlhf_v pairs whose images are redrawn at fixed sizes: 56 x 56
+    (4 x 4 patches of 14 px, merged 2 x 2: 4 image tokens) for a prompt's 1st and 3rd image, 56 x 28 (2 x 4
+    patches: 2 tokens) for its 2nd; image_max_pixels 56 * 56 and image_min_pixels 28 * 28 resize none of them.
+    The data summary, the log and report.html count the pairs with images, the images and their tokens by
+    that arithmetic; the frozen tower runs once per pair (the adapter-disabled reference reuses the policy's
+    image features: 1 tower run per pair). The card names the saved processor and the pixel limits."""
+    from mm_helpers import draw_image
+
+    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=1, logging_steps=1, learning_rate=1e-3, num_train_epochs=1.0,
+                        dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False,
+                        image_max_pixels=56 * 56, image_min_pixels=28 * 28)
+    data = tmp_path / "data"
+    records = json.loads((data / "rlhf_v.json").read_text())
+    tokens = 0
+    for n, record in enumerate(records):
+        for k, relative in enumerate(record["images"]):
+            size = (56, 28) if k % 2 else (56, 56)
+            draw_image(100 + 10 * n + k, size).save(data / relative)
+            tokens += 2 if k % 2 else 4
+    images = sum(len(r["images"]) for r in records)
+    assert images > len(records)  # some prompts hold 2-3 images (mm_helpers.rlhf_v_records)
+    run = prefalign("train", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+
+    train = json.loads((out / "data_summary.json").read_text())["train"]
+    assert (train["pairs_with_images"], train["images"], train["image_tokens"]) == (8, images, tokens)
+    assert f"train: 8 pairs with images, {images} images, {tokens} image tokens" in run.stdout + run.stderr
+    logged = [h["vision/tower_runs_per_pair"] for h in json.loads((out / "trainer_state.json").read_text())
+              ["log_history"] if "vision/tower_runs_per_pair" in h]
+    assert logged == [1.0, 1.0]
+
+    page = (out / "report.html").read_text()
+    assert (f'<table id="images"><thead><tr><th>split</th><th>pairs with images</th><th>images</th>'
+            f'<th>image tokens</th></tr></thead><tbody><tr><th>train</th><td class="num">8</td>'
+            f'<td class="num">{images}</td><td class="num">{tokens}</td></tr>') in page
+    assert "<tr><th>vision/tower_runs_per_pair</th>" in page and "tower runs per pair:" in page
+
+    card = (out / "README.md").read_text()
+    # the saved processor carries the run's limits (transformers 5 keeps a Qwen processor's pixel counts in `size`)
+    assert ("- Processor: `Qwen2VLImageProcessor` (size longest_edge 3136, size shortest_edge 784, patch_size 14, "
+            "merge_size 2), saved beside the model (`preprocessor_config.json`") in card
+    assert "at most image_max_pixels 3136 and at least image_min_pixels 784 pixels" in card
+    assert 'processor = AutoProcessor.from_pretrained("' in card and "AutoModelForImageTextToText" in card
+
+
 def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(tmp_path):
     """LF's VLM DPO example with `template: gemma3` on a tiny Gemma 3 (4 soft tokens per image) and 8 rlhf_v
     pairs, of which record 1's first image is cut short and record 2 has a video: without on_bad_record the

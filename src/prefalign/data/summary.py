@@ -34,6 +34,12 @@ class SplitSummary:
     desirable: int | None = None
     """KTO examples (stage: kto): how many are desirable (their `pairs` count examples); None for pairs."""
     undesirable: int | None = None
+    pairs_with_images: int = 0
+    """Pairs (examples) whose prompt holds images; 0 for text data."""
+    images: int = 0
+    """The images of those prompts (each counted once per pair)."""
+    image_tokens: int = 0
+    """The prompts' image tokens (the image processor's count, after image_max_pixels)."""
 
 
 @dataclass
@@ -78,6 +84,9 @@ class DataSummary:
             if stats.desirable is not None:
                 lines.append(f"{split}: {stats.desirable} desirable and {stats.undesirable} undesirable examples; "
                              "each one's KL completion is the previous example's reply")
+            if stats.images:
+                lines.append(f"{split}: {stats.pairs_with_images} {unit} with images, {stats.images} images, "
+                             f"{stats.image_tokens} image tokens")
             if stats.folded_system_turns:
                 lines.append(f"{split}: {stats.folded_system_turns} system turns folded into the first user turn "
                              "(the template cannot render them; on_unsupported_system: fold)")
@@ -112,6 +121,19 @@ class DataSummary:
         """The summary a run saved in `output_dir`, or None when it saved none."""
         path = Path(output_dir) / SUMMARY_FILE
         return cls.from_dict(json.loads(path.read_text())) if path.is_file() else None
+
+
+def image_counts(dataset, image_token_id: int | None) -> dict[str, int]:
+    """`pairs_with_images`, `images` and `image_tokens` (SplitSummary) of an encoded dataset; {} without images."""
+    import pyarrow.compute as pc
+
+    if "images" not in dataset.column_names or image_token_id is None:
+        return {}
+    table = dataset.with_format("arrow")[:]
+    per_pair = pc.list_value_length(table.column("images")).fill_null(0)
+    tokens = pc.sum(pc.equal(pc.list_flatten(table.column("prompt_ids")), image_token_id)).as_py() or 0
+    return {"pairs_with_images": pc.sum(pc.greater(per_pair, 0)).as_py() or 0,
+            "images": pc.sum(per_pair).as_py() or 0, "image_tokens": tokens}
 
 
 def token_lengths(dataset) -> dict[str, dict[str, float]]:

@@ -449,6 +449,12 @@ def _left_aligned(values: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor)
     return out, valid
 
 
+def image_copies(batch: dict) -> int:
+    """How many copies of each pair's prompt images a batch holds: 2 in the concatenated layout (its chosen
+    and rejected rows each carry the prompt), 1 in a prefix-shared one (the prompt once per pair)."""
+    return 2 if batch_layout(batch) is BatchLayout.CONCATENATED else 1
+
+
 def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                token_level: bool = False, want_sqnorm: bool = False, vision_once: bool = True,
                image_features: dict | None = None) -> PairLogps:
@@ -486,7 +492,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
                                position_ids=position_ids, decoder_kwargs=decoder_kwargs,
                                vision_inputs={k: batch[k] for k in VISION_INPUTS if k in batch},
-                               image_copies=(2 if vision_once else 0) if layout is BatchLayout.CONCATENATED else 1,
+                               image_copies=image_copies(batch)
+                               if vision_once or layout is not BatchLayout.CONCATENATED else 0,
                                image_features=image_features)
     mask = out["mask"]
     seq, b = _segments(mask, batch, layout)

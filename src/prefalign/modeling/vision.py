@@ -30,6 +30,11 @@ class Composite:
     lora_conflicts: tuple[str, ...] = ()
     prefix_sharing: bool = False  # its rotary positions come from `get_rope_index` (modeling/prefix.py)
 
+    @property
+    def tower(self) -> str:
+        """The vision tower's module name (the last part of its full name): `visual`, `vision_tower`."""
+        return self.vision[0].split(".")[0]
+
 
 _QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",),
                   prefix_sharing=True)
@@ -99,6 +104,68 @@ def image_features_fixed(model) -> bool:
         if module.training and isinstance(rate, float) and rate > 0:  # a layer or an attention's own dropout
             return False
     return True
+
+
+class TowerCounter:
+    """How many times the vision tower encodes each trained pair's images, policy and reference together:
+    1 when it runs once per pair and the reference reuses the features, 4 for a plain concatenated batch
+    with a live reference (each of its two rows encodes its copy, for both models).
+
+    Forward hooks on the tower of each of `models` count the images a call encodes (a Qwen tower's
+    `grid_thw` rows, a LLaVA tower's `pixel_values`) while `counting(batch)` is open; the batch's own
+    images are its image inputs over the copies its layout holds (modeling/logprobs.image_copies)."""
+
+    def __init__(self, models):
+        from prefalign.modeling.logprobs import causal_lm
+
+        self.encoded = self.images = 0.0
+        self._active = False
+        towers = {}
+        for model in models:
+            lm = causal_lm(model) if model is not None else None
+            parts = composite(lm.config) if lm is not None else None
+            if parts is None:
+                continue
+            for name, module in lm.named_modules():
+                if name.rsplit(".", 1)[-1] == parts.tower:
+                    towers[id(module)] = module
+        self._handles = [m.register_forward_hook(self._hook, with_kwargs=True) for m in towers.values()]
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if not self._active:
+            return
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.encoded += len(grid) if grid is not None else len(args[0] if args else kwargs["pixel_values"])
+
+    def counting(self, batch: dict):
+        import contextlib
+
+        from prefalign.modeling.logprobs import image_copies
+
+        images = batch.get("image_grid_thw", batch.get("pixel_values"))
+        if images is None or not self._handles:
+            return contextlib.nullcontext()
+        self.images += len(images) / image_copies(batch)
+
+        @contextlib.contextmanager
+        def active():
+            self._active = True
+            try:
+                yield
+            finally:
+                self._active = False
+        return active()
+
+    def totals(self):
+        import torch
+
+        return torch.tensor([self.encoded, self.images], dtype=torch.float64)
+
+    def report(self, totals=None) -> dict[str, float]:
+        """`vision/tower_runs_per_pair` from (summed) totals, then a fresh interval; {} without images."""
+        encoded, images = (totals if totals is not None else self.totals()).tolist()
+        self.encoded = self.images = 0.0
+        return {"vision/tower_runs_per_pair": encoded / images} if images else {}
 
 
 def lora_targets(model, ft, targets: list[str]):

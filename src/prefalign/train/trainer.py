@@ -31,6 +31,7 @@ from prefalign.errors import reporting_disk_full
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics, reduced, sum_and_count
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
+from prefalign.modeling.vision import TowerCounter
 from prefalign.reference import Reference
 from prefalign.scoring import score_batch
 from prefalign.train.checkpoints import clear_for_save, mark_complete
@@ -58,6 +59,7 @@ class PreferenceTrainer(Trainer):
         self.add_callback(self.watch)
         self.resume_settings: dict = {}  # recorded in every checkpoint's marker (set by the workflow)
         self._throughput: ThroughputMeter | None = None
+        self._towers: TowerCounter | None = None  # a vision-language model's tower runs per pair
 
     def _badam_hooks(self) -> None:
         """What BAdam needs of the Trainer (as LLaMA-Factory wires it): the torch 1.13 clip_grad_norm_ (ratio mode's
@@ -108,7 +110,9 @@ class PreferenceTrainer(Trainer):
         self.throughput_meter(model).add(inputs)  # before the forward: the meter's clock starts at its first batch
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
             if self.activation_offload and torch.is_grad_enabled() else contextlib.nullcontext()
-        with offload:
+        if self._towers is None:
+            self._towers = TowerCounter([model, self.reference.model])
+        with offload, self._towers.counting(inputs):
             loss, out, policy = self.batch_loss(model, inputs)
         self._store_metrics(out, policy, "train")
         return (loss, out) if return_outputs else loss
@@ -188,6 +192,9 @@ class PreferenceTrainer(Trainer):
         if split == "train" and self._throughput is not None and self._throughput.start is not None:
             totals = self.accelerator.reduce(self._throughput.totals().to(self.args.device), reduction="sum")
             logs.update(self._throughput.report(totals.cpu(), processes=self.accelerator.num_processes))
+        if split == "train" and self._towers is not None:
+            totals = self.accelerator.reduce(self._towers.totals().to(self.args.device), reduction="sum")
+            logs.update(self._towers.report(totals.cpu()))
         store = self._metric_sums[split]
         if store:
             keys = sorted(store)
