@@ -28,19 +28,23 @@ class Composite:
     vision: tuple[str, ...]
     language: tuple[str, ...] = ("language_model", "lm_head")
     lora_conflicts: tuple[str, ...] = ()
-    prefix_sharing: bool = False  # its rotary positions come from `get_rope_index` (modeling/prefix.py)
+    plain_only: str | None = None
+    """Why its batches take the plain layout only (modeling/layout.unsupported), in a phrase; None where its
+    image features follow a packed or prefix-shared row (each image's features into its tokens, in row
+    order) and so do its rotary positions: 1-D ones from the collator (LLaVA), Qwen's 3-D ones from the
+    model's own `get_rope_index` per sequence (modeling/prefix.py); tests/modeling/test_vision.py."""
 
 
-_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",),
-                  prefix_sharing=True)
+_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",))
 COMPOSITES = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": Composite(("visual.merger",), ("visual.pos_embed", "visual.patch_embed", "visual.blocks",
-                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",),
-                          prefix_sharing=True),
+                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",)),
     "llava": Composite(("multi_modal_projector",), ("vision_tower",)),
-    "gemma3": Composite(("multi_modal_projector",), ("vision_tower",)),
+    "gemma3": Composite(("multi_modal_projector",), ("vision_tower",),
+                        plain_only="Gemma 3's image tokens attend to each other in both directions, which "
+                                   "prefalign's packed and prefix-shared attention do not"),
 }
 """The families prefalign loads as vision-language models, by `model_type`."""
 
