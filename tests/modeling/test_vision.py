@@ -422,15 +422,18 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
 
 
 def test_a_text_template_refuses_image_pairs_by_name(vlm_dirs):
-    """Images are never dropped silently: with a template that has no image slots (LF's `qwen`), or no
-    vision processor, an image pair is a render error naming the field and the templates that take images."""
+    """Images are never dropped silently: with a template that has no image slots (LF's `qwen`), or the
+    tokenizer's own chat template (even with the model's image processor), an image pair is a render error
+    naming the field and the templates that take images."""
     path = vlm_dirs["qwen2_vl"]
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=path))
-    renderer = ChatRenderer.from_config(tokenizer, DataArguments(template="qwen", dataset=["x"]))
-    with pytest.raises(PairError) as caught:
-        encode_pair(_pairs()[1], renderer, 1024)
-    assert (caught.value.stage, caught.value.field) == ("render", "images")
-    assert "qwen2_vl" in caught.value.reason
+    _, vision, _ = _run("qwen2_vl", path)
+    for renderer in (ChatRenderer.from_config(tokenizer, DataArguments(template="qwen", dataset=["x"])),
+                     ChatRenderer.from_config(tokenizer, DataArguments(dataset=["x"]), vision)):
+        with pytest.raises(PairError) as caught:
+            encode_pair(_pairs()[1], renderer, 1024)
+        assert (caught.value.stage, caught.value.field) == ("render", "images")
+        assert "qwen2_vl" in caught.value.reason
     assert load_vision(ModelArguments(model_name_or_path=path), DataArguments(template="qwen", dataset=["x"]),
                        tokenizer) is None
 
@@ -484,3 +487,19 @@ def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
         encode_pair(pair, renderer, 1024)
     assert (caught.value.stage, caught.value.field) == ("render", "videos")
     assert "torchvision" in caught.value.reason and "av" in caught.value.reason
+
+
+def test_expanding_images_checks_the_placeholders_as_reading_a_record_does(vlm_dirs):
+    """One placeholder rule (data/media.check_placeholder_count) for records and for `chat --image`, which
+    expands a prompt without reading a record: two images for one placeholder is the record check's
+    reason; a system message's placeholder is text, neither counted nor expanded (LLaMA-Factory's rule)."""
+    from prefalign.data.media import MediaError
+
+    _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    image = png(40, 30)
+    with pytest.raises(MediaError, match=r"^holds 2 image\(s\) but the prompt has 1 <image> placeholder\(s\)$"):
+        vision.expand([{"role": "user", "content": "<image>Which?"}], (image, image))
+    system = {"role": "system", "content": "Answer about <image> inputs."}
+    out = vision.expand([system, {"role": "user", "content": "<image>Which?"}], (image,))
+    assert out[0] == system
+    assert out[1]["content"] == vision.plugin.image_text(vision.seqlen(image)) + "Which?"
