@@ -153,15 +153,25 @@ class ChatRenderer:
         except UnsupportedRecord as exc:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
 
+    def media_refusal(self, pair: PreferencePair) -> PairError | None:
+        """Why this renderer cannot encode `pair`'s media, as the PairError to raise (stage render): any video
+        (not encoded yet), and images unless a built-in vision template with the model's image processor
+        writes them (a tokenizer's own template never does: its image slots are not LLaMA-Factory's); None
+        when it can."""
+        if pair.videos:
+            return PairError("render", str(pair.source), "videos", video_refusal())
+        mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
+        if pair.images and (self.vision is None or self.vision.plugin.name != mm_plugin):
+            return PairError("render", str(pair.source), "images",
+                             f"{self.name} has no image slots for this model; use template: "
+                             f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
+        return None
+
     def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
         """The pair's prompt with each `<image>` placeholder expanded to its image's tokens (data/vision.py)."""
-        if pair.videos:
-            raise PairError("render", str(pair.source), "videos", video_refusal())
-        mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
-        if self.vision is None or self.vision.plugin.name != mm_plugin:
-            raise PairError("render", str(pair.source), "images",
-                            f"{self.name} has no image slots for this model; use template: "
-                            f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
+        refusal = self.media_refusal(pair)
+        if refusal is not None:
+            raise refusal
         try:
             return self.vision.expand(pair.prompt, pair.images)
         except (MediaError, OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError

@@ -34,7 +34,6 @@ from prefalign.contracts import (
     SEGMENT_SHARED,
     BatchLayout,
 )
-from prefalign.errors import ConfigError
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -73,25 +72,49 @@ class PairCollator:
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
         if any(f.get("images") for f in features):
-            batch.update(image_inputs(self.vision, input_ids, [f["images"] for f in features], repeat=2))
+            images = [f.get("images") or [] for f in features]
+            batch.update(image_inputs(self.vision, input_ids, images, [*range(len(features))] * 2))
         return batch
 
 
-def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]], repeat: int = 1
+def image_inputs(vision, input_ids: torch.Tensor, pair_images: list[list[bytes]], order: list[int] | None = None
                  ) -> dict[str, torch.Tensor]:
-    """The image inputs of a batch whose row r holds the tokens of `row_images[r % len(row_images)]` (`repeat`
-    times the rows: the concatenated layout's chosen rows, then its rejected rows), in row order (the model
-    scatters the image features into its image tokens in row-major order): the image processor's tensors,
-    computed once and repeated, and the plugin's token types (R, T) (1 at image tokens): the Qwen families'
-    `mm_token_type_ids`, from which the model computes its 3-D rotary positions itself; Gemma 3's
-    `token_type_ids`, its bidirectional attention within an image."""
+    """The image inputs of a batch whose image tokens hold, in row-major order, the images of pair
+    `order[0]`, then of pair `order[1]`, ... (`pair_images[i]`: pair i's images; a pair's index may come
+    more than once: the concatenated layout's rejected rows, a packed block's two sequences), as the model
+    scatters image features into its image tokens in that order. The image processor runs once per pair
+    (data/vision.model_inputs); its tensors are laid out in that order: Qwen `pixel_values` (patches, D) and
+    `image_grid_thw` (n, 3), LLaVA `pixel_values` (n, C, H, W). With `order`, `image_ids` (n,) long gives each
+    placed image's index among the pairs' images (modeling/logprobs encodes each once). The plugin's token types
+    (R, T) (1 at image tokens): the Qwen families' `mm_token_type_ids`, from which the model computes its 3-D
+    rotary positions; Gemma 3's `token_type_ids`, its bidirectional attention within an image.
+    Without `order` (generation, chat): each pair's images once, in pair order, and no `image_ids`."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
-    inputs = vision.model_inputs([data for images in row_images for data in images])
-    inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
+    inputs = vision.model_inputs([data for images in pair_images for data in images])
+    if order is not None:
+        starts = [0]
+        for images in pair_images:
+            starts.append(starts[-1] + len(images))
+        ids = [k for i in order for k in range(starts[i], starts[i + 1])]
+        inputs = _placed(inputs, ids)
+        inputs["image_ids"] = torch.tensor(ids, dtype=torch.long)
     if vision.plugin.type_ids:
         inputs[vision.plugin.type_ids] = (input_ids == vision.image_token_id).long()
     return inputs
+
+
+def _placed(inputs: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+    """The image processor's tensors of n images with image k at place j for k = ids[j]."""
+    grid = inputs.get("image_grid_thw")
+    out = {key: value[ids] for key, value in inputs.items() if key != "pixel_values"}
+    pixels = inputs["pixel_values"]
+    if grid is None:  # one row of pixel_values per image
+        out["pixel_values"] = pixels[ids]
+        return out
+    ends = grid.prod(-1).cumsum(0).tolist()  # an image's patches: its grid's t * h * w rows
+    out["pixel_values"] = torch.cat([pixels[(ends[k - 1] if k else 0):ends[k]] for k in ids])
+    return out
 
 
 def per_pair_columns(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -153,26 +176,24 @@ class PrefixSharedCollator:
             batch["attention_mask"][i, :n] = 1
         batch.update(per_pair_columns(features))
         if any(f.get("images") for f in features):  # in the prompt, so once per row; the model places the rotary
-            batch.update(image_inputs(self.vision, batch["input_ids"], [f["images"] for f in features]))
+            batch.update(image_inputs(self.vision, batch["input_ids"], [f.get("images") or [] for f in features],
+                                      list(range(len(features)))))
         return batch  # positions of the image rows (modeling/prefix.shared_prefix_rope_positions)
 
 
 def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: bool = False, packing_length: int = 0,
                   pad_to_multiple_of: int | None = None, vision=None):
     """The collator for a run: packed (data/packing.py), prefix-shared or concatenated; `vision`
-    (data/vision.VisionProcessor) adds the image inputs of pairs with images (the concatenated layout, and the
-    prefix-shared one for the Qwen families, as modeling/layout.choose_layout decides)."""
-    if vision is not None and (packing or (prefix_sharing and not vision.plugin.qwen)):
-        raise ConfigError(f"{'packing' if packing else 'prefix_sharing'}: this vision-language template's batches do "
-                          "not take that layout; set it to false (or leave it unset)")
+    (data/vision.VisionProcessor) adds the image inputs of pairs with images. Which layout a model takes
+    is decided once, by modeling/layout.choose_layout (its `unsupported` is the one check of the model
+    facts); the collator builds the layout it is given."""
     if packing:
         from prefalign.data.packing import PackedCollator
 
-        return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of)
+        return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of, vision)
     if prefix_sharing:
         return PrefixSharedCollator(pad_token_id, pad_to_multiple_of, vision)
     return PairCollator(pad_token_id, pad_to_multiple_of, vision)
-
 
 
 def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, *, prefix_sharing: bool = False) -> int:

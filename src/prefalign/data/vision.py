@@ -26,8 +26,8 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
-from prefalign.data.formats import IMAGE_PLACEHOLDER
-from prefalign.data.media import MediaError, open_image
+from prefalign.data.formats import IMAGE_PLACEHOLDER, SYSTEM
+from prefalign.data.media import check_placeholder_count, open_image
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,14 @@ class VisionProcessor:
         return self._cache[key]
 
     def expand(self, messages: list[dict], images: tuple[bytes, ...]) -> list[dict]:
-        """`messages` with each `<image>` placeholder replaced by its image's tokens, in order."""
-        count = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if count != len(images):
-            raise MediaError(f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s)")
+        """`messages` with each `<image>` placeholder of a non-system message replaced by its image's tokens,
+        in order; a MediaError when they do not match `images` one to one (data/media.check_placeholder_count)."""
+        check_placeholder_count(messages, IMAGE_PLACEHOLDER, len(images))
         out, at = [], 0
         for message in messages:
+            if message["role"] == SYSTEM:  # as LLaMA-Factory: its placeholders are text
+                out.append(message)
+                continue
             pieces = message["content"].split(IMAGE_PLACEHOLDER)
             text = pieces[0]
             for piece in pieces[1:]:
