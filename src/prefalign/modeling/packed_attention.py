@@ -11,7 +11,8 @@ it runs torch's scaled-dot-product attention once per span:
                               to the reply itself: keys = [prompt | reply], one small mask
 
 so each position attends to exactly what it would in its own padded row, and nothing is computed
-for another pair or for padding: the cost is Σ L² over sequences instead of R · T². (One dense
+for another pair or for padding: the cost is Σ L² over sequences instead of R · T². Grouped KV
+heads are read in place on the CPU (sdpa's `enable_gqa`), not repeated per query head. (One dense
 sdpa call with a block mask over the packed row, which transformers builds from restarting
 `position_ids`, costs T² per row: measured slower on long rows in benchmarks/RESULTS.md.)
 
