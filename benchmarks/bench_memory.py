@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--offload", action="store_true", help="also prefalign with activation_offload (a GPU knob)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
+    p.add_argument("--trl-up-to", type=int, default=None,
+                   help="run TRL only up to this cutoff_len (beyond it TRL's peak would pass the machine's RAM: the "
+                        "point is recorded as not run)")
     p.add_argument("--cache", default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
