@@ -58,9 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
     p.add_argument("--lf-python", default="/work/venvs/lf/bin/python")
     p.add_argument("--cache", default=None, help="where the model and data are prepared (real_model.py)")
-    p.add_argument("--shape", default="real", choices=("real", "0.5b"),
+    p.add_argument("--shape", default="real", choices=("real", *RANDOM_SHAPES),
                    help="real: SmolLM2's weights; 0.5b: a random model of Qwen2.5-0.5B's body (24 x 896, MLP 4864, "
-                        "14 / 2 heads, tied) with SmolLM2's tokenizer and vocabulary (49,152)")
+                        "14 / 2 heads, tied) with SmolLM2's tokenizer and vocabulary (49,152); vocab: a random "
+                        "vocabulary-heavy model (4 x 256, MLP 704, 4 heads, vocabulary 151,936 as Qwen2's, tied) "
+                        "with SmolLM2's tokenizer (use --cutoff-len 1024)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -79,8 +81,8 @@ def prepare(args, workdir: Path) -> dict:
 
     model = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    if args.shape == "0.5b":
-        model = random_05b(model, workdir / "model-0.5b")
+    if args.shape != "real":
+        model = random_model(model, workdir / f"model-{args.shape}", RANDOM_SHAPES[args.shape][1])
     rows = demo_rows_that_fit(tokenizer, lf_data_dir(args.cache), args.cutoff_len, system=SYSTEM)
     data_dir = workdir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -108,14 +110,24 @@ def prepare(args, workdir: Path) -> dict:
             "rows": len(rows), "trained_tokens": tokens, "forward_flops": forward}
 
 
-def random_05b(real: Path, folder: Path) -> Path:
-    """A random Llama of Qwen2.5-0.5B's body shape with `real`'s tokenizer and vocabulary, saved to `folder`."""
+RANDOM_SHAPES = {  # --shape: (its name in the table, the Llama config's changes)
+    "0.5b": ("random Qwen2.5-0.5B-shaped body", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                                     num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                                                     tie_word_embeddings=True)),
+    "vocab": ("random vocabulary-heavy model (4 x 256, vocabulary 151,936)",
+              dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, head_dim=64, vocab_size=151_936, tie_word_embeddings=True)),
+}
+
+
+def random_model(real: Path, folder: Path, shape: dict) -> Path:
+    """A random Llama of `shape` (RANDOM_SHAPES) with `real`'s tokenizer (and its vocabulary unless the shape
+    names one), saved to `folder`."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     config = AutoConfig.from_pretrained(real)
-    config.update(dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, head_dim=64, tie_word_embeddings=True))
+    config.update(shape)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(real).save_pretrained(folder)
@@ -237,7 +249,7 @@ def run_child(python: str, spec: dict, script: str = __file__) -> dict:
 
 
 def report(args, prepared: dict, rate: float, results: dict) -> str:
-    model = "SmolLM2-135M-Instruct (GGUF)" if args.shape == "real" else "random Qwen2.5-0.5B-shaped body"
+    model = "SmolLM2-135M-Instruct (GGUF)" if args.shape == "real" else RANDOM_SHAPES[args.shape][0]
     lines = [f"{model}, LF dpo_en_demo rows that fit {args.cutoff_len}: {prepared['rows']}; "
              f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, fp32, threads "
              f"{sorted({r['threads'] for r in results.values()})}; matmul rate {rate / 1e9:.0f} GFLOP/s",
