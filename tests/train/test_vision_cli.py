@@ -181,7 +181,7 @@ def test_qlora_trains_a_vision_language_model(tmp_path):
     from prefalign.config.args import FinetuningArguments, ModelArguments
     from prefalign.modeling.load import load_policy
 
-    config = _lf_config(tmp_path, family, template=template, max_steps=2, gradient_accumulation_steps=1,
+    config = _lf_config(tmp_path, "qwen2_vl", template="qwen2_vl", max_steps=2, gradient_accumulation_steps=1,
                         learning_rate=1e-3, dataloader_num_workers=0, preprocessing_num_workers=1, bf16=False,
                         quantization_bit=4)
     run = prefalign("train", str(config), cwd=tmp_path)
