@@ -28,7 +28,7 @@ from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
 from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
                                       stop_token_ids)
 from prefalign.data.media import MediaError, video_refusal
-from prefalign.data.vision import TESTED_TEMPLATES, VisionProcessor
+from prefalign.data.vision import TESTED_TEMPLATES, VideoError, VisionProcessor
 from prefalign.errors import ConfigError, PairError
 
 
@@ -154,16 +154,21 @@ class ChatRenderer:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
 
     def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
-        """The pair's prompt with each `<image>` placeholder expanded to its image's tokens (data/vision.py)."""
+        """The pair's prompt with each `<image>` (`<video>`) placeholder expanded to its image's (video's) tokens
+        (data/vision.py)."""
         if pair.videos:
-            raise PairError("render", str(pair.source), "videos", video_refusal())
+            refused = video_refusal() if self.vision is None else self.vision.video_refusal()
+            if refused:
+                raise PairError("render", str(pair.source), "videos", refused)
         mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
         if self.vision is None or self.vision.plugin.name != mm_plugin:
             raise PairError("render", str(pair.source), "images",
                             f"{self.name} has no image slots for this model; use template: "
                             f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
         try:
-            return self.vision.expand(pair.prompt, pair.images)
+            return self.vision.expand(pair.prompt, pair.images, pair.videos)
+        except VideoError as exc:
+            raise PairError("render", str(pair.source), "videos", str(exc).splitlines()[0]) from None
         except (MediaError, OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise PairError("render", str(pair.source), "images", str(exc).splitlines()[0]) from None
 

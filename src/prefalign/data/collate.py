@@ -72,25 +72,33 @@ class PairCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
-        if any(f.get("images") for f in features):
-            batch.update(image_inputs(self.vision, input_ids, [f["images"] for f in features], repeat=2))
+        if has_media(features):
+            batch.update(image_inputs(self.vision, input_ids, features, repeat=2))
         return batch
 
 
-def image_inputs(vision, input_ids: torch.Tensor, row_images: list[list[bytes]], repeat: int = 1
-                 ) -> dict[str, torch.Tensor]:
-    """The image inputs of a batch whose row r holds the tokens of `row_images[r % len(row_images)]` (`repeat`
-    times the rows: the concatenated layout's chosen rows, then its rejected rows), in row order (the model
-    scatters the image features into its image tokens in row-major order): the image processor's tensors,
-    computed once and repeated, and the plugin's token types (R, T) (1 at image tokens): the Qwen families'
-    `mm_token_type_ids`, from which the model computes its 3-D rotary positions itself; Gemma 3's
-    `token_type_ids`, its bidirectional attention within an image."""
+def has_media(features: list[dict]) -> bool:
+    return any(f.get("images") or f.get("videos") for f in features)
+
+
+def image_inputs(vision, input_ids: torch.Tensor, features: list[dict], repeat: int = 1) -> dict[str, torch.Tensor]:
+    """The image and video inputs of a batch whose row r holds the tokens of the media of
+    `features[r % len(features)]` (`repeat` times the rows: the concatenated layout's chosen rows, then its
+    rejected rows), in row order (the model scatters the features into its image and video tokens in
+    row-major order): the processors' tensors, computed once and repeated, and the plugin's token types (R, T)
+    (1 at image tokens, 2 at video tokens): the Qwen families' `mm_token_type_ids`, from which the model
+    computes its 3-D rotary positions itself; Gemma 3's `token_type_ids`, its bidirectional attention within
+    an image."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
-    inputs = vision.model_inputs([data for images in row_images for data in images])
+    inputs = vision.model_inputs([data for f in features for data in f.get("images") or ()],
+                                 [data for f in features for data in f.get("videos") or ()])
     inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
     if vision.plugin.type_ids:
-        inputs[vision.plugin.type_ids] = (input_ids == vision.image_token_id).long()
+        types = (input_ids == vision.image_token_id).long()
+        if vision.video_token_id is not None:
+            types += 2 * (input_ids == vision.video_token_id).long()
+        inputs[vision.plugin.type_ids] = types
     return inputs
 
 
@@ -152,8 +160,8 @@ class PrefixSharedCollator:
                 batch[key][i, :n] = torch.tensor(p[key])
             batch["attention_mask"][i, :n] = 1
         batch.update(per_pair_columns(features))
-        if any(f.get("images") for f in features):  # in the prompt, so once per row; the model places the rotary
-            batch.update(image_inputs(self.vision, batch["input_ids"], [f["images"] for f in features]))
+        if has_media(features):  # in the prompt, so once per row; the model places the rotary
+            batch.update(image_inputs(self.vision, batch["input_ids"], features))
         return batch  # positions of the image rows (modeling/prefix.shared_prefix_rope_positions)
 
 

@@ -313,38 +313,50 @@ def _head_logps(head, softcap, scale, selected, targets, chunk_size, want_sqnorm
     return torch.cat(columns[0]), torch.cat(columns[1]), (torch.cat(columns[2]) if want_sqnorm else None)
 
 
+_MEDIA = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
+          ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
+"""Each kind of media: its name in `mm_encoder_outputs`, its pixel and grid inputs, the model's encoder method."""
+
+
 def _images_encoded_once(decoder, inputs: dict, reuse: dict | None = None, copies: int = 2) -> None:
-    """Rows [B, 2B) of a concatenated batch hold the same images as rows [0, B) (data/collate.py): run the
-    vision tower and projector on the first half's images only and hand the model each image's features
+    """Rows [B, 2B) of a concatenated batch hold the same images (and videos) as rows [0, B) (data/collate.py):
+    run the vision tower and projector on the first half's media only and hand the model each one's features
     twice (`mm_encoder_outputs`, transformers' own input for encoder outputs computed beforehand), so the
-    tower runs once per pair. A prefix-shared batch holds each pair's images once (`copies` 1): encoded here
+    tower runs once per pair. A prefix-shared batch holds each pair's media once (`copies` 1): encoded here
     only so that `reuse` can hand them on. The features, and their gradients (summed over both uses), are the same as
     when the tower encodes every row's copy. A model whose forward takes no such input is left as it is.
-    `reuse` (scoring.score_batch): a dict the first model to encode the batch's images fills and the next one
+    `reuse` (scoring.score_batch): a dict the first model to encode the batch's media fills and the next one
     reads, for a reference whose tower and projector are the policy's, frozen."""
     import inspect
 
-    if "pixel_values" not in inputs or not hasattr(decoder, "get_image_features") or \
+    present = [kind for kind in _MEDIA if kind[1] in inputs]
+    if not present or any(not hasattr(decoder, kind[3]) for kind in present) or \
             "mm_encoder_outputs" not in inspect.signature(decoder.forward).parameters:
         return
-    if reuse is not None and "image" in reuse:
-        del inputs["pixel_values"]
-        inputs["mm_encoder_outputs"] = {"image": reuse["image"]}
-        return
-    pixels, grid = inputs["pixel_values"], inputs.get("image_grid_thw")
+    outputs = {}
+    for name, pixels_key, grid_key, method in present:
+        pixels = inputs.pop(pixels_key)
+        if reuse is not None and name in reuse:
+            outputs[name] = reuse[name]
+            continue
+        outputs[name] = _encoded_once(getattr(decoder, method), pixels, inputs.get(grid_key), copies)
+        if reuse is not None:
+            reuse[name] = outputs[name]
+    inputs["mm_encoder_outputs"] = outputs
+
+
+def _encoded_once(encode, pixels, grid, copies: int):
+    """One kind of media encoded from the first 1/`copies` of the batch's, its features repeated `copies` times."""
     if grid is not None:  # Qwen: patches of all images in one (P, D) tensor, an image's size is its grid
         part = grid.shape[0] // copies
-        encoded = decoder.get_image_features(pixels[:int(grid[:part].prod(-1).sum())], grid[:part], return_dict=True)
+        encoded = encode(pixels[:int(grid[:part].prod(-1).sum())], grid[:part], return_dict=True)
     else:  # LLaVA, Gemma 3: one (C, H, W) image per row of pixel_values
-        encoded = decoder.get_image_features(pixel_values=pixels[:pixels.shape[0] // copies], return_dict=True)
+        encoded = encode(pixel_values=pixels[:pixels.shape[0] // copies], return_dict=True)
     pooled = encoded.pooler_output  # per image: a list (Qwen, LLaVA) or one (n, tokens, D) tensor (Gemma 3)
     encoded.pooler_output = torch.cat([pooled] * copies) if torch.is_tensor(pooled) else list(pooled) * copies
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
         encoded.deepstack_features = [list(layer) * copies for layer in encoded.deepstack_features]
-    del inputs["pixel_values"]
-    inputs["mm_encoder_outputs"] = {"image": encoded}
-    if reuse is not None:
-        reuse["image"] = encoded
+    return encoded
 
 
 def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, image_copies=0,
@@ -484,7 +496,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
         lm = causal_lm(model)
         attention_mask = shared_prefix_attention_mask(
             batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
-        if "image_grid_thw" in batch:  # a Qwen vision-language model's 3-D rotary positions
+        if "image_grid_thw" in batch or "video_grid_thw" in batch:  # a Qwen vision-language model's 3-D rotary positions
             from prefalign.modeling.prefix import shared_prefix_rope_positions
 
             position_ids = shared_prefix_rope_positions(_decoder_and_head(lm)[0], batch)
