@@ -298,3 +298,18 @@ def test_the_cli_names_a_truncated_video_and_counts_its_skip(vlm_dirs, clips, tm
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped records by stage: render 1 (see rejected_records.jsonl)" in skipped.stdout.splitlines(), \
         skipped.stdout
+
+
+def test_the_reference_cache_key_covers_the_video_bytes(vlm_dirs, tmp_path):
+    """Two clips of the same length and size give the same token ids but other log-probs: the reference cache's
+    data fingerprint differs (it hashes each video's bytes), and the encoded-data cache keeps them apart."""
+    from prefalign.reference_cache import dataset_fingerprint
+
+    _, _, renderer = _run(vlm_dirs["qwen2_vl"])
+    splits = []
+    for seed in (5, 6):
+        pair = PreferencePair([{"role": "user", "content": "<video>What happens?"}], "A box.", "A cat.",
+                              RecordSource("clips.json", 0), videos=(video_bytes(frames(10, seed=seed), fps=4),))
+        splits.append(encode_pairs([pair], renderer, 1024, cache_dir=tmp_path)[0])
+    assert splits[0]["prompt_ids"] == splits[1]["prompt_ids"] and splits[0]["videos"] != splits[1]["videos"]
+    assert dataset_fingerprint(splits[0]) != dataset_fingerprint(splits[1])
