@@ -313,3 +313,34 @@ def test_the_reference_cache_key_covers_the_video_bytes(vlm_dirs, tmp_path):
         splits.append(encode_pairs([pair], renderer, 1024, cache_dir=tmp_path)[0])
     assert splits[0]["prompt_ids"] == splits[1]["prompt_ids"] and splits[0]["videos"] != splits[1]["videos"]
     assert dataset_fingerprint(splits[0]) != dataset_fingerprint(splits[1])
+
+
+def test_truncation_never_cuts_a_video(vlm_dirs, clips):
+    """A prompt whose 12 video tokens do not fit within cutoff_len beside the reply is refused (stage tokenize,
+    field videos), not cut through the video."""
+    _, _, renderer = _run(vlm_dirs["qwen2_vl"])
+    pair = _pairs(clips)[0]
+    assert encode_pair(pair, renderer, 1024)["prompt_ids"]  # fits without a cut
+    with pytest.raises(PairError) as caught:
+        encode_pair(pair, renderer, 20)
+    assert (caught.value.stage, caught.value.field) == ("tokenize", "videos")
+    assert "1 video(s) take 14 tokens" in caught.value.reason  # 12 video pads and the two vision markers
+
+
+def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path):
+    """`prefalign train` with LoRA on the four-clip dataset: the first logged loss is ln 2 (policy == reference,
+    the adapter disabled) and training moves it; the vision tower runs once per pair."""
+    data_dir = _clips_folder(tmp_path / "data", clips)
+    run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(EXAMPLES / "lora_dpo.yaml"),
+                          f"model_name_or_path={vlm_dirs['qwen2_vl']}", "build_demo_model=false",
+                          f"dataset_dir={data_dir}", "dataset=clips", "val_size=0", "template=qwen2_vl",
+                          f"output_dir={tmp_path / 'out'}", "max_steps=2", "per_device_train_batch_size=2",
+                          "gradient_accumulation_steps=1", "learning_rate=1e-2", "logging_steps=1", "warmup_ratio=0",
+                          "plot_loss=false", "bf16=false", "dataloader_num_workers=0", "eval_strategy=no"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
+    runs = [h["vision/tower_runs_per_pair"] for h in history if "vision/tower_runs_per_pair" in h]
+    assert runs and all(r == pytest.approx(1.0) for r in runs)

@@ -318,6 +318,11 @@ _MEDIA = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
 """Each kind of media: its name in `mm_encoder_outputs`, its pixel and grid inputs, the model's encoder method."""
 
 
+def has_media(batch: dict) -> bool:
+    """True for a batch with image or video pixels (a vision-language model's)."""
+    return any(kind[1] in batch for kind in _MEDIA)
+
+
 def _images_encoded_once(decoder, inputs: dict, reuse: dict | None = None, copies: int = 2) -> None:
     """Rows [B, 2B) of a concatenated batch hold the same images (and videos) as rows [0, B) (data/collate.py):
     run the vision tower and projector on the first half's media only and hand the model each one's features
