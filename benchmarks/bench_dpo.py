@@ -268,12 +268,13 @@ def _clock_callback():
     class Clock(TrainerCallback):
         def __init__(self):
             self.begin = self.end = None
+            self.cpu_begin = self.cpu_end = None  # process CPU time (all threads): what a loaded machine does not inflate
             self.step_ends: list[float] = []
             self.losses: list[float] = []
             self.throughput: list[dict] = []  # prefalign's throughput/* logs
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.begin = time.perf_counter()
+            self.begin, self.cpu_begin = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.step_ends.append(time.perf_counter())
@@ -285,7 +286,7 @@ def _clock_callback():
                 self.throughput.append({k: v for k, v in logs.items() if k.startswith("throughput/")})
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
     return Clock()
 

@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--offload", action="store_true", help="also prefalign with activation_offload (a GPU knob)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--trl-python", default="/work/venvs/trl/bin/python")
+    p.add_argument("--trl-up-to", type=int, default=None,
+                   help="run TRL only up to this cutoff_len (beyond it TRL's peak would pass the machine's RAM: the "
+                        "point is recorded as not run)")
     p.add_argument("--cache", default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -82,6 +85,10 @@ def main(argv=None) -> None:
                       "mode": args.mode, "cache_dir": str(work / "cache")}
             results[length] = {}
             for name, options in {**variants, "trl": None}.items():
+                if options is None and args.trl_up_to and length > args.trl_up_to:
+                    results[length][name] = None
+                    print(f"cutoff_len {length} {name}: not run (would exceed RAM)", flush=True)
+                    continue
                 spec = {**common, "name": name, "impl": "trl" if options is None else "prefalign",
                         "prefalign": options or {}}
                 started = time.perf_counter()
@@ -93,12 +100,13 @@ def main(argv=None) -> None:
                 if args.json_out:
                     Path(args.json_out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     names = list(next(iter(results.values())))
-    gpu = any(v.get("peak_gpu_mib") for point in results.values() for v in point.values())
+    gpu = any(v and v.get("peak_gpu_mib") for point in results.values() for v in point.values())
     unit = "peak GPU MiB" if gpu else "peak RSS MiB"
     print(f"\n{args.mode}, one pair of cutoff_len tokens, batch 1, one step; {unit} (step seconds)\n")
     print("| cutoff_len | " + " | ".join(names) + " |\n|---:|" + "---:|" * len(names))
     for length, point in results.items():
-        cells = [f"{v['peak_gpu_mib' if gpu else 'peak_rss_mib']:.0f} ({v['step_s']:.0f} s)" for v in point.values()]
+        cells = [f"{v['peak_gpu_mib' if gpu else 'peak_rss_mib']:.0f} ({v['step_s']:.0f} s)" if v else
+                 "not run: would exceed RAM" for v in point.values()]
         print(f"| {length} | " + " | ".join(cells) + " |")
 
 

@@ -12,7 +12,9 @@ Each run is a fresh subprocess: prefalign in this python, TRL and LLaMA-Factory 
     python benchmarks/bench_real.py --runs pa-lora,trl-lora --steps 2
     python benchmarks/bench_real.py --trl-python PY --lf-python PY --json-out FILE
 
-Printed per run: loop pairs/s (Trainer on_train_begin .. on_train_end), peak RSS (ru_maxrss of the
+Printed per run: loop pairs/s (Trainer on_train_begin .. on_train_end), pairs per CPU second (the
+child's process CPU time over the same loop: with one thread, what a machine shared with other
+jobs does not inflate, so ratios taken on a loaded machine stay comparable), peak RSS (ru_maxrss of the
 child), the logged losses (step 1 is ln 2 for every run; the later ones must equal TRL's to 1e-5),
 and an MFU-style figure: the FLOPs a plain implementation needs for the trained pairs (per pair
 both sequences prompt+reply; 2 x body weights per token, plus the head on reply tokens; x3 passes
@@ -211,6 +213,7 @@ def child_main(spec: dict, runners: dict | None = None) -> None:
     pairs = spec["steps"] * spec["batch_size"] * spec["grad_accum"]
     print("RESULT " + json.dumps({**extra,
         "loop_s": clock.end - clock.begin, "pairs_per_s": pairs / (clock.end - clock.begin),
+        "loop_cpu_s": clock.cpu_end - clock.cpu_begin, "pairs_per_cpu_s": pairs / (clock.cpu_end - clock.cpu_begin),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": clock.losses,
         "step_s": [round(b - a, 2) for a, b in zip([clock.begin] + clock.step_ends, clock.step_ends)],
         "threads": torch.get_num_threads(),
@@ -239,8 +242,8 @@ def report(args, prepared: dict, rate: float, results: dict) -> str:
              f"batch {args.batch_size} x accumulation {args.grad_accum}, {args.steps} steps, fp32, threads "
              f"{sorted({r['threads'] for r in results.values()})}; matmul rate {rate / 1e9:.0f} GFLOP/s",
              f"machine: {machine()}", "",
-             "| run | pairs/s | peak RSS MiB | losses | max loss diff vs TRL | padding | MFU-style |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "| run | pairs/s | pairs per CPU s | peak RSS MiB | losses | max loss diff vs TRL | padding | MFU-style |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
     for name, r in results.items():
         mode = RUNS[name]["mode"]
         trl = results.get(f"trl-{mode}")
@@ -250,17 +253,22 @@ def report(args, prepared: dict, rate: float, results: dict) -> str:
         losses = ", ".join(f"{x:.6f}" for x in r["losses"])
         diff = "-" if diff is None else f"{diff:.1e}"
         padding = "-" if r["padding"] is None else f"{r['padding']:.0%}"
-        lines.append(f"| {name} | {r['pairs_per_s']:.3f} | {r['peak_rss_mib']:.0f} | {losses} | {diff} | {padding} | "
-                     f"{mfu:.1%} |")
-    lines += ["", "| ratio | speed | peak RSS |", "|---|---:|---:|"]
+        cpu = f"{r['pairs_per_cpu_s']:.3f}" if "pairs_per_cpu_s" in r else "-"
+        lines.append(f"| {name} | {r['pairs_per_s']:.3f} | {cpu} | {r['peak_rss_mib']:.0f} | {losses} | {diff} | "
+                     f"{padding} | {mfu:.1%} |")
+    lines += ["", "| ratio | speed | per CPU s | peak RSS |", "|---|---:|---:|---:|"]
     for mode in ("lora", "full"):
         pa = results.get(f"pa-{mode}")
         peers = {n: r for n, r in results.items() if RUNS[n]["mode"] == mode and n != f"pa-{mode}"}
         if pa and peers:
             best = max(peers, key=lambda n: peers[n]["pairs_per_s"])
             low = min(peers, key=lambda n: peers[n]["peak_rss_mib"])
+            by_cpu = "-"
+            if all("pairs_per_cpu_s" in r for r in (pa, *peers.values())):
+                top = max(peers, key=lambda n: peers[n]["pairs_per_cpu_s"])
+                by_cpu = f"{pa['pairs_per_cpu_s'] / peers[top]['pairs_per_cpu_s']:.2f}x ({top})"
             lines.append(f"| pa-{mode} / best peer ({best}) | {pa['pairs_per_s'] / peers[best]['pairs_per_s']:.2f}x | "
-                         f"{pa['peak_rss_mib'] / peers[low]['peak_rss_mib']:.2f}x of {low} |")
+                         f"{by_cpu} | {pa['peak_rss_mib'] / peers[low]['peak_rss_mib']:.2f}x of {low} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ scoring.score_batch runs them. Three ways to run the tower:
                   concatenated batch does, TRL's DPOTrainer included), for policy and reference
   once per pair   the rejected rows reuse the chosen rows' features (modeling/logprobs)
   once per batch  and the reference reuses the policy's (frozen tower: scoring.score_batch)
+and then, with the tower once per batch, the four batch layouts (plain, prefix-shared, packed, packed +
+prefix-shared: modeling/layout.py), which give the same log-probs (tests/modeling/test_vision.py).
 
     python benchmarks/bench_vision.py [--pairs 4] [--steps 3] [--threads 1]
 """
@@ -39,7 +41,7 @@ def main() -> None:
     from prefalign.config.args import DataArguments, FinetuningArguments, ModelArguments
     from prefalign.contracts import PreferencePair, RecordSource
     from prefalign.data.chat import ChatRenderer
-    from prefalign.data.collate import PairCollator
+    from prefalign.data.collate import PairCollator, make_collator
     from prefalign.data.encode import encode_pair
     from prefalign.modeling.load import load_policy, load_tokenizer
     from prefalign.modeling.logprobs import pair_logps
@@ -67,12 +69,20 @@ def main() -> None:
     policy.get_base_model().model.visual.patch_embed.register_forward_hook(
         lambda module, inputs, out: patches.append(inputs[0].shape[0]))
 
-    def step(once: bool, reuse: bool) -> None:
+    def step(once: bool, reuse: bool, batch=batch) -> None:
         shared = {} if reuse else None
         logps = pair_logps(policy, batch, vision_once=once, image_features=shared)
         (logps.chosen - logps.rejected).sum().backward()
         with torch.no_grad(), policy.disable_adapter():
             pair_logps(policy, batch, vision_once=once, image_features=shared)
+
+    def timed(*how, **kwargs) -> float:
+        step(*how, **kwargs)  # warm-up
+        patches.clear()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(*how, **kwargs)
+        return (time.perf_counter() - start) / args.steps
 
     per_pair_patches = int(batch["image_grid_thw"].prod(-1).sum()) // 2 // args.pairs
     print(f"{args.pairs} pairs, {len(batch['image_grid_thw']) // 2} images, {per_pair_patches} patches per pair, "
@@ -81,14 +91,20 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, once, reuse in (("every row", False, False), ("once per pair", True, False),
                                ("once per batch", True, True)):
-        step(once, reuse)  # warm-up
-        patches.clear()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step(once, reuse)
-        seconds = (time.perf_counter() - start) / args.steps
+        seconds = timed(once, reuse)
         encodings = sum(patches) / args.steps / (per_pair_patches * args.pairs)
         print(f"| {label} | {encodings:g} | {seconds:.3f} | {args.pairs / seconds:.2f} |")
+    print()
+    print("| layout (tower once per batch) | rows x positions | of them tokens | s / step | pairs / s |")
+    print("|---|---|---|---|---|")
+    for label, packing, sharing in (("plain", False, False), ("prefix sharing", False, True),
+                                    ("packing", True, False), ("packing + prefix sharing", True, True)):
+        laid_out = make_collator(tokenizer.pad_token_id, prefix_sharing=sharing, packing=packing,
+                                 vision=vision)(features)
+        seconds = timed(True, True, batch=laid_out)
+        rows, positions = laid_out["input_ids"].shape
+        tokens = int(laid_out["attention_mask"].sum())
+        print(f"| {label} | {rows} x {positions} | {tokens} | {seconds:.3f} | {args.pairs / seconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,14 @@ def trainer_for(mode: str, workdir: Path, steps: int):
 
 
 def steps_of(trainer, n: int):
-    """`n` optimizer steps by hand (the Trainer's step: micro-batches, backward, AdamW), their times and losses."""
+    """`n` optimizer steps by hand (the Trainer's step: micro-batches, backward, AdamW), their times and losses.
+
+    Each phase runs in a `torch.profiler.record_function` range (free outside a profiler), so a
+    profile can say how long each took: forward (policy and loss, the reference inside it),
+    backward, optimizer.
+    """
     import torch
+    from torch.profiler import record_function
 
     loader = iter(trainer.get_train_dataloader())
     if trainer.optimizer is None:
@@ -52,27 +58,89 @@ def steps_of(trainer, n: int):
         total = 0.0
         for _ in range(trainer.args.gradient_accumulation_steps):
             batch = trainer._prepare_inputs(next(loader))
-            loss = trainer.batch_loss(trainer.model, batch)[0] / trainer.args.gradient_accumulation_steps
-            loss.backward()
-            total += float(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+            with record_function(REGIONS[0]):
+                loss = trainer.batch_loss(trainer.model, batch)[0] / trainer.args.gradient_accumulation_steps
+            with record_function(REGIONS[2]):
+                loss.backward()
+            total += float(loss.detach())
+        with record_function(REGIONS[3]):
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(total)
         torch.manual_seed(0)
     return times, losses
 
 
+# the phases of a step (record_function ranges): the reference forward runs inside the first
+REGIONS = ("phase: forward + loss", "phase: reference forward", "phase: backward", "phase: optimizer")
+
+
+def _timed_reference(trainer):
+    """Put the reference's forward in its own record_function range (an instance attribute: this trainer only)."""
+    from torch.profiler import record_function
+
+    reference = trainer.reference
+    original = reference.logps
+
+    def logps(*args, **kwargs):
+        with record_function(REGIONS[1]):
+            return original(*args, **kwargs)
+
+    reference.logps = logps
+
+
+def op_class(name: str, shapes) -> str:
+    """Which part of the model an operator belongs to, from its name and (for matmuls) its input shapes.
+
+    SmolLM2: hidden 576, KV width 192, MLP 1,536, vocabulary 49,152 (the fused head's tiles: 2,048
+    columns), LoRA rank 8; a matmul is named by the weight dimensions among its inputs' dimensions.
+    """
+    if "scaled_dot_product" in name or "_flash_attention" in name:
+        return "attention (sdpa, per span)"
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
+        from prefalign.modeling.logprobs import VOCAB_BLOCK
+
+        dims = {d for shape in shapes for d in shape} if shapes else set()
+        if dims & {49152, VOCAB_BLOCK["cpu"]}:  # the whole head, or the fused kernel's tiles of it
+            return "LM head (fused log-softmax)"
+        if 8 in dims:
+            return "LoRA matmuls (r 8)"
+        if 1536 in dims:
+            return "MLP matmuls (gate, up, down)"
+        if 576 in dims or 192 in dims:
+            return "attention projections (q, k, v, o)"
+        return "other matmuls"
+    return "elementwise and the rest (norms, rotary, SiLU*mul, copies, adds)"
+
+
 def profile(mode: str, workdir: Path) -> str:
+    """One profiled step of `mode` after a warm-up step: the top operators, by model part, by phase."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     trainer = trainer_for(mode, workdir, 4)
+    _timed_reference(trainer)
     steps_of(trainer, 1)  # warm-up
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         times, _ = steps_of(trainer, 1)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
-    return f"### {mode}: one step {times[0]:.1f} s (under the profiler)\n\n```\n{table}\n```\n"
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    table = ops.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=48)
+    parts: dict[str, float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if not e.key.startswith("phase: "):
+            part = op_class(e.key, e.input_shapes)
+            parts[part] = parts.get(part, 0.0) + e.self_cpu_time_total
+    phases = {e.key: e.cpu_time_total for e in ops if e.key in REGIONS}
+    lines = [f"### {mode}: one step {times[0]:.1f} s under the profiler (self CPU {total / 1e6:.1f} s)", "",
+             "| part of the model | self CPU s | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v / 1e6:.2f} | {v / total:.1%} |" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])]
+    lines += ["", "| phase (ranges nest: the reference runs inside forward + loss) | s | share |", "|---|---:|---:|"]
+    lines += [f"| {k[len('phase: '):]} | {phases.get(k, 0) / 1e6:.2f} | {phases.get(k, 0) / total:.1%} |"
+              for k in REGIONS]
+    lines += ["", "Top operators by self CPU time:", "", "```", table.strip(), "```", ""]
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
@@ -151,13 +219,23 @@ def main(argv=None) -> None:
     p.add_argument("--variant", default=None, choices=("threads1", "inference", "compile"))
     p.add_argument("--modes", default="lora,full")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--md-out", default=None, help="also write the profile tables to this markdown file")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
             if args.variant:
                 compare(args.variant, mode, Path(tmp), args.rounds)
             else:
-                print(profile(mode, Path(tmp)), flush=True)
+                sections.append(profile(mode, Path(tmp)))
+                print(sections[-1], flush=True)
+    if args.md_out and sections:
+        Path(args.md_out).write_text("\n".join(sections))
 
 
 if __name__ == "__main__":

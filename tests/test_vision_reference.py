@@ -84,14 +84,16 @@ def test_the_precomputed_cache_is_keyed_by_the_image_bytes(vlm, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, rows, runs", [
-    ({"prefix_sharing": False}, 6, 1.0),
-    ({"prefix_sharing": False, "ref_model": "OTHER"}, 6, 2.0),
-    ({}, 3, 1.0),
+    ({"packing": False, "prefix_sharing": False}, 6, 1.0),
+    ({"packing": False, "prefix_sharing": False, "ref_model": "OTHER"}, 6, 2.0),
+    ({"packing": False}, 3, 1.0),
+    ({"prefix_sharing": False}, 1, 1.0),  # packed: a pair's two sequences in one row, each with its images
+    ({}, 1, 1.0),  # the default: packed and prefix-shared
 ])
 def test_tower_runs_per_pair_count_each_pairs_images_once_per_encoding(vlm, tmp_path, overrides, rows, runs):
     """`vision/tower_runs_per_pair` after one training batch (3 pairs, 1-3 images each): the policy encodes each
-    pair's images once, whether the batch holds them twice (concatenated: 6 rows) or once (prefix-shared:
-    3 rows); a reference on the policy's frozen tower reuses those features (1 run per pair), a separate
+    pair's images once, whether the batch holds them twice (concatenated: 6 rows; packed without prefix
+    sharing: 1 row) or once (prefix-shared: 3 rows; packed and prefix-shared: 1 row); a reference on the policy's frozen tower reuses those features (1 run per pair), a separate
     reference model encodes them again (2). The images the towers encoded are that many times the images of
     the batch's 3 records in rlhf_v.json (pair `index` = record number: no record is skipped or held out)."""
     overrides = {k: vlm["other"] if v == "OTHER" else v for k, v in overrides.items()}

@@ -70,7 +70,7 @@ class ChatSession:
         input_ids = torch.tensor([self.renderer.prompt_ids(messages)], device=self.device)
         if self.images:
             inputs = {k: v.to(self.device) for k, v in
-                      image_inputs(self.renderer.vision, input_ids, [{"images": list(self.images)}]).items()}
+                      image_inputs(self.renderer.vision, input_ids, [list(self.images)]).items()}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         set_seed(self.seed)  # the same seed for every speaker: differences come from the weights alone
         with torch.no_grad(), speaker.context():

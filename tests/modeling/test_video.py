@@ -45,6 +45,7 @@ from prefalign.contracts import PreferencePair, RecordSource  # noqa: E402
 from prefalign.data.chat import ChatRenderer  # noqa: E402
 from prefalign.data.collate import PairCollator, PrefixSharedCollator  # noqa: E402
 from prefalign.data.encode import encode_pair, encode_pairs  # noqa: E402
+from prefalign.data.packing import PackedCollator  # noqa: E402
 from prefalign.data.vision import sample_indices  # noqa: E402
 from prefalign.errors import PairError  # noqa: E402
 from prefalign.modeling.load import load_causal_lm, load_tokenizer  # noqa: E402
@@ -202,8 +203,9 @@ def test_video_tokens_equal_the_processors(vlm_dirs, clips, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, clips, family):
-    """Both layouts (concatenated: the tower once per pair for images and videos; prefix-shared: the prompt and
-    its video once, with the 3-D rotary positions over the video's frames): each pair's chosen and rejected
+    """Every layout (concatenated: the tower once per pair for images and videos; prefix-shared: the prompt and
+    its video once, with the 3-D rotary positions over the video's frames; packed, with and without prefix
+    sharing: the pairs end to end, positions restarting per sequence): each pair's chosen and rejected
     log-probs equal the model's own forward on the processor's inputs for that pair alone, summed over the
     reply's tokens by hand. The tower encodes each pair's video patches once per layout."""
     path = vlm_dirs[family]
@@ -218,17 +220,21 @@ def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, c
                                              with_kwargs=True)
     patches = sum(CLIPS[n][2] * 16 for n in CLIPS) + 1 * 2 * 2  # the video grids, the 40 x 30 image's (28 x 28)
     with torch.no_grad():
-        for collator in (PairCollator, PrefixSharedCollator):
+        collators = {"plain": PairCollator(tokenizer.pad_token_id, vision=vision),
+                     "prefix-shared": PrefixSharedCollator(tokenizer.pad_token_id, vision=vision),
+                     "packed": PackedCollator(tokenizer.pad_token_id, False, 0, vision=vision),
+                     "packed, prefix-shared": PackedCollator(tokenizer.pad_token_id, True, 0, vision=vision)}
+        for name, collator in collators.items():
             seen.clear()
-            got = pair_logps(model, collator(tokenizer.pad_token_id, vision=vision)(features))
-            assert sum(seen) == patches, collator.__name__
+            got = pair_logps(model, collator(features))
+            assert sum(seen) == patches, name
             for i, pair in enumerate(pairs):
                 for side, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
                     prompt_ids, inputs = _processor_inputs(processor, pair, reply, clips, family)
                     logits = model(**inputs).logits[0, :-1].float()
                     token = logits.log_softmax(-1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
                     expected = token[len(prompt_ids) - 1:].sum()
-                    assert torch.allclose(getattr(got, side)[i], expected, atol=3e-5, rtol=0), (collator.__name__, i, side)
+                    assert torch.allclose(getattr(got, side)[i], expected, atol=3e-5, rtol=0), (name, i, side)
 
 
 def test_video_limits_are_lfs(vlm_dirs, clips):

@@ -238,33 +238,39 @@ def test_images_are_part_of_the_cache_keys(vlm_dirs, tmp_path):
     assert dataset_fingerprint(first) != dataset_fingerprint(second)
 
 
-def test_vision_models_share_the_prompt_by_default_and_never_pack(vlm_dirs):
-    """Qwen families: prefix sharing on by default, packing off with its reason (and a `true` refused);
-    LLaVA and Gemma 3: the plain layout, with the reason for each."""
-    for family in ("qwen2_vl", "qwen3_vl"):
+def test_vision_models_pack_and_share_the_prompt_by_default(vlm_dirs):
+    """Qwen families and LLaVA: packing and prefix sharing on by default, with no note (their image inputs
+    follow a packed row: the equality tests above and below); Gemma 3 (its image tokens attend both ways)
+    takes the plain layout, with its reason, and a `true` is refused naming it."""
+    from transformers import Gemma3Config
+
+    from prefalign.modeling.layout import unsupported
+
+    for family in ("qwen2_vl", "qwen3_vl", "llava"):
         path = vlm_dirs[family]
         model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
         layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
-        assert not layout.packing and layout.prefix_sharing, family
-        assert layout.notes == ("packing off: a vision-language model's batches are not packed (its image inputs "
-                                "follow the rows)",)
-        with pytest.raises(ConfigError, match="packing: true"):
-            choose_layout(FinetuningArguments(packing=True), DataArguments(dataset=["x"]), model)
-    for family in ("llava", "gemma3"):
-        path = vlm_dirs[family]
-        model = load_causal_lm(path, ModelArguments(model_name_or_path=path))
-        layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), model)
-        assert not layout.packing and not layout.prefix_sharing
-        assert len(layout.notes) == 2 and "plain layout" in layout.notes[1]
+        assert (layout.packing, layout.prefix_sharing, layout.notes) == (True, True, ()), family
+    gemma3 = Gemma3Config()
+    for sharing in (False, True):
+        assert "attend to each other in both directions" in unsupported(gemma3, sharing_prompt=sharing,
+                                                                        cutoff_len=1024)
+    gemma = load_causal_lm(vlm_dirs["gemma3"], ModelArguments(model_name_or_path=vlm_dirs["gemma3"]))
+    layout = choose_layout(FinetuningArguments(), DataArguments(dataset=["x"]), gemma)
+    assert not layout.packing and not layout.prefix_sharing
+    assert len(layout.notes) == 2 and all("both directions" in note for note in layout.notes)
+    with pytest.raises(ConfigError, match="packing: true"):
+        choose_layout(FinetuningArguments(packing=True), DataArguments(dataset=["x"]), gemma)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava"])
 def test_prefix_sharing_with_images_equals_the_plain_layout(vlm_dirs, family):
     """Prompt+chosen+rejected in one row, the prompt's images once: each pair's chosen and rejected log-probs
     and every gradient (tower, projector and language model all trained) equal the plain layout's, on pairs
     with one to three images and a multi-turn prompt; the tower sees each pair's patches once. Without the
     3-D positions (the collator's 1-D ones, as for text), or with the rejected reply's positions counted from
-    the chosen reply's end, this test fails (both checked by changing the code)."""
+    the chosen reply's end, this test fails (both checked by changing the code). LLaVA's positions are 1-D,
+    the collator's."""
     path = vlm_dirs[family]
     tokenizer, vision, renderer = _run(family, path)
     pairs = _pairs()
@@ -274,7 +280,8 @@ def test_prefix_sharing_with_images_equals_the_plain_layout(vlm_dirs, family):
     ft = FinetuningArguments(finetuning_type="full", freeze_vision_tower=False, freeze_multi_modal_projector=False)
     model = load_policy(ModelArguments(model_name_or_path=path), ft)
     seen = []
-    model.model.visual.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    first = model.model.visual.patch_embed if family != "llava" else model.model.vision_tower.embeddings
+    first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     results = []
     for batch in (plain, shared):
         model.zero_grad()
@@ -287,10 +294,76 @@ def test_prefix_sharing_with_images_equals_the_plain_layout(vlm_dirs, family):
     assert torch.allclose(got.chosen, want.chosen, atol=1e-5, rtol=0)
     assert torch.allclose(got.rejected, want.rejected, atol=1e-5, rtol=0)
     assert torch.equal(got.chosen_tokens, want.chosen_tokens) and torch.equal(got.rejected_tokens, want.rejected_tokens)
-    assert set(got_grads) == set(want_grads) and any("visual" in n for n in want_grads)
+    assert set(got_grads) == set(want_grads) and any("visual" in n or "vision_tower" in n for n in want_grads)
     for name, grad in want_grads.items():
         assert torch.allclose(got_grads[name], grad, atol=1e-5, rtol=1e-4), name
-    assert got_seen == want_seen == int(shared["image_grid_thw"].prod(-1).sum())
+    once = int(shared["image_grid_thw"].prod(-1).sum()) if family != "llava" else shared["pixel_values"].shape[0]
+    assert got_seen == want_seen == once
+
+
+def _lora_policy(path):
+    """A LoRA policy adapting the language model and the vision tower, its B matrices moved off zero (so every
+    LoRA parameter has a gradient)."""
+    policy = load_policy(ModelArguments(model_name_or_path=path),
+                         FinetuningArguments(finetuning_type="lora", freeze_vision_tower=False))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return policy
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava"])
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_packing_with_images_equals_the_plain_layout(vlm_dirs, family, prefix_sharing):
+    """Packed rows (one row for the micro-batch, and one block per row, longest first, so the rows' image order
+    is not the pairs'), with and without prefix sharing: each sequence's image tokens in the row, the images'
+    tensors in the same order, the 3-D rotary positions restarting per sequence. The per-pair log-probs, the
+    DPO loss and the gradient of every LoRA parameter (language model and vision tower) equal the plain layout's,
+    on pairs with one to three images of different sizes beside a text-only pair, and the tower sees each
+    pair's images once. (Checked to fail with the rows' positions counted on across the row, and with the
+    images in pair order instead of row order.)"""
+    from prefalign.data.packing import PackedCollator
+
+    path = vlm_dirs[family]
+    tokenizer, vision, renderer = _run(family, path)
+    pairs = _pairs() + [PreferencePair([{"role": "user", "content": "No picture here, just words."}], "Fine.",
+                                       "Not fine at all.", RecordSource("pairs.json", 3))]
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i} for i, p in enumerate(pairs)]
+    policy = _lora_policy(path)
+    lm = policy.get_base_model()
+    first = lm.model.visual.patch_embed if family != "llava" else lm.model.vision_tower.embeddings
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    reference = torch.tensor([-30.0, -20.0, -40.0, -25.0]), torch.tensor([-35.0, -30.0, -38.0, -30.0])
+
+    def scored(batch):
+        policy.zero_grad()
+        seen.clear()
+        logps = pair_logps(policy, batch)
+        margin = (logps.chosen - reference[0]) - (logps.rejected - reference[1])
+        loss = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+        return logps, loss.detach(), grads, sum(seen)
+
+    want, want_loss, want_grads, _ = scored(PairCollator(tokenizer.pad_token_id, vision=vision)(features))
+    assert any("visual" in n or "vision_tower" in n for n in want_grads) and all(
+        g.abs().sum() > 0 for g in want_grads.values())
+    images = vision.model_inputs([data for p in pairs for data in p.images])
+    once = int(images["image_grid_thw"].prod(-1).sum()) if family != "llava" else images["pixel_values"].shape[0]
+    for packing_length in (0, 1):
+        batch = PackedCollator(tokenizer.pad_token_id, prefix_sharing, packing_length, vision=vision)(features)
+        assert batch["input_ids"].shape[0] == (1 if packing_length == 0 else len(pairs))
+        got, loss, grads, got_seen = scored(batch)
+        assert torch.allclose(got.chosen, want.chosen, atol=1e-5, rtol=0), packing_length
+        assert torch.allclose(got.rejected, want.rejected, atol=1e-5, rtol=0), packing_length
+        assert torch.equal(got.chosen_tokens, want.chosen_tokens)
+        assert torch.allclose(loss, want_loss, atol=1e-6, rtol=0)
+        for name, grad in want_grads.items():
+            assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), (packing_length, name)
+        assert got_seen == once
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
@@ -376,15 +449,18 @@ def test_vision_tower_runs_once_per_pair_with_the_same_losses_and_gradients(vlm_
 
 
 def test_a_text_template_refuses_image_pairs_by_name(vlm_dirs):
-    """Images are never dropped silently: with a template that has no image slots (LF's `qwen`), or no
-    vision processor, an image pair is a render error naming the field and the templates that take images."""
+    """Images are never dropped silently: with a template that has no image slots (LF's `qwen`), or the
+    tokenizer's own chat template (even with the model's image processor), an image pair is a render error
+    naming the field and the templates that take images."""
     path = vlm_dirs["qwen2_vl"]
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=path))
-    renderer = ChatRenderer.from_config(tokenizer, DataArguments(template="qwen", dataset=["x"]))
-    with pytest.raises(PairError) as caught:
-        encode_pair(_pairs()[1], renderer, 1024)
-    assert (caught.value.stage, caught.value.field) == ("render", "images")
-    assert "qwen2_vl" in caught.value.reason
+    _, vision, _ = _run("qwen2_vl", path)
+    for renderer in (ChatRenderer.from_config(tokenizer, DataArguments(template="qwen", dataset=["x"])),
+                     ChatRenderer.from_config(tokenizer, DataArguments(dataset=["x"]), vision)):
+        with pytest.raises(PairError) as caught:
+            encode_pair(_pairs()[1], renderer, 1024)
+        assert (caught.value.stage, caught.value.field) == ("render", "images")
+        assert "qwen2_vl" in caught.value.reason
     assert load_vision(ModelArguments(model_name_or_path=path), DataArguments(template="qwen", dataset=["x"]),
                        tokenizer) is None
 
@@ -453,3 +529,19 @@ def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
     assert ("torchvision is not installed" in reason) == ("ModuleNotFoundError" in probe.stderr)
     broken = probe.returncode != 0 and "ModuleNotFoundError" not in probe.stderr
     assert (f"does not load with torch {torch.__version__}" in reason) == broken
+
+
+def test_expanding_images_checks_the_placeholders_as_reading_a_record_does(vlm_dirs):
+    """One placeholder rule (data/media.check_placeholder_count) for records and for `chat --image`, which
+    expands a prompt without reading a record: two images for one placeholder is the record check's
+    reason; a system message's placeholder is text, neither counted nor expanded (LLaMA-Factory's rule)."""
+    from prefalign.data.media import MediaError
+
+    _, vision, _ = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    image = png(40, 30)
+    with pytest.raises(MediaError, match=r"^holds 2 image\(s\) but the prompt has 1 <image> placeholder\(s\)$"):
+        vision.expand([{"role": "user", "content": "<image>Which?"}], (image, image))
+    system = {"role": "system", "content": "Answer about <image> inputs."}
+    out = vision.expand([system, {"role": "user", "content": "<image>Which?"}], (image,))
+    assert out[0] == system
+    assert out[1]["content"] == vision.plugin.image_text(vision.seqlen(image)) + "Which?"

@@ -328,3 +328,28 @@ def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(t
     base = AutoModelForImageTextToText.from_pretrained(tmp_path / "model-gemma3")
     model = PeftModel.from_pretrained(base, str(out))
     assert any("lora_B" in name and param.abs().sum() > 0 for name, param in model.named_parameters())
+
+
+def test_default_layout_packs_image_pairs_and_trains_as_the_plain_layout(tmp_path):
+    """A Qwen2-VL run with the default layout logs "Batch layout: packing + prefix sharing" (no note: its
+    image pairs pack), and its 3 logged steps (4 pairs of 1-3 images each per step, LoRA, precomputed
+    reference) have the losses, margins and chosen log-probs of the same run with packing and prefix sharing
+    off (within 1e-5), which learned."""
+    common = dict(template="qwen2_vl", max_steps=3, warmup_ratio=0.0, logging_steps=1, gradient_accumulation_steps=1,
+                  learning_rate=1e-2, per_device_train_batch_size=4, bf16=False, dataloader_num_workers=0,
+                  preprocessing_num_workers=1)
+    config = _lf_config(tmp_path, "qwen2_vl", **common)
+    runs = {}
+    for name, keys in (("default", []), ("plain", ["packing=false", "prefix_sharing=false"])):
+        run = prefalign("train", str(config), f"output_dir={tmp_path / name}", *keys, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = [line for line in run.stderr.splitlines() if "Batch layout:" in line]
+    assert runs["default"] and all(line.endswith("Batch layout: packing + prefix sharing") for line in runs["default"])
+    assert runs["plain"] and all(line.endswith("Batch layout: plain (no packing, no prefix sharing)")
+                                 for line in runs["plain"])
+    logs = {name: [h for h in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+                   if "loss" in h] for name in runs}
+    assert len(logs["default"]) == len(logs["plain"]) == 3 and logs["plain"][-1]["loss"] < 0.69
+    for a, b in zip(logs["default"], logs["plain"]):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key

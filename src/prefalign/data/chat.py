@@ -153,18 +153,29 @@ class ChatRenderer:
         except UnsupportedRecord as exc:
             raise PairError("render", str(pair.source), "prompt", str(exc)) from None
 
-    def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
-        """The pair's prompt with each `<image>` (`<video>`) placeholder expanded to its image's (video's) tokens
-        (data/vision.py)."""
+    def media_refusal(self, pair: PreferencePair) -> PairError | None:
+        """Why this renderer cannot encode `pair`'s media, as the PairError to raise (stage render): any video
+        this run cannot encode (data/vision.VisionProcessor.video_refusal: PyAV or torchvision missing, a family
+        whose videos are not encoded), and images (or videos) unless a built-in vision template with the model's
+        image processor writes them (a tokenizer's own template never does: its image slots are not
+        LLaMA-Factory's); None when it can."""
         if pair.videos:
             refused = video_refusal() if self.vision is None else self.vision.video_refusal()
             if refused:
-                raise PairError("render", str(pair.source), "videos", refused)
+                return PairError("render", str(pair.source), "videos", refused)
         mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
-        if self.vision is None or self.vision.plugin.name != mm_plugin:
-            raise PairError("render", str(pair.source), "images",
-                            f"{self.name} has no image slots for this model; use template: "
-                            f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
+        if (pair.images or pair.videos) and (self.vision is None or self.vision.plugin.name != mm_plugin):
+            return PairError("render", str(pair.source), "images",
+                             f"{self.name} has no image slots for this model; use template: "
+                             f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
+        return None
+
+    def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
+        """The pair's prompt with each `<image>` (`<video>`) placeholder expanded to its image's (video's) tokens
+        (data/vision.py)."""
+        refusal = self.media_refusal(pair)
+        if refusal is not None:
+            raise refusal
         try:
             return self.vision.expand(pair.prompt, pair.images, pair.videos)
         except VideoError as exc:

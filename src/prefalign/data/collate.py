@@ -34,7 +34,6 @@ from prefalign.contracts import (
     SEGMENT_SHARED,
     BatchLayout,
 )
-from prefalign.errors import ConfigError
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -73,33 +72,72 @@ class PairCollator:
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
         if has_media(features):
-            batch.update(image_inputs(self.vision, input_ids, features, repeat=2))
+            images = [f.get("images") or [] for f in features]
+            batch.update(image_inputs(self.vision, input_ids, images, [*range(len(features))] * 2,
+                                      [f.get("videos") or [] for f in features]))
         return batch
 
 
 def has_media(features: list[dict]) -> bool:
+    """Whether any of `features` (encoded pairs) has images or videos."""
     return any(f.get("images") or f.get("videos") for f in features)
 
 
-def image_inputs(vision, input_ids: torch.Tensor, features: list[dict], repeat: int = 1) -> dict[str, torch.Tensor]:
-    """The image and video inputs of a batch whose row r holds the tokens of the media of
-    `features[r % len(features)]` (`repeat` times the rows: the concatenated layout's chosen rows, then its
-    rejected rows), in row order (the model scatters the features into its image and video tokens in
-    row-major order): the processors' tensors, computed once and repeated, and the plugin's token types (R, T)
-    (1 at image tokens, 2 at video tokens): the Qwen families' `mm_token_type_ids`, from which the model
-    computes its 3-D rotary positions itself; Gemma 3's `token_type_ids`, its bidirectional attention within
-    an image."""
+def image_inputs(vision, input_ids: torch.Tensor, pair_images: list[list[bytes]], order: list[int] | None = None,
+                 pair_videos: list[list[bytes]] | None = None) -> dict[str, torch.Tensor]:
+    """The image (and video) inputs of a batch whose image tokens hold, in row-major order, the images of pair
+    `order[0]`, then of pair `order[1]`, ... (`pair_images[i]`: pair i's images; a pair's index may come
+    more than once: the concatenated layout's rejected rows, a packed block's two sequences), as the model
+    scatters image features into its image tokens in that order; its video tokens likewise hold
+    `pair_videos`. The processors run once per pair (data/vision.model_inputs); their tensors are laid out in
+    that order: Qwen `pixel_values` (patches, D) and `image_grid_thw` (n, 3), `pixel_values_videos` and
+    `video_grid_thw` (m, 3) (Qwen2.5-VL: `second_per_grid_ts` (m,)), LLaVA `pixel_values` (n, C, H, W). With
+    `order`, `image_ids` (n,) / `video_ids` (m,) long give each placed image's (video's) index among the
+    pairs' (modeling/logprobs encodes each once). The plugin's token types (R, T) (1 at image tokens, 2 at
+    video tokens): the Qwen families' `mm_token_type_ids`, from which the model computes its 3-D rotary
+    positions; Gemma 3's `token_type_ids`, its bidirectional attention within an image.
+    Without `order` (generation, chat): each pair's media once, in pair order, and no ids."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
-    inputs = vision.model_inputs([data for f in features for data in f.get("images") or ()],
-                                 [data for f in features for data in f.get("videos") or ()])
-    inputs = {key: torch.cat([value] * repeat) for key, value in inputs.items()}
+    pair_videos = pair_videos or [[] for _ in pair_images]
+    inputs = vision.model_inputs([data for images in pair_images for data in images],
+                                 [data for videos in pair_videos for data in videos])
+    if order is not None:
+        for name, pixels_key, grid_key, keys in _PLACED:
+            if pixels_key not in inputs:
+                continue
+            items = pair_images if name == "image" else pair_videos
+            starts = [0]
+            for own in items:
+                starts.append(starts[-1] + len(own))
+            ids = [k for i in order for k in range(starts[i], starts[i + 1])]
+            inputs.update(_placed(inputs, ids, pixels_key, grid_key, keys))
+            inputs[f"{name}_ids"] = torch.tensor(ids, dtype=torch.long)
     if vision.plugin.type_ids:
         types = (input_ids == vision.image_token_id).long()
         if vision.video_token_id is not None:
             types += 2 * (input_ids == vision.video_token_id).long()
         inputs[vision.plugin.type_ids] = types
     return inputs
+
+
+_PLACED = (("image", "pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes")),
+           ("video", "pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts")))
+"""Each kind of media: its name, its pixels, its grid and the per-item tensors placed with it."""
+
+
+def _placed(inputs: dict[str, torch.Tensor], ids: list[int], pixels_key: str, grid_key: str,
+            keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """One kind's processor tensors of n items with item k at place j for k = ids[j]."""
+    grid = inputs.get(grid_key)
+    out = {key: inputs[key][ids] for key in keys if key in inputs}
+    pixels = inputs[pixels_key]
+    if grid is None:  # one row of pixel_values per image
+        out[pixels_key] = pixels[ids]
+        return out
+    ends = grid.prod(-1).cumsum(0).tolist()  # an item's patches: its grid's t * h * w rows
+    out[pixels_key] = torch.cat([pixels[(ends[k - 1] if k else 0):ends[k]] for k in ids])
+    return out
 
 
 def per_pair_columns(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -161,26 +199,24 @@ class PrefixSharedCollator:
             batch["attention_mask"][i, :n] = 1
         batch.update(per_pair_columns(features))
         if has_media(features):  # in the prompt, so once per row; the model places the rotary
-            batch.update(image_inputs(self.vision, batch["input_ids"], features))
+            batch.update(image_inputs(self.vision, batch["input_ids"], [f.get("images") or [] for f in features],
+                                      list(range(len(features))), [f.get("videos") or [] for f in features]))
         return batch  # positions of the image rows (modeling/prefix.shared_prefix_rope_positions)
 
 
 def make_collator(pad_token_id: int, *, prefix_sharing: bool = False, packing: bool = False, packing_length: int = 0,
                   pad_to_multiple_of: int | None = None, vision=None):
     """The collator for a run: packed (data/packing.py), prefix-shared or concatenated; `vision`
-    (data/vision.VisionProcessor) adds the image inputs of pairs with images (the concatenated layout, and the
-    prefix-shared one for the Qwen families, as modeling/layout.choose_layout decides)."""
-    if vision is not None and (packing or (prefix_sharing and not vision.plugin.qwen)):
-        raise ConfigError(f"{'packing' if packing else 'prefix_sharing'}: this vision-language template's batches do "
-                          "not take that layout; set it to false (or leave it unset)")
+    (data/vision.VisionProcessor) adds the image inputs of pairs with images. Which layout a model takes
+    is decided once, by modeling/layout.choose_layout (its `unsupported` is the one check of the model
+    facts); the collator builds the layout it is given."""
     if packing:
         from prefalign.data.packing import PackedCollator
 
-        return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of)
+        return PackedCollator(pad_token_id, prefix_sharing, packing_length, pad_to_multiple_of, vision)
     if prefix_sharing:
         return PrefixSharedCollator(pad_token_id, pad_to_multiple_of, vision)
     return PairCollator(pad_token_id, pad_to_multiple_of, vision)
-
 
 
 def pair_length(prompt_len: int, chosen_len: int, rejected_len: int, *, prefix_sharing: bool = False) -> int:

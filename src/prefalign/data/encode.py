@@ -95,8 +95,9 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
     """One `PreferencePair` -> {"prompt_ids", "chosen_ids", "rejected_ids", and flags for the counts};
     a `PairError` naming the stage when it cannot be encoded."""
     tokenizer = renderer.tokenizer
-    if (pair.images or pair.videos) and renderer.lf_encoder is None:
-        renderer.with_image_tokens(pair)  # refuses: only a built-in vision template has image slots
+    refusal = renderer.media_refusal(pair)  # e.g. images under a tokenizer's own template, before it renders
+    if refusal is not None:
+        raise refusal
     if renderer.lf_encoder is not None:  # a LLaMA-Factory template: its ids, slot by slot
         prompt_ids, *responses = renderer.encode_lf(pair)
         folded = appended = False

@@ -186,19 +186,38 @@ def _check_placeholders(pair: PreferencePair, placeholder: str, count: int, colu
             raise RecordError(name, f"a reply holds the placeholder {placeholder}: media belong in the prompt "
                                     "(both replies answer the same images); remove it from the reply",
                               MEDIA_STAGE)
-    found = sum(_count(message, placeholder) for message in pair.prompt if message["role"] != SYSTEM)
     if any(placeholder in message.get("content", "") for message in pair.prompt if message["role"] == SYSTEM):
         raise RecordError(cols.system or "system", f"the system message holds the placeholder {placeholder}: "
                                                    "put it in a user message (LLaMA-Factory leaves it as text)",
                           MEDIA_STAGE)
-    if found != count:
+    try:
+        check_placeholder_count(pair.prompt, placeholder, count)
+    except PlaceholderCountError as exc:
         what = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
         fix = (f"add one {placeholder} to the prompt where each {what} goes (LLaMA-Factory refuses such records too)"
-               if found < count else f"remove the extra {placeholder} or add the missing {what}(s) to '{column}'")
-        raise RecordError(column, f"holds {count} {what}(s) but the prompt has {found} {placeholder} "
-                                  f"placeholder(s): {fix}", MEDIA_STAGE)
+               if exc.found < count else f"remove the extra {placeholder} or add the missing {what}(s) to '{column}'")
+        raise RecordError(column, f"{exc}: {fix}", MEDIA_STAGE) from None
 
 
-def _count(message: Message, placeholder: str) -> int:
+class PlaceholderCountError(MediaError):
+    """A prompt whose placeholders do not match its images (or videos) one to one."""
+
+    def __init__(self, placeholder: str, found: int, count: int):
+        what = "image" if placeholder == IMAGE_PLACEHOLDER else "video"
+        super().__init__(f"holds {count} {what}(s) but the prompt has {found} {placeholder} placeholder(s)")
+        self.found = found
+
+
+def check_placeholder_count(prompt: list[Message], placeholder: str, count: int) -> None:
+    """The one check that a prompt's `placeholder`s match its `count` images (videos): one in its non-system
+    messages per item (LLaMA-Factory's rule; a system message's are text). Raises PlaceholderCountError.
+    Asked when a record's media are read (`with_media`) and when a prompt's images are expanded
+    (data/vision.VisionProcessor.expand: chat --image reaches it without a record)."""
+    found = sum(placeholder_count(message, placeholder) for message in prompt if message["role"] != SYSTEM)
+    if found != count:
+        raise PlaceholderCountError(placeholder, found, count)
+
+
+def placeholder_count(message: Message, placeholder: str) -> int:
     content = message.get("content")
     return content.count(placeholder) if isinstance(content, str) else 0

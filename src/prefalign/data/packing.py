@@ -26,6 +26,9 @@ Batch (R rows, T positions), `layout` BatchLayout.PACKED:
   spans        (K, 5)  row, q_start, q_end, p_start, p_end: queries [q_start, q_end) attend causally
                        to themselves and to all of [p_start, p_end) (the shared prompt, or empty)
   attention_mask (R, T) 1 on tokens, 0 on padding;  index (B,)
+  pixel_values, image_grid_thw, mm_token_type_ids, image_ids   pairs with images: every sequence's images
+                       in row-major order (data/collate.image_inputs), a prefix-shared block's once; a Qwen
+                       model's 3-D rotary positions restart per sequence (modeling/prefix.packed_rope_positions)
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from prefalign.contracts import IGNORE_INDEX, SEGMENT_CHOSEN, SEGMENT_REJECTED, BatchLayout
-from prefalign.data.collate import _round_up, pack_pair, padded_rows, per_pair_columns
+from prefalign.data.collate import _round_up, has_media, image_inputs, pack_pair, padded_rows, per_pair_columns
 
 
 def pair_block(prompt: list[int], chosen: list[int], rejected: list[int], *, prefix_sharing: bool) -> dict:
@@ -85,6 +88,7 @@ class PackedCollator:
     prefix_sharing: bool = False
     packing_length: int = 0
     pad_to_multiple_of: int | None = None
+    vision: object | None = None  # data/vision.VisionProcessor: pairs with images get the model's image inputs
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         blocks = [pair_block(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"], prefix_sharing=self.prefix_sharing)
@@ -108,4 +112,8 @@ class PackedCollator:
         batch["spans"] = torch.tensor(spans, dtype=torch.long)
         batch["layout"] = BatchLayout.PACKED
         batch.update(per_pair_columns(features))
+        if has_media(features):  # each sequence's prompt holds its pair's images (videos), in row order
+            order = [i for row in rows for i in row for _ in range(1 if self.prefix_sharing else 2)]
+            batch.update(image_inputs(self.vision, batch["input_ids"], [f.get("images") or [] for f in features],
+                                      order, [f.get("videos") or [] for f in features]))
         return batch

@@ -36,8 +36,8 @@ import io
 import math
 from dataclasses import dataclass, field
 
-from prefalign.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from prefalign.data.media import MediaError, open_image, video_refusal
+from prefalign.data.formats import IMAGE_PLACEHOLDER, SYSTEM, VIDEO_PLACEHOLDER
+from prefalign.data.media import MediaError, check_placeholder_count, open_image, video_refusal
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,9 @@ class VisionProcessor:
         return self._cache[key]
 
     def expand(self, messages: list[dict], images: tuple[bytes, ...], videos: tuple[bytes, ...] = ()) -> list[dict]:
-        """`messages` with each `<image>` (`<video>`) placeholder replaced by its image's (video's) tokens, in
-        order."""
+        """`messages` with each `<image>` (`<video>`) placeholder of a non-system message replaced by its image's
+        (video's) tokens, in order; a MediaError when they do not match `images` (`videos`) one to one
+        (data/media.check_placeholder_count)."""
         for placeholder, items, text_of in (
                 (IMAGE_PLACEHOLDER, images, lambda data: self.plugin.image_text(self.seqlen(data))),
                 (VIDEO_PLACEHOLDER, videos,
@@ -274,13 +275,14 @@ class VisionProcessor:
 
 
 def _expanded(messages: list[dict], placeholder: str, items: tuple[bytes, ...], text_of) -> list[dict]:
-    count = sum(m["content"].count(placeholder) for m in messages)
-    if count != len(items):
-        raise MediaError(f"the prompt has {count} {placeholder} placeholder(s) for {len(items)} item(s)")
-    if not count:
+    check_placeholder_count(messages, placeholder, len(items))
+    if not items:
         return messages
     out, at = [], 0
     for message in messages:
+        if message["role"] == SYSTEM:  # as LLaMA-Factory: its placeholders are text
+            out.append(message)
+            continue
         pieces = message["content"].split(placeholder)
         text = pieces[0]
         for piece in pieces[1:]:

@@ -48,12 +48,12 @@ def unsupported(model_config, *, sharing_prompt: bool, cutoff_len: int) -> str |
     batches of sequences up to `cutoff_len` tokens, in a phrase; None when it can. A setting of
     `true` is refused for this reason, not only left off by default."""
     if is_vision_language(model_config):
-        if not sharing_prompt:
-            return "a vision-language model's batches are not packed (its image inputs follow the rows)"
         parts = composite(model_config)
-        if parts is None or not parts.prefix_sharing:
-            return "this vision-language model's batches take the plain layout (its rotary positions of a shared " \
-                   "prompt with images are not known to prefalign)"
+        if parts is None:
+            return f"prefalign does not know where the image inputs of a {model_config.model_type} model go in a " \
+                   "packed or prefix-shared row"
+        if parts.plain_only:
+            return parts.plain_only
     if getattr(model_config, "attn_logit_softcapping", None) is not None:
         return "the model soft-caps its attention scores"
     window = getattr(model_config, "sliding_window", None)

@@ -9,14 +9,15 @@ transformers 5 passes a 4D mask to the attention function unchanged: `sdpa` read
 (True = attend), `eager` adds a float mask (0 or the dtype's minimum) to the scores. Flash
 attention takes no arbitrary mask; modeling/layout refuses prefix sharing with it rather than mask wrongly.
 
-A Qwen vision-language model's rows with images take 3-D rotary positions, `shared_prefix_rope_positions`.
+A Qwen vision-language model's rows with images take 3-D rotary positions: `shared_prefix_rope_positions`
+for prefix-shared rows, `packed_rope_positions` for packed ones (each sequence's positions as in its own row).
 """
 
 from __future__ import annotations
 
 import torch
 
-from prefalign.contracts import SEGMENT_PAD, SEGMENT_REJECTED, SEGMENT_SHARED
+from prefalign.contracts import SEGMENT_CHOSEN, SEGMENT_PAD, SEGMENT_REJECTED, SEGMENT_SHARED
 
 
 def shared_prefix_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | None,
@@ -60,3 +61,38 @@ def shared_prefix_rope_positions(base_model, batch: dict[str, torch.Tensor]) -> 
         steps = torch.arange(columns.numel(), device=positions.device)
         positions[:, row, columns] = positions[:, row, last_prompt, None] + steps
     return positions
+
+
+def packed_rope_positions(base_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The (4, R, T) positions of a packed batch (data/packing.py) with images, for a Qwen vision-language
+    `base_model`: the text positions (the collator's, restarting per sequence; transformers reads them as the
+    sequence boundaries of its padding-free path), then the three rotary axes.
+
+    Each sequence is laid out in a row of its own (a span; a prefix-shared block's two spans are one
+    prefix-shared row), and takes the positions it has there (`shared_prefix_rope_positions`, which is the
+    model's own `get_rope_index` for a row without a rejected segment), so every sequence's positions restart
+    as in the plain layout. The batch's grids follow its image tokens in row-major order, and so do these rows'."""
+    units: list[list] = []  # [row, start, end, shared] of each sequence, in row-major order
+    for row, q0, q1, p0, p1 in batch["spans"].tolist():
+        if p1 > p0:  # a prefix-shared reply: the rest of its block (data/packing.pair_block)
+            units[-1][2:] = [q1, True]
+        else:
+            units.append([row, q0, q1, False])
+    shape = (len(units), max(end - start for _, start, end, _ in units))
+    device = batch["input_ids"].device
+    rows = {"input_ids": torch.zeros(shape, dtype=torch.long, device=device),
+            "mm_token_type_ids": torch.zeros(shape, dtype=torch.long, device=device),
+            "segment_ids": torch.full(shape, SEGMENT_PAD, dtype=torch.long, device=device)}
+    for u, (row, start, end, shared) in enumerate(units):
+        rows["input_ids"][u, :end - start] = batch["input_ids"][row, start:end]
+        rows["mm_token_type_ids"][u, :end - start] = batch["mm_token_type_ids"][row, start:end]
+        # a plain sequence is one segment (the collator marks a packed rejected sequence REJECTED)
+        rows["segment_ids"][u, :end - start] = batch["segment_ids"][row, start:end] if shared else SEGMENT_CHOSEN
+    for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+        if key in batch:
+            rows[key] = batch[key]
+    own = shared_prefix_rope_positions(base_model, rows)
+    positions = batch["position_ids"].new_zeros((3, *batch["input_ids"].shape))
+    for u, (row, start, end, _) in enumerate(units):
+        positions[:, row, start:end] = own[:, u, :end - start]
+    return torch.cat([batch["position_ids"][None], positions])

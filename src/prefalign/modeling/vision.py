@@ -28,7 +28,11 @@ class Composite:
     vision: tuple[str, ...]
     language: tuple[str, ...] = ("language_model", "lm_head")
     lora_conflicts: tuple[str, ...] = ()
-    prefix_sharing: bool = False  # its rotary positions come from `get_rope_index` (modeling/prefix.py)
+    plain_only: str | None = None
+    """Why its batches take the plain layout only (modeling/layout.unsupported), in a phrase; None where its
+    image features follow a packed or prefix-shared row (each image's features into its tokens, in row
+    order) and so do its rotary positions: 1-D ones from the collator (LLaVA), Qwen's 3-D ones from the
+    model's own `get_rope_index` per sequence (modeling/prefix.py); tests/modeling/test_vision.py."""
 
     @property
     def tower(self) -> str:
@@ -36,16 +40,16 @@ class Composite:
         return self.vision[0].split(".")[0]
 
 
-_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",),
-                  prefix_sharing=True)
+_QWEN = Composite(("visual.merger",), ("visual.patch_embed", "visual.blocks"), lora_conflicts=("patch_embed",))
 COMPOSITES = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": Composite(("visual.merger",), ("visual.pos_embed", "visual.patch_embed", "visual.blocks",
-                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",),
-                          prefix_sharing=True),
+                                               "visual.deepstack_merger_list"), lora_conflicts=("patch_embed",)),
     "llava": Composite(("multi_modal_projector",), ("vision_tower",)),
-    "gemma3": Composite(("multi_modal_projector",), ("vision_tower",)),
+    "gemma3": Composite(("multi_modal_projector",), ("vision_tower",),
+                        plain_only="Gemma 3's image tokens attend to each other in both directions, which "
+                                   "prefalign's packed and prefix-shared attention do not"),
 }
 """The families prefalign loads as vision-language models, by `model_type`."""
 
@@ -113,7 +117,7 @@ class TowerCounter:
 
     Forward hooks on the tower of each of `models` count the images a call encodes (a Qwen tower's
     `grid_thw` rows, a LLaVA tower's `pixel_values`) while `counting(batch)` is open; the batch's own
-    images are its image inputs over the copies its layout holds (modeling/logprobs.image_copies)."""
+    images are counted once each, however often its layout places them (modeling/logprobs.distinct_images)."""
 
     def __init__(self, models):
         from prefalign.modeling.logprobs import causal_lm
@@ -140,14 +144,12 @@ class TowerCounter:
     def counting(self, batch: dict):
         import contextlib
 
-        from prefalign.modeling.logprobs import image_copies
+        from prefalign.modeling.logprobs import distinct_images
 
-        media = [batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch]
-        if not media and "pixel_values" in batch:
-            media = [batch["pixel_values"]]
-        if not media or not self._handles:
+        images = distinct_images(batch)
+        if not images or not self._handles:
             return contextlib.nullcontext()
-        self.images += sum(len(part) for part in media) / image_copies(batch)
+        self.images += images
 
         @contextlib.contextmanager
         def active():
