@@ -8,6 +8,7 @@ and an `rlhf_v`-shaped dataset folder (LLaMA-Factory's multimodal DPO data).
     load_processor(path)         the family's processor for such a folder (see below)
     draw_image(seed, size)       a small PIL image of random shapes; png_bytes(image)
     write_rlhf_v(dataset_dir)    images + rlhf_v.json + dataset_info.json (LF's `rlhf_v` entry)
+    video_bytes(frames, fps)     an MPEG-4 video of PIL frames, written with PyAV (where it is installed)
 
 torchvision is not installed here, and transformers 5 then refuses to build a Qwen-VL processor at
 all (its constructor checks the class of the video processor, which needs torchvision, even when
@@ -288,6 +289,24 @@ def draw_image(seed: int, size: tuple[int, int] | None = None):
         colour = tuple(rng.randrange(256) for _ in range(3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
     return image
+
+
+def video_bytes(frames: list, fps: int) -> bytes:
+    """An MP4 file (MPEG-4 part 2, yuv420p) of `frames` (PIL images of one even size) at `fps` frames per
+    second, written with PyAV: a video whose duration is len(frames) / fps seconds."""
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
+    return out.getvalue()
 
 
 def png_bytes(image) -> bytes:

@@ -86,8 +86,10 @@ class PreferencePair:
 #                              KL completion, another example's reply, after the same prompt)
 #   "images":       list[bytes] pairs with images only: each image's file bytes, in placeholder order (the
 #                              prompt_ids hold each image's tokens; the collator runs the image processor)
+#   "videos":       list[bytes] likewise, each video's file bytes (the collator decodes and samples them)
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids", "image_sizes")
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids", "image_sizes",
+                 "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 """The batch keys a vision-language model's forward takes besides the ids (data/collate.py adds them)."""
 
 

@@ -75,7 +75,7 @@ def weights_fingerprint(named_tensors) -> str:
 
 def dataset_fingerprint(dataset) -> str:
     """A hash of an encoded split's content: every pair's token ids and index, in order, and the bytes of
-    every image of pairs that have them."""
+    every image and video of pairs that have them."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -90,11 +90,15 @@ def dataset_fingerprint(dataset) -> str:
         for part in parts:
             digest.update(name.encode())
             digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
-    if "images" in table.column_names:  # the same ids with other images are other log-probs
+    if "images" in table.column_names:  # the same ids with other images (videos) are other log-probs
         for images in table.column("images").to_pylist():
             digest.update(b"images")
             for data in images or ():
                 digest.update(hashlib.sha256(data).digest())
+    if "videos" in table.column_names:  # by row, for the rows that have any (image-only keys stay as they were)
+        for row, videos in enumerate(table.column("videos").to_pylist()):
+            for data in videos or ():
+                digest.update(f"videos {row}".encode() + hashlib.sha256(data).digest())
     return digest.hexdigest()
 
 

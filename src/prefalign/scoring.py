@@ -14,7 +14,7 @@ import torch
 from prefalign.contracts import LossOutput, PairLogps, batch_to
 from prefalign.losses import Objective
 from prefalign.metrics import pair_metrics, reduced, sum_and_count
-from prefalign.modeling.logprobs import pair_logps
+from prefalign.modeling.logprobs import has_media, pair_logps
 from prefalign.modeling.throughput import ModelShape, ThroughputMeter, forward_passes, matmul_rate
 from prefalign.modeling.vision import image_features_fixed
 from prefalign.reference import Reference, ReferencePlan, build_reference, plan_reference
@@ -46,8 +46,8 @@ def score_batch(model, reference: Reference, objective: Objective, batch: dict, 
     `split` ("train" or "eval") tells a precomputed reference which table the pair indices refer to.
     """
     s = objective.settings
-    # a reference whose vision tower is the policy's frozen one takes the policy's image features
-    shared = {} if ("pixel_values" in batch and reference.same_image_features and image_features_fixed(model)) \
+    # a reference whose vision tower is the policy's frozen one takes the policy's image (video) features
+    shared = {} if (has_media(batch) and reference.same_image_features and image_features_fixed(model)) \
         else None
     policy = pair_logps(model, batch, chunk_size=chunk_size, token_level=s.ld_alpha is not None,
                         want_sqnorm=s.use_weighting, image_features=shared)

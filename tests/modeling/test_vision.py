@@ -506,21 +506,24 @@ def test_the_reference_reuses_the_policys_frozen_image_features(vlm_dirs, tmp_pa
 
 
 def test_a_pair_with_a_video_is_refused_naming_what_is_missing(vlm_dirs):
-    """Videos are read (data/media.py) but not encoded: the pair is a render error, field videos (a PairError, so
-    on_bad_record: skip counts it), whose reason says which of PyAV and torchvision this environment lacks, as a
-    fresh interpreter finds them (torchvision 0.28.0's PyPI wheel is a CUDA build: beside torch 2.13.0+cpu it is
-    installed and fails to import)."""
+    """Where PyAV or a torchvision that loads is missing, videos are read (data/media.py) but not encoded: the pair
+    is a render error, field videos (a PairError, so on_bad_record: skip counts it), whose reason says which of
+    the two this environment lacks, as a fresh interpreter finds them (torchvision 0.28.0's PyPI wheel is a CUDA
+    build: beside torch 2.13.0+cpu it is installed and fails to import). Where both load, videos are encoded
+    (tests/modeling/test_video.py)."""
     import importlib.util
     import subprocess
 
-    _, _, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    _, vision, renderer = _run("qwen2_vl", vlm_dirs["qwen2_vl"])
+    if vision.video_refusal() is None:
+        pytest.skip("PyAV and torchvision load here: videos are encoded (tests/modeling/test_video.py)")
     pair = PreferencePair([{"role": "user", "content": "<video>What happens?"}], "A ball falls.", "Nothing.",
                           RecordSource("pairs.json", 0), videos=(b"\x00\x00\x00\x18ftypmp42",))
     with pytest.raises(PairError) as caught:
         encode_pair(pair, renderer, 1024)
     assert (caught.value.stage, caught.value.field) == ("render", "videos")
     reason = caught.value.reason
-    assert "\n" not in reason and "on_bad_record: skip" in reason and "no video path" in reason
+    assert "\n" not in reason and "on_bad_record: skip" in reason and "videos are not read here" in reason
     assert ("PyAV (av) is not installed" in reason) == (importlib.util.find_spec("av") is None)
     probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
     assert ("torchvision is not installed" in reason) == ("ModuleNotFoundError" in probe.stderr)

@@ -287,7 +287,7 @@ def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(t
     pairs, of which record 1's first image is cut short and record 2 has a video: without on_bad_record the
     command fails in one line naming record 1's image; with `skip` the 6 good pairs train (LoRA, learning rate
     1e-2, 2 steps: the loss leaves ln 2), the summary counts one skip at media and one at render, the rejects
-    file says why the video was refused, and the adapter adapts only the language model and loads with peft."""
+    file says why the video was refused (Gemma 3 takes none, as in LLaMA-Factory), and the adapter adapts only the language model and loads with peft."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -320,7 +320,7 @@ def test_gemma3_trains_from_the_command_line_with_bad_records_named_or_counted(t
     assert summary["train"]["pairs"] == 6 and summary["skipped_by_stage"] == {"media": 1, "render": 1}
     rejects = [json.loads(line) for line in (out / "rejected_records.jsonl").read_text().splitlines()]
     video = next(r for r in rejects if r["stage"] == "render")
-    assert video["index"] == 2 and "no video path" in json.dumps(video)
+    assert video["index"] == 2 and "Gemma3Plugin models take no videos" in json.dumps(video)
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
     weights = load_file(str(out / "adapter_model.safetensors"))

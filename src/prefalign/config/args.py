@@ -108,10 +108,12 @@ class ModelArguments:
         "the image processor, as LLaMA-Factory does.", 768 * 768)
     image_min_pixels: int = _help("Vision-language models: an image smaller than this many pixels is scaled up.",
                                   32 * 32)
-    video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (accepted as "
-                                  "LLaMA-Factory's configs set it; videos are refused: no video path yet).", 256 * 256)
+    video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (each sampled frame is "
+                                  "resized to at most this, aspect kept, before the video processor; Qwen2-VL and "
+                                  "Qwen2.5-VL videos, which need PyAV and torchvision).", 256 * 256)
     video_min_pixels: int = _help("Vision-language models: the fewest pixels of a video frame.", 16 * 16)
-    video_fps: float = _help("Vision-language models: frames sampled per second of video.", 2.0)
+    video_fps: float = _help("Vision-language models: frames sampled per second of video (LLaMA-Factory's rule: "
+                             "min(frames, video_maxlen, duration x video_fps), evenly spaced).", 2.0)
     video_maxlen: int = _help("Vision-language models: the most frames sampled from a video.", 128)
     build_demo_model: bool = _help(
         "prefalign only: build the tiny demo model at `model_name_or_path` when it is missing "

@@ -56,7 +56,8 @@ def _stage(default, stage: str) -> LFKey:
 
 
 _MULTIMODAL = "multimodal models (images, video, audio)"
-_NO_VIDEO_PATH = "read, but videos are refused: no video path yet (PyAV and a torchvision built for the installed torch)"
+_VIDEO = ("as LF, for Qwen2-VL / Qwen2.5-VL videos; needs PyAV and a torchvision that loads with the installed "
+          "torch (else a video record is a named record error)")
 _VLLM = "chat generates with transformers' generate, not vLLM"
 _SGLANG = "chat generates with transformers' generate, not SGLang"
 _PPO = "ppo"
@@ -120,10 +121,10 @@ SECTIONS: dict[str, dict[str, LFKey]] = {
         "image_min_pixels": _impl(32 * 32),
         "image_do_pan_and_scan": _not_here(False, "Gemma 3's pan-and-scan crops"),
         "crop_to_patches": _not_here(False, "InternVL's image crops"),
-        "video_max_pixels": _impl(256 * 256, _NO_VIDEO_PATH),
-        "video_min_pixels": _impl(16 * 16, _NO_VIDEO_PATH),
-        "video_fps": _impl(2.0, _NO_VIDEO_PATH),
-        "video_maxlen": _impl(128, _NO_VIDEO_PATH),
+        "video_max_pixels": _impl(256 * 256, _VIDEO),
+        "video_min_pixels": _impl(16 * 16, _VIDEO),
+        "video_fps": _impl(2.0, _VIDEO),
+        "video_maxlen": _impl(128, _VIDEO),
         "use_audio_in_video": _not_here(False, "audio inputs"),
         "audio_sampling_rate": _not_here(16000, "audio inputs"),
     },

@@ -28,7 +28,7 @@ from prefalign.data.lf_encoding import LFEncoder, UnsupportedRecord
 from prefalign.data.templates import (LF_TEMPLATE_ARGUMENTS, TemplateChoice, end_of_turn_token, resolve_template,
                                       stop_token_ids)
 from prefalign.data.media import MediaError, video_refusal
-from prefalign.data.vision import TESTED_TEMPLATES, VisionProcessor
+from prefalign.data.vision import TESTED_TEMPLATES, VideoError, VisionProcessor
 from prefalign.errors import ConfigError, PairError
 
 
@@ -155,25 +155,31 @@ class ChatRenderer:
 
     def media_refusal(self, pair: PreferencePair) -> PairError | None:
         """Why this renderer cannot encode `pair`'s media, as the PairError to raise (stage render): any video
-        (not encoded yet), and images unless a built-in vision template with the model's image processor
-        writes them (a tokenizer's own template never does: its image slots are not LLaMA-Factory's); None
-        when it can."""
+        this run cannot encode (data/vision.VisionProcessor.video_refusal: PyAV or torchvision missing, a family
+        whose videos are not encoded), and images (or videos) unless a built-in vision template with the model's
+        image processor writes them (a tokenizer's own template never does: its image slots are not
+        LLaMA-Factory's); None when it can."""
         if pair.videos:
-            return PairError("render", str(pair.source), "videos", video_refusal())
+            refused = video_refusal() if self.vision is None else self.vision.video_refusal()
+            if refused:
+                return PairError("render", str(pair.source), "videos", refused)
         mm_plugin = self.choice.builtin.lf.mm_plugin if self.choice.builtin is not None else ""
-        if pair.images and (self.vision is None or self.vision.plugin.name != mm_plugin):
+        if (pair.images or pair.videos) and (self.vision is None or self.vision.plugin.name != mm_plugin):
             return PairError("render", str(pair.source), "images",
                              f"{self.name} has no image slots for this model; use template: "
                              f"{', '.join(TESTED_TEMPLATES)} with a vision-language model of that family")
         return None
 
     def with_image_tokens(self, pair: PreferencePair) -> list[Message]:
-        """The pair's prompt with each `<image>` placeholder expanded to its image's tokens (data/vision.py)."""
+        """The pair's prompt with each `<image>` (`<video>`) placeholder expanded to its image's (video's) tokens
+        (data/vision.py)."""
         refusal = self.media_refusal(pair)
         if refusal is not None:
             raise refusal
         try:
-            return self.vision.expand(pair.prompt, pair.images)
+            return self.vision.expand(pair.prompt, pair.images, pair.videos)
+        except VideoError as exc:
+            raise PairError("render", str(pair.source), "videos", str(exc).splitlines()[0]) from None
         except (MediaError, OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             raise PairError("render", str(pair.source), "images", str(exc).splitlines()[0]) from None
 

@@ -71,49 +71,72 @@ class PairCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
                  "layout": BatchLayout.CONCATENATED}
         batch.update(per_pair_columns(features))
-        if any(f.get("images") for f in features):
+        if has_media(features):
             images = [f.get("images") or [] for f in features]
-            batch.update(image_inputs(self.vision, input_ids, images, [*range(len(features))] * 2))
+            batch.update(image_inputs(self.vision, input_ids, images, [*range(len(features))] * 2,
+                                      [f.get("videos") or [] for f in features]))
         return batch
 
 
-def image_inputs(vision, input_ids: torch.Tensor, pair_images: list[list[bytes]], order: list[int] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """The image inputs of a batch whose image tokens hold, in row-major order, the images of pair
+def has_media(features: list[dict]) -> bool:
+    """Whether any of `features` (encoded pairs) has images or videos."""
+    return any(f.get("images") or f.get("videos") for f in features)
+
+
+def image_inputs(vision, input_ids: torch.Tensor, pair_images: list[list[bytes]], order: list[int] | None = None,
+                 pair_videos: list[list[bytes]] | None = None) -> dict[str, torch.Tensor]:
+    """The image (and video) inputs of a batch whose image tokens hold, in row-major order, the images of pair
     `order[0]`, then of pair `order[1]`, ... (`pair_images[i]`: pair i's images; a pair's index may come
     more than once: the concatenated layout's rejected rows, a packed block's two sequences), as the model
-    scatters image features into its image tokens in that order. The image processor runs once per pair
-    (data/vision.model_inputs); its tensors are laid out in that order: Qwen `pixel_values` (patches, D) and
-    `image_grid_thw` (n, 3), LLaVA `pixel_values` (n, C, H, W). With `order`, `image_ids` (n,) long gives each
-    placed image's index among the pairs' images (modeling/logprobs encodes each once). The plugin's token types
-    (R, T) (1 at image tokens): the Qwen families' `mm_token_type_ids`, from which the model computes its 3-D
-    rotary positions; Gemma 3's `token_type_ids`, its bidirectional attention within an image.
-    Without `order` (generation, chat): each pair's images once, in pair order, and no `image_ids`."""
+    scatters image features into its image tokens in that order; its video tokens likewise hold
+    `pair_videos`. The processors run once per pair (data/vision.model_inputs); their tensors are laid out in
+    that order: Qwen `pixel_values` (patches, D) and `image_grid_thw` (n, 3), `pixel_values_videos` and
+    `video_grid_thw` (m, 3) (Qwen2.5-VL: `second_per_grid_ts` (m,)), LLaVA `pixel_values` (n, C, H, W). With
+    `order`, `image_ids` (n,) / `video_ids` (m,) long give each placed image's (video's) index among the
+    pairs' (modeling/logprobs encodes each once). The plugin's token types (R, T) (1 at image tokens, 2 at
+    video tokens): the Qwen families' `mm_token_type_ids`, from which the model computes its 3-D rotary
+    positions; Gemma 3's `token_type_ids`, its bidirectional attention within an image.
+    Without `order` (generation, chat): each pair's media once, in pair order, and no ids."""
     if vision is None:
         raise ValueError("a batch with images needs the collator's vision processor (data/vision.py)")
-    inputs = vision.model_inputs([data for images in pair_images for data in images])
+    pair_videos = pair_videos or [[] for _ in pair_images]
+    inputs = vision.model_inputs([data for images in pair_images for data in images],
+                                 [data for videos in pair_videos for data in videos])
     if order is not None:
-        starts = [0]
-        for images in pair_images:
-            starts.append(starts[-1] + len(images))
-        ids = [k for i in order for k in range(starts[i], starts[i + 1])]
-        inputs = _placed(inputs, ids)
-        inputs["image_ids"] = torch.tensor(ids, dtype=torch.long)
+        for name, pixels_key, grid_key, keys in _PLACED:
+            if pixels_key not in inputs:
+                continue
+            items = pair_images if name == "image" else pair_videos
+            starts = [0]
+            for own in items:
+                starts.append(starts[-1] + len(own))
+            ids = [k for i in order for k in range(starts[i], starts[i + 1])]
+            inputs.update(_placed(inputs, ids, pixels_key, grid_key, keys))
+            inputs[f"{name}_ids"] = torch.tensor(ids, dtype=torch.long)
     if vision.plugin.type_ids:
-        inputs[vision.plugin.type_ids] = (input_ids == vision.image_token_id).long()
+        types = (input_ids == vision.image_token_id).long()
+        if vision.video_token_id is not None:
+            types += 2 * (input_ids == vision.video_token_id).long()
+        inputs[vision.plugin.type_ids] = types
     return inputs
 
 
-def _placed(inputs: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
-    """The image processor's tensors of n images with image k at place j for k = ids[j]."""
-    grid = inputs.get("image_grid_thw")
-    out = {key: value[ids] for key, value in inputs.items() if key != "pixel_values"}
-    pixels = inputs["pixel_values"]
+_PLACED = (("image", "pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes")),
+           ("video", "pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts")))
+"""Each kind of media: its name, its pixels, its grid and the per-item tensors placed with it."""
+
+
+def _placed(inputs: dict[str, torch.Tensor], ids: list[int], pixels_key: str, grid_key: str,
+            keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """One kind's processor tensors of n items with item k at place j for k = ids[j]."""
+    grid = inputs.get(grid_key)
+    out = {key: inputs[key][ids] for key in keys if key in inputs}
+    pixels = inputs[pixels_key]
     if grid is None:  # one row of pixel_values per image
-        out["pixel_values"] = pixels[ids]
+        out[pixels_key] = pixels[ids]
         return out
-    ends = grid.prod(-1).cumsum(0).tolist()  # an image's patches: its grid's t * h * w rows
-    out["pixel_values"] = torch.cat([pixels[(ends[k - 1] if k else 0):ends[k]] for k in ids])
+    ends = grid.prod(-1).cumsum(0).tolist()  # an item's patches: its grid's t * h * w rows
+    out[pixels_key] = torch.cat([pixels[(ends[k - 1] if k else 0):ends[k]] for k in ids])
     return out
 
 
@@ -175,9 +198,9 @@ class PrefixSharedCollator:
                 batch[key][i, :n] = torch.tensor(p[key])
             batch["attention_mask"][i, :n] = 1
         batch.update(per_pair_columns(features))
-        if any(f.get("images") for f in features):  # in the prompt, so once per row; the model places the rotary
+        if has_media(features):  # in the prompt, so once per row; the model places the rotary
             batch.update(image_inputs(self.vision, batch["input_ids"], [f.get("images") or [] for f in features],
-                                      list(range(len(features)))))
+                                      list(range(len(features))), [f.get("videos") or [] for f in features]))
         return batch  # positions of the image rows (modeling/prefix.shared_prefix_rope_positions)
 
 

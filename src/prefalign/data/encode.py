@@ -115,7 +115,7 @@ def encode_pair(pair: PreferencePair, renderer: ChatRenderer, cutoff_len: int) -
                         f"the prompt's {len(prompt_ids)} tokens leave no reply token within cutoff_len {cutoff_len} "
                         f"under LLaMA-Factory's truncation (it keeps the prompt's start); raise cutoff_len or "
                         "shorten the prompt")
-    if pair.images and len(prompt) < len(prompt_ids):
+    if (pair.images or pair.videos) and len(prompt) < len(prompt_ids):
         _check_images_kept(pair, renderer, prompt, prompt_ids, cutoff_len)
     return {
         "prompt_ids": prompt,
@@ -135,10 +135,12 @@ def _check_images_kept(pair: PreferencePair, renderer: ChatRenderer, kept: list[
     markers = renderer.vision.marker_ids(renderer.tokenizer)
     image_tokens = sum(token in markers for token in prompt_ids)
     if sum(token in markers for token in kept) < image_tokens:
-        raise PairError("tokenize", str(pair.source), "images",
-                        f"the prompt's {len(pair.images)} image(s) take {image_tokens} tokens and do not fit within "
+        media = " and ".join(f"{n} {what}(s)" for n, what in ((len(pair.images), "image"), (len(pair.videos), "video"))
+                             if n)
+        raise PairError("tokenize", str(pair.source), "videos" if pair.videos and not pair.images else "images",
+                        f"the prompt's {media} take {image_tokens} tokens and do not fit within "
                         f"cutoff_len {cutoff_len} beside the reply (truncation never cuts an image); raise cutoff_len "
-                        "or lower image_max_pixels")
+                        f"or lower {'image_max_pixels' if pair.images else 'video_max_pixels or video_maxlen'}")
 
 
 def _encode_rendered(pair: PreferencePair, renderer: ChatRenderer) -> tuple[list[int], list[list[int]], bool, bool]:

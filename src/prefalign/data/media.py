@@ -59,10 +59,10 @@ def open_image(data: bytes):
 
 
 def video_refusal() -> str:
-    """Why a record's videos are refused, in one line: prefalign has no video path (decoding with PyAV,
-    frames through transformers' video processor, which runs on torchvision), and which of its two packages
-    this environment lacks. torchvision's PyPI wheel for torch 2.13 (0.28.0) is a CUDA build: beside a
-    CPU-only torch it is installed but fails to import, so an installed package is imported to be sure."""
+    """Why this environment cannot read a record's videos, in one line: prefalign decodes them with PyAV and
+    runs transformers' video processor, which needs torchvision, and here one of the two is missing.
+    torchvision's PyPI wheel for torch 2.13 (0.28.0) is a CUDA build: beside a CPU-only torch it is installed
+    but fails to import, so an installed package is imported to be sure."""
     import importlib.util
 
     missing = [] if importlib.util.find_spec("av") else ["PyAV (av) is not installed"]
@@ -76,10 +76,10 @@ def video_refusal() -> str:
         missing.append(f"the installed torchvision does not load with torch {torch.__version__} "
                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}: it needs a torchvision "
                        "built for this torch)")
-    here = "; ".join(missing) if missing else "both are installed, the video path itself is what is missing"
-    return (f"videos are not read yet: prefalign has no video path (it would decode with PyAV and run transformers' "
-            f"video processor, which needs torchvision; here {here}); remove the record's videos, or skip it "
-            "with on_bad_record: skip")
+    here = "; ".join(missing) if missing else "both load, but the model has no video processor"
+    return (f"videos are not read here: prefalign decodes them with PyAV and runs the model's video processor, which "
+            f"needs torchvision (here {here}); install av and the torchvision built for this torch, remove the "
+            "record's videos, or skip it with on_bad_record: skip")
 
 
 @dataclass(frozen=True)

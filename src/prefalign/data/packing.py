@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from prefalign.contracts import IGNORE_INDEX, SEGMENT_CHOSEN, SEGMENT_REJECTED, BatchLayout
-from prefalign.data.collate import _round_up, image_inputs, pack_pair, padded_rows, per_pair_columns
+from prefalign.data.collate import _round_up, has_media, image_inputs, pack_pair, padded_rows, per_pair_columns
 
 
 def pair_block(prompt: list[int], chosen: list[int], rejected: list[int], *, prefix_sharing: bool) -> dict:
@@ -112,8 +112,8 @@ class PackedCollator:
         batch["spans"] = torch.tensor(spans, dtype=torch.long)
         batch["layout"] = BatchLayout.PACKED
         batch.update(per_pair_columns(features))
-        if any(f.get("images") for f in features):  # each sequence's prompt holds its pair's images, in row order
+        if has_media(features):  # each sequence's prompt holds its pair's images (videos), in row order
             order = [i for row in rows for i in row for _ in range(1 if self.prefix_sharing else 2)]
             batch.update(image_inputs(self.vision, batch["input_ids"], [f.get("images") or [] for f in features],
-                                      order))
+                                      order, [f.get("videos") or [] for f in features]))
         return batch

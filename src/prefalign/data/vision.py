@@ -18,16 +18,26 @@ LLaMA-Factory's rules, per plugin (data/mm_plugin.py):
   `full_image_sequence`, `\\n\\n<start_of_image>` + `<image_soft_token>` x `image_seq_length` +
   `<end_of_image>\\n\\n` (every image the same count, the projector pools it to that many), and the model
   gets `token_type_ids` (1 at the soft tokens: its attention is bidirectional within an image).
+
+Videos (the Qwen2-VL / Qwen2.5-VL plugin, `Qwen2VLPlugin._regularize_videos`): a video file is decoded with
+PyAV; of its N frames, k = min(N, video_maxlen, max(1, floor(duration x video_fps))) are kept, at
+numpy.linspace(0, N - 1, k) (`video_frames`), the last repeated when k is odd (frames go to the tower in
+temporal pairs); each frame is resized as an image is, under `video_max_pixels` / `video_min_pixels`; the
+model's video processor (transformers', which runs on torchvision) patches them into `pixel_values_videos`
+and `video_grid_thw`; a `<video>` placeholder becomes `<|vision_start|>` + `<|video_pad|>` x
+(grid_t * grid_h * grid_w // merge_size²) + `<|vision_end|>`. Qwen2.5-VL's processor also gives the model
+`second_per_grid_ts` (temporal_patch_size / (k / duration)) for its rotary time axis.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass, field
 
-from prefalign.data.formats import IMAGE_PLACEHOLDER, SYSTEM
-from prefalign.data.media import check_placeholder_count, open_image
+from prefalign.data.formats import IMAGE_PLACEHOLDER, SYSTEM, VIDEO_PLACEHOLDER
+from prefalign.data.media import MediaError, check_placeholder_count, open_image, video_refusal
 
 
 @dataclass(frozen=True)
@@ -44,8 +54,9 @@ class VisionPlugin:
     count: str = "grid"  # how an image's token count is known: grid (Qwen), patches (LLaVA), fixed (Gemma 3)
     type_ids: str | None = None  # the model's input that marks image tokens with 1 (collate.image_inputs)
 
-    def image_text(self, seqlen: int) -> str:
-        return self.around + self.start + self.image_token * seqlen + self.end + self.around
+    def image_text(self, seqlen: int, token: str | None = None) -> str:
+        """An image's (or, with `token` the video token, a video's) text: its tokens between the markers."""
+        return self.around + self.start + (token or self.image_token) * seqlen + self.end + self.around
 
     def marker_tokens(self) -> list[str]:
         """The tokens that belong to images (what truncation must never cut)."""
@@ -67,8 +78,57 @@ TESTED_TEMPLATES = ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "gemma3
 """The vision templates the tests check against each family's own processor (the ones errors suggest)."""
 
 
+VIDEO_PLUGINS = ("Qwen2VLPlugin",)
+"""The plugins whose videos prefalign encodes (Qwen3-VL's timestamped frames are not implemented)."""
+
+
 def _scaled(image, factor: float):
     return image.resize((int(image.width * factor), int(image.height * factor)))
+
+
+def sample_indices(total_frames: int, duration: float, fps: float, maxlen: int) -> list[int]:
+    """The frames LLaMA-Factory keeps of a video of `total_frames` frames lasting `duration` seconds
+    (`_get_video_sample_indices`): min(total, maxlen, max(1, floor(duration x fps))) of them, evenly spaced
+    from the first to the last; a stream that does not know its frame count: the first `maxlen`."""
+    import numpy as np
+
+    if total_frames == 0:
+        return list(range(maxlen))
+    count = min(total_frames, maxlen, max(1, math.floor(duration * fps)))
+    return np.linspace(0, total_frames - 1, count).astype(np.int32).tolist()
+
+
+class VideoError(MediaError):
+    """Bytes that are not a readable video, or a video this model's processing cannot take (one line)."""
+
+
+def video_frames(data: bytes, fps: float, maxlen: int) -> tuple[list, float]:
+    """A video file's bytes -> (its sampled frames as RGB PIL images, an even number of them, the last repeated
+    if need be; the sampled frames per second of video, for Qwen2.5-VL's `second_per_grid_ts`).
+
+    Raises VideoError when PyAV cannot read the file or decodes none of the frames it should keep.
+    """
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), "r") as container:
+            stream = next((s for s in container.streams if s.type == "video"), None)
+            if stream is None:
+                raise VideoError(f"has no video stream ({len(data):,} bytes)")
+            duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
+            keep = sample_indices(stream.frames, duration or 0.0, fps, maxlen)
+            wanted = set(keep)
+            frames = [frame.to_image() for n, frame in enumerate(container.decode(stream)) if n in wanted]
+    except av.FFmpegError as err:
+        raise VideoError(f"is not a readable video ({(err.strerror or str(err)).strip() or type(err).__name__}; "
+                         f"{len(data):,} bytes)") from None
+    if len(frames) < len(set(keep)):
+        raise VideoError(f"is a damaged or truncated video: {len(frames)} of the {len(set(keep))} frames to sample "
+                         f"decode ({len(data):,} bytes)")
+    sampled_fps = len(keep) / duration if duration else fps
+    if len(frames) % 2:
+        frames.append(frames[-1])
+    return [frame if frame.mode == "RGB" else frame.convert("RGB") for frame in frames], sampled_fps
 
 
 @dataclass
@@ -89,6 +149,13 @@ class VisionProcessor:
     vision_feature_select_strategy: str = "default"
     image_token_id: int | None = None  # the image token's id in the run's tokenizer
     image_seq_length: int | None = None
+    video_processor: object | None = None  # the model's (needs torchvision); None: videos are refused
+    video_max_pixels: int = 256 * 256
+    video_min_pixels: int = 16 * 16
+    video_fps: float = 2.0
+    video_maxlen: int = 128
+    video_token_id: int | None = None
+    seconds_per_grid: bool = False  # Qwen2.5-VL: the model reads `second_per_grid_ts`
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -97,15 +164,25 @@ class VisionProcessor:
         settings = self.image_processor.to_json_string() if hasattr(self.image_processor, "to_json_string") else ""
         return hashlib.sha256("|".join(map(str, (
             self.plugin.name, self.max_pixels, self.min_pixels, self.patch_size, self.num_additional_image_tokens,
-            self.vision_feature_select_strategy, self.image_seq_length, settings))).encode()).hexdigest()[:16]
+            self.vision_feature_select_strategy, self.image_seq_length, settings, *self._video_identity())))
+            .encode()).hexdigest()[:16]
+
+    def _video_identity(self) -> tuple:
+        if self.video_processor is None:
+            return ()
+        settings = self.video_processor.to_json_string() if hasattr(self.video_processor, "to_json_string") else ""
+        return (self.video_max_pixels, self.video_min_pixels, self.video_fps, self.video_maxlen, settings)
 
     def prepared(self, data: bytes):
         """One image's bytes -> the PIL image the processor gets (LLaMA-Factory's _preprocess_image)."""
-        image = open_image(data)
-        if image.width * image.height > self.max_pixels:
-            image = _scaled(image, math.sqrt(self.max_pixels / (image.width * image.height)))
-        if image.width * image.height < self.min_pixels:
-            image = _scaled(image, math.sqrt(self.min_pixels / (image.width * image.height)))
+        return self.resized(open_image(data), self.max_pixels, self.min_pixels)
+
+    def resized(self, image, max_pixels: int, min_pixels: int):
+        """An image (or a video frame) resized as LLaMA-Factory's _preprocess_image does under these limits."""
+        if image.width * image.height > max_pixels:
+            image = _scaled(image, math.sqrt(max_pixels / (image.width * image.height)))
+        if image.width * image.height < min_pixels:
+            image = _scaled(image, math.sqrt(min_pixels / (image.width * image.height)))
         if self.plugin.qwen:
             if min(image.width, image.height) < 28:
                 image = image.resize((max(image.width, 28), max(image.height, 28)))
@@ -115,13 +192,56 @@ class VisionProcessor:
                 image = image.resize((image.width, image.width * 180))
         return image
 
-    def model_inputs(self, images: list[bytes]) -> dict:
-        """The image processor's tensors for `images`, in order: Qwen `pixel_values` (patches, D) and
-        `image_grid_thw` (n, 3); LLaVA `pixel_values` (n, C, H, W). Empty for no images."""
-        if not images:
-            return {}
-        out = self.image_processor([self.prepared(data) for data in images], return_tensors="pt")
-        return {key: value for key, value in out.items() if key in ("pixel_values", "image_grid_thw", "image_sizes")}
+    def model_inputs(self, images: list[bytes], videos: list[bytes] = ()) -> dict:
+        """The processors' tensors for `images` and `videos`, in order: Qwen `pixel_values` (patches, D) and
+        `image_grid_thw` (n, 3), `pixel_values_videos` (patches, D), `video_grid_thw` (m, 3) and, for
+        Qwen2.5-VL, `second_per_grid_ts` (m,); LLaVA `pixel_values` (n, C, H, W). Empty for no media."""
+        out = {}
+        if images:
+            processed = self.image_processor([self.prepared(data) for data in images], return_tensors="pt")
+            out.update({key: value for key, value in processed.items()
+                        if key in ("pixel_values", "image_grid_thw", "image_sizes")})
+        if videos:
+            out.update(self.video_inputs(videos))
+        return out
+
+    def video_inputs(self, videos: list[bytes]) -> dict:
+        """The video processor's `pixel_values_videos` and `video_grid_thw` for `videos` (module docstring)."""
+        import torch
+
+        refused = self.video_refusal()
+        if refused:
+            raise VideoError(refused)
+        clips, rates = [], []
+        for data in videos:
+            frames, rate = video_frames(data, self.video_fps, self.video_maxlen)
+            clips.append([self.resized(frame, self.video_max_pixels, self.video_min_pixels) for frame in frames])
+            rates.append(rate)
+        processed = self.video_processor(videos=clips, return_tensors="pt")
+        out = {key: processed[key] for key in ("pixel_values_videos", "video_grid_thw")}
+        if self.seconds_per_grid:
+            temporal = getattr(self.video_processor, "temporal_patch_size", 2)
+            out["second_per_grid_ts"] = torch.tensor([temporal / rate for rate in rates])
+        return out
+
+    def video_refusal(self) -> str | None:
+        """Why this run cannot encode videos (one line), or None when it can."""
+        if self.plugin.video_token is None:
+            return (f"{self.plugin.name} models take no videos (LLaMA-Factory: this model does not support video "
+                    "input); remove the record's videos, or skip it with on_bad_record: skip")
+        if self.plugin.name not in VIDEO_PLUGINS:
+            return (f"videos are not encoded for {self.plugin.name} models yet (prefalign encodes them for Qwen2-VL "
+                    "and Qwen2.5-VL, template qwen2_vl); remove the record's videos, or skip it with on_bad_record: skip")
+        return video_refusal() if self.video_processor is None else None
+
+    def video_seqlen(self, data: bytes) -> int:
+        """How many video tokens this video becomes; cached by its hash."""
+        key = "video:" + hashlib.sha256(data).hexdigest()
+        if key not in self._cache:
+            grid = self.video_inputs([data])["video_grid_thw"][0]
+            merge = getattr(self.video_processor, "merge_size", 2)
+            self._cache[key] = int(grid.prod()) // (merge * merge)
+        return self._cache[key]
 
     def seqlen(self, data: bytes) -> int:
         """How many image tokens this image becomes (LLaMA-Factory's process_messages); cached by its hash."""
@@ -139,25 +259,41 @@ class VisionProcessor:
                 self._cache[key] = n - 1 if self.vision_feature_select_strategy == "default" else n
         return self._cache[key]
 
-    def expand(self, messages: list[dict], images: tuple[bytes, ...]) -> list[dict]:
-        """`messages` with each `<image>` placeholder of a non-system message replaced by its image's tokens,
-        in order; a MediaError when they do not match `images` one to one (data/media.check_placeholder_count)."""
-        check_placeholder_count(messages, IMAGE_PLACEHOLDER, len(images))
-        out, at = [], 0
-        for message in messages:
-            if message["role"] == SYSTEM:  # as LLaMA-Factory: its placeholders are text
-                out.append(message)
-                continue
-            pieces = message["content"].split(IMAGE_PLACEHOLDER)
-            text = pieces[0]
-            for piece in pieces[1:]:
-                text += self.plugin.image_text(self.seqlen(images[at])) + piece
-                at += 1
-            out.append({**message, "content": text})
-        return out
+    def expand(self, messages: list[dict], images: tuple[bytes, ...], videos: tuple[bytes, ...] = ()) -> list[dict]:
+        """`messages` with each `<image>` (`<video>`) placeholder of a non-system message replaced by its image's
+        (video's) tokens, in order; a MediaError when they do not match `images` (`videos`) one to one
+        (data/media.check_placeholder_count)."""
+        for placeholder, items, text_of in (
+                (IMAGE_PLACEHOLDER, images, lambda data: self.plugin.image_text(self.seqlen(data))),
+                (VIDEO_PLACEHOLDER, videos,
+                 lambda data: self.plugin.image_text(self.video_seqlen(data), self.plugin.video_token))):
+            messages = _expanded(messages, placeholder, items, text_of)
+        return messages
 
     def marker_ids(self, tokenizer) -> set[int]:
         return {tokenizer.convert_tokens_to_ids(t) for t in self.plugin.marker_tokens()}
+
+
+def _expanded(messages: list[dict], placeholder: str, items: tuple[bytes, ...], text_of) -> list[dict]:
+    check_placeholder_count(messages, placeholder, len(items))
+    if not items:
+        return messages
+    out, at = [], 0
+    for message in messages:
+        if message["role"] == SYSTEM:  # as LLaMA-Factory: its placeholders are text
+            out.append(message)
+            continue
+        pieces = message["content"].split(placeholder)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            try:
+                text += text_of(items[at]) + piece
+            except VideoError as err:
+                raise VideoError(f"video {at + 1} of the prompt {err}; replace the file, or skip the record with "
+                                 "on_bad_record: skip") from None
+            at += 1
+        out.append({**message, "content": text})
+    return out
 
 
 def plugin_for(mm_plugin: str) -> VisionPlugin | None:

@@ -323,62 +323,88 @@ def _takes_encoded_images(decoder_class: type) -> bool:
         "mm_encoder_outputs" in inspect.signature(decoder_class.forward).parameters
 
 
-def _images_encoded_once(decoder, inputs: dict, image_ids: torch.Tensor, reuse: dict | None = None) -> None:
-    """A batch's image tokens hold its images in row-major order, image k of the pairs' images at every
-    place j with `image_ids[j]` = k (data/collate.image_inputs): the concatenated layout's rejected rows repeat
-    the chosen rows' images, a packed block's two sequences each hold their pair's. Run the vision tower and
-    projector on each image once (at its first place) and hand the model its features at every place
-    (`mm_encoder_outputs`, transformers' own input for encoder outputs computed beforehand), so the tower runs
-    once per pair. The features, and their gradients (summed over the uses), are the same as when the tower
-    encodes every copy; and the decoder's keywords (a packed batch's spans) never reach the tower's attention.
-    A model whose forward takes no such input is left as it is.
-    `reuse` (scoring.score_batch): a dict the first model to encode the batch's images fills and the next one
+_MEDIA = (("image", "pixel_values", "image_grid_thw", "get_image_features"),
+          ("video", "pixel_values_videos", "video_grid_thw", "get_video_features"))
+"""Each kind of media: its name in `mm_encoder_outputs` (and its batch's `<name>_ids`), its pixel and grid
+inputs, the model's encoder method."""
+
+
+def has_media(batch: dict) -> bool:
+    """True for a batch with image or video pixels (a vision-language model's)."""
+    return any(kind[1] in batch for kind in _MEDIA)
+
+
+def media_ids(batch: dict) -> dict[str, torch.Tensor] | None:
+    """The collator's `image_ids` / `video_ids` of a batch by kind (data/collate.image_inputs), None without."""
+    ids = {name: batch[f"{name}_ids"] for name, *_ in _MEDIA if f"{name}_ids" in batch}
+    return ids or None
+
+
+def _images_encoded_once(decoder, inputs: dict, ids_by_kind: dict, reuse: dict | None = None) -> None:
+    """A batch's image (video) tokens hold its images (videos) in row-major order, image k of the pairs' images
+    at every place j with `ids_by_kind["image"][j]` = k (data/collate.image_inputs): the concatenated layout's
+    rejected rows repeat the chosen rows' media, a packed block's two sequences each hold their pair's. Run the
+    vision tower and projector on each image and video once (at its first place) and hand the model its
+    features at every place (`mm_encoder_outputs`, transformers' own input for encoder outputs computed
+    beforehand), so the tower runs once per pair. The features, and their gradients (summed over the uses), are
+    the same as when the tower encodes every copy; and the decoder's keywords (a packed batch's spans) never
+    reach the tower's attention. A model whose forward takes no such input is left as it is.
+    `reuse` (scoring.score_batch): a dict the first model to encode the batch's media fills and the next one
     reads, for a reference whose tower and projector are the policy's, frozen."""
-    if "pixel_values" not in inputs or not _takes_encoded_images(type(decoder)):
+    present = [kind for kind in _MEDIA if kind[1] in inputs and kind[0] in ids_by_kind]
+    if not present or not _takes_encoded_images(type(decoder)) or \
+            any(not hasattr(decoder, kind[3]) for kind in present):
         return
-    if reuse is not None and "image" in reuse:
-        del inputs["pixel_values"]
-        inputs["mm_encoder_outputs"] = {"image": reuse["image"]}
-        return
-    ids = image_ids.tolist()
+    outputs = {}
+    for name, pixels_key, grid_key, method in present:
+        pixels = inputs.pop(pixels_key)
+        if reuse is not None and name in reuse:
+            outputs[name] = reuse[name]
+            continue
+        outputs[name] = _encoded_once(getattr(decoder, method), pixels, inputs.get(grid_key),
+                                      ids_by_kind[name].tolist())
+        if reuse is not None:
+            reuse[name] = outputs[name]
+    inputs["mm_encoder_outputs"] = outputs
+
+
+def _encoded_once(encode, pixels, grid, ids: list[int]):
+    """One kind of media, placed as `ids` says, encoded once each and its features handed to every place."""
     slot: dict[int, int] = {}  # image -> its place among the encoded ones
     first: list[int] = []  # the place each encoded image is taken from
     for j, k in enumerate(ids):
         if k not in slot:
             slot[k] = len(first)
             first.append(j)
-    pixels, grid = inputs.pop("pixel_values"), inputs.get("image_grid_thw")
     if grid is not None:  # Qwen: the patches of all placed images in one (P, D) tensor, an image's size its grid
         ends = grid.prod(-1).cumsum(0).tolist()
         own = torch.cat([pixels[(ends[j - 1] if j else 0):ends[j]] for j in first])
-        encoded = decoder.get_image_features(own, grid[first], return_dict=True)
+        encoded = encode(own, grid[first], return_dict=True)
     else:  # LLaVA, Gemma 3: one (C, H, W) image per row of pixel_values
-        encoded = decoder.get_image_features(pixel_values=pixels[first], return_dict=True)
+        encoded = encode(pixel_values=pixels[first], return_dict=True)
     pooled = encoded.pooler_output  # per image: a list (Qwen, LLaVA) or one (n, tokens, D) tensor (Gemma 3)
     places = [slot[k] for k in ids]
     encoded.pooler_output = pooled[torch.tensor(places, device=pooled.device)] if torch.is_tensor(pooled) \
         else [pooled[j] for j in places]
     if getattr(encoded, "deepstack_features", None) is not None:  # Qwen3-VL: per layer, per image
         encoded.deepstack_features = [[layer[slot[k]] for k in ids] for layer in encoded.deepstack_features]
-    inputs["mm_encoder_outputs"] = {"image": encoded}
-    if reuse is not None:
-        reuse["image"] = encoded
+    return encoded
 
 
-def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, image_ids=None,
+def _response_logps_forward(lm, scored_labels, chunk_size, want_sqnorm, decoder_kwargs, ids_by_kind=None,
                             reuse=None, **kwargs):
     """The body of `response_token_logps`, run as the causal LM's forward (see the module docstring).
 
     `kwargs` are what the wrappers pass on (input_ids, attention_mask, position_ids, and Nones
     such as labels=None from PEFT); the decoder gets the non-None ones, and `decoder_kwargs`.
-    `image_ids`: which image each placed one is (`_images_encoded_once`, with `reuse`); None: the model
-    encodes every placed image itself.
+    `ids_by_kind`: which image (video) each placed one is (`_images_encoded_once`, with `reuse`); None: the
+    model encodes every placed image itself.
     """
     skip = ("labels", "return_dict", "use_cache", "output_attentions", "output_hidden_states")
     inputs = {k: v for k, v in kwargs.items() if v is not None and k not in skip}
     decoder, head = _decoder_and_head(lm)
-    if image_ids is not None:
-        _images_encoded_once(decoder, inputs, image_ids, reuse)
+    if ids_by_kind is not None:
+        _images_encoded_once(decoder, inputs, ids_by_kind, reuse)
     routed = bool(getattr(lm.config, "output_router_logits", False))
     decoded = decoder(**inputs, **decoder_kwargs, use_cache=False, **({"output_router_logits": True} if routed else {}))
     hidden = decoded.last_hidden_state
@@ -411,15 +437,16 @@ def _router_aux_loss(lm, router_logits, attention_mask) -> torch.Tensor:
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                          *, chunk_size: int = 1024, want_sqnorm: bool = False, position_ids=None,
                          decoder_kwargs: dict | None = None, vision_inputs: dict | None = None,
-                         image_ids: torch.Tensor | None = None, image_features: dict | None = None):
+                         media_ids: dict | None = None, image_features: dict | None = None):
     """Log-probs of the labelled tokens of each row.
 
     Args: input_ids, labels: (R, T); labels are -100 where not scored. attention_mask: (R, T), or a
     prepared (R, 1, T, T) mask (prefix sharing); position_ids: (R, T) or None; `decoder_kwargs`
     go to the decoder's forward (the spans of a packed batch); `vision_inputs` (contracts.VISION_INPUTS:
     pixel_values, image_grid_thw, ...) go through the wrapped model's forward to a vision-language model;
-    `image_ids` (n,): for each image in the batch's row-major order, which of the pairs' images it is (the
-    collator's; the vision tower then runs once per image; None: the model encodes every placed image);
+    `media_ids` ({"image": (n,), "video": (m,)}, `media_ids(batch)`): for each image (video) in the batch's
+    row-major order, which of the pairs' images (videos) it is (the collator's; the vision tower then runs
+    once per image; None: the model encodes every placed image);
     `image_features`: a dict to fill with (or read) those encoded images (see `pair_logps`).
     Returns a dict with `mask` (R, T-1) bool (True where position t predicts a scored token
     t+1), `token_logps` (N,) for the N scored tokens in row-major order, `logit_means` (N,)
@@ -431,7 +458,7 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
     def forward(*args, **kwargs):
         if args:
             raise TypeError("prefalign calls the model with keyword arguments only")
-        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, image_ids,
+        return _response_logps_forward(lm, labels, chunk_size, want_sqnorm, decoder_kwargs or {}, media_ids,
                                        image_features, **kwargs)
 
     with _forward_replaced(lm, forward):
@@ -468,14 +495,16 @@ def _left_aligned(values: torch.Tensor, seq: torch.Tensor, counts: torch.Tensor)
 
 
 def distinct_images(batch: dict) -> int:
-    """How many images a batch's pairs hold, each counted once however often the batch places it (the
+    """How many images (and videos) a batch's pairs hold, each counted once however often the batch places it (the
     concatenated layout's rejected rows, a packed block's two sequences): `image_ids` name each placed image's
     index among them (data/collate.image_inputs); a batch without them places each image once."""
-    ids = batch.get("image_ids")
+    ids = media_ids(batch)
     if ids is not None:
-        return len(set(ids.tolist()))
-    images = batch.get("image_grid_thw", batch.get("pixel_values"))
-    return 0 if images is None else len(images)
+        return sum(len(set(placed.tolist())) for placed in ids.values())
+    media = [batch[key] for key in ("image_grid_thw", "video_grid_thw") if key in batch]
+    if not media and "pixel_values" in batch:
+        media = [batch["pixel_values"]]
+    return sum(len(part) for part in media)
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
@@ -512,7 +541,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
         lm = causal_lm(model)
         attention_mask = shared_prefix_attention_mask(
             batch["segment_ids"], getattr(lm.config, "_attn_implementation", None), lm.dtype)
-        if "image_grid_thw" in batch:  # a Qwen vision-language model's 3-D rotary positions
+        if "image_grid_thw" in batch or "video_grid_thw" in batch:  # a Qwen vision-language model's 3-D rotary positions
             from prefalign.modeling.prefix import shared_prefix_rope_positions
 
             position_ids = shared_prefix_rope_positions(_decoder_and_head(lm)[0], batch)
@@ -520,7 +549,7 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, chunk_size: int = 1024,
                                chunk_size=chunk_size, want_sqnorm=want_sqnorm,
                                position_ids=position_ids, decoder_kwargs=decoder_kwargs,
                                vision_inputs={k: batch[k] for k in VISION_INPUTS if k in batch},
-                               image_ids=batch.get("image_ids") if vision_once or layout is BatchLayout.PACKED
+                               media_ids=media_ids(batch) if vision_once or layout is BatchLayout.PACKED
                                else None,  # the model's own encoding would hand a packed batch's spans to its tower
                                image_features=image_features)
     mask = out["mask"]

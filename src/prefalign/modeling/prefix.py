@@ -48,9 +48,12 @@ def shared_prefix_rope_positions(base_model, batch: dict[str, torch.Tensor]) -> 
     prompt's last token, which is the CHOSEN segment's first token here. Padding is at 0."""
     segments = batch["segment_ids"]
     seen = (segments != SEGMENT_PAD) & (segments != SEGMENT_REJECTED)
+    import inspect
+
+    media = {key: batch[key] for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+             if key in batch and key in inspect.signature(base_model.get_rope_index).parameters}
     positions, _ = base_model.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-        image_grid_thw=batch.get("image_grid_thw"), attention_mask=seen.long())
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], attention_mask=seen.long(), **media)
     rejected = segments == SEGMENT_REJECTED
     for row in range(segments.shape[0]):
         last_prompt = int((segments[row] == SEGMENT_SHARED).sum())  # index of the CHOSEN segment's first token
@@ -85,7 +88,9 @@ def packed_rope_positions(base_model, batch: dict[str, torch.Tensor]) -> torch.T
         rows["mm_token_type_ids"][u, :end - start] = batch["mm_token_type_ids"][row, start:end]
         # a plain sequence is one segment (the collator marks a packed rejected sequence REJECTED)
         rows["segment_ids"][u, :end - start] = batch["segment_ids"][row, start:end] if shared else SEGMENT_CHOSEN
-    rows["image_grid_thw"] = batch.get("image_grid_thw")
+    for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+        if key in batch:
+            rows[key] = batch[key]
     own = shared_prefix_rope_positions(base_model, rows)
     positions = batch["position_ids"].new_zeros((3, *batch["input_ids"].shape))
     for u, (row, start, end, _) in enumerate(units):

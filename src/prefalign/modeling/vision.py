@@ -230,11 +230,36 @@ def load_vision(model_args, data_args, tokenizer):
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise PrefalignError(f"template: {data_args.template} writes images as {plugin.image_token}, which the "
                              f"tokenizer of {path!r} does not have; is it a model of that template's family?")
+    video_processor = _video_processor(path, model_args) if plugin.video_token else None
     return VisionProcessor(plugin, image_processor, model_args.image_max_pixels, model_args.image_min_pixels,
                            patch_size=attributes.get("patch_size"),
                            num_additional_image_tokens=attributes.get("num_additional_image_tokens") or 0,
                            vision_feature_select_strategy=attributes.get("vision_feature_select_strategy") or "default",
-                           image_token_id=image_token_id, image_seq_length=attributes.get("image_seq_length"))
+                           image_token_id=image_token_id, image_seq_length=attributes.get("image_seq_length"),
+                           video_processor=video_processor, video_max_pixels=model_args.video_max_pixels,
+                           video_min_pixels=model_args.video_min_pixels, video_fps=model_args.video_fps,
+                           video_maxlen=model_args.video_maxlen,
+                           video_token_id=tokenizer.convert_tokens_to_ids(plugin.video_token) if plugin.video_token
+                           else None,
+                           seconds_per_grid="second_per_grid_ts" in attributes.get("model_input_names", ()))
+
+
+def _video_processor(path: str, model_args):
+    """The model's video processor (transformers' AutoVideoProcessor), or None where it cannot be built: its
+    processing runs on torchvision, and PyAV decodes the files (data/media.video_refusal says which is missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("av") is None:
+        return None
+    try:
+        import torchvision  # noqa: F401
+        from transformers import AutoVideoProcessor
+
+        return AutoVideoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=model_args.model_revision, cache_dir=model_args.cache_dir)
+    except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails while registering its ops
+        logger.info("No video processor for %s (%s): videos are refused", path, str(exc).splitlines()[0])
+        return None
 
 
 def _image_processor(path: str, model_args):
@@ -263,7 +288,8 @@ def _processor_attributes(path: str, model_args) -> dict:
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
                                                   revision=model_args.model_revision, cache_dir=model_args.cache_dir)
-        return {key: getattr(processor, key) for key in _ATTRIBUTES if getattr(processor, key, None) is not None}
+        return {key: getattr(processor, key) for key in (*_ATTRIBUTES, "model_input_names")
+                if getattr(processor, key, None) is not None}
     except (ImportError, OSError, ValueError, TypeError):
         pass
     file = Path(path) / "processor_config.json"
@@ -277,6 +303,9 @@ def save_processor(model_args, output_dir) -> None:
     image_processor = _image_processor(model_args.model_name_or_path, model_args)
     if image_processor is not None:
         image_processor.save_pretrained(str(output_dir))
+    video_processor = _video_processor(model_args.model_name_or_path, model_args)
+    if video_processor is not None:
+        video_processor.save_pretrained(str(output_dir))
     source = Path(model_args.model_name_or_path) / "processor_config.json"
     if source.is_file():
         shutil.copyfile(source, Path(output_dir) / "processor_config.json")
