@@ -47,6 +47,26 @@ def test_packing_length_without_packing_is_a_one_line_error(tmp_path):
     assert "packing_length is set but packing is off; set packing: true" in run.stderr
 
 
+def test_evaluations_without_held_out_pairs_are_a_one_line_error(tmp_path):
+    """lora_dpo.yaml evaluates every 50 steps; with val_size 0 nothing is held out. transformers' Trainer
+    raises a ValueError for that at its construction, after the model and data are loaded; prefalign says so
+    before loading anything, naming the keys. Holding pairs out another way, or no evaluations, is valid."""
+    from prefalign.config import load_config
+    from prefalign.errors import ConfigError
+
+    message = ("eval_strategy: steps evaluates held-out pairs, and this config holds none out: set val_size "
+               "(e.g. 0.1) or eval_dataset, or eval_strategy: no")
+    run = prefalign("train", "examples/lora_dpo.yaml", "val_size=0", f"output_dir={tmp_path / 'out'}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert [line for line in run.stderr.splitlines() if message in line]
+    assert not (tmp_path / "out").exists()
+    for keys in (["eval_strategy=no"], ["eval_dataset=demo_eval"]):
+        config = load_config(ROOT / "examples" / "lora_dpo.yaml", ["val_size=0", *keys, f"output_dir={tmp_path / 'ok'}"])
+        assert config.data.val_size == 0
+    with pytest.raises(ConfigError, match="eval_strategy: steps evaluates held-out pairs"):
+        load_config(ROOT / "examples" / "lora_dpo.yaml", ["val_size=0", f"output_dir={tmp_path / 'ok'}"])
+
+
 def test_missing_model_is_a_clean_error(tmp_path):
     run = prefalign("train", "examples/quickstart.yaml", f"model_name_or_path={tmp_path / 'nothing'}",
                     "build_demo_model=false", f"output_dir={tmp_path / 'out'}",

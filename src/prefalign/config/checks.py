@@ -14,8 +14,9 @@ def _hint(value, choices) -> str:
     return f"{hint} " if hint else ""
 
 
-def cross_group_problems(model, data, ft, training: dict) -> list[str]:
-    """Checks that read more than one argument group (`training`: the training keys given).
+def cross_group_problems(model, data, ft, training: dict, command: str = "train") -> list[str]:
+    """Checks that read more than one argument group (`training`: the training keys given) for the prefalign
+    `command` the config is for.
 
     The one place for them: a check of one group's own fields is that group's `problems()`.
     """
@@ -23,6 +24,10 @@ def cross_group_problems(model, data, ft, training: dict) -> list[str]:
     from prefalign.config import scale
 
     problems = []
+    evaluates = str(training.get("eval_strategy") or "no") != "no"
+    if command == "train" and evaluates and not data.val_size and not data.eval_dataset:
+        problems.append(f"eval_strategy: {training['eval_strategy']} evaluates held-out pairs, and this config holds "
+                        "none out: set val_size (e.g. 0.1) or eval_dataset, or eval_strategy: no")
     if ft.early_stopping_steps is not None:
         problems += _early_stopping_problems(ft.early_stopping_steps, data, training)
     if training.get("do_train") is False:
@@ -49,7 +54,8 @@ def _early_stopping_problems(patience: int, data, training: dict) -> list[str]:
     if not training.get("metric_for_best_model"):
         problems.append("early_stopping_steps needs metric_for_best_model, the metric that must improve, e.g. "
                         "eval_loss (or rewards/accuracies with greater_is_better: true)")
-    if not data.val_size and not data.eval_dataset:
+    if str(training.get("eval_strategy") or "no") == "no" and not data.val_size and not data.eval_dataset:
+        # (with evaluations on, cross_group_problems names the missing held-out data itself)
         problems.append("early_stopping_steps needs held-out data: set val_size (e.g. 0.1) or eval_dataset")
     return problems
 

@@ -152,7 +152,7 @@ def build_config(values: dict[str, Any], command: str = "train") -> RunConfig:
     train_values.setdefault("output_dir", "saves/prefalign-run")
     for group in (model, data, finetuning, export, generation):
         problems += group.problems()
-    problems += cross_group_problems(model, data, finetuning, train_values)
+    problems += cross_group_problems(model, data, finetuning, train_values, command)
 
     training = None
     train_values["remove_unused_columns"] = False  # our collator reads the encoded pair columns
