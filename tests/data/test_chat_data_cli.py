@@ -177,7 +177,7 @@ def test_every_skipped_record_is_written_with_its_stage(tiny_model_dir, tmp_path
     from prefalign.modeling.load import load_tokenizer
 
     config = load_config(EXAMPLES / "lora_dpo.yaml",
-                         stage_config(tmp_path, tiny_model_dir, "skip"))
+                         stage_config(tmp_path, tiny_model_dir, "skip"), command="data")
     data = prepare_data(config.data, load_tokenizer(config.model), seed=0, cache_dir=str(tmp_path / "cache"))
     data.write(tmp_path / "out")
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejected_records.jsonl").read_text().splitlines()]

@@ -45,9 +45,9 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read `path` (YAML), apply `key=value` overrides, and return a validated `RunConfig`."""
-    return build_config(read_values(path, overrides))
+def load_config(path: str | Path | None, overrides: list[str] = (), command: str = "train") -> RunConfig:
+    """Read `path` (YAML), apply `key=value` overrides, and return a `RunConfig` validated for `command`."""
+    return build_config(read_values(path, overrides), command)
 
 
 def read_values(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
