@@ -92,6 +92,28 @@ def test_fused_kernel_equals_naive_values_and_gradients(monkeypatch, transform, 
         assert torch.allclose(fused, plain, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [None, 0.5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_head_forms_the_input_gradient_in_the_forward(monkeypatch, scale, with_bias):
+    """A frozen head (LoRA's): the hidden states' gradient equals autograd's on full logits, and the backward
+    runs no matmul at all (the forward formed w_t - E_softmax[w]; a recompute of the tiles would show as mm)."""
+    monkeypatch.setattr(logprobs, "VOCAB_BLOCK", {"cpu": 7})
+    torch.manual_seed(1)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    weight, bias = torch.randn(30, 16), (torch.randn(30) if with_bias else None)
+    targets, upstream = torch.randint(0, 30, (13,)), torch.randn(13)
+
+    token, _, _ = _FusedResponseLogps.apply(hidden, weight, bias, targets, 5, None, scale, False, True)
+    with torch.profiler.profile() as prof:
+        (fused,) = torch.autograd.grad((token * upstream).sum(), [hidden])
+    matmuls = [e.key for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")]
+    n_token, _, _ = naive(hidden, weight, bias, targets, scale=scale)
+    (plain,) = torch.autograd.grad((n_token * upstream).sum(), [hidden])
+    assert torch.allclose(token, n_token, atol=1e-5)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert matmuls == []
+
+
 def test_head_that_is_not_a_plain_linear_takes_the_module_path_with_the_same_result():
     """A LoRA-wrapped head must be called as a module (its weight alone would drop the adapter)."""
     from peft import LoraConfig, get_peft_model
