@@ -318,7 +318,10 @@ def test_a_truncated_video_is_a_named_record_error_or_a_counted_skip(vlm_dirs, c
 
 def test_the_cli_names_a_truncated_video_and_counts_its_skip(vlm_dirs, clips, tmp_path):
     """`prefalign data` on a dataset whose record 2's video is truncated: one error line naming the file, record and
-    field, exit 2; with on_bad_record=skip the three good pairs load and the skip is counted at stage render."""
+    field, exit 2; with on_bad_record=skip the three good pairs load and the skip is counted at stage render, and the
+    summary counts their videos: clips of 4, 6 and 10 frames at 4 fps (1, 1.5 and 2.5 s) keep floor(2 x duration) =
+    2, 3 and 5 frames, 2, 4 and 6 given to the processor (even counts): 12 frames, 1 + 2 + 3 temporal steps of 4
+    tokens (56 x 42 -> 56 x 56): 24 video tokens."""
     data_dir = _clips_folder(tmp_path / "data", clips, truncate=2)
 
     def run(*args):
@@ -336,6 +339,7 @@ def test_the_cli_names_a_truncated_video_and_counts_its_skip(vlm_dirs, clips, tm
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped records by stage: render 1 (see rejected_records.jsonl)" in skipped.stdout.splitlines(), \
         skipped.stdout
+    assert "train: 3 pairs with videos, 3 videos, 12 sampled frames, 24 video tokens" in skipped.stdout.splitlines()
 
 
 def test_the_reference_cache_key_covers_the_video_bytes(vlm_dirs, tmp_path):
@@ -368,7 +372,9 @@ def test_truncation_never_cuts_a_video(vlm_dirs, clips):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path, family):
     """`prefalign train` with LoRA on the four-clip dataset: the first logged loss is ln 2 (policy == reference,
-    the adapter disabled) and training moves it; the vision tower runs once per pair."""
+    the adapter disabled) and training moves it; the vision tower runs once per pair. data_summary.json counts the
+    videos: clips of 4, 6, 8, 10 frames at 4 fps keep 2, 3, 4, 5 frames, 2, 4, 4, 6 given to the processor (16), in
+    1 + 2 + 2 + 3 = 8 temporal steps of 4 tokens (Qwen3-VL: 2, CLIPS): 32 (16) video tokens."""
     data_dir = _clips_folder(tmp_path / "data", clips)
     run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(EXAMPLES / "lora_dpo.yaml"),
                           f"model_name_or_path={vlm_dirs[family]}", "build_demo_model=false",
@@ -381,5 +387,49 @@ def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path, f
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())["train"]
+    assert {k: summary[k] for k in ("pairs_with_videos", "videos", "video_frames", "video_tokens")} == {
+        "pairs_with_videos": 4, "videos": 4, "video_frames": 16, "video_tokens": 8 * (2 if family == "qwen3_vl" else 4)}
     runs = [h["vision/tower_runs_per_pair"] for h in history if "vision/tower_runs_per_pair" in h]
     assert runs and all(r == pytest.approx(1.0) for r in runs)
+
+
+def test_chat_answers_about_a_video_and_refuses_one_for_a_family_without_videos(vlm_dirs, clips, tmp_path):
+    """`prefalign chat --video` on the tiny Qwen3-VL: the greedy answer is the model's own `generate` on its
+    processor's inputs for the conversation (the video before the text, as LF's chat places it when the message
+    has no `<video>`); on a LLaVA model (no videos in LF either) a one-line error, no traceback."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clips["ten"][0])
+
+    def chat(model, template):
+        return subprocess.run([sys.executable, "-m", "prefalign", "chat", str(EXAMPLES / "lora_dpo.yaml"),
+                               f"model_name_or_path={model}", "build_demo_model=false", f"template={template}",
+                               "finetuning_type=full", "max_new_tokens=6", "do_sample=false", "bf16=false", "--video", str(clip), "--prompt",
+                               "What moves?"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    run = chat(vlm_dirs["qwen3_vl"], "qwen3_vl_nothink")
+    assert run.returncode == 0, run.stderr[-3000:]
+    path = vlm_dirs["qwen3_vl"]
+    processor = load_processor(path)
+    pair = PreferencePair([{"role": "user", "content": "<video>What moves?"}], "", "", RecordSource("chat", 0),
+                          videos=(clips["ten"][0],))
+    prompt_ids, _ = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
+    _, inputs = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
+    model = load_causal_lm(path, ModelArguments(model_name_or_path=path)).eval()
+    inputs = {k: v for k, v in inputs.items()}
+    n = len(prompt_ids)  # the processor's inputs for the prompt alone (no reply, no end of turn)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :n], inputs["attention_mask"][:, :n]
+    inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :n]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=[end],
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    expected = processor.tokenizer.decode(output[0, n:], skip_special_tokens=True)
+    answer = next(line for line in run.stdout.splitlines() if line.startswith("Assistant: "))
+    assert answer.removeprefix("Assistant: ").strip() == expected.strip(), (run.stdout, expected)
+
+    llava = build_vlm("llava", tmp_path / "llava")
+    refused = chat(llava, "llava")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    errors = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--video" in errors[0] and "take no videos" in errors[0], refused.stderr

@@ -131,6 +131,29 @@ class Clip:
     seconds: list[float]
 
 
+def _sampling(container, size: int, fps: float, maxlen: int):
+    """(the video stream, the indices of the frames to keep, its frames per second, its duration or None)."""
+    stream = next((s for s in container.streams if s.type == "video"), None)
+    if stream is None:
+        raise VideoError(f"has no video stream ({size:,} bytes)")
+    duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
+    rate = float(stream.average_rate) if stream.average_rate else fps
+    return stream, sample_indices(stream.frames, duration or 0.0, fps, maxlen), rate, duration
+
+
+def sampled_frame_count(data: bytes, fps: float, maxlen: int) -> int:
+    """How many frames the video processor gets of this video (`video_frames`, the repeated last one included),
+    from the file's header alone (nothing is decoded); 0 for a file PyAV cannot read."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), "r") as container:
+            keep = _sampling(container, len(data), fps, maxlen)[1]
+    except (av.FFmpegError, VideoError):
+        return 0
+    return len(keep) + len(keep) % 2
+
+
 def video_frames(data: bytes, fps: float, maxlen: int) -> Clip:
     """A video file's bytes -> its Clip, sampled as LLaMA-Factory samples it (module docstring).
 
@@ -140,12 +163,7 @@ def video_frames(data: bytes, fps: float, maxlen: int) -> Clip:
 
     try:
         with av.open(io.BytesIO(data), "r") as container:
-            stream = next((s for s in container.streams if s.type == "video"), None)
-            if stream is None:
-                raise VideoError(f"has no video stream ({len(data):,} bytes)")
-            duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
-            rate = float(stream.average_rate) if stream.average_rate else fps
-            keep = sample_indices(stream.frames, duration or 0.0, fps, maxlen)
+            stream, keep, rate, duration = _sampling(container, len(data), fps, maxlen)
             wanted = set(keep)
             frames = [frame.to_image() for n, frame in enumerate(container.decode(stream)) if n in wanted]
     except av.FFmpegError as err:
