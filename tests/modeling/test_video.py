@@ -281,6 +281,14 @@ def test_video_limits_are_lfs(vlm_dirs, clips):
     assert plain.identity != vision.identity  # the encoded-data cache tells the two apart
 
 
+def test_qwen3_vl_timestamps_follow_video_maxlen(vlm_dirs, clips):
+    """Qwen3-VL under video_maxlen 3: the ten-frame clip keeps frames 0, 4, 9 (padded to 0, 4, 9, 9), two temporal
+    steps of 2 tokens at (0 + 4) / 8 = 0.5 s and (9 + 9) / 8 = 2.25 s, written "0.5" and "2.2"."""
+    _, vision, _ = _run(vlm_dirs["qwen3_vl"], "qwen3_vl_nothink", video_maxlen=3)
+    step = "<|vision_start|><|video_pad|><|video_pad|><|vision_end|>"
+    assert vision.video_text(clips["ten"][0]) == f"<0.5 seconds>{step}<2.2 seconds>{step}"
+
+
 def _clips_folder(root: Path, clips, truncate: int | None = None) -> Path:
     """A ShareGPT preference dataset of four video records (LF's `videos` column); record `truncate` cut short."""
     root.mkdir(parents=True, exist_ok=True)
@@ -413,10 +421,8 @@ def test_chat_answers_about_a_video_and_refuses_one_for_a_family_without_videos(
     processor = load_processor(path)
     pair = PreferencePair([{"role": "user", "content": "<video>What moves?"}], "", "", RecordSource("chat", 0),
                           videos=(clips["ten"][0],))
-    prompt_ids, _ = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
-    _, inputs = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
+    prompt_ids, inputs = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
     model = load_causal_lm(path, ModelArguments(model_name_or_path=path)).eval()
-    inputs = {k: v for k, v in inputs.items()}
     n = len(prompt_ids)  # the processor's inputs for the prompt alone (no reply, no end of turn)
     inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :n], inputs["attention_mask"][:, :n]
     inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :n]
