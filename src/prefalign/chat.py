@@ -18,9 +18,9 @@ from prefalign.config import RunConfig
 from prefalign.contracts import PreferencePair, RecordSource
 from prefalign.data.chat import ChatRenderer
 from prefalign.data.collate import image_inputs
-from prefalign.data.formats import IMAGE_PLACEHOLDER
+from prefalign.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from prefalign.data.media import MediaError, open_image
-from prefalign.data.vision import TESTED_TEMPLATES
+from prefalign.data.vision import TESTED_TEMPLATES, VideoError
 from prefalign.errors import PrefalignError
 from prefalign.modeling.load import compute_dtype, load_inference_policy, load_run_tokenizer
 from prefalign.modeling.vision import load_vision
@@ -45,10 +45,11 @@ class ChatSession:
     """Generates replies for one or two speakers with one tokenizer, template and generation setup."""
 
     def __init__(self, config: RunConfig, tokenizer, speakers: list[Speaker], *, seed: int, device,
-                 vision=None, images: tuple[bytes, ...] = ()):
+                 vision=None, images: tuple[bytes, ...] = (), videos: tuple[bytes, ...] = ()):
         self.tokenizer = tokenizer
         self.renderer = ChatRenderer.from_config(tokenizer, config.data, vision)
         self.images = images  # the first user turn's (its placeholders, or before its text, as LF's chat)
+        self.videos = videos  # likewise (LF's chat puts the videos' placeholders before the images')
         self.speakers = speakers
         self.seed = seed
         self.device = device
@@ -59,18 +60,22 @@ class ChatSession:
         """Append the user turn to `speaker`'s history, generate (streamed to stdout), append and return the reply."""
         from transformers import TextStreamer, set_seed
 
-        if self.images and not speaker.history and IMAGE_PLACEHOLDER not in user_text:
-            user_text = IMAGE_PLACEHOLDER * len(self.images) + user_text
+        for placeholder, items in ((IMAGE_PLACEHOLDER, self.images), (VIDEO_PLACEHOLDER, self.videos)):
+            if items and not speaker.history and placeholder not in user_text:
+                user_text = placeholder * len(items) + user_text
         speaker.history.append({"role": "user", "content": user_text})
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + speaker.history
         inputs = {}
-        if self.images:  # the image tokens in the prompt, the image inputs beside it (data/vision.py)
-            pair = PreferencePair(messages, "", "", RecordSource("--image", 0), images=self.images)
+        media = self.images or self.videos
+        if media:  # the image (video) tokens in the prompt, their inputs beside it (data/vision.py)
+            pair = PreferencePair(messages, "", "", RecordSource("--image" if self.images else "--video", 0),
+                                  images=self.images, videos=self.videos)
             messages = self.renderer.with_image_tokens(pair)
         input_ids = torch.tensor([self.renderer.prompt_ids(messages)], device=self.device)
-        if self.images:
+        if media:
             inputs = {k: v.to(self.device) for k, v in
-                      image_inputs(self.renderer.vision, input_ids, [list(self.images)]).items()}
+                      image_inputs(self.renderer.vision, input_ids, [list(self.images)],
+                                   pair_videos=[list(self.videos)]).items()}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         set_seed(self.seed)  # the same seed for every speaker: differences come from the weights alone
         with torch.no_grad(), speaker.context():
@@ -109,22 +114,24 @@ def _generate_kwargs(config: RunConfig, tokenizer, renderer: ChatRenderer) -> di
 
 
 def build_session(config: RunConfig, *, compare_reference: bool = False, seed: int | None = None,
-                  images: list[str] = ()) -> ChatSession:
-    """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`; `images`:
-    the paths of the first message's images (`--image`)."""
+                  images: list[str] = (), videos: list[str] = ()) -> ChatSession:
+    """Load the policy (and, with `compare_reference`, the reference) and set up a `ChatSession`; `images`
+    (`videos`): the paths of the first message's images (videos), `--image` (`--video`)."""
     import contextlib
 
     plan = reference_plan(config, "chat") if compare_reference else None
     args = config.training
     tokenizer, vocab = load_run_tokenizer(config)
-    vision, pictures = None, ()
-    if images:
+    vision, pictures, clips = None, (), ()
+    if images or videos:
+        flag = "--image" if images else "--video"
         vision = load_vision(config.model, config.data, tokenizer)
         if vision is None:
-            raise PrefalignError(f"--image: {config.model.model_name_or_path!r} with template: {config.data.template} "
-                                 "takes no images; use a vision-language model with its template "
-                                 f"({', '.join(TESTED_TEMPLATES)})")
+            raise PrefalignError(f"{flag}: {config.model.model_name_or_path!r} with template: {config.data.template} "
+                                 f"takes no {'images' if images else 'videos'}; use a vision-language model with its "
+                                 f"template ({', '.join(TESTED_TEMPLATES)})")
         pictures = tuple(_read_image(path) for path in images)
+        clips = tuple(_read_video(path, vision) for path in videos)
     dtype = compute_dtype(config)
     device = args.device
     with loaded_whole():  # one process generates: whole models, whatever `deepspeed:` says
@@ -135,7 +142,7 @@ def build_session(config: RunConfig, *, compare_reference: bool = False, seed: i
         # A Reference runs `model` inside `_model_context()` (e.g. adapter disabled); generation does the same.
         speakers.append(Speaker("Reference", reference.model, reference._model_context))
     return ChatSession(config, tokenizer, speakers, seed=args.seed if seed is None else seed, device=device,
-                       vision=vision, images=pictures)
+                       vision=vision, images=pictures, videos=clips)
 
 
 def _read_image(path: str) -> bytes:
@@ -148,12 +155,26 @@ def _read_image(path: str) -> bytes:
     return data
 
 
+def _read_video(path: str, vision) -> bytes:
+    """A --video file's bytes, checked to be a video this model's processing takes (one line otherwise: a family
+    whose videos prefalign does not encode, PyAV or torchvision missing, a file PyAV cannot read)."""
+    refused = vision.video_refusal()
+    if refused:  # its advice is for records
+        raise PrefalignError(f"--video {path}: {refused.split('; remove')[0]}")
+    try:
+        data = open(path, "rb").read()
+        vision.video_seqlen(data)
+    except (OSError, VideoError) as exc:
+        raise PrefalignError(f"--video {path}: {str(exc).splitlines()[0]}") from None
+    return data
+
+
 def run_chat(config: RunConfig, *, prompt: str | None = None, compare_reference: bool = False,
              seed: int | None = None, stdin: TextIO | None = None, out: TextIO | None = None,
-             images: list[str] = ()) -> list[dict]:
+             images: list[str] = (), videos: list[str] = ()) -> list[dict]:
     """One-shot with `prompt`, else read user turns from `stdin` (default sys.stdin) until EOF or `exit`;
-    `images`: paths of the first message's images."""
-    session = build_session(config, compare_reference=compare_reference, seed=seed, images=images)
+    `images` (`videos`): paths of the first message's images (videos)."""
+    session = build_session(config, compare_reference=compare_reference, seed=seed, images=images, videos=videos)
     out = out or sys.stdout
     if prompt is not None:
         return [session.turn(prompt, out)]

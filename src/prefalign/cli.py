@@ -68,7 +68,7 @@ def _chat(ns) -> None:
     from prefalign.chat import run_chat
 
     run_chat(_load(ns), prompt=ns.prompt, compare_reference=ns.compare_reference,
-             seed=ns.seed, images=ns.image)
+             seed=ns.seed, images=ns.image, videos=ns.video)
 
 
 def _plot(ns) -> None:
@@ -105,6 +105,9 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image the first message is about (repeat for several; a vision-language model and "
                         "template); the message's <image> placeholders place them, else they go before its text")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video the first message is about (repeat for several; Qwen2-VL, Qwen2.5-VL, Qwen3-VL; "
+                        "needs PyAV and torchvision); its <video> placeholders place them, else they go before its text")
 
 
 def _output_dir_arguments(p: argparse.ArgumentParser) -> None:

@@ -198,6 +198,11 @@ def _data_section(summary: DataSummary | None) -> str:
                        for s, st in splits)
         parts.append(f'<table id="images"><thead><tr><th>split</th><th>pairs with images</th><th>images</th>'
                      f"<th>image tokens</th></tr></thead><tbody>{rows}</tbody></table>")
+    if any(st.videos for _, st in splits):
+        rows = "".join(f"<tr><th>{s}</th>{_num(st.pairs_with_videos)}{_num(st.videos)}{_num(st.video_frames)}"
+                       f"{_num(st.video_tokens)}</tr>" for s, st in splits)
+        parts.append(f'<table id="videos"><thead><tr><th>split</th><th>pairs with videos</th><th>videos</th>'
+                     f"<th>sampled frames</th><th>video tokens</th></tr></thead><tbody>{rows}</tbody></table>")
     lengths = [(split, part, q) for split, st in splits for part, q in st.token_lengths.items()]
     if lengths:
         rows = "".join(f"<tr><th>{_esc(split)} {_esc(part)}</th>"

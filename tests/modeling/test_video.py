@@ -1,4 +1,4 @@
-"""Videos of the Qwen2-VL family (data/vision.py): frames sampled as LLaMA-Factory samples them, video tokens and
+"""Videos of the Qwen2-VL family and Qwen3-VL (data/vision.py): frames sampled as LLaMA-Factory samples them, video tokens and
 per-pair log-probs against the model's own processor, a truncated file a named record error.
 
 These need PyAV and a torchvision that loads with the installed torch (transformers' Qwen-VL video processor
@@ -52,7 +52,8 @@ from prefalign.modeling.load import load_causal_lm, load_tokenizer  # noqa: E402
 from prefalign.modeling.logprobs import pair_logps  # noqa: E402
 from prefalign.modeling.vision import load_vision  # noqa: E402
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TEMPLATE = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink"}
 SIZE = (56, 42)
 
 # LLaMA-Factory's qwen2_vl template as a chat template for the processor (a video part as the family's marker)
@@ -67,6 +68,11 @@ CHAT = (
 )
 
 
+QWEN3_CHAT = CHAT.replace("{% if loop.first and message['role'] != 'system' %}"
+                          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}", "")
+"""LLaMA-Factory's qwen3_vl_nothink template: no default system message."""
+
+
 def frames(count: int, seed: int = 0) -> list:
     return [draw_image(seed * 100 + n, SIZE) for n in range(count)]
 
@@ -79,6 +85,23 @@ def frames(count: int, seed: int = 0) -> list:
 # Each 56 x 42 frame: the processor rounds to 56 x 56 (factor 28) = 4 x 4 patches of 14 px, 16 / 2² = 4 tokens per
 # temporal step: 12 and 8 video tokens.
 CLIPS = {"ten": (10, [0, 2, 4, 6, 9, 9], 3, 12, 1.0), "nine": (9, [0, 2, 5, 8], 2, 8, 1.125)}
+# Qwen3-VL (16-pixel patches merged 2 x 2, its video processor's smart_resize over all frames, factor 32): a 56 x 42
+# frame rounds to 64 x 32 = 4 x 2 patches, 8 / 2² = 2 tokens per temporal step: 6 and 4 video tokens, each step
+# after its time: the mean of its two frames' times (index / 4 fps): ten: (0 + 2) / 8 = 0.25, (4 + 6) / 8 = 1.25,
+# (9 + 9) / 8 = 2.25, written "0.2", "1.2", "2.2" (Python's %.1f rounds an exact half to even); nine: 0.25 and
+# (5 + 8) / 8 = 1.625, "0.2" and "1.6".
+GRIDS = {"qwen2_vl": [[3, 4, 4], [2, 4, 4]], "qwen2_5_vl": [[3, 4, 4], [2, 4, 4]], "qwen3_vl": [[3, 2, 4], [2, 2, 4]]}
+VIDEO_TOKENS = {"qwen2_vl": (12, 8), "qwen2_5_vl": (12, 8), "qwen3_vl": (6, 4)}
+QWEN3_TEN = "".join(f"<{t} seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|>" for t in ("0.2", "1.2", "2.2"))
+
+
+def qwen3_video_processor():
+    """Qwen3-VL's video processor as its model repository ships it (video_preprocessor_config.json), with pixel
+    limits for the 56 x 42 test frames: at least 32 x 32 and at most 64 frames of 32 x 32 pixels a video."""
+    import transformers
+
+    return transformers.Qwen3VLVideoProcessor(size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64},
+                                              patch_size=16, merge_size=2, temporal_patch_size=2)
 
 
 def decoded(data: bytes) -> list:
@@ -104,12 +127,14 @@ def clips():
 @pytest.fixture(scope="module")
 def vlm_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vlms")
-    return {family: build_vlm(family, root / family) for family in FAMILIES}
+    dirs = {family: build_vlm(family, root / family) for family in FAMILIES}
+    qwen3_video_processor().save_pretrained(dirs["qwen3_vl"])
+    return dirs
 
 
-def _run(path, **model_keys):
+def _run(path, template="qwen2_vl", **model_keys):
     model_args = ModelArguments(model_name_or_path=path, **model_keys)
-    data_args = DataArguments(template="qwen2_vl", dataset=["x"], cutoff_len=1024)
+    data_args = DataArguments(template=template, dataset=["x"], cutoff_len=1024)
     tokenizer = load_tokenizer(model_args)
     vision = load_vision(model_args, data_args, tokenizer)
     return tokenizer, vision, ChatRenderer.from_config(tokenizer, data_args, vision)
@@ -140,16 +165,19 @@ def _processor_inputs(processor, pair, reply, clips, family):
 
     messages = [{"role": m["role"], "content": parts(m["content"]) if m["role"] == "user"
                  else [{"type": "text", "text": m["content"]}]} for m in pair.prompt]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=CHAT)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                           chat_template=QWEN3_CHAT if family == "qwen3_vl" else CHAT)
     from PIL import Image
 
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in pair.images] or None
     picked = [next(picks for data, picks in clips.values() if data == video) for video in pair.videos]
     kwargs = {}
-    if family == "qwen2_5_vl":  # the source video's metadata, from which it computes second_per_grid_ts
+    if family != "qwen2_vl":  # the source video's metadata: second_per_grid_ts (Qwen2.5-VL), the times (Qwen3-VL)
         count, picks = zip(*[next(CLIPS[n][:2] for n in CLIPS if clips[n][0] == video) for video in pair.videos])
         kwargs["video_metadata"] = [{"total_num_frames": n, "fps": 4, "frames_indices": sorted(set(p))}
                                     for n, p in zip(count, picks)]
+    if family == "qwen3_vl":  # the frames are sampled already (its video processor would sample them again)
+        kwargs["do_sample_frames"] = False
     prompt_ids = processor(text=[prompt], images=images, videos=picked, return_tensors="pt", **kwargs)["input_ids"]
     inputs = processor(text=[prompt + reply + "<|im_end|>\n"], images=images, videos=picked, return_tensors="pt",
                        **kwargs)
@@ -168,24 +196,27 @@ def test_frames_are_sampled_as_llamafactory_samples_them():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_video_tokens_equal_the_processors(vlm_dirs, clips, family):
     """Each `<video>` becomes `<|vision_start|>` + the processor's count of `<|video_pad|>` + `<|vision_end|>` for
-    the frames LF samples (12 and 8 by hand, CLIPS), at the same place as the processor writes them; the batch's
-    video inputs are the processor's, its mm_token_type_ids (2 at video tokens) the processor's, row by row."""
-    tokenizer, vision, renderer = _run(vlm_dirs[family])
+    the frames LF samples (12 and 8 by hand, CLIPS), at the same place as the processor writes them; Qwen3-VL's
+    each temporal step after its time (6 and 4, by hand); the batch's video inputs are the processor's, its
+    mm_token_type_ids (2 at video tokens) the processor's, row by row."""
+    tokenizer, vision, renderer = _run(vlm_dirs[family], TEMPLATE[family])
     processor = load_processor(vlm_dirs[family])
     video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     pairs = _pairs(clips)
     features = []
     for i, pair in enumerate(pairs):
         encoded = encode_pair(pair, renderer, 1024)
-        expected_tokens = sum(CLIPS[n][3] for n in CLIPS if clips[n][0] in pair.videos)
+        expected_tokens = sum(count for n, count in zip(CLIPS, VIDEO_TOKENS[family]) if clips[n][0] in pair.videos)
         assert encoded["prompt_ids"].count(video_id) == expected_tokens
+        if family == "qwen3_vl" and i == 0:  # the timestamps by hand (CLIPS)
+            assert tokenizer.decode(encoded["prompt_ids"]).startswith("<|im_start|>user\n" + QWEN3_TEN + "What happens?")
         for side, reply in (("chosen_ids", pair.chosen), ("rejected_ids", pair.rejected)):
             prompt_ids, inputs = _processor_inputs(processor, pair, reply, clips, family)
             assert encoded["prompt_ids"] == prompt_ids
             assert encoded["prompt_ids"] + encoded[side] == inputs["input_ids"][0].tolist()
         features.append({**encoded, "images": list(pair.images), "videos": list(pair.videos), "index": i})
     batch = PairCollator(tokenizer.pad_token_id, vision=vision)(features)
-    assert batch["video_grid_thw"].tolist() == [[3, 4, 4], [2, 4, 4]] * 2  # chosen rows, then rejected rows
+    assert batch["video_grid_thw"].tolist() == GRIDS[family] * 2  # chosen rows, then rejected rows
     for row in range(2 * len(pairs)):
         pair = pairs[row % len(pairs)]
         _, inputs = _processor_inputs(processor, pair, pair.chosen if row < 2 else pair.rejected, clips, family)
@@ -209,7 +240,7 @@ def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, c
     log-probs equal the model's own forward on the processor's inputs for that pair alone, summed over the
     reply's tokens by hand. The tower encodes each pair's video patches once per layout."""
     path = vlm_dirs[family]
-    tokenizer, vision, renderer = _run(path)
+    tokenizer, vision, renderer = _run(path, TEMPLATE[family])
     processor = load_processor(path)
     pairs = _pairs(clips)
     features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "videos": list(p.videos), "index": i}
@@ -218,7 +249,8 @@ def test_batch_log_probs_equal_one_pair_at_a_time_with_the_processor(vlm_dirs, c
     seen = []
     model.model.visual.register_forward_hook(lambda module, args, kwargs, out: seen.append(args[0].shape[0]),
                                              with_kwargs=True)
-    patches = sum(CLIPS[n][2] * 16 for n in CLIPS) + 1 * 2 * 2  # the video grids, the 40 x 30 image's (28 x 28)
+    # the video grids, the 40 x 30 image's (28 x 28, Qwen3-VL 32 x 32: 2 x 2 patches)
+    patches = sum(t * h * w for t, h, w in GRIDS[family]) + 1 * 2 * 2
     with torch.no_grad():
         collators = {"plain": PairCollator(tokenizer.pad_token_id, vision=vision),
                      "prefix-shared": PrefixSharedCollator(tokenizer.pad_token_id, vision=vision),
@@ -247,6 +279,14 @@ def test_video_limits_are_lfs(vlm_dirs, clips):
     assert vision.video_seqlen(clips["nine"][0]) == 2
     _, plain, _ = _run(vlm_dirs["qwen2_vl"])
     assert plain.identity != vision.identity  # the encoded-data cache tells the two apart
+
+
+def test_qwen3_vl_timestamps_follow_video_maxlen(vlm_dirs, clips):
+    """Qwen3-VL under video_maxlen 3: the ten-frame clip keeps frames 0, 4, 9 (padded to 0, 4, 9, 9), two temporal
+    steps of 2 tokens at (0 + 4) / 8 = 0.5 s and (9 + 9) / 8 = 2.25 s, written "0.5" and "2.2"."""
+    _, vision, _ = _run(vlm_dirs["qwen3_vl"], "qwen3_vl_nothink", video_maxlen=3)
+    step = "<|vision_start|><|video_pad|><|video_pad|><|vision_end|>"
+    assert vision.video_text(clips["ten"][0]) == f"<0.5 seconds>{step}<2.2 seconds>{step}"
 
 
 def _clips_folder(root: Path, clips, truncate: int | None = None) -> Path:
@@ -286,7 +326,10 @@ def test_a_truncated_video_is_a_named_record_error_or_a_counted_skip(vlm_dirs, c
 
 def test_the_cli_names_a_truncated_video_and_counts_its_skip(vlm_dirs, clips, tmp_path):
     """`prefalign data` on a dataset whose record 2's video is truncated: one error line naming the file, record and
-    field, exit 2; with on_bad_record=skip the three good pairs load and the skip is counted at stage render."""
+    field, exit 2; with on_bad_record=skip the three good pairs load and the skip is counted at stage render, and the
+    summary counts their videos: clips of 4, 6 and 10 frames at 4 fps (1, 1.5 and 2.5 s) keep floor(2 x duration) =
+    2, 3 and 5 frames, 2, 4 and 6 given to the processor (even counts): 12 frames, 1 + 2 + 3 temporal steps of 4
+    tokens (56 x 42 -> 56 x 56): 24 video tokens."""
     data_dir = _clips_folder(tmp_path / "data", clips, truncate=2)
 
     def run(*args):
@@ -304,6 +347,7 @@ def test_the_cli_names_a_truncated_video_and_counts_its_skip(vlm_dirs, clips, tm
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     assert "skipped records by stage: render 1 (see rejected_records.jsonl)" in skipped.stdout.splitlines(), \
         skipped.stdout
+    assert "train: 3 pairs with videos, 3 videos, 12 sampled frames, 24 video tokens" in skipped.stdout.splitlines()
 
 
 def test_the_reference_cache_key_covers_the_video_bytes(vlm_dirs, tmp_path):
@@ -333,13 +377,16 @@ def test_truncation_never_cuts_a_video(vlm_dirs, clips):
     assert "1 video(s) take 14 tokens" in caught.value.reason  # 12 video pads and the two vision markers
 
 
-def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path, family):
     """`prefalign train` with LoRA on the four-clip dataset: the first logged loss is ln 2 (policy == reference,
-    the adapter disabled) and training moves it; the vision tower runs once per pair."""
+    the adapter disabled) and training moves it; the vision tower runs once per pair. data_summary.json counts the
+    videos: clips of 4, 6, 8, 10 frames at 4 fps keep 2, 3, 4, 5 frames, 2, 4, 4, 6 given to the processor (16), in
+    1 + 2 + 2 + 3 = 8 temporal steps of 4 tokens (Qwen3-VL: 2, CLIPS): 32 (16) video tokens."""
     data_dir = _clips_folder(tmp_path / "data", clips)
     run = subprocess.run([sys.executable, "-m", "prefalign", "train", str(EXAMPLES / "lora_dpo.yaml"),
-                          f"model_name_or_path={vlm_dirs['qwen2_vl']}", "build_demo_model=false",
-                          f"dataset_dir={data_dir}", "dataset=clips", "val_size=0", "template=qwen2_vl",
+                          f"model_name_or_path={vlm_dirs[family]}", "build_demo_model=false",
+                          f"dataset_dir={data_dir}", "dataset=clips", "val_size=0", f"template={TEMPLATE[family]}",
                           f"output_dir={tmp_path / 'out'}", "max_steps=2", "per_device_train_batch_size=2",
                           "gradient_accumulation_steps=1", "learning_rate=1e-2", "logging_steps=1", "warmup_ratio=0",
                           "plot_loss=false", "bf16=false", "dataloader_num_workers=0", "eval_strategy=no"],
@@ -348,5 +395,47 @@ def test_train_on_video_pairs_from_the_command_line(vlm_dirs, clips, tmp_path):
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[0] == pytest.approx(0.6931, abs=1e-4) and abs(losses[-1] - 0.6931) > 1e-3
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())["train"]
+    assert {k: summary[k] for k in ("pairs_with_videos", "videos", "video_frames", "video_tokens")} == {
+        "pairs_with_videos": 4, "videos": 4, "video_frames": 16, "video_tokens": 8 * (2 if family == "qwen3_vl" else 4)}
     runs = [h["vision/tower_runs_per_pair"] for h in history if "vision/tower_runs_per_pair" in h]
     assert runs and all(r == pytest.approx(1.0) for r in runs)
+
+
+def test_chat_answers_about_a_video_and_refuses_one_for_a_family_without_videos(vlm_dirs, clips, tmp_path):
+    """`prefalign chat --video` on the tiny Qwen3-VL: the greedy answer is the model's own `generate` on its
+    processor's inputs for the conversation (the video before the text, as LF's chat places it when the message
+    has no `<video>`); on a LLaVA model (no videos in LF either) a one-line error, no traceback."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(clips["ten"][0])
+
+    def chat(model, template):
+        return subprocess.run([sys.executable, "-m", "prefalign", "chat", str(EXAMPLES / "lora_dpo.yaml"),
+                               f"model_name_or_path={model}", "build_demo_model=false", f"template={template}",
+                               "finetuning_type=full", "max_new_tokens=6", "do_sample=false", "bf16=false", "--video", str(clip), "--prompt",
+                               "What moves?"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    run = chat(vlm_dirs["qwen3_vl"], "qwen3_vl_nothink")
+    assert run.returncode == 0, run.stderr[-3000:]
+    path = vlm_dirs["qwen3_vl"]
+    processor = load_processor(path)
+    pair = PreferencePair([{"role": "user", "content": "<video>What moves?"}], "", "", RecordSource("chat", 0),
+                          videos=(clips["ten"][0],))
+    prompt_ids, inputs = _processor_inputs(processor, pair, "", clips, "qwen3_vl")
+    model = load_causal_lm(path, ModelArguments(model_name_or_path=path)).eval()
+    n = len(prompt_ids)  # the processor's inputs for the prompt alone (no reply, no end of turn)
+    inputs["input_ids"], inputs["attention_mask"] = inputs["input_ids"][:, :n], inputs["attention_mask"][:, :n]
+    inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :n]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=[end],
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    expected = processor.tokenizer.decode(output[0, n:], skip_special_tokens=True)
+    answer = next(line for line in run.stdout.splitlines() if line.startswith("Assistant: "))
+    assert answer.removeprefix("Assistant: ").strip() == expected.strip(), (run.stdout, expected)
+
+    llava = build_vlm("llava", tmp_path / "llava")
+    refused = chat(llava, "llava")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    errors = [line for line in refused.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--video" in errors[0] and "take no videos" in errors[0], refused.stderr

@@ -109,8 +109,8 @@ class ModelArguments:
     image_min_pixels: int = _help("Vision-language models: an image smaller than this many pixels is scaled up.",
                                   32 * 32)
     video_max_pixels: int = _help("Vision-language models: the most pixels of a video frame (each sampled frame is "
-                                  "resized to at most this, aspect kept, before the video processor; Qwen2-VL and "
-                                  "Qwen2.5-VL videos, which need PyAV and torchvision).", 256 * 256)
+                                  "resized to at most this, aspect kept, before the video processor; Qwen2-VL, "
+                                  "Qwen2.5-VL and Qwen3-VL videos, which need PyAV and torchvision).", 256 * 256)
     video_min_pixels: int = _help("Vision-language models: the fewest pixels of a video frame.", 16 * 16)
     video_fps: float = _help("Vision-language models: frames sampled per second of video (LLaMA-Factory's rule: "
                              "min(frames, video_maxlen, duration x video_fps), evenly spaced).", 2.0)

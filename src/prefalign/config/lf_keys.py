@@ -56,7 +56,7 @@ def _stage(default, stage: str) -> LFKey:
 
 
 _MULTIMODAL = "multimodal models (images, video, audio)"
-_VIDEO = ("as LF, for Qwen2-VL / Qwen2.5-VL videos; needs PyAV and a torchvision that loads with the installed "
+_VIDEO = ("as LF, for Qwen2-VL / Qwen2.5-VL / Qwen3-VL videos; needs PyAV and a torchvision that loads with the installed "
           "torch (else a video record is a named record error)")
 _VLLM = "chat generates with transformers' generate, not vLLM"
 _SGLANG = "chat generates with transformers' generate, not SGLang"

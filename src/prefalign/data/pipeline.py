@@ -20,7 +20,7 @@ from prefalign.data.chat import ChatRenderer
 from prefalign.data.encode import encode_pairs
 from prefalign.data.feedback import label_counts, with_kl_completions
 from prefalign.data.sources import load_preference_pairs
-from prefalign.data.summary import DataSummary, SplitSummary, image_counts, token_lengths
+from prefalign.data.summary import DataSummary, SplitSummary, image_counts, token_lengths, video_counts
 from prefalign.errors import STAGES, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def prepare_data(data_args: DataArguments, tokenizer, *, seed: int, need_train: 
         if unpaired:
             stats["desirable"], stats["undesirable"] = label_counts(dataset)
         images = image_counts(dataset, vision.image_token_id if vision is not None else None)
-        setattr(summary, name, SplitSummary(**stats, token_lengths=token_lengths(dataset), **images))
+        videos = video_counts(dataset, vision)
+        setattr(summary, name, SplitSummary(**stats, token_lengths=token_lengths(dataset), **images, **videos))
     summary.skipped_by_stage = {stage: n for stage in STAGES if (n := sum(r["stage"] == stage for r in rejects))}
     if need_train and not encoded.get("train"):
         raise ConfigError("dataset: no training pairs are left after loading and splitting")

@@ -40,6 +40,15 @@ class SplitSummary:
     """The images of those prompts (each counted once per pair)."""
     image_tokens: int = 0
     """The prompts' image tokens (the image processor's count, after image_max_pixels)."""
+    pairs_with_videos: int = 0
+    """Pairs (examples) whose prompt holds videos; 0 without videos."""
+    videos: int = 0
+    """The videos of those prompts (each counted once per pair)."""
+    video_frames: int = 0
+    """The frames sampled of those videos (video_fps, video_maxlen), as the video processor gets them: an even
+    number a video, the last repeated if need be."""
+    video_tokens: int = 0
+    """The prompts' video tokens (the video processor's count, after video_max_pixels)."""
 
 
 @dataclass
@@ -87,6 +96,9 @@ class DataSummary:
             if stats.images:
                 lines.append(f"{split}: {stats.pairs_with_images} {unit} with images, {stats.images} images, "
                              f"{stats.image_tokens} image tokens")
+            if stats.videos:
+                lines.append(f"{split}: {stats.pairs_with_videos} {unit} with videos, {stats.videos} videos, "
+                             f"{stats.video_frames} sampled frames, {stats.video_tokens} video tokens")
             if stats.folded_system_turns:
                 lines.append(f"{split}: {stats.folded_system_turns} system turns folded into the first user turn "
                              "(the template cannot render them; on_unsupported_system: fold)")
@@ -125,15 +137,33 @@ class DataSummary:
 
 def image_counts(dataset, image_token_id: int | None) -> dict[str, int]:
     """`pairs_with_images`, `images` and `image_tokens` (SplitSummary) of an encoded dataset; {} without images."""
+    return _media_counts(dataset, "images", image_token_id, "pairs_with_images", "images", "image_tokens")
+
+
+def video_counts(dataset, vision) -> dict[str, int]:
+    """`pairs_with_videos`, `videos`, `video_frames` and `video_tokens` (SplitSummary) of an encoded dataset, for
+    the run's data/vision.VisionProcessor; {} without videos. The frames are counted from each file's header."""
+    from prefalign.data.vision import sampled_frame_count
+
+    if vision is None:
+        return {}
+    counts = _media_counts(dataset, "videos", vision.video_token_id, "pairs_with_videos", "videos", "video_tokens")
+    if counts.get("videos"):
+        column = dataset.with_format("arrow")[:].column("videos")  # row by row: the files stay in the arrow table
+        counts["video_frames"] = sum(sampled_frame_count(data, vision.video_fps, vision.video_maxlen)
+                                     for videos in column for data in videos.as_py() or ())
+    return counts
+
+
+def _media_counts(dataset, column: str, token_id: int | None, pairs: str, items: str, tokens: str) -> dict[str, int]:
     import pyarrow.compute as pc
 
-    if "images" not in dataset.column_names or image_token_id is None:
+    if column not in dataset.column_names or token_id is None:
         return {}
     table = dataset.with_format("arrow")[:]
-    per_pair = pc.list_value_length(table.column("images")).fill_null(0)
-    tokens = pc.sum(pc.equal(pc.list_flatten(table.column("prompt_ids")), image_token_id)).as_py() or 0
-    return {"pairs_with_images": pc.sum(pc.greater(per_pair, 0)).as_py() or 0,
-            "images": pc.sum(per_pair).as_py() or 0, "image_tokens": tokens}
+    per_pair = pc.list_value_length(table.column(column)).fill_null(0)
+    count = pc.sum(pc.equal(pc.list_flatten(table.column("prompt_ids")), token_id)).as_py() or 0
+    return {pairs: pc.sum(pc.greater(per_pair, 0)).as_py() or 0, items: pc.sum(per_pair).as_py() or 0, tokens: count}
 
 
 def token_lengths(dataset) -> dict[str, dict[str, float]]:

@@ -27,6 +27,16 @@ model's video processor (transformers', which runs on torchvision) patches them 
 and `video_grid_thw`; a `<video>` placeholder becomes `<|vision_start|>` + `<|video_pad|>` x
 (grid_t * grid_h * grid_w // merge_size²) + `<|vision_end|>`. Qwen2.5-VL's processor also gives the model
 `second_per_grid_ts` (temporal_patch_size / (k / duration)) for its rotary time axis.
+
+Qwen3-VL videos (`Qwen3VLPlugin`): the frames are sampled, resized and patched as above, but each temporal patch
+(a pair of frames) is written on its own, after its time as text: `<{t:.1f} seconds>` + `<|vision_start|>` +
+`<|video_pad|>` x (grid_h * grid_w // merge_size²) + `<|vision_end|>`, once per temporal patch, with no markers
+around the whole video. A frame's time is its index in the file over the stream's average frame rate; a temporal
+patch's is the mean of its first and last frame's (the repeated last frame of an odd count included), as
+transformers' Qwen3VLProcessor computes it from the frame indices LLaMA-Factory gives it (`_calculate_timestamps`).
+LLaMA-Factory 0.9.5's Qwen3VLPlugin reads the first video's frame count and the metadata by message index for every
+video; prefalign gives each video its own, as the model's processor does (the same tokens for one video in the
+first message).
 """
 
 from __future__ import annotations
@@ -53,10 +63,19 @@ class VisionPlugin:
     around: str = ""  # written before `start` and after `end` (Gemma 3's blank lines)
     count: str = "grid"  # how an image's token count is known: grid (Qwen), patches (LLaVA), fixed (Gemma 3)
     type_ids: str | None = None  # the model's input that marks image tokens with 1 (collate.image_inputs)
+    timestamps: bool = False  # Qwen3-VL: each temporal patch of a video after its time, in markers of its own
 
     def image_text(self, seqlen: int, token: str | None = None) -> str:
         """An image's (or, with `token` the video token, a video's) text: its tokens between the markers."""
         return self.around + self.start + (token or self.image_token) * seqlen + self.end + self.around
+
+    def video_text(self, tokens_per_step: int, seconds: list[float]) -> str:
+        """A video's text: one `tokens_per_step` run of the video token per temporal patch, each between the
+        markers after its time in `seconds` (Qwen3-VL), or all of them between one pair of markers."""
+        if not self.timestamps:
+            return self.image_text(tokens_per_step * len(seconds), self.video_token)
+        return "".join(f"<{t:.1f} seconds>" + self.start + self.video_token * tokens_per_step + self.end
+                       for t in seconds)
 
     def marker_tokens(self) -> list[str]:
         """The tokens that belong to images (what truncation must never cut)."""
@@ -67,7 +86,7 @@ PLUGINS = {
     "Qwen2VLPlugin": VisionPlugin("Qwen2VLPlugin", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                   "<|vision_end|>", qwen=True, type_ids="mm_token_type_ids"),
     "Qwen3VLPlugin": VisionPlugin("Qwen3VLPlugin", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                  "<|vision_end|>", qwen=True, type_ids="mm_token_type_ids"),
+                                  "<|vision_end|>", qwen=True, type_ids="mm_token_type_ids", timestamps=True),
     "LlavaPlugin": VisionPlugin("LlavaPlugin", "<image>", count="patches"),
     "Gemma3Plugin": VisionPlugin("Gemma3Plugin", "<image_soft_token>", start="<start_of_image>", end="<end_of_image>",
                                  around="\n\n", count="fixed", type_ids="token_type_ids"),
@@ -78,8 +97,8 @@ TESTED_TEMPLATES = ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "llava", "gemma3
 """The vision templates the tests check against each family's own processor (the ones errors suggest)."""
 
 
-VIDEO_PLUGINS = ("Qwen2VLPlugin",)
-"""The plugins whose videos prefalign encodes (Qwen3-VL's timestamped frames are not implemented)."""
+VIDEO_PLUGINS = ("Qwen2VLPlugin", "Qwen3VLPlugin")
+"""The plugins whose videos prefalign encodes."""
 
 
 def _scaled(image, factor: float):
@@ -102,9 +121,41 @@ class VideoError(MediaError):
     """Bytes that are not a readable video, or a video this model's processing cannot take (one line)."""
 
 
-def video_frames(data: bytes, fps: float, maxlen: int) -> tuple[list, float]:
-    """A video file's bytes -> (its sampled frames as RGB PIL images, an even number of them, the last repeated
-    if need be; the sampled frames per second of video, for Qwen2.5-VL's `second_per_grid_ts`).
+@dataclass(frozen=True)
+class Clip:
+    """A video's sampled frames (RGB PIL images, an even number: the last repeated if need be), the sampled frames
+    per second of video (Qwen2.5-VL's `second_per_grid_ts`) and each frame's time in seconds (Qwen3-VL's)."""
+
+    frames: list
+    sampled_fps: float
+    seconds: list[float]
+
+
+def _sampling(container, size: int, fps: float, maxlen: int):
+    """(the video stream, the indices of the frames to keep, its frames per second, its duration or None)."""
+    stream = next((s for s in container.streams if s.type == "video"), None)
+    if stream is None:
+        raise VideoError(f"has no video stream ({size:,} bytes)")
+    duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
+    rate = float(stream.average_rate) if stream.average_rate else fps
+    return stream, sample_indices(stream.frames, duration or 0.0, fps, maxlen), rate, duration
+
+
+def sampled_frame_count(data: bytes, fps: float, maxlen: int) -> int:
+    """How many frames the video processor gets of this video (`video_frames`, the repeated last one included),
+    from the file's header alone (nothing is decoded); 0 for a file PyAV cannot read."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), "r") as container:
+            keep = _sampling(container, len(data), fps, maxlen)[1]
+    except (av.FFmpegError, VideoError):
+        return 0
+    return len(keep) + len(keep) % 2
+
+
+def video_frames(data: bytes, fps: float, maxlen: int) -> Clip:
+    """A video file's bytes -> its Clip, sampled as LLaMA-Factory samples it (module docstring).
 
     Raises VideoError when PyAV cannot read the file or decodes none of the frames it should keep.
     """
@@ -112,11 +163,7 @@ def video_frames(data: bytes, fps: float, maxlen: int) -> tuple[list, float]:
 
     try:
         with av.open(io.BytesIO(data), "r") as container:
-            stream = next((s for s in container.streams if s.type == "video"), None)
-            if stream is None:
-                raise VideoError(f"has no video stream ({len(data):,} bytes)")
-            duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
-            keep = sample_indices(stream.frames, duration or 0.0, fps, maxlen)
+            stream, keep, rate, duration = _sampling(container, len(data), fps, maxlen)
             wanted = set(keep)
             frames = [frame.to_image() for n, frame in enumerate(container.decode(stream)) if n in wanted]
     except av.FFmpegError as err:
@@ -126,9 +173,11 @@ def video_frames(data: bytes, fps: float, maxlen: int) -> tuple[list, float]:
         raise VideoError(f"is a damaged or truncated video: {len(frames)} of the {len(set(keep))} frames to sample "
                          f"decode ({len(data):,} bytes)")
     sampled_fps = len(keep) / duration if duration else fps
+    seconds = [index / rate for index in keep[:len(frames)]]
     if len(frames) % 2:
         frames.append(frames[-1])
-    return [frame if frame.mode == "RGB" else frame.convert("RGB") for frame in frames], sampled_fps
+        seconds.append(seconds[-1])
+    return Clip([frame if frame.mode == "RGB" else frame.convert("RGB") for frame in frames], sampled_fps, seconds)
 
 
 @dataclass
@@ -212,16 +261,15 @@ class VisionProcessor:
         refused = self.video_refusal()
         if refused:
             raise VideoError(refused)
-        clips, rates = [], []
-        for data in videos:
-            frames, rate = video_frames(data, self.video_fps, self.video_maxlen)
-            clips.append([self.resized(frame, self.video_max_pixels, self.video_min_pixels) for frame in frames])
-            rates.append(rate)
-        processed = self.video_processor(videos=clips, return_tensors="pt")
+        clips = [video_frames(data, self.video_fps, self.video_maxlen) for data in videos]
+        frames = [[self.resized(frame, self.video_max_pixels, self.video_min_pixels) for frame in clip.frames]
+                  for clip in clips]
+        # the frames are LLaMA-Factory's sample already (Qwen3-VL's processor would sample again by default)
+        processed = self.video_processor(videos=frames, do_sample_frames=False, return_tensors="pt")
         out = {key: processed[key] for key in ("pixel_values_videos", "video_grid_thw")}
         if self.seconds_per_grid:
             temporal = getattr(self.video_processor, "temporal_patch_size", 2)
-            out["second_per_grid_ts"] = torch.tensor([temporal / rate for rate in rates])
+            out["second_per_grid_ts"] = torch.tensor([temporal / clip.sampled_fps for clip in clips])
         return out
 
     def video_refusal(self) -> str | None:
@@ -230,17 +278,31 @@ class VisionProcessor:
             return (f"{self.plugin.name} models take no videos (LLaMA-Factory: this model does not support video "
                     "input); remove the record's videos, or skip it with on_bad_record: skip")
         if self.plugin.name not in VIDEO_PLUGINS:
-            return (f"videos are not encoded for {self.plugin.name} models yet (prefalign encodes them for Qwen2-VL "
-                    "and Qwen2.5-VL, template qwen2_vl); remove the record's videos, or skip it with on_bad_record: skip")
+            return (f"videos are not encoded for {self.plugin.name} models yet (prefalign encodes them for Qwen2-VL, "
+                    "Qwen2.5-VL and Qwen3-VL); remove the record's videos, or skip it with on_bad_record: skip")
         return video_refusal() if self.video_processor is None else None
 
     def video_seqlen(self, data: bytes) -> int:
-        """How many video tokens this video becomes; cached by its hash."""
+        """How many video tokens this video becomes."""
+        per_step, seconds = self._video_layout(data)
+        return per_step * len(seconds)
+
+    def video_text(self, data: bytes) -> str:
+        """The text a `<video>` placeholder becomes for this video (VisionPlugin.video_text)."""
+        return self.plugin.video_text(*self._video_layout(data))
+
+    def _video_layout(self, data: bytes) -> tuple[int, list[float]]:
+        """(video tokens per temporal patch, each temporal patch's time in seconds); cached by the video's hash.
+
+        A temporal patch's time is the mean of its first and last frame's (module docstring)."""
         key = "video:" + hashlib.sha256(data).hexdigest()
         if key not in self._cache:
-            grid = self.video_inputs([data])["video_grid_thw"][0]
+            grid = self.video_inputs([data])["video_grid_thw"][0].tolist()
             merge = getattr(self.video_processor, "merge_size", 2)
-            self._cache[key] = int(grid.prod()) // (merge * merge)
+            seconds = video_frames(data, self.video_fps, self.video_maxlen).seconds
+            step = len(seconds) // grid[0]
+            times = [(seconds[t * step] + seconds[(t + 1) * step - 1]) / 2 for t in range(grid[0])]
+            self._cache[key] = (grid[1] * grid[2] // (merge * merge), times)
         return self._cache[key]
 
     def seqlen(self, data: bytes) -> int:
@@ -266,7 +328,7 @@ class VisionProcessor:
         for placeholder, items, text_of in (
                 (IMAGE_PLACEHOLDER, images, lambda data: self.plugin.image_text(self.seqlen(data))),
                 (VIDEO_PLACEHOLDER, videos,
-                 lambda data: self.plugin.image_text(self.video_seqlen(data), self.plugin.video_token))):
+                 self.video_text)):
             messages = _expanded(messages, placeholder, items, text_of)
         return messages
 
