@@ -111,6 +111,9 @@ def prepare(args, workdir: Path) -> dict:
 
 
 RANDOM_SHAPES = {  # --shape: (its name in the table, the Llama config's changes)
+    # the real model's own config with random weights: its speed where the GGUF cannot travel (a GPU machine
+    # without network gets the config, tokenizer and LF data folder, ~5 MB, not the 98 MB weights)
+    "135m": ("random SmolLM2-135M-shaped model (its config, random weights)", {}),
     "0.5b": ("random Qwen2.5-0.5B-shaped body", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                                      num_attention_heads=14, num_key_value_heads=2, head_dim=64,
                                                      tie_word_embeddings=True)),
