@@ -10,6 +10,7 @@ from prefalign.config.args import FinetuningArguments, ModelArguments, is_adapte
 from prefalign.data.vocab import VocabChange, embedding_module_names, extend_tokenizer, resize_embeddings
 from prefalign.distributed import full_shape
 from prefalign.errors import ConfigError, PrefalignError
+from prefalign.modeling import fused_mlp
 from prefalign.modeling.model_config import apply_model_config
 from prefalign.modeling.quantize import device_map, pin_cpu_kernels, quantization_config
 from prefalign.modeling.vision import freeze_parts, is_vision_language, lora_targets, text_config
@@ -163,6 +164,7 @@ def load_policy(model_args: ModelArguments, ft: FinetuningArguments, dtype: torc
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32 and not ft.pure_bf16:
             param.data = param.data.float()
+    fused_mlp.install(model)  # silu(gate) recomputed in the backward, not kept: bitwise the same, less memory
     trainable = sum(full_shape(p).numel() for p in model.parameters() if p.requires_grad)
     total = sum(full_shape(p).numel() for p in model.parameters())
     logger.info("trainable params: %d / %d (%.4f%%)", trainable, total, 100 * trainable / max(total, 1))
