@@ -1,5 +1,5 @@
 """Peak memory against sequence length on the real model: prefalign (defaults, and with the
-long-sequence knob) and TRL side by side.
+long-sequence knob) and TRL (without gradient checkpointing, and with it: DPOConfig's default) side by side.
 
 One pair per point whose prompt + each reply fill `cutoff_len` (LF dpo_en_demo texts joined
 until the length is reached; benchmarks/real_model.py's SmolLM2-135M-Instruct), one optimizer step
@@ -57,6 +57,8 @@ def main(argv=None) -> None:
                    help="run TRL only up to this cutoff_len (beyond it TRL's peak would pass the machine's RAM: the "
                         "point is recorded as not run)")
     p.add_argument("--cache", default=None)
+    p.add_argument("--trl-gc-up-to", type=int, default=None,
+                   help="run TRL with gradient_checkpointing (its own default) only up to this cutoff_len")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
@@ -68,6 +70,8 @@ def main(argv=None) -> None:
     variants = {"prefalign": {}, "prefalign + gradient_checkpointing": {"gradient_checkpointing": True}}
     if args.offload:
         variants["prefalign + activation_offload"] = {"activation_offload": True}
+    runs = {name: ("prefalign", options) for name, options in variants.items()}
+    runs |= {"trl": ("trl", {}), "trl + gradient_checkpointing": ("trl", {"gradient_checkpointing": True})}
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(x) for x in args.lengths.split(",")):
@@ -84,15 +88,15 @@ def main(argv=None) -> None:
                       "batch_size": 1, "grad_accum": 1, "cutoff_len": length, "lr": 5e-5, "threads": args.threads,
                       "mode": args.mode, "cache_dir": str(work / "cache")}
             results[length] = {}
-            for name, options in {**variants, "trl": None}.items():
-                if options is None and args.trl_up_to and length > args.trl_up_to:
+            for name, (impl, options) in runs.items():
+                up_to = {"trl": args.trl_up_to, "trl + gradient_checkpointing": args.trl_gc_up_to}.get(name)
+                if up_to and length > up_to:
                     results[length][name] = None
                     print(f"cutoff_len {length} {name}: not run (would exceed RAM)", flush=True)
                     continue
-                spec = {**common, "name": name, "impl": "trl" if options is None else "prefalign",
-                        "prefalign": options or {}}
+                spec = {**common, "name": name, "impl": impl, impl: options}
                 started = time.perf_counter()
-                r = bench_real.run_child(args.trl_python if options is None else sys.executable, spec)
+                r = bench_real.run_child(args.trl_python if impl == "trl" else sys.executable, spec)
                 results[length][name] = {"peak_rss_mib": r["peak_rss_mib"], "peak_gpu_mib": r.get("peak_gpu_mib"),
                                          "step_s": r["loop_s"], "loss": r["losses"][0] if r["losses"] else None}
                 print(f"cutoff_len {length} {name}: peak RSS {r['peak_rss_mib']:.0f} MiB, "

@@ -192,9 +192,9 @@ def run_trl(spec, out, clock):
     train = datasets.Dataset.from_list(json.loads(Path(spec["trl_data"]).read_text()))
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    settings = {**_settings(spec), "gradient_checkpointing": False, **spec.get("trl", {})}  # spec["trl"]: overrides
     config = DPOConfig(output_dir=out, beta=0.1, loss_type=["sigmoid"], max_length=spec["cutoff_len"],
-                       gradient_checkpointing=False, precompute_ref_log_probs=False,
-                       train_sampling_strategy="sequential", **_settings(spec))
+                       precompute_ref_log_probs=False, train_sampling_strategy="sequential", **settings)
     peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]) if spec["mode"] == "lora" else None
     DPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft,
@@ -238,11 +238,13 @@ def child_main(spec: dict, runners: dict | None = None) -> None:
 
 
 def run_child(python: str, spec: dict, script: str = __file__) -> dict:
-    """`script --child SPEC` in `python` (prefalign's runs with this checkout's src/, the peers' without
-    any PYTHONPATH): the dict of its `RESULT` line."""
+    """`script --child SPEC` in `python` (prefalign's runs with this checkout's src/ first on PYTHONPATH, the
+    peers' with the PYTHONPATH less src/: a machine whose packages come by PYTHONPATH keeps them): the dict of
+    its `RESULT` line."""
     src = str(HERE.parent / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")} \
-        if spec["impl"] == "prefalign" else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    others = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+              if p and os.path.abspath(p) != os.path.abspath(src)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *others] if spec["impl"] == "prefalign" else others)}
     proc = subprocess.run([python, script, "--child", json.dumps(spec)], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

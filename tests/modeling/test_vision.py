@@ -366,6 +366,28 @@ def test_packing_with_images_equals_the_plain_layout(vlm_dirs, family, prefix_sh
         assert got_seen == once
 
 
+def test_packed_spans_never_reach_the_vision_towers_attention(vlm_dirs):
+    """Where the tower is not run beforehand (`vision_once=False`; transformers before `mm_encoder_outputs`,
+    as on the GPU machine's 5.17), the model's forward hands the decoder's keywords (a packed batch's spans)
+    to the vision tower too: its attention must stay the model's own, not the packed one, whose spans index
+    text positions. The packed log-probs then equal the plain layout's. (Failed before: the tower's attention
+    took the spans, a size mismatch in sdpa.)"""
+    from prefalign.data.packing import PackedCollator
+
+    path = vlm_dirs["qwen2_vl"]
+    tokenizer, vision, renderer = _run("qwen2_vl", path)
+    features = [{**encode_pair(p, renderer, 1024), "images": list(p.images), "index": i}
+                for i, p in enumerate(_pairs())]
+    model = load_policy(ModelArguments(model_name_or_path=path), FinetuningArguments(finetuning_type="full"))
+    with torch.no_grad():
+        want = pair_logps(model, PairCollator(tokenizer.pad_token_id, vision=vision)(features), vision_once=False)
+        got = pair_logps(model, PackedCollator(tokenizer.pad_token_id, False, 0, vision=vision)(features),
+                         vision_once=False)
+    assert torch.allclose(got.chosen, want.chosen, atol=1e-5, rtol=0)
+    assert torch.allclose(got.rejected, want.rejected, atol=1e-5, rtol=0)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
 def test_lora_all_never_touches_a_frozen_tower_or_projector(vlm_dirs, family):
     """lora_target: all adapts the language model's linear layers only (LF's find_all_linear_modules +

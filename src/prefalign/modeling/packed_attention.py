@@ -119,10 +119,13 @@ def _register() -> None:
 def packed_model_inputs(lm, batch: dict) -> tuple[torch.Tensor | None, dict]:
     """(attention_mask, extra decoder kwargs) for scoring a packed `batch` with the causal LM `lm`.
 
-    Switches `lm` to PACKED_ATTENTION for good (not just for this call: a checkpointed layer is
-    recomputed after the call returns, and must attend the same way).
+    Switches `lm`'s language model to PACKED_ATTENTION for good (not just for this call: a checkpointed
+    layer is recomputed after the call returns, and must attend the same way). Only the language model: a
+    vision-language model's forward can hand the spans to its vision tower too (transformers before
+    `mm_encoder_outputs`), whose attention must stay its own.
     """
-    implementation = getattr(lm.config, "_attn_implementation", None)
+    decoder = lm.get_decoder()  # the language model; a text-only model's base model
+    implementation = getattr(decoder.config, "_attn_implementation", None)
     spans = PackedSpans(batch["spans"], batch["attention_mask"].sum(1).tolist())
     # modeling/layout.unsupported refuses what these assert before a run starts: reaching them is a bug
     if implementation in FLASH_ATTENTION:
@@ -131,7 +134,7 @@ def packed_model_inputs(lm, batch: dict) -> tuple[torch.Tensor | None, dict]:
     if implementation != PACKED_ATTENTION:
         assert implementation in (None, "sdpa", "eager"), f"packed batches reached attn_implementation={implementation}"
         _register()
-        lm.set_attn_implementation(PACKED_ATTENTION)
+        decoder.set_attn_implementation(PACKED_ATTENTION)
     # A 4D mask is passed through by transformers' mask creation untouched; this one is empty
     # (the spans say what attends to what) and stops transformers from building a dense mask.
     rows = batch["input_ids"].shape[0]
