@@ -3,7 +3,7 @@ per-pair log-probs against the model's own processor, a truncated file a named r
 
 These need PyAV and a torchvision that loads with the installed torch (transformers' Qwen-VL video processor
 runs on torchvision); where either is missing they skip. Build an environment that has both as README.md's
-vision-language section says (a venv with `torch==2.13.0 torchvision==0.28.0 av` and prefalign), then run
+vision-language section says (a venv with `torch==2.14.1 torchvision==0.29.1 av` and prefalign), then run
 `/work/venvs/video/bin/python -m pytest tests/modeling/test_video.py`.
 
 The videos are written by the test with PyAV from PIL-drawn frames of 56 x 42 pixels: inside LLaMA-Factory's
