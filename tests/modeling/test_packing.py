@@ -254,39 +254,3 @@ def test_a_packed_batch_cut_apart_on_its_way_is_refused():
     assert batch["input_ids"].shape[0] == 1 and batch["spans"].shape[0] == 2 * len(FEATURES)
     with pytest.raises(ValueError, match=r"packed spans cover \[\d+\] tokens of rows holding \[\d+\]"):
         pair_logps(tiny_llama(), {**batch, "spans": batch["spans"][:1]})
-
-
-def test_a_prefix_shared_reply_saves_one_mask_for_every_layer():
-    """sdpa turns a bool mask into a float copy on each call and saves that copy for the backward: one
-    (reply, prompt + reply) tensor per layer, 16 GB over SmolLM2's 30 layers at cutoff_len 8,192. The
-    packed attention's additive mask is built once per batch and every layer saves that one tensor.
-    (Checked to fail with the bool mask: one saved copy per layer.)"""
-    layers, prompt, replies = 4, 30, (20, 25)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).float()
-    feature = {"prompt_ids": list(range(3, 3 + prompt)), "chosen_ids": [5] * replies[0],
-               "rejected_ids": [7] * replies[1], "index": 0}
-    batch = PackedCollator(0, prefix_sharing=True, packing_length=0)([feature])
-    # the rejected reply attends to the shared prompt: its mask is (reply, prompt + reply) as the spans say
-    masks = {(q1 - q0, p1 - p0 + q1 - q0) for _, q0, q1, p0, p1 in batch["spans"].tolist() if p1 > p0}
-    assert masks == {(replies[1] + 1, prompt - 1 + replies[1] + 1)}
-    storages: dict[tuple, set] = {shape: set() for shape in masks}
-    saves = []
-
-    def pack(t):
-        if tuple(t.shape[-2:]) in storages:
-            storages[tuple(t.shape[-2:])].add(t.untyped_storage().data_ptr())
-            saves.append(t.shape)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = pair_logps(model, batch)
-    assert len(saves) == layers  # every layer's attention saves its mask for the backward ...
-    assert {shape: len(ptrs) for shape, ptrs in storages.items()} == {shape: 1 for shape in masks}  # ... the same one
-    chosen, rejected = plain_logps(model, [feature])
-    assert torch.allclose(out.chosen, chosen, atol=1e-5) and torch.allclose(out.rejected, rejected, atol=1e-5)

@@ -142,7 +142,7 @@ def test_packed_row_layout():
 
 def test_rejected_tokens_cannot_see_the_chosen_reply():
     segments = PrefixSharedCollator(0)(FEATURES[:1])["segment_ids"]
-    mask = shared_prefix_attention_mask(segments, "sdpa")[0, 0] == 0  # additive: 0 where a key is seen
+    mask = shared_prefix_attention_mask(segments, "sdpa")[0, 0]
     # row 0: prompt 0..3 shared, 4 = p4 + chosen 5,6 (segment 1), 7 = p4 copy + rejected 8..10 (segment 2)
     assert mask[8, :4].all() and not mask[8, 4:7].any() and mask[8, 7:9].all() and not mask[8, 9:].any()
     assert mask[6, :7].all() and not mask[6, 7:].any()

@@ -22,19 +22,17 @@ from prefalign.contracts import SEGMENT_CHOSEN, SEGMENT_PAD, SEGMENT_REJECTED, S
 
 def shared_prefix_attention_mask(segment_ids: torch.Tensor, attn_implementation: str | None,
                                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """segment_ids (B, T) -> the (B, 1, T, T) additive mask (0 or dtype's lowest) for `attn_implementation`.
-    Additive for sdpa too: sdpa turns a bool mask into a float copy on every call and saves that copy for the
-    backward, once per layer (packed_attention.PackedSpans.prefix_mask says what that cost); every layer saves
-    this one tensor instead, with the bool mask's outputs and gradients."""
+    """segment_ids (B, T) -> the (B, 1, T, T) mask for `attn_implementation`."""
     length = segment_ids.shape[1]
     position = torch.arange(length, device=segment_ids.device)
     causal = position[None, :] <= position[:, None]  # (T, T): key j <= query i
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
     allowed = causal[None] & ((key == SEGMENT_SHARED) | (key == query))  # (B, T, T)
     allowed = allowed[:, None]
+    if attn_implementation in (None, "sdpa"):
+        return allowed
     # modeling/layout.unsupported refuses every other implementation before a run starts
-    assert attn_implementation in (None, "sdpa", "eager"), \
-        f"prefix-shared batches reached attn_implementation={attn_implementation}"
+    assert attn_implementation == "eager", f"prefix-shared batches reached attn_implementation={attn_implementation}"
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)
 
