@@ -55,8 +55,8 @@ timeout 300 python benchmarks/gpu_check.py "$@"; status=$?
 if [[ "${1:-}" == "--dry-run" ]]; then  # one short prefalign run of the real-model comparison, on the CPU
     real=(--runs pa-lora --steps 1)
 else
-    real=(--trl-python python --lf-python "$lf_venv/bin/python" --steps 6)
-    [[ -x $lf_venv/bin/python ]] || real=(--runs pa-lora,trl-lora,pa-full,trl-full --trl-python python --steps 6)
+    real=(--trl-python python --steps 6)  # without LF's venv: prefalign and TRL only
+    [[ -x $lf_venv/bin/python ]] && real+=(--lf-python "$lf_venv/bin/python") || real+=(--runs pa-lora,trl-lora,pa-full,trl-full)
 fi
 [[ -n ${BENCH_CACHE:-} ]] && real+=(--cache "$BENCH_CACHE")
 for shape in "${REAL_SHAPE:-real}" 0.5b; do

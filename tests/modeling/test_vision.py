@@ -370,7 +370,8 @@ def test_packed_spans_never_reach_the_vision_towers_attention(vlm_dirs):
     """Where the tower is not run beforehand (`vision_once=False`; transformers before `mm_encoder_outputs`,
     as on the GPU machine's 5.17), the model's forward hands the decoder's keywords (a packed batch's spans)
     to the vision tower too: its attention must stay the model's own, not the packed one, whose spans index
-    text positions. The packed log-probs then equal the plain layout's. (Failed before: the tower's attention
+    text positions. The packed log-probs then equal the plain layout's. (Failed before the fix here on the
+    last assertion, the tower switched with the language model; on transformers 5.17 the tower's attention
     took the spans, a size mismatch in sdpa.)"""
     from prefalign.data.packing import PackedCollator
 
