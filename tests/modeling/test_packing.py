@@ -254,3 +254,56 @@ def test_a_packed_batch_cut_apart_on_its_way_is_refused():
     assert batch["input_ids"].shape[0] == 1 and batch["spans"].shape[0] == 2 * len(FEATURES)
     with pytest.raises(ValueError, match=r"packed spans cover \[\d+\] tokens of rows holding \[\d+\]"):
         pair_logps(tiny_llama(), {**batch, "spans": batch["spans"][:1]})
+
+
+def _plain_prefix_reply_attention(q, kp, vp, kr, vr):
+    """softmax(q kᵀ / √d + mask) v in fp64, KV heads repeated, the mask written out: every prompt key, the
+    reply's own keys causally."""
+    groups = q.shape[1] // kp.shape[1]
+    k = torch.cat([kp, kr], 2).double().repeat_interleave(groups, 1)
+    v = torch.cat([vp, vr], 2).double().repeat_interleave(groups, 1)
+    prompt, reply = kp.shape[2], kr.shape[2]
+    allowed = torch.ones(reply, prompt + reply, dtype=torch.bool)
+    allowed[:, prompt:] = torch.ones(reply, reply, dtype=torch.bool).tril()
+    scores = (q.double() @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("prompt,reply,heads,kv_heads", [(1, 1, 2, 2), (7, 3, 4, 2), (3, 19, 6, 2), (40, 25, 3, 1)])
+def test_prefix_reply_attention_equals_the_masked_softmax(prompt, reply, heads, kv_heads):
+    """The two merged flash calls give the plain masked attention's output and all five gradients."""
+    from prefalign.modeling.packed_attention import PrefixReplyAttention
+
+    torch.manual_seed(prompt + reply)
+    shapes = [(1, heads, reply), (1, kv_heads, prompt), (1, kv_heads, prompt), (1, kv_heads, reply), (1, kv_heads, reply)]
+    inputs = [torch.randn(*shape, 16, requires_grad=True) for shape in shapes]
+    upstream = torch.randn(1, heads, reply, 16)
+    expected = _plain_prefix_reply_attention(*inputs)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream.double())
+    out = PrefixReplyAttention.apply(*inputs, None)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_prefix_shared_reply_keeps_no_mask_for_the_backward():
+    """A reply of R tokens after a prompt of P keeps nothing of R x (P + R) elements per layer (sdpa kept its
+    float copy of the boolean mask: memory in the square of a long pair's length)."""
+    from prefalign.modeling.packed_attention import PackedSpans, packed_attention
+
+    prompt, reply, heads = 48, 40, 4
+    spans = PackedSpans(torch.tensor([[0, 0, prompt, 0, 0], [0, prompt, prompt + reply, 0, prompt]]),
+                        [prompt + reply])
+    query, key, value = (torch.randn(1, heads, prompt + reply, 8, requires_grad=True) for _ in range(3))
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out, _ = packed_attention(None, query, key, value, None, packed_spans=spans)
+    assert saved and reply * (prompt + reply) not in saved
+    out.sum().backward()  # and the kept tensors are enough for the backward
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (query, key, value))

@@ -8,7 +8,9 @@ it runs torch's scaled-dot-product attention once per span:
 
   a sequence (no prefix)      causal attention over its own positions
   a prefix-shared reply       the reply's queries attend to the whole shared prompt and causally
-                              to the reply itself: keys = [prompt | reply], one small mask
+                              to the reply itself: on the CPU as two maskless flash calls whose
+                              outputs are merged by their log-sum-exps (`PrefixReplyAttention`);
+                              elsewhere keys = [prompt | reply] with one small mask
 
 so each position attends to exactly what it would in its own padded row, and nothing is computed
 for another pair or for padding: the cost is Σ L² over sequences instead of R · T². Grouped KV
@@ -63,6 +65,43 @@ class PackedSpans:
         return self._masks[key]
 
 
+class PrefixReplyAttention(torch.autograd.Function):
+    """A reply's attention over [prompt | reply] (every prompt key, the reply's own keys causally), on the CPU.
+
+    Attention over two key sets is the merge of the attention over each: with o_s, lse_s the output and
+    log-sum-exp of set s, lse = log(exp(lse_1) + exp(lse_2)) and o = Σ_s exp(lse_s - lse) o_s. torch's CPU
+    flash kernel returns both, so the reply runs as one maskless call over the prompt's keys and one causal
+    call over its own, with no (reply x (prompt + reply)) mask and no concatenated key copies. sdpa turns a
+    boolean mask into a float copy on every call and keeps it for the backward: 134 MB a layer for a
+    4,096-token reply after a 4,096-token prompt, so a long pair's memory grew with the square of its length.
+    The backward is the flash backward of each key set, given the merged output and log-sum-exp (the
+    softmax's normaliser is the merged one): the key sets' gradients, and the query's as their sum. Values
+    and gradients equal the masked call's to fp32 rounding (tests/modeling/test_packing.py); measured at
+    2,048 + 2,048 tokens, forward and backward, 1.04 s -> 0.74 s, and equal at the demo data's lengths.
+    """
+
+    @staticmethod
+    def forward(ctx, query, prompt_key, prompt_value, key, value, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_p, lse_p = flash(query, prompt_key, prompt_value, 0.0, False, scale=scale)
+        out_r, lse_r = flash(query, key, value, 0.0, True, scale=scale)
+        lse = torch.logaddexp(lse_p, lse_r)
+        out = (out_p.float() * (lse_p - lse).exp_().unsqueeze(-1)
+               + out_r.float() * (lse_r - lse).exp_().unsqueeze(-1)).to(query.dtype)
+        ctx.save_for_backward(query, prompt_key, prompt_value, key, value, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, prompt_key, prompt_value, key, value, out, lse = ctx.saved_tensors
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq_p, dk_p, dv_p = flash_backward(grad, query, prompt_key, prompt_value, out, lse, 0.0, False, scale=ctx.scale)
+        dq_r, dk_r, dv_r = flash_backward(grad, query, key, value, out, lse, 0.0, True, scale=ctx.scale)
+        return dq_p + dq_r, dk_p, dv_p, dk_r, dv_r, None
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      packed_spans: PackedSpans | None = None, **kwargs):
     """query (R, H, T, D), key / value (R, H_kv, T, D) -> (R, T, H, D), as transformers' sdpa returns."""
@@ -87,7 +126,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     for row, q0, q1, p0, p1 in packed_spans.spans:
         q = query[row:row + 1, :, q0:q1]
-        if p1 > p0:
+        if p1 > p0 and query.device.type == "cpu" and not dropout:
+            o = PrefixReplyAttention.apply(q, key[row:row + 1, :, p0:p1], value[row:row + 1, :, p0:p1],
+                                           key[row:row + 1, :, q0:q1], value[row:row + 1, :, q0:q1], scaling)
+        elif p1 > p0:
             k = torch.cat([key[row:row + 1, :, p0:p1], key[row:row + 1, :, q0:q1]], 2)
             v = torch.cat([value[row:row + 1, :, p0:p1], value[row:row + 1, :, q0:q1]], 2)
             mask = packed_spans.prefix_mask(p1 - p0, q1 - q0, query.device)
