@@ -90,7 +90,7 @@ def main(argv=None) -> None:
             results[length] = {}
             for name, (impl, options) in runs.items():
                 up_to = {"trl": args.trl_up_to, "trl + gradient_checkpointing": args.trl_gc_up_to}.get(name)
-                if up_to and length > up_to:
+                if up_to is not None and length > up_to:  # 0: TRL not run at all
                     results[length][name] = None
                     print(f"cutoff_len {length} {name}: not run (would exceed RAM)", flush=True)
                     continue
