@@ -123,10 +123,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     gqa = {"enable_gqa": True} if groups > 1 and query.device.type == "cpu" else {}
     if groups > 1 and not gqa:
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    # the merged reply calls torch's CPU flash op directly: no dropout, and one dtype (sdpa would cast under autocast)
+    merged_reply = (query.device.type == "cpu" and not dropout and not torch.is_autocast_enabled("cpu")
+                    and query.dtype == key.dtype == value.dtype)
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     for row, q0, q1, p0, p1 in packed_spans.spans:
         q = query[row:row + 1, :, q0:q1]
-        if p1 > p0 and query.device.type == "cpu" and not dropout:
+        if p1 > p0 and merged_reply:
             o = PrefixReplyAttention.apply(q, key[row:row + 1, :, p0:p1], value[row:row + 1, :, p0:p1],
                                            key[row:row + 1, :, q0:q1], value[row:row + 1, :, q0:q1], scaling)
         elif p1 > p0:
