@@ -46,6 +46,20 @@ def long_rows(tokenizer, data_dir: Path, length: int) -> list[dict]:
              "rejected": {"from": "gpt", "value": take(replies[1:], reply)}}]
 
 
+def write_long_pair(tokenizer, cache, length: int, work: Path) -> tuple[Path, list[dict]]:
+    """`long_rows` as a dataset folder under `work` (the rows and their `dataset_info.json`): (folder, rows)."""
+    from real_model import DEMO, lf_data_dir
+
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True)
+    rows = long_rows(tokenizer, lf_data_dir(cache), length)
+    (data_dir / f"{bench_real.DATASET}.json").write_text(json.dumps(rows))
+    info = json.loads((lf_data_dir(cache) / "dataset_info.json").read_text())[DEMO]
+    (data_dir / "dataset_info.json").write_text(
+        json.dumps({bench_real.DATASET: {**info, "file_name": f"{bench_real.DATASET}.json"}}))
+    return data_dir, rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
@@ -63,7 +77,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from real_model import DEMO, lf_data_dir, smollm2_dir
+    from real_model import smollm2_dir
 
     model = smollm2_dir(args.cache)
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -76,13 +90,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for length in (int(x) for x in args.lengths.split(",")):
             work = Path(tmp) / str(length)
-            data_dir = work / "data"
-            data_dir.mkdir(parents=True)
-            rows = long_rows(tokenizer, lf_data_dir(args.cache), length)
-            (data_dir / f"{bench_real.DATASET}.json").write_text(json.dumps(rows))
-            info = json.loads((lf_data_dir(args.cache) / "dataset_info.json").read_text())[DEMO]
-            (data_dir / "dataset_info.json").write_text(
-                json.dumps({bench_real.DATASET: {**info, "file_name": f"{bench_real.DATASET}.json"}}))
+            data_dir, rows = write_long_pair(tokenizer, args.cache, length, work)
             (work / "trl.json").write_text(json.dumps([bench_real.trl_record(r) for r in rows]))
             common = {"model": str(model), "data_dir": str(data_dir), "trl_data": str(work / "trl.json"), "steps": 1,
                       "batch_size": 1, "grad_accum": 1, "cutoff_len": length, "lr": 5e-5, "threads": args.threads,

@@ -169,15 +169,20 @@ def _settings(spec: dict) -> dict:
 LORA = dict(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target="q_proj,k_proj,v_proj,o_proj")
 
 
-def run_prefalign(spec, out, clock):
+def prefalign_trainer(spec, out):
+    """prefalign's trainer for `spec` (the settings every tool gets, plus `spec["prefalign"]`'s keys)."""
     from prefalign.config import build_config
     from prefalign.train.workflow import build_trainer
 
-    trainer = build_trainer(build_config({
+    return build_trainer(build_config({
         "model_name_or_path": spec["model"], "stage": "dpo", "finetuning_type": spec["mode"], **LORA,
         "dataset": DATASET, "dataset_dir": spec["data_dir"], "template": "smollm2", "cutoff_len": spec["cutoff_len"],
         "pref_beta": 0.1, "pref_loss": "sigmoid", "output_dir": out, "overwrite_output_dir": True,
         "train_sampling_strategy": "sequential", **_settings(spec), **spec.get("prefalign", {})}))
+
+
+def run_prefalign(spec, out, clock):
+    trainer = prefalign_trainer(spec, out)
     trainer.add_callback(clock)
     trainer.train()
 

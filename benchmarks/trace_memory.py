@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import re
 import sys
@@ -42,7 +41,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from real_model import DEMO, lf_data_dir, smollm2_dir
+    from real_model import smollm2_dir
 
     torch.set_num_threads(1)
     libc = ctypes.CDLL("libc.so.6")
@@ -57,23 +56,11 @@ def main(argv=None) -> None:
 
     model = smollm2_dir(args.cache)
     work = Path(tempfile.mkdtemp())
-    data_dir = work / "data"
-    data_dir.mkdir()
-    rows = bench_memory.long_rows(AutoTokenizer.from_pretrained(model), lf_data_dir(args.cache), args.cutoff_len)
-    (data_dir / f"{bench_real.DATASET}.json").write_text(json.dumps(rows))
-    info = json.loads((lf_data_dir(args.cache) / "dataset_info.json").read_text())[DEMO]
-    (data_dir / "dataset_info.json").write_text(
-        json.dumps({bench_real.DATASET: {**info, "file_name": f"{bench_real.DATASET}.json"}}))
+    data_dir, _ = bench_memory.write_long_pair(AutoTokenizer.from_pretrained(model), args.cache, args.cutoff_len, work)
     os.environ["PREFALIGN_CACHE"] = str(work / "cache")
-    from prefalign.config import build_config
-    from prefalign.train.workflow import build_trainer
-
-    spec = {"steps": 1, "batch_size": 1, "grad_accum": 1, "cutoff_len": args.cutoff_len, "lr": 5e-5, "mode": args.mode}
-    trainer = build_trainer(build_config({
-        "model_name_or_path": str(model), "stage": "dpo", "finetuning_type": args.mode, **bench_real.LORA,
-        "dataset": bench_real.DATASET, "dataset_dir": str(data_dir), "template": "smollm2",
-        "cutoff_len": args.cutoff_len, "pref_beta": 0.1, "pref_loss": "sigmoid", "output_dir": str(work / "out"),
-        "overwrite_output_dir": True, "train_sampling_strategy": "sequential", **bench_real._settings(spec)}))
+    spec = {"model": str(model), "data_dir": str(data_dir), "mode": args.mode, "cutoff_len": args.cutoff_len,
+            "steps": 1, "batch_size": 1, "grad_accum": 1, "lr": 5e-5}  # bench_memory's settings
+    trainer = bench_real.prefalign_trainer(spec, str(work / "out"))
     for name, layer in trainer.model.named_modules():
         if re.search(r"layers\.\d+$", name):
             index = name.rsplit(".", 1)[1]
